@@ -1,0 +1,162 @@
+"""Baseline gradient quantizers that LUQ is compared against.
+
+- ``radix4`` (Ultra-low, Sun et al. 2020): radix-4 FP4, levels ``α·4^k`` (k < L, ``α·4^(L-1) = m``),
+  round-to-nearest in the log domain (the midpoint between ``4^k`` and ``4^(k+1)`` is their geometric
+  mean ``2·4^k``); magnitudes below ``α/2`` flush to zero. Biased. Two-phase rounding is not
+  implemented.
+- ``fp4_rdn``: LUQ's radix-2 grid with deterministic round-to-nearest (midpoint ``1.5·2^e·α``) and
+  flush-to-zero underflow. Biased; the paper shows it diverges.
+- ``int4_sr``: uniform symmetric INT grid ``k·m/(2^(b-1)-1)`` with stochastic rounding. Unbiased,
+  yet it fails: the uniform grid wastes its levels on the rare large gradients.
+
+Exponents come from ``frexp`` (exact), as in :mod:`lowprec.luq`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._common import check_float, check_nonfinite_mode, floor_log2, nonfinite_guard, pow2, uniforms
+from .luq import luq_levels, luq_scale
+
+
+def _prepare(x: Tensor, who: str, nonfinite: str):
+    check_float(x, who)
+    check_nonfinite_mode(nonfinite)
+    a = x.detach().float().abs()
+    if x.numel() == 0:
+        return a, None
+    amax = a.amax()
+    if nonfinite_guard(x, amax, nonfinite, who):
+        return a, None
+    return a, amax
+
+
+def radix4(x: Tensor, *, levels: int = 7, nonfinite: str = "raise") -> Tensor:
+    """Radix-4 FP4 with log-domain round-to-nearest (see module docstring)."""
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
+        raise ValueError(f"levels={levels!r}: expected a positive integer")
+    a, m = _prepare(x, "radix4", nonfinite)
+    if m is None or not bool(m > 0):
+        return torch.zeros_like(x)
+    alpha = torch.ldexp(m, torch.tensor(-2 * (levels - 1), device=x.device))
+    y = a / alpha
+    # log4(y) rounded: k = floor(log2(y)/2 + 1/2) = floor((e + 1)/2) with e = floor(log2 y), exactly.
+    e = floor_log2(torch.clamp(y, min=2.0 ** -126))
+    k = torch.clamp(torch.div(e + 1, 2, rounding_mode="floor"), max=levels - 1)
+    mag = torch.where(k >= 0, alpha * pow2(2 * k), torch.zeros_like(a))
+    mag = torch.where(a > 0, mag, torch.zeros_like(a))
+    return torch.copysign(mag, x.detach().float()).to(x.dtype)
+
+
+def fp4_rdn(x: Tensor, bits: int = 4, *, levels: int | None = None, nonfinite: str = "raise") -> Tensor:
+    """LUQ's grid, deterministic rounding to nearest, flush-to-zero below α."""
+    luq_levels(bits, levels)
+    a, amax = _prepare(x, "fp4_rdn", nonfinite)
+    if amax is None or not bool(amax > 0):
+        return torch.zeros_like(x)
+    m, alpha = luq_scale(x, bits, levels=levels, max_abs=amax)
+    y = a / alpha
+    lo = alpha * pow2(floor_log2(torch.clamp(y, min=1.0)))
+    mag = torch.where(a >= 1.5 * lo, 2 * lo, lo)
+    mag = torch.where(y < 1.0, torch.zeros_like(a), torch.minimum(mag, m))
+    return torch.copysign(mag, x.detach().float()).to(x.dtype)
+
+
+def int_sr(
+    x: Tensor,
+    bits: int = 4,
+    *,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+    nonfinite: str = "raise",
+) -> Tensor:
+    """Uniform symmetric INT grid scaled to ``max|x|``, stochastic rounding (unbiased)."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits < 2:
+        raise ValueError(f"bits={bits!r}: INT quantization needs an integer bit-width >= 2")
+    a, m = _prepare(x, "int_sr", nonfinite)
+    if m is None or not bool(m > 0):
+        return torch.zeros_like(x)
+    u = uniforms(x.shape, x.device, generator, noise, "int_sr")
+    s = m / (2 ** (bits - 1) - 1)
+    y = a / s
+    q = torch.clamp(torch.floor(y + u), max=2 ** (bits - 1) - 1)
+    return torch.copysign(q * s, x.detach().float()).to(x.dtype)
+
+
+def int_sr_variance(x: Tensor, bits: int = 4) -> Tensor:
+    a = x.detach().double().abs()
+    if x.numel() == 0 or not bool(a.max() > 0):
+        return torch.zeros((), dtype=torch.float64, device=x.device)
+    s = a.max() / (2 ** (bits - 1) - 1)
+    f = a / s - torch.floor(a / s)
+    return (f * (1 - f) * s * s).sum()
+
+
+@dataclass(frozen=True)
+class Radix4:
+    levels: int = 7
+    nonfinite: str = "raise"
+
+    def __post_init__(self):
+        if isinstance(self.levels, bool) or not isinstance(self.levels, int) or self.levels < 1:
+            raise ValueError(f"levels={self.levels!r}: expected a positive integer")
+        check_nonfinite_mode(self.nonfinite)
+
+    name = "radix4"
+    unbiased = False
+    elementwise = True
+
+    def __call__(self, x: Tensor, *, generator=None, state=None) -> Tensor:
+        return radix4(x, levels=self.levels, nonfinite=self.nonfinite)
+
+    def expected_variance(self, x: Tensor) -> Tensor:
+        return torch.zeros((), dtype=torch.float64, device=x.device)
+
+
+@dataclass(frozen=True)
+class FP4RDN:
+    bits: int = 4
+    levels: int | None = None
+    nonfinite: str = "raise"
+
+    def __post_init__(self):
+        luq_levels(self.bits, self.levels)
+        check_nonfinite_mode(self.nonfinite)
+
+    name = "fp4_rdn"
+    unbiased = False
+    elementwise = True
+
+    def __call__(self, x: Tensor, *, generator=None, state=None) -> Tensor:
+        return fp4_rdn(x, self.bits, levels=self.levels, nonfinite=self.nonfinite)
+
+    def expected_variance(self, x: Tensor) -> Tensor:
+        return torch.zeros((), dtype=torch.float64, device=x.device)
+
+
+@dataclass(frozen=True)
+class IntSR:
+    bits: int = 4
+    nonfinite: str = "raise"
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits < 2:
+            raise ValueError(f"bits={self.bits!r}: INT quantization needs an integer bit-width >= 2")
+        check_nonfinite_mode(self.nonfinite)
+
+    unbiased = True
+    elementwise = True
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}_sr"
+
+    def __call__(self, x: Tensor, *, generator=None, state=None, noise=None) -> Tensor:
+        return int_sr(x, self.bits, generator=generator, noise=noise, nonfinite=self.nonfinite)
+
+    def expected_variance(self, x: Tensor) -> Tensor:
+        return int_sr_variance(x, self.bits)

@@ -1,0 +1,147 @@
+"""Forward INT quantization of weights and activations (round-to-nearest, SAWB clip).
+
+Deterministic round-to-nearest (the LUQ paper shows it beats stochastic rounding on the forward
+side), per tensor or per output channel; in training the layers use a straight-through estimator.
+
+Clip value ``c``: for 4 bits SAWB's ``c = k1·sqrt(E[x²]) - k2·E|x|`` with ``k1 = 12.1, k2 = 12.2``
+(the coefficients of a public reimplementation). The formula can go non-positive for tensors whose
+magnitudes are nearly constant (``E|x| ≈ sqrt(E[x²])``); there, and whenever it exceeds ``max|x|``,
+``max|x|`` is used. Other bit-widths have no published coefficients: their clip is the one that
+minimises the quantization MSE of the tensor, searched over ``max|x|·t`` (computed, not hard-coded).
+
+Grid: signed symmetric ``[-(2^(b-1)-1), 2^(b-1)-1]·c/(2^(b-1)-1)``; unsigned ``[0, 2^b-1]·c/(2^b-1)``
+when the tensor is non-negative (after a ReLU). Rounding is ``floor(x/s + 0.5)`` (a kernel can
+reproduce it exactly; ties have probability zero).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._common import check_float
+
+SAWB_COEFFS = {4: (12.1, 12.2)}
+CLIP_METHODS = ("sawb", "mse", "max")
+
+
+def _qmax(bits: int, signed: bool) -> int:
+    return 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
+
+
+def _check_bits(bits) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
+        raise ValueError(f"bits={bits!r}: INT quantization needs an integer bit-width in [2, 16]")
+
+
+def _rows(x: Tensor, per_channel: bool) -> Tensor:
+    return x.detach().float().reshape(x.shape[0], -1) if per_channel else x.detach().float().reshape(1, -1)
+
+
+def _round_clamp(y: Tensor, qmax: int, signed: bool) -> Tensor:
+    return torch.clamp(torch.floor(y + 0.5), -qmax if signed else 0, qmax)
+
+
+def sawb_clip(x: Tensor, bits: int = 4, *, per_channel: bool = False, signed: bool = True) -> Tensor:
+    """Clip value(s): SAWB where coefficients exist, else the MSE-optimal clip. Shape [rows, 1]."""
+    _check_bits(bits)
+    r = _rows(x, per_channel)
+    amax = r.abs().amax(1, keepdim=True)
+    if bits not in SAWB_COEFFS:
+        return mse_clip(x, bits, per_channel=per_channel, signed=signed)
+    k1, k2 = SAWB_COEFFS[bits]
+    c = k1 * r.square().mean(1, keepdim=True).sqrt() - k2 * r.abs().mean(1, keepdim=True)
+    return torch.where((c > 0) & (c < amax), c, amax)
+
+
+def mse_clip(x: Tensor, bits: int, *, per_channel: bool = False, signed: bool = True, grid: int = 64,
+             max_samples: int = 1 << 16) -> Tensor:
+    """Clip minimising ``‖Q_c(x) - x‖²`` over ``c = max|x|·t``, t on a grid in (0, 1]. Shape [rows, 1].
+
+    Rows longer than ``max_samples`` are searched on a fixed strided subsample (cost bound for
+    large activations; the optimum of a smooth objective barely moves).
+    """
+    r = _rows(x, per_channel)
+    if r.shape[1] > max_samples:
+        r = r[:, :: -(-r.shape[1] // max_samples)]
+    amax = r.abs().amax(1, keepdim=True)
+    qmax = _qmax(bits, signed)
+    best_c, best_err = amax.clone(), torch.full_like(amax, float("inf"))
+    for t in torch.linspace(1.0 / grid, 1.0, grid).tolist():
+        c = amax * t
+        s = torch.where(c > 0, c / qmax, torch.ones_like(c))
+        err = (_round_clamp(r / s, qmax, signed) * s - r).square().sum(1, keepdim=True)
+        better = err < best_err
+        best_c, best_err = torch.where(better, c, best_c), torch.where(better, err, best_err)
+    return best_c
+
+
+def int_quant(
+    x: Tensor,
+    bits: int = 4,
+    *,
+    signed: bool | None = None,
+    per_channel: bool = False,
+    clip: float | Tensor | None = None,
+    clip_method: str = "sawb",
+) -> Tensor:
+    """Round-to-nearest INT quantization of ``x`` onto a (per-tensor or per-row) uniform grid.
+
+    ``signed=None``: unsigned when ``x`` is non-negative, else signed. ``clip`` overrides the clip
+    value (scalar, or one per row when ``per_channel``); ``clip_method`` in ``sawb``/``mse``/``max``.
+    """
+    check_float(x, "int_quant")
+    _check_bits(bits)
+    if clip_method not in CLIP_METHODS:
+        raise ValueError(f"clip_method={clip_method!r}: expected one of {CLIP_METHODS}")
+    if per_channel and x.dim() < 1:
+        raise ValueError("int_quant: per_channel needs at least one dimension")
+    if x.numel() == 0:
+        return x.clone()
+    r = _rows(x, per_channel)
+    if not bool(torch.isfinite(r).all()):
+        raise ValueError("int_quant: input has NaN/Inf elements")
+    if signed is None:
+        signed = not bool(r.min() >= 0)
+    qmax = _qmax(bits, signed)
+    if clip is not None:
+        c = torch.as_tensor(clip, dtype=torch.float32, device=x.device).reshape(-1, 1)
+    elif clip_method == "max":
+        c = r.abs().amax(1, keepdim=True)
+    elif clip_method == "mse":
+        c = mse_clip(x, bits, per_channel=per_channel, signed=signed)
+    else:
+        c = sawb_clip(x, bits, per_channel=per_channel, signed=signed)
+    s = torch.where(c > 0, c / qmax, torch.ones_like(c))
+    q = _round_clamp(r / s, qmax, signed) * s
+    return q.reshape(x.shape).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class IntQuant:
+    """Callable forward INT quantizer (see :func:`int_quant`); deterministic."""
+
+    bits: int = 4
+    signed: bool | None = None
+    per_channel: bool = False
+    clip_method: str = "sawb"
+
+    def __post_init__(self):
+        _check_bits(self.bits)
+        if self.clip_method not in CLIP_METHODS:
+            raise ValueError(f"clip_method={self.clip_method!r}: expected one of {CLIP_METHODS}")
+
+    unbiased = False
+    elementwise = True
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}" + ("_pc" if self.per_channel else "")
+
+    def __call__(self, x: Tensor, *, generator=None, state: dict | None = None) -> Tensor:
+        return int_quant(x, self.bits, signed=self.signed, per_channel=self.per_channel, clip_method=self.clip_method)
+
+    def expected_variance(self, x: Tensor) -> Tensor:
+        return torch.zeros((), dtype=torch.float64, device=x.device)

@@ -1,0 +1,252 @@
+"""N:M structured sparsity of neural gradients (Chmiel et al., ICLR 2023, "minimum variance unbiased").
+
+Blocks of ``M`` consecutive elements along ``dim`` keep at most ``N`` non-zeros. A length that is
+not a multiple of M is padded with zeros (a zero is never chosen) and the padding dropped.
+
+``method="mse"`` keeps the N largest ``|x|`` unchanged (ties: lower index first). Minimum squared
+error for a fixed support, but biased: the dropped entries are lost. It fails on gradients.
+
+``method="mvue"`` is the unbiased minimum-variance estimator for any N:M. Inclusion probabilities
+minimise ``Σ x_i²/p_i - ‖x‖²`` under ``Σ p_i = N, 0 ≤ p_i ≤ 1``: capped proportional
+``p_i = min(1, c|x_i|)`` (water-filling). Kept entries become ``x_i/p_i`` (Horvitz-Thompson), so
+``E = x`` and the block variance is ``Σ x_i²/p_i - ‖x‖²`` whatever the joint draw. The draw is
+systematic sampling: lay the ``p_i`` end to end on ``[0, N)``, draw one ``u ~ U[0,1)``, keep the
+indices whose intervals contain ``u, u+1, …, u+N-1`` (distinct because every ``p_i ≤ 1``).
+- 1:2: keep ``sign(a)·(|a|+|b|)`` with probability ``|a|/(|a|+|b|)``; variance ``2|a||b|``.
+- 2:4 with ``max|x_i| ≤ S/2``: ``p_i = 2|x_i|/S``, kept entries ``sign·S/2``; variance ``S²/2-‖x‖²``.
+- 2:4 with one ``|x_k| > S/2``: ``x_k`` kept unchanged, plus one of the rest as a 1:3 MVUE.
+A block with at most N non-zeros is kept unchanged.
+
+``method="mvue_approx"`` (N ≤ 2): draw N indices one after another without replacement,
+probability proportional to ``|x|``, and rescale each kept entry by its exact inclusion probability
+``p_i = t_i + |x_i| Σ_{j≠i} t_j/(S - |x_j|)``, ``t_i = |x_i|/S``. Unbiased; variance slightly above
+the exact MVUE. The name follows the paper's Table 4, whose own definition was not published.
+
+Sums inside a block are written as explicit left-to-right loops over the M columns so that a Triton
+kernel doing the same additions reproduces the reference bit for bit given the same uniforms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._common import check_float, check_nonfinite_mode, nonfinite_guard, uniforms
+
+METHODS = ("mvue", "mvue_approx", "mse")
+
+
+def check_nm(n, m, method: str = "mvue") -> None:
+    for k, v in (("n", n), ("m", m)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{k}={v!r}: N and M must be positive integers")
+    if n > m:
+        raise ValueError(f"N:M = {n}:{m}: N must not exceed M (at most N non-zeros per block of M)")
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: expected one of {METHODS}")
+    if method == "mvue_approx" and n > 2:
+        raise ValueError(f"method='mvue_approx' is defined for N <= 2, got N={n} (use method='mvue')")
+
+
+def _blocks(x: Tensor, m: int, dim: int) -> tuple[Tensor, int]:
+    """x (fp32) moved so ``dim`` is last, zero-padded to a multiple of m, as ``[..., nblocks, m]``."""
+    xt = x.detach().float().movedim(dim, -1)
+    length = xt.shape[-1]
+    pad = (-length) % m
+    if pad:
+        xt = F.pad(xt, (0, pad))
+    return xt.reshape(*xt.shape[:-1], -1, m), length
+
+
+def _unblock(blocks: Tensor, x: Tensor, length: int, dim: int) -> Tensor:
+    out = blocks.reshape(*blocks.shape[:-2], -1)[..., :length]
+    return out.movedim(-1, dim).to(x.dtype)
+
+
+def nm_noise_shape(shape, n: int, m: int, method: str = "mvue", dim: int = -1) -> tuple[int, ...]:
+    """Shape of the uniforms :func:`nm_prune` consumes: one per block (mvue), N per block (approx)."""
+    shape = list(shape)
+    dim = dim % len(shape)
+    length = shape.pop(dim)
+    nblocks = -(-length // m)
+    k = {"mvue": 1, "mvue_approx": n, "mse": 0}[method]
+    return (*shape, nblocks, k)
+
+
+def _colsum(cols) -> Tensor:
+    s = cols[0]
+    for c in cols[1:]:
+        s = s + c
+    return s
+
+
+def mvue_probs(a: Tensor, n: int) -> Tensor:
+    """Capped-proportional inclusion probabilities for blocks ``a = |x|`` of shape ``[..., M]``.
+
+    Water-filling: cap at 1 every entry whose proportional share reaches 1, give the remaining
+    budget proportionally to the rest; at most N-1 entries can be capped, so N rounds suffice.
+    Only meaningful for blocks with more than N non-zeros (others are kept unchanged).
+    """
+    cols = a.unbind(-1)
+    capped = [torch.zeros_like(c, dtype=torch.bool) for c in cols]
+    for _ in range(n + 1):
+        free = _colsum([torch.where(k, torch.zeros_like(c), c) for c, k in zip(cols, capped)])
+        budget = n - _colsum([k.float() for k in capped])
+        c_scale = budget / torch.where(free > 0, free, torch.ones_like(free))
+        shares = [c * c_scale for c in cols]
+        capped = [k | (s >= 1.0) for k, s in zip(capped, shares)]
+    p = [torch.where(k, torch.ones_like(s), torch.clamp(s, max=1.0)) for k, s in zip(capped, shares)]
+    return torch.stack(p, dim=-1)
+
+
+def _systematic(p: Tensor, u: Tensor, n: int) -> Tensor:
+    """Keep mask from systematic sampling of probabilities ``p`` [..., M] with uniforms ``u`` [..., 1]."""
+    cols = p.unbind(-1)
+    keep = []
+    lo = torch.zeros_like(u[..., 0])
+    below_lo = torch.zeros_like(lo)  # number of points u+k (k < N) below the running sum
+    for j, pj in enumerate(cols):
+        hi = lo + pj if j < len(cols) - 1 else torch.full_like(lo, float(n))
+        below_hi = torch.clamp(torch.ceil(hi - u[..., 0]), 0, n)
+        keep.append(below_hi > below_lo)
+        lo, below_lo = hi, below_hi
+    return torch.stack(keep, dim=-1)
+
+
+def _approx_draw(a: Tensor, u: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Sequential draw of N indices ∝ |x| without replacement: (keep mask, exact inclusion probs)."""
+    cols = list(a.unbind(-1))
+    S = _colsum(cols)
+    keep = [torch.zeros_like(c, dtype=torch.bool) for c in cols]
+    for r in range(n):
+        w = [torch.where(k, torch.zeros_like(c), c) for c, k in zip(cols, keep)]
+        target = u[..., r] * _colsum(w)
+        run = torch.zeros_like(S)
+        chosen = torch.zeros_like(S, dtype=torch.bool)
+        for j, wj in enumerate(w):
+            run = run + wj
+            hit = (~chosen) & (target < run) & (wj > 0)
+            keep[j] = keep[j] | hit
+            chosen = chosen | hit
+    t = [c / S for c in cols]
+    if n == 1:
+        p = t
+    else:
+        rest = [t[j] / (S - cols[j]) for j in range(len(cols))]
+        p = [t[i] + cols[i] * _colsum([rest[j] for j in range(len(cols)) if j != i]) for i in range(len(cols))]
+    return torch.stack(keep, dim=-1), torch.stack(p, dim=-1)
+
+
+def _mse_mask(a: Tensor, n: int) -> Tensor:
+    """Top-N |x| per block; ties go to the lower index (deterministic, sort-free)."""
+    cols = a.unbind(-1)
+    keep = []
+    for i, ai in enumerate(cols):
+        rank = _colsum([((aj > ai) | ((aj == ai) & (j < i))).float() for j, aj in enumerate(cols) if j != i])
+        keep.append(rank < n)
+    return torch.stack(keep, dim=-1)
+
+
+def nm_prune(
+    x: Tensor,
+    n: int,
+    m: int,
+    *,
+    method: str = "mvue",
+    dim: int = -1,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+    nonfinite: str = "raise",
+) -> Tensor:
+    """N:M-sparsify ``x`` along ``dim`` (see module docstring); same shape and dtype out.
+
+    ``noise``: fp32 uniforms of shape :func:`nm_noise_shape` used instead of drawing them.
+    """
+    check_float(x, "nm_prune")
+    check_nm(n, m, method)
+    check_nonfinite_mode(nonfinite)
+    if x.dim() == 0:
+        raise ValueError("nm_prune: a 0-d tensor has no dimension to form blocks along")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"nm_prune: dim={dim} out of range for a {x.dim()}-d tensor")
+    if x.numel() == 0 or n == m:
+        return x.clone()
+    blocks, length = _blocks(x, m, dim)
+    a = blocks.abs()
+    if nonfinite_guard(x, a.amax(), nonfinite, "nm_prune"):
+        return torch.zeros_like(x)
+    if method == "mse":
+        return _unblock(torch.where(_mse_mask(a, n), blocks, torch.zeros_like(blocks)), x, length, dim)
+
+    k = 1 if method == "mvue" else n
+    u = uniforms((*blocks.shape[:-1], k), x.device, generator, noise, "nm_prune")
+    if method == "mvue":
+        p = mvue_probs(a, n)
+        keep = _systematic(p, u, n)
+    else:
+        keep, p = _approx_draw(a, u, n)
+    sparse_enough = (a > 0).sum(-1, keepdim=True) <= n
+    p_safe = torch.where(keep, p, torch.ones_like(p))
+    out = torch.where(keep, blocks / p_safe, torch.zeros_like(blocks))
+    out = torch.where(sparse_enough, blocks, out)
+    return _unblock(out, x, length, dim)
+
+
+def nm_variance(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -1) -> Tensor | None:
+    """Closed-form total variance ``Σ x_i²(1/p_i - 1)`` of the unbiased methods (fp64 0-d); None for mse."""
+    check_nm(n, m, method)
+    if method == "mse":
+        return None
+    if x.numel() == 0 or n == m:
+        return torch.zeros((), dtype=torch.float64, device=x.device)
+    blocks, _ = _blocks(x, m, dim)
+    a = blocks.abs()
+    if method == "mvue":
+        p = mvue_probs(a, n)
+    else:
+        _, p = _approx_draw(a, torch.zeros((*a.shape[:-1], n), device=a.device), n)
+    a, p = a.double(), p.double()
+    var = torch.where(a > 0, a * a * (1 / torch.where(p > 0, p, torch.ones_like(p)) - 1), torch.zeros_like(a))
+    var = torch.where((a > 0).sum(-1, keepdim=True) <= n, torch.zeros_like(var), var)
+    return var.sum()
+
+
+@dataclass(frozen=True)
+class NMPrune:
+    """Callable N:M configuration (see :func:`nm_prune`).
+
+    Inside a layer δ is presented as a ``[C_out, tokens]`` matrix: ``dim=-1`` (default) puts the
+    blocks along tokens, the update GEMM's reduction dimension; ``dim=0`` along output channels.
+    """
+
+    n: int = 2
+    m: int = 4
+    method: str = "mvue"
+    dim: int = -1
+    nonfinite: str = "raise"
+
+    def __post_init__(self):
+        check_nm(self.n, self.m, self.method)
+        check_nonfinite_mode(self.nonfinite)
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int):
+            raise ValueError(f"dim={self.dim!r}: expected an integer")
+
+    elementwise = False
+
+    @property
+    def unbiased(self) -> bool:
+        return self.method != "mse" or self.n == self.m
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}{self.n}{self.m}"
+
+    def __call__(self, x: Tensor, *, generator=None, state: dict | None = None, noise=None) -> Tensor:
+        return nm_prune(x, self.n, self.m, method=self.method, dim=self.dim, generator=generator,
+                        noise=noise, nonfinite=self.nonfinite)
+
+    def expected_variance(self, x: Tensor) -> Tensor | None:
+        return nm_variance(x, self.n, self.m, method=self.method, dim=self.dim)
