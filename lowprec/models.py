@@ -1,0 +1,238 @@
+"""Models: CIFAR ResNets (written here), torchvision and timm networks, behind one validated spec.
+
+    spec = ModelSpec(name="resnet20", source="cifar", kwargs={"width": 1})   # conf/model/<name>.yaml
+    model = build_model(spec, num_classes=10, in_channels=1, image_size=32)
+
+Sources and their kwargs:
+
+- ``cifar``: ResNets of He et al. 2016 (sec. 4.2) for 32x32 inputs: 3x3 stride-1 stem with 16
+  channels, no max-pool, three stages of n basic blocks with 16/32/64 channels (strides 1/2/2),
+  global average pool, linear head; depth 6n+2 (``CIFAR_RESNETS``). kwargs: ``width`` (channel
+  multiplier, default 1), ``shortcut`` ("A": parameter-free zero-padded identity, the paper's CIFAR
+  choice, 0.27M parameters for resnet20; "B": 1x1 conv + BN projection where the shape changes).
+- ``torchvision``: ``TORCHVISION_MODELS``, built with ``weights=None`` (never downloads), with
+  ``num_classes`` set and the first conv replaced when ``in_channels != 3``. kwargs: ``small_stem``
+  (default: ``image_size <= 64``): a CIFAR stem, i.e. the first conv becomes 3x3 stride 1 and the
+  ResNet max-pool is dropped (MobileNetV2: its stride-2 stem conv becomes stride 1); resnets also
+  take ``zero_init_residual``, mobilenet_v2 takes ``width_mult`` and ``dropout``.
+- ``timm``: ``timm.create_model(name, pretrained=False, num_classes=, in_chans=, img_size=, **kwargs)``
+  (``img_size`` only for models that take it, e.g. ViTs); e.g. kwargs ``patch_size: 4`` for 32x32
+  inputs. Never touches the network.
+
+Wrong names, sources or kwargs raise ValueError naming the value and the allowed set.
+torchvision and timm are imported only when such a model is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["MODEL_SOURCES", "CIFAR_RESNETS", "TORCHVISION_MODELS", "ModelSpec", "build_model", "CifarResNet"]
+
+MODEL_SOURCES = ("cifar", "torchvision", "timm")
+CIFAR_RESNETS = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9, "resnet110": 18}  # blocks/stage
+TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2")
+_CIFAR_KWARGS = ("width", "shortcut")
+_TV_KWARGS = {"resnet18": ("small_stem", "zero_init_residual"), "resnet34": ("small_stem", "zero_init_residual"),
+              "resnet50": ("small_stem", "zero_init_residual"),
+              "mobilenet_v2": ("small_stem", "width_mult", "dropout")}
+
+
+def _plain(x: Any) -> Any:
+    """DictConfig/ListConfig (Hydra without _convert_) -> plain containers."""
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(x):
+            return OmegaConf.to_container(x, resolve=True)
+    except ImportError:  # pragma: no cover - hydra is a dependency, but models must not need it
+        pass
+    return x
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: str = "cifar"
+    kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.source not in MODEL_SOURCES:
+            raise ValueError(f"ModelSpec.source={self.source!r} is not a model source; allowed: {MODEL_SOURCES}")
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"ModelSpec.name={self.name!r} must be a non-empty string")
+        kwargs = _plain(self.kwargs)
+        kwargs = {} if kwargs is None else kwargs
+        if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+            raise ValueError(f"ModelSpec.kwargs={self.kwargs!r} must be a mapping of str to values")
+        kwargs = dict(kwargs)
+        object.__setattr__(self, "kwargs", kwargs)
+
+        if self.source == "cifar":
+            if self.name not in CIFAR_RESNETS:
+                raise ValueError(f"ModelSpec.name={self.name!r} is not a cifar model; allowed: {tuple(CIFAR_RESNETS)}")
+            allowed = _CIFAR_KWARGS
+        elif self.source == "torchvision":
+            if self.name not in TORCHVISION_MODELS:
+                raise ValueError(f"ModelSpec.name={self.name!r} is not a torchvision model here; "
+                                 f"allowed: {TORCHVISION_MODELS}")
+            allowed = _TV_KWARGS[self.name]
+        else:
+            # timm names are checked in build_model (needs `import timm`, ~1 s); kwargs pass through.
+            for k in ("pretrained", "num_classes", "in_chans"):
+                if k in kwargs:
+                    raise ValueError(f"ModelSpec.kwargs has {k!r}={kwargs[k]!r}: set by build_model, not kwargs")
+            return
+        bad = sorted(set(kwargs) - set(allowed))
+        if bad:
+            raise ValueError(f"ModelSpec.kwargs key {bad[0]!r} is not accepted by {self.source} {self.name}; "
+                             f"allowed: {allowed}")
+        if self.source == "cifar":
+            w = kwargs.get("width", 1)
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0 or round(16 * w) < 1:
+                raise ValueError(f"ModelSpec.kwargs.width={w!r} must be a positive number (channel multiplier)")
+            sc = kwargs.get("shortcut", "A")
+            if sc not in ("A", "B"):
+                raise ValueError(f"ModelSpec.kwargs.shortcut={sc!r}; allowed: ('A', 'B')")
+        ss = kwargs.get("small_stem")
+        if ss is not None and not isinstance(ss, bool):
+            raise ValueError(f"ModelSpec.kwargs.small_stem={ss!r}; allowed: true, false, null (= image_size <= 64)")
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR ResNet (He et al. 2016, sec. 4.2)
+
+class _ShortcutA(nn.Module):
+    """Option A: identity with stride-s subsampling and zero channels appended (no parameters)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.stride, self.pad = stride, planes - in_planes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int, shortcut: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        if stride == 1 and in_planes == planes:
+            self.shortcut: nn.Module = nn.Identity()
+        elif shortcut == "A":
+            self.shortcut = _ShortcutA(in_planes, planes, stride)
+        else:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, depth: int = 20, *, num_classes: int = 10, in_channels: int = 3, width: float = 1,
+                 shortcut: str = "A"):
+        super().__init__()
+        assert (depth - 2) % 6 == 0, f"depth={depth} is not 6n+2"
+        n = (depth - 2) // 6
+        c1, c2, c3 = (max(1, round(c * width)) for c in (16, 32, 64))
+        self.conv1 = nn.Conv2d(in_channels, c1, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c1)
+        layers, in_planes = [], c1
+        for planes, stride in ((c1, 1), (c2, 2), (c3, 2)):
+            blocks = []
+            for i in range(n):
+                blocks.append(_BasicBlock(in_planes, planes, stride if i == 0 else 1, shortcut))
+                in_planes = planes
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = layers
+        self.fc = nn.Linear(c3, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out" if isinstance(m, nn.Conv2d) else "fan_in",
+                                        nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+# ----------------------------------------------------------------------------------------------
+
+def _new_conv(old: nn.Conv2d, in_channels: int, kernel: int, stride: int) -> nn.Conv2d:
+    conv = nn.Conv2d(in_channels, old.out_channels, kernel, stride, kernel // 2, bias=old.bias is not None)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")  # as torchvision inits convs
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+    return conv
+
+
+def _torchvision(spec: ModelSpec, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    import torchvision
+
+    kw = dict(spec.kwargs)
+    small = kw.pop("small_stem", None)
+    small = image_size <= 64 if small is None else small
+    model = getattr(torchvision.models, spec.name)(weights=None, num_classes=num_classes, **kw)
+    if spec.name.startswith("resnet"):
+        if small:
+            model.conv1 = _new_conv(model.conv1, in_channels, 3, 1)
+            model.maxpool = nn.Identity()
+        elif in_channels != 3:
+            model.conv1 = _new_conv(model.conv1, in_channels, 7, 2)
+    else:  # mobilenet_v2: features[0] = Conv2dNormActivation(3, 32*width, 3, stride 2)
+        stem = model.features[0][0]
+        if small or in_channels != 3:
+            model.features[0][0] = _new_conv(stem, in_channels, 3, 1 if small else 2)
+    return model
+
+
+def _timm(spec: ModelSpec, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    import timm
+
+    if not timm.is_model(spec.name):
+        raise ValueError(f"ModelSpec.name={spec.name!r} is not a timm model (see timm.list_models())")
+    kw = dict(spec.kwargs)
+    cfg_has_img_size = "img_size" in kw
+    try:
+        # ViT-style models take img_size; CNNs don't (they are size-agnostic). Try, then fall back.
+        if not cfg_has_img_size:
+            kw["img_size"] = image_size
+        return timm.create_model(spec.name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kw)
+    except TypeError as e:
+        if "img_size" in str(e) and not cfg_has_img_size:
+            kw.pop("img_size")
+            try:
+                return timm.create_model(spec.name, pretrained=False, num_classes=num_classes,
+                                         in_chans=in_channels, **kw)
+            except TypeError as e2:
+                e = e2
+        raise ValueError(f"ModelSpec.kwargs={spec.kwargs!r} not accepted by timm {spec.name} "
+                         f"({type(e).__name__}: {e})") from None
+
+
+def build_model(spec: ModelSpec, *, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """A freshly initialized model (never pretrained) for [N, in_channels, image_size, image_size] inputs."""
+    if not isinstance(spec, ModelSpec):
+        raise ValueError(f"build_model expects a ModelSpec, got {type(spec).__name__}")
+    for k, v in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"build_model: {k}={v!r} must be a positive int")
+    if spec.source == "cifar":
+        kw = spec.kwargs
+        return CifarResNet(6 * CIFAR_RESNETS[spec.name] + 2, num_classes=num_classes, in_channels=in_channels,
+                           width=kw.get("width", 1), shortcut=kw.get("shortcut", "A"))
+    if spec.source == "torchvision":
+        return _torchvision(spec, num_classes, in_channels, image_size)
+    return _timm(spec, num_classes, in_channels, image_size)
