@@ -1,0 +1,69 @@
+"""Statistical checks shared by the estimator tests.
+
+Every stochastic estimator here has, element by element, a two-point distribution, so the
+closed-form variance of each element is known. The tests draw K estimates and compare the squared
+distance of their mean to the input, S = ‖mean_K - x‖², with its expectation under unbiasedness,
+E[S] = Σ Var_i / K. A bias b adds ‖b‖² to S, which does not shrink with K: a biased estimator is
+caught once ‖b‖² dominates Σ Var_i / K.
+"""
+
+import torch
+
+
+def heavy_tailed(shape, *, sigma=2.0, seed=0, dtype=torch.float32):
+    """Log-normal magnitudes with random signs: how neural gradients look."""
+    g = torch.Generator().manual_seed(seed)
+    mag = torch.exp(sigma * torch.randn(shape, generator=g, dtype=torch.float64))
+    sign = torch.where(torch.rand(shape, generator=g) < 0.5, -1.0, 1.0).double()
+    return (sign * mag).to(dtype)
+
+
+def draws(est, x, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([est(x, generator=g).double() for _ in range(k)])
+
+
+def squared_error_ratio(est, x, k, *, variance=None, seed=0):
+    """(S, E[S], sd[S]) for K draws; variance: closed-form total variance (else measured)."""
+    d = draws(est, x, k, seed)
+    mean = d.mean(0)
+    s = float((mean - x.double()).square().sum())
+    per_elem = d.var(0, unbiased=True)
+    total = float(variance) if variance is not None else float(per_elem.sum())
+    e_s = total / k
+    # sd of S from the per-element fourth moments (measured), elements treated as independent.
+    c = d - d.mean(0)
+    mu4 = c.pow(4).mean(0)
+    var_s = ((3 * per_elem.square() * (k - 1) + mu4) / k**3 - (per_elem / k).square()).clamp_min(0).sum()
+    return s, e_s, float(var_s.sqrt())
+
+
+def assert_unbiased(est, x, k=400, *, variance=None, z=6.0, seed=0):
+    """S must stay within z standard deviations of Σ Var/K (exactly 0 for a deterministic estimator)."""
+    s, e_s, sd = squared_error_ratio(est, x, k, variance=variance, seed=seed)
+    scale = float(x.double().square().sum())
+    tol = 1e-12 * scale
+    assert s <= e_s + z * sd + tol, (
+        f"{getattr(est, 'name', est)}: ‖mean_K - x‖² = {s:.4g} exceeds E = {e_s:.4g} + {z}·sd ({sd:.4g}) "
+        f"at K={k}: biased")
+
+
+def grid_mean(fn, x, g=4096, n_uniform=1):
+    """Exact-in-the-limit expectation: average fn(x, noise) over a midpoint grid of uniforms.
+
+    For estimators driven by one uniform per element or block, the output is a step function of u
+    with few jumps, so the grid average differs from E by at most jumps·range/G: a deterministic
+    unbiasedness check that cannot flake.
+    """
+    u = (torch.arange(g, dtype=torch.float32) + 0.5) / g
+    acc = None
+    if n_uniform == 1:
+        for uj in u:
+            out = fn(x, uj).double()
+            acc = out if acc is None else acc + out
+        return acc / g
+    for ui in u:
+        for uj in u:
+            out = fn(x, (ui, uj)).double()
+            acc = out if acc is None else acc + out
+    return acc / (g * g)

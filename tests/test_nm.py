@@ -1,0 +1,208 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lowprec as lp
+from lowprec.nm import mvue_probs
+from stat_utils import assert_unbiased, draws, grid_mean, heavy_tailed
+
+
+def blocks_of(y, m, dim=-1):
+    yt = y.movedim(dim, -1)
+    pad = (-yt.shape[-1]) % m
+    yt = torch.nn.functional.pad(yt, (0, pad))
+    return yt.reshape(*yt.shape[:-1], -1, m)
+
+
+def test_validation():
+    with pytest.raises(ValueError, match="N must not exceed M"):
+        lp.NMPrune(5, 4)
+    with pytest.raises(ValueError, match="N must not exceed M"):
+        lp.nm_prune(torch.ones(8), 3, 2)
+    with pytest.raises(ValueError, match="method"):
+        lp.NMPrune(2, 4, "topk")
+    with pytest.raises(ValueError, match="N <= 2"):
+        lp.NMPrune(3, 8, "mvue_approx")
+    with pytest.raises(ValueError, match="positive"):
+        lp.NMPrune(0, 4)
+    with pytest.raises(ValueError, match="dim"):
+        lp.nm_prune(torch.ones(2, 4), 2, 4, dim=2)
+    with pytest.raises(ValueError, match="0-d"):
+        lp.nm_prune(torch.tensor(1.0), 1, 2)
+
+
+@pytest.mark.parametrize("n,m,method", [(1, 2, "mvue"), (2, 4, "mvue"), (2, 8, "mvue"), (3, 8, "mvue"),
+                                        (2, 4, "mvue_approx"), (1, 2, "mvue_approx"), (1, 4, "mse"), (2, 4, "mse")])
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_structure_at_most_n_per_block(n, m, method, dim):
+    x = heavy_tailed((37, 30), seed=3)
+    y = lp.nm_prune(x, n, m, method=method, dim=dim, generator=torch.Generator().manual_seed(1))
+    assert y.shape == x.shape and y.dtype == x.dtype
+    nnz = (blocks_of(y, m, dim) != 0).sum(-1)
+    assert int(nnz.max()) <= n
+    # Dense input: exactly N survivors in every full block.
+    full = blocks_of(y, m, dim)[..., : x.shape[dim] // m, :]
+    assert bool(((full != 0).sum(-1) == n).all())
+    # Survivors keep their sign.
+    assert torch.all((y == 0) | (torch.sign(y) == torch.sign(x)))
+
+
+def test_mse_keeps_largest_unchanged_with_deterministic_ties():
+    x = torch.tensor([[1.0, -5.0, 3.0, 2.0, 2.0, 2.0, 0.0, 2.0]])
+    y = lp.nm_prune(x, 2, 4, method="mse")
+    assert torch.equal(y, torch.tensor([[0.0, -5.0, 3.0, 0.0, 2.0, 2.0, 0.0, 0.0]]))
+
+
+ADVERSARIAL = [
+    [1.0, 1.0, 1.0, 1.0],      # ties
+    [10.0, 1.0, 2.0, -3.0],    # one dominant entry (> S/2): second regime
+    [5.0, -5.0, 1.0, 1.0],     # two at exactly S/2... not above: capped at 1 by rule
+    [4.0, 1.0, 1.0, 1.0],      # max == S/2 - boundary? 4 < 3.5? no: 4 > 3.5 dominant
+    [3.0, 1.0, 1.0, 1.0],      # max == S/2 exactly
+    [0.0, 0.0, 0.0, 0.0],      # zeros
+    [0.0, -2.0, 0.0, 0.0],     # a single non-zero
+    [0.0, 2.0, 0.0, 7.0],      # two non-zeros: unchanged
+    [1e-30, 1.0, 1e30, 2.0],   # extreme range
+]
+
+
+@pytest.mark.parametrize("block", ADVERSARIAL)
+def test_mvue24_grid_expectation_exact_on_adversarial_blocks(block):
+    x = torch.tensor([block])
+    G = 4096
+    mean = grid_mean(lambda v, u: lp.nm_prune(v, 2, 4, noise=torch.full((1, 1, 1), float(u))), x, G)
+    S = float(x.abs().sum())
+    # ≤ 4 jumps of height ≤ S (kept values are at most S/N·... bounded by S) over the u grid.
+    assert torch.allclose(mean, x.double(), rtol=0, atol=4 * S / G + 1e-30), (block, mean)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.just(0.0), st.floats(-100, 100, allow_nan=False, width=32)), min_size=2, max_size=2))
+def test_mvue12_exact_expectation_property(block):
+    x = torch.tensor([block])
+    G = 1024
+    mean = grid_mean(lambda v, u: lp.nm_prune(v, 1, 2, noise=torch.full((1, 1, 1), float(u))), x, G)
+    S = float(x.abs().sum())
+    assert torch.allclose(mean, x.double(), rtol=0, atol=2 * S / G + 1e-30)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.one_of(st.just(0.0), st.floats(-10, 10, allow_nan=False, width=32)), min_size=4, max_size=4))
+def test_mvue24_approx_exact_expectation_property(block):
+    x = torch.tensor([block])
+    G = 96
+    mean = grid_mean(lambda v, u: lp.nm_prune(v, 2, 4, method="mvue_approx",
+                                             noise=torch.tensor([[[float(u[0]), float(u[1])]]])), x, G, n_uniform=2)
+    S = float(x.abs().sum())
+    p_min = float(lp.nm.mvue_probs(x.abs().reshape(1, 4), 2).clamp_min(1e-3).min())
+    assert torch.allclose(mean, x.double(), rtol=0, atol=8 * S / (p_min * G) + 1e-6), (block, mean)
+
+
+def test_second_regime_keeps_dominant_unchanged_and_is_unbiased():
+    # The public implementation that writes S/2 into both slots is biased here; check we are not.
+    x = torch.tensor([[10.0, 1.0, 2.0, -3.0]]).repeat(20000, 1)
+    y = lp.nm_prune(x, 2, 4, generator=torch.Generator().manual_seed(0))
+    assert bool((y[:, 0] == 10.0).all()), "p=1 for the dominant entry: kept unchanged"
+    others = y[:, 1:]
+    assert bool(((others != 0).sum(1) == 1).all())
+    assert set(others.abs().unique().tolist()) == {0.0, 6.0}, "kept as sign·(S - |x_k|)"
+    mean = y.double().mean(0)
+    sd = torch.sqrt(torch.tensor([0.0, 1 * 5, 2 * 4, 3 * 3], dtype=torch.float64) / 20000)
+    assert torch.all((mean - x[0].double()).abs() <= 6 * sd + 1e-12), mean
+
+
+@pytest.mark.parametrize("n,m,method", [(1, 2, "mvue"), (2, 4, "mvue"), (2, 4, "mvue_approx"), (2, 8, "mvue")])
+def test_unbiased_on_heavy_tailed_tensor(n, m, method):
+    x = heavy_tailed((40, 64), sigma=1.5, seed=11)
+    est = lp.NMPrune(n, m, method)
+    assert_unbiased(est, x, k=300, variance=est.expected_variance(x))
+
+
+@pytest.mark.parametrize("n,m", [(1, 2), (2, 4)])
+def test_mse_mask_is_detected_as_biased_by_the_same_test(n, m):
+    x = heavy_tailed((40, 64), sigma=1.5, seed=11)
+    with pytest.raises(AssertionError, match="biased"):
+        assert_unbiased(lp.NMPrune(n, m, "mse"), x, k=50, variance=0.0)
+
+
+def test_closed_form_variances():
+    a, b = 3.0, -1.5
+    x = torch.tensor([[a, b]])
+    assert float(lp.nm_variance(x, 1, 2)) == pytest.approx(2 * abs(a) * abs(b))
+    blk = torch.tensor([[1.0, -2.0, 1.5, 2.5]])  # max 2.5 <= S/2 = 3.5: first regime
+    S = float(blk.abs().sum())
+    assert float(lp.nm_variance(blk, 2, 4)) == pytest.approx(S * S / 2 - float(blk.square().sum()))
+    # Measured block variance over many independent identical blocks.
+    for block, n, m, theory in [([a, b], 1, 2, 2 * abs(a) * abs(b)),
+                                ([1.0, -2.0, 1.5, 2.5], 2, 4, S * S / 2 - float(blk.square().sum()))]:
+        xx = torch.tensor([block]).repeat(50000, 1)
+        y = lp.nm_prune(xx, n, m, generator=torch.Generator().manual_seed(2)).double()
+        measured = float(((y - xx.double()).square().sum(1)).mean())
+        per_block = (y - xx.double()).square().sum(1)
+        sd = float(per_block.std()) / math.sqrt(len(per_block))
+        assert abs(measured - theory) < 6 * sd, (block, measured, theory)
+
+
+def test_exact_mvue24_has_lower_variance_than_approx():
+    x = heavy_tailed((64, 64), sigma=1.0, seed=5)
+    v_exact = float(lp.nm_variance(x, 2, 4))
+    v_approx = float(lp.nm_variance(x, 2, 4, method="mvue_approx"))
+    assert v_exact < v_approx
+    d_e = draws(lp.NMPrune(2, 4), x, 200, seed=1)
+    d_a = draws(lp.NMPrune(2, 4, "mvue_approx"), x, 200, seed=1)
+    me, ma = float(d_e.var(0).sum()), float(d_a.var(0).sum())
+    assert abs(me / v_exact - 1) < 0.15 and abs(ma / v_approx - 1) < 0.15
+    assert me < ma
+
+
+def test_probabilities_capped_proportional():
+    a = torch.tensor([[10.0, 1.0, 2.0, 3.0], [1.0, 1.0, 1.0, 1.0], [6.0, 6.0, 1.0, 1.0]])
+    p = mvue_probs(a, 2)
+    assert torch.allclose(p.sum(-1), torch.full((3,), 2.0))
+    assert torch.allclose(p[0], torch.tensor([1.0, 1 / 6, 2 / 6, 3 / 6]))
+    assert torch.allclose(p[1], torch.full((4,), 0.5))
+    assert torch.allclose(p[2], torch.tensor([6 / 7, 6 / 7, 1 / 7, 1 / 7]))
+
+
+def test_tail_padding_and_edges():
+    x = heavy_tailed((3, 10), seed=2)  # 10 = 2 full blocks of 4 + a tail of 2
+    y = lp.nm_prune(x, 2, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(y[:, 8:], x[:, 8:]), "a tail with <= N elements is kept unchanged"
+    x = heavy_tailed((3, 11), seed=2)
+    y = lp.nm_prune(x, 2, 4, generator=torch.Generator().manual_seed(0))
+    assert int((y[:, 8:] != 0).sum(1).max()) <= 2
+    assert torch.equal(lp.nm_prune(torch.zeros(4, 8), 2, 4), torch.zeros(4, 8))
+    assert lp.nm_prune(torch.empty(0, 8), 2, 4).shape == (0, 8)
+    one = torch.tensor([2.5])
+    assert torch.equal(lp.nm_prune(one, 1, 2), one)
+    bad = torch.ones(2, 8)
+    bad[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        lp.nm_prune(bad, 2, 4)
+    assert torch.equal(lp.nm_prune(bad, 2, 4, nonfinite="skip"), torch.zeros(2, 8))
+    assert torch.equal(lp.nm_prune(x, 4, 4), x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["mvue", "mvue_approx", "mse"])
+def test_dtypes_noncontiguous_determinism(dtype, method):
+    x = heavy_tailed((24, 13), sigma=1.0, seed=4).to(dtype).t()
+    g = lambda: torch.Generator().manual_seed(9)  # noqa: E731
+    y1 = lp.nm_prune(x, 2, 4, method=method, generator=g())
+    assert y1.dtype == dtype and y1.shape == x.shape
+    assert torch.equal(y1, lp.nm_prune(x, 2, 4, method=method, generator=g()))
+    assert torch.equal(y1, lp.nm_prune(x.contiguous(), 2, 4, method=method, generator=g()))
+    assert int((blocks_of(y1, 4) != 0).sum(-1).max()) <= 2
+
+
+def test_noise_shape_and_override():
+    x = heavy_tailed((5, 9), seed=1)
+    assert lp.nm_noise_shape(x.shape, 2, 4) == (5, 3, 1)
+    assert lp.nm_noise_shape(x.shape, 2, 4, "mvue_approx", dim=0) == (9, 2, 2)
+    with pytest.raises(ValueError, match="noise has shape"):
+        lp.nm_prune(x, 2, 4, noise=torch.rand(5, 9))
+    u = torch.rand(5, 3, 1)
+    assert torch.equal(lp.nm_prune(x, 2, 4, noise=u), lp.nm_prune(x, 2, 4, noise=u.clone()))
