@@ -1,0 +1,226 @@
+"""Triton LUQ (twin of :func:`lowprec.luq.luq`), with the packed 4-bit output and its decoder.
+
+Two passes by default: (1) ``m = max|x|`` (grid-stride ``tl.max`` + one ``tl.atomic_max`` per
+program on the fp32 bits, or ``torch.linalg.vector_norm(x, inf)`` with ``amax="torch"``),
+(2) quantize with ``u = tl.rand(seed, i)`` for element ``i`` of the flattened (contiguous) input.
+With ``max_abs`` given (LUQ's in-hindsight max) it is one pass, which also returns the current
+``max|x|`` for the next step's estimate. ``m`` stays on the device: no host sync unless a
+non-finite check must raise.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .._common import check_float, check_nonfinite_mode, nonfinite_guard
+from ..luq import luq_levels
+from . import draw_seed
+from .common import LAUNCH_OPTS, block_for, cast_out, check_launchable, copysign, floor_log2, num_programs_cap, pow2
+from .packing import MAX_PACKED_LEVELS
+
+GPU_BLOCK = 1024  # untuned (no GPU in the session that wrote this); elementwise, 4 warps
+GPU_WARPS = 4
+AMAX_GPU_BLOCK = 4096
+
+
+@triton.jit
+def _nan_to_inf_abs(x):
+    a = tl.abs(x)
+    return tl.where(a == a, a, float("inf"))
+
+
+@triton.jit
+def _amax_kernel(x_ptr, amax_ptr, n, iters, BLOCK: tl.constexpr):
+    """amax_ptr (int32 view of an fp32 >= 0) <- max(|x|) with NaN counted as +inf."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for it in range(iters):
+        offs = (pid + it * nprog) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+        acc = tl.maximum(acc, _nan_to_inf_abs(x))
+    # non-negative floats order like their int32 bit patterns: an integer atomic max is exact
+    tl.atomic_max(amax_ptr, tl.max(acc, 0).to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def _luq_elem(x, u, m, alpha):
+    """LUQ of fp32 x with uniform u: (magnitude, level index k or -1 for zero). Mirrors lowprec.luq.luq."""
+    a = tl.minimum(tl.abs(x), m)
+    y = tl.math.div_rn(a, alpha)
+    is_under = y < 1.0
+    under = tl.where(u < y, alpha, 0.0)
+    e = floor_log2(tl.maximum(y, 1.0))
+    lo = alpha * pow2(e)
+    up = u < tl.math.div_rn(a - lo, lo)
+    level = tl.where(up, lo + lo, lo)
+    mag = tl.where(is_under, under, level)
+    k = tl.where(is_under, 0, e + up.to(tl.int32))
+    return mag, tl.where(mag > 0, k, -1)
+
+
+@triton.jit
+def _code(x, k):
+    """4-bit code: sign << 3 | (k + 1); 0 for zero."""
+    neg = (x.to(tl.int32, bitcast=True) < 0).to(tl.int32)
+    return tl.where(k >= 0, (neg << 3) | tl.minimum(k + 1, 7), 0)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _luq_kernel(x_ptr, out_ptr, m_ptr, amax_ptr, seed, n, iters, L_MINUS_1: tl.constexpr,
+                TRACK_AMAX: tl.constexpr, PACK: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    m = tl.load(m_ptr)
+    alpha = m * (0.5 ** L_MINUS_1)  # = torch.ldexp(m, -(L-1)): a multiply by an exact power of two
+    ok = (m > 0) & (m < float("inf"))  # m = 0 -> zeros; non-finite m (nonfinite='skip') -> zeros
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for it in range(iters):
+        start = (pid + it * nprog) * BLOCK
+        if PACK:
+            p = start + tl.arange(0, BLOCK)  # byte index: elements 2p (low nibble), 2p+1 (high)
+            i0 = 2 * p
+            i1 = i0 + 1
+            x0 = tl.load(x_ptr + i0, mask=i0 < n, other=0.0).to(tl.float32)
+            x1 = tl.load(x_ptr + i1, mask=i1 < n, other=0.0).to(tl.float32)
+            _, k0 = _luq_elem(x0, tl.rand(seed, i0), m, alpha)
+            _, k1 = _luq_elem(x1, tl.rand(seed, i1), m, alpha)
+            c0 = tl.where(ok, _code(x0, k0), 0)
+            c1 = tl.where(ok, _code(x1, k1), 0)  # a masked lane (x1 = 0) gives code 0
+            tl.store(out_ptr + p, (c0 | (c1 << 4)).to(tl.uint8), mask=i0 < n)
+            if TRACK_AMAX:
+                acc = tl.maximum(acc, tl.maximum(_nan_to_inf_abs(x0), _nan_to_inf_abs(x1)))
+        else:
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < n
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            mag, _ = _luq_elem(x, tl.rand(seed, offs), m, alpha)
+            q = tl.where(ok, copysign(mag, x), 0.0)
+            tl.store(out_ptr + offs, cast_out(q, out_ptr.dtype.element_ty), mask=mask)
+            if TRACK_AMAX:
+                acc = tl.maximum(acc, _nan_to_inf_abs(x))
+    if TRACK_AMAX:
+        tl.atomic_max(amax_ptr, tl.max(acc, 0).to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def _unpack_kernel(codes_ptr, alpha_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    byte = tl.load(codes_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
+    nib = (byte >> ((offs % 2) * 4)) & 15
+    e = nib & 7
+    alpha = tl.load(alpha_ptr)
+    mag = tl.where(e > 0, alpha * pow2(tl.maximum(e - 1, 0)), 0.0)
+    val = tl.where((nib & 8) > 0, -mag, mag)
+    tl.store(out_ptr + offs, cast_out(val, out_ptr.dtype.element_ty), mask=mask)
+
+
+def _grid(nitems: int, block: int, x: Tensor) -> tuple[int, int]:
+    nblk = triton.cdiv(nitems, block)
+    grid = max(1, min(nblk, num_programs_cap(x)))
+    return grid, triton.cdiv(nblk, grid)
+
+
+def amax(x: Tensor, impl: str = "triton") -> Tensor:
+    """``max|x|`` as an fp32 0-d tensor on x's device (NaN -> +inf with the Triton pass, NaN with torch)."""
+    xc = x.detach().contiguous().view(-1)
+    if impl == "torch":
+        return torch.linalg.vector_norm(xc, float("inf")).float() if xc.numel() else torch.zeros((), device=x.device)
+    if impl != "triton":
+        raise ValueError(f"amax impl={impl!r}: expected 'triton' or 'torch'")
+    check_launchable(xc, "luq amax")
+    buf = torch.zeros(1, dtype=torch.int32, device=x.device)
+    n = xc.numel()
+    if n:
+        block = block_for(n, xc.is_cuda, AMAX_GPU_BLOCK)
+        grid, iters = _grid(n, block, xc)
+        _amax_kernel[(grid,)](xc, buf, n, iters, BLOCK=block, num_warps=8 if xc.is_cuda else 4, **LAUNCH_OPTS)
+    return buf.view(torch.float32).reshape(())
+
+
+def _prepare(x: Tensor, bits, levels, nonfinite, who):
+    check_float(x, who)
+    check_nonfinite_mode(nonfinite)
+    L = luq_levels(bits, levels)
+    check_launchable(x, who)
+    if L - 1 > 126:
+        raise ValueError(f"{who}: the kernel supports at most 127 levels, got {L} (use backend='reference')")
+    return L
+
+
+def _run(x: Tensor, L: int, max_abs, seed, generator, nonfinite, pack: bool, amax_impl: str, who: str):
+    xc = x.detach().contiguous().view(-1)
+    n = xc.numel()
+    track = max_abs is not None
+    if track:
+        m = torch.as_tensor(max_abs, dtype=torch.float32, device=x.device).reshape(1)
+        cur = torch.zeros(1, dtype=torch.int32, device=x.device)
+    else:
+        m = amax(xc, amax_impl).reshape(1)
+        cur = m
+    if seed is None:
+        seed = draw_seed(generator)
+    nitems = triton.cdiv(n, 2) if pack else n
+    out = torch.empty(nitems, dtype=torch.uint8, device=x.device) if pack else torch.empty_like(xc)
+    block = block_for(nitems, xc.is_cuda, GPU_BLOCK)
+    grid, iters = _grid(nitems, block, xc)
+    _luq_kernel[(grid,)](xc, out, m, cur, int(seed), n, iters, L_MINUS_1=L - 1, TRACK_AMAX=track, PACK=pack,
+                         BLOCK=block, num_warps=GPU_WARPS, **LAUNCH_OPTS)
+    cur = cur.view(torch.float32).reshape(()) if track else cur.reshape(())
+    # With the max computed here, nonfinite='skip' already gave zeros on the device (no sync).
+    if (track or nonfinite == "raise") and nonfinite_guard(x, cur, nonfinite, who):
+        out.zero_()
+    return out, m.reshape(()), cur
+
+
+def luq(x: Tensor, bits: int = 4, *, levels: int | None = None, max_abs=None, seed: int | None = None,
+        generator: torch.Generator | None = None, nonfinite: str = "raise", return_amax: bool = False,
+        amax_impl: str = "triton"):
+    """Kernel twin of :func:`lowprec.luq.luq`: same arguments (``seed`` instead of ``noise``).
+
+    ``seed=None`` draws one from ``generator`` (torch's global RNG when None). The uniforms are
+    ``lowprec.kernels.common.uniforms(seed, x.shape)``. ``return_amax``: also return the current
+    ``max|x|`` (fp32 0-d, on the device) -- with ``max_abs`` given, from the same single pass.
+    """
+    L = _prepare(x, bits, levels, nonfinite, "luq")
+    if x.numel() == 0:
+        out, cur = x.clone(), torch.zeros((), device=x.device)
+    else:
+        out, _, cur = _run(x, L, max_abs, seed, generator, nonfinite, False, amax_impl, "luq")
+        out = out.view(x.shape)
+    return (out, cur) if return_amax else out
+
+
+def luq_pack(x: Tensor, bits: int = 4, *, levels: int | None = None, max_abs=None, seed: int | None = None,
+             generator: torch.Generator | None = None, nonfinite: str = "raise",
+             amax_impl: str = "triton") -> tuple[Tensor, Tensor]:
+    """LUQ straight to the packed format: ``(codes uint8[ceil(numel/2)], alpha fp32 0-d)``.
+
+    Decodes (``luq_unpack``) to exactly ``luq(x, ..., seed=seed)`` in fp32. Needs ``L <= 7``.
+    """
+    L = _prepare(x, bits, levels, nonfinite, "luq_pack")
+    if L > MAX_PACKED_LEVELS:
+        raise ValueError(f"luq_pack: {L} levels + zero + sign do not fit a 4-bit code (at most {MAX_PACKED_LEVELS})")
+    if x.numel() == 0:
+        return torch.empty(0, dtype=torch.uint8, device=x.device), torch.zeros((), device=x.device)
+    codes, m, _ = _run(x, L, max_abs, seed, generator, nonfinite, True, amax_impl, "luq_pack")
+    return codes, torch.ldexp(m, torch.tensor(-(L - 1), device=x.device))
+
+
+def luq_unpack(codes: Tensor, alpha, shape, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Kernel twin of :func:`lowprec.kernels.packing.luq_unpack_reference`."""
+    shape = torch.Size(shape)
+    n = shape.numel()
+    if codes.numel() != triton.cdiv(n, 2):
+        raise ValueError(f"luq_unpack: {codes.numel()} bytes cannot hold {n} codes (need {triton.cdiv(n, 2)})")
+    out = torch.empty(n, dtype=dtype, device=codes.device)
+    check_launchable(out, "luq_unpack")
+    if n:
+        alpha = torch.as_tensor(alpha, dtype=torch.float32, device=codes.device).reshape(1)
+        block = block_for(n, out.is_cuda, GPU_BLOCK)
+        _unpack_kernel[(triton.cdiv(n, block),)](codes.contiguous(), alpha, out, n, BLOCK=block, **LAUNCH_OPTS)
+    return out.view(shape)
