@@ -9,3 +9,4 @@ from .recipes import (FWD_NAMES, GRAD_NAMES, Chain, FwdRecipe, GradRecipe, estim
 from .stats import compare, estimator_stats
 
 __version__ = "0.1.0"
+from . import dispatch  # kernels helper: lowprec.dispatch.{luq,nm_prune,int_quant,luq_pack,luq_unpack}

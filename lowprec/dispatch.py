@@ -1,0 +1,149 @@
+"""One switch between the plain-PyTorch references and the Triton kernels.
+
+``backend``: ``"auto"`` uses the kernel for CUDA tensors when Triton is importable and the call is
+one the kernel covers (fp32/fp16/bf16, no ``noise=``, N:M with M <= 8, ...), else the reference;
+CPU tensors always get the reference under ``"auto"``. ``"reference"`` forces the reference.
+``"triton"`` forces the kernel and raises ``RuntimeError`` when that cannot be met (no Triton; a
+CPU tensor without ``TRITON_INTERPRET=1``; ``noise=`` given, since the kernel draws its own
+uniforms; an unsupported dtype or configuration). ``backend=None`` reads the environment variable
+``LOWPREC_BACKEND`` (default ``"auto"``): a global off switch for debugging runs.
+
+Kernel randomness: one seed per call from ``generator`` (None: torch's global RNG), so
+``torch.manual_seed`` reproduces a run; the kernel's draws differ from the reference's
+``torch.rand`` draws (same distribution). Given the kernel's uniforms
+(``lowprec.kernels.common.uniforms``) as ``noise=``, the reference reproduces the kernel exactly.
+
+Importing this module imports neither Triton nor the estimator modules (they may import it).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from .kernels import interpreter_enabled, triton_available
+
+BACKENDS = ("auto", "reference", "triton")
+ENV_VAR = "LOWPREC_BACKEND"
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_NUMEL = 2 ** 31 - 1
+
+
+def _requested(backend: str | None) -> str:
+    b = os.environ.get(ENV_VAR, "auto") if backend is None else backend
+    if b not in BACKENDS:
+        src = f"{ENV_VAR}={b!r}" if backend is None else f"backend={b!r}"
+        raise ValueError(f"{src}: expected one of {BACKENDS}")
+    return b
+
+
+def resolve(x: Tensor, backend: str | None = "auto", *, who: str = "lowprec", unsupported: str | None = None) -> str:
+    """``"reference"`` or ``"triton"`` for input ``x``; ``unsupported`` says why the kernel cannot take this call."""
+    b = _requested(backend)
+    if b == "reference":
+        return "reference"
+    if unsupported is None and x.dtype not in _KERNEL_DTYPES:
+        unsupported = f"the kernels take fp32/fp16/bf16, got {x.dtype}"
+    if unsupported is None and x.numel() > _MAX_NUMEL:
+        unsupported = f"{x.numel()} elements exceed the kernels' int32 indexing"
+    if b == "auto":
+        return "triton" if (x.is_cuda and unsupported is None and triton_available()) else "reference"
+    if unsupported is not None:
+        raise RuntimeError(f"{who}: backend='triton' requested but {unsupported}")
+    if not triton_available():
+        raise RuntimeError(f"{who}: backend='triton' requested but triton is not importable (pip install triton)")
+    if not x.is_cuda and not interpreter_enabled():
+        raise RuntimeError(
+            f"{who}: backend='triton' requested for a {x.device} tensor; the kernels need a CUDA tensor, "
+            "or TRITON_INTERPRET=1 in the environment (set before triton is imported) to run on the CPU"
+        )
+    return "triton"
+
+
+def luq(x: Tensor, bits: int = 4, *, levels: int | None = None, max_abs=None,
+        generator: torch.Generator | None = None, noise: Tensor | None = None, nonfinite: str = "raise",
+        return_amax: bool = False, backend: str | None = "auto"):
+    """:func:`lowprec.luq.luq` through the chosen backend.
+
+    ``return_amax=True`` also returns the current ``max|x|`` (fp32 0-d), what the in-hindsight
+    estimate needs for its next step: with ``max_abs`` given, the kernel does both in one pass.
+    """
+    from .luq import luq as ref, luq_levels
+
+    L = luq_levels(bits, levels)
+    why = "noise= was given (the kernel draws its own uniforms)" if noise is not None else (
+        f"the kernel supports at most 127 levels, got {L}" if L > 127 else None)
+    if resolve(x, backend, who="luq", unsupported=why) == "triton":
+        from .kernels import luq as k
+        return k.luq(x, bits, levels=levels, max_abs=max_abs, generator=generator, nonfinite=nonfinite,
+                     return_amax=return_amax)
+    out = ref(x, bits, levels=levels, max_abs=max_abs, generator=generator, noise=noise, nonfinite=nonfinite)
+    if not return_amax:
+        return out
+    cur = x.detach().abs().amax().float() if x.numel() else torch.zeros((), device=x.device)
+    return out, cur
+
+
+def luq_pack(x: Tensor, bits: int = 4, *, levels: int | None = None, max_abs=None,
+             generator: torch.Generator | None = None, noise: Tensor | None = None, nonfinite: str = "raise",
+             backend: str | None = "auto") -> tuple[Tensor, Tensor]:
+    """LUQ to the packed 4-bit format ``(codes uint8[ceil(numel/2)], alpha fp32 0-d)``
+    (see :mod:`lowprec.kernels.packing`)."""
+    from .kernels.packing import MAX_PACKED_LEVELS, luq_pack_reference
+    from .luq import luq as ref, luq_levels, luq_scale
+
+    L = luq_levels(bits, levels)
+    if L > MAX_PACKED_LEVELS:
+        raise ValueError(f"luq_pack: {L} levels + zero + sign do not fit a 4-bit code (at most {MAX_PACKED_LEVELS})")
+    why = "noise= was given (the kernel draws its own uniforms)" if noise is not None else None
+    if resolve(x, backend, who="luq_pack", unsupported=why) == "triton":
+        from .kernels import luq as k
+        return k.luq_pack(x, bits, levels=levels, max_abs=max_abs, generator=generator, nonfinite=nonfinite)
+    q = ref(x.float(), bits, levels=levels, max_abs=max_abs, generator=generator, noise=noise, nonfinite=nonfinite)
+    if max_abs is None:
+        max_abs = x.detach().abs().amax().float() if x.numel() else 0.0
+    _, alpha = luq_scale(x, bits, levels=L, max_abs=max_abs)
+    return luq_pack_reference(q, alpha), alpha
+
+
+def luq_unpack(codes: Tensor, alpha, shape, dtype: torch.dtype = torch.float32,
+               backend: str | None = "auto") -> Tensor:
+    """Decode :func:`luq_pack`'s output into a tensor of ``shape`` and ``dtype``."""
+    probe = torch.empty(0, dtype=dtype, device=codes.device)
+    if resolve(probe, backend, who="luq_unpack") == "triton":
+        from .kernels import luq as k
+        return k.luq_unpack(codes, alpha, shape, dtype)
+    from .kernels.packing import luq_unpack_reference
+    return luq_unpack_reference(codes, alpha, shape, dtype)
+
+
+def nm_prune(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -1,
+             generator: torch.Generator | None = None, noise: Tensor | None = None, nonfinite: str = "raise",
+             backend: str | None = "auto") -> Tensor:
+    """:func:`lowprec.nm.nm_prune` through the chosen backend."""
+    from .nm import check_nm, nm_prune as ref
+
+    check_nm(n, m, method)
+    why = "noise= was given (the kernel draws its own uniforms)" if noise is not None else (
+        f"the kernel supports M <= 8, got M={m}" if m > 8 else None)
+    if resolve(x, backend, who="nm_prune", unsupported=why) == "triton":
+        from .kernels import nm as k
+        return k.nm_prune(x, n, m, method=method, dim=dim, generator=generator, nonfinite=nonfinite)
+    return ref(x, n, m, method=method, dim=dim, generator=generator, noise=noise, nonfinite=nonfinite)
+
+
+def int_quant(x: Tensor, bits: int = 4, *, signed: bool | None = None, per_channel: bool = False,
+              clip: float | Tensor | None = None, clip_method: str = "sawb", backend: str | None = "auto") -> Tensor:
+    """:func:`lowprec.intq.int_quant` through the chosen backend.
+
+    With ``clip`` given the two backends agree bit for bit; a SAWB clip computed by the kernel's
+    reduction differs from the reference's in the last bits (summation order).
+    """
+    from .intq import int_quant as ref
+
+    if resolve(x, backend, who="int_quant") == "triton":
+        from .kernels import intq as k
+        return k.int_quant(x, bits, signed=signed, per_channel=per_channel, clip=clip, clip_method=clip_method)
+    return ref(x, bits, signed=signed, per_channel=per_channel, clip=clip, clip_method=clip_method)

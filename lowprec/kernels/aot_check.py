@@ -1,0 +1,77 @@
+"""Compile every kernel variant ahead of time for a Hopper GPU (sm_90) and check the PTX.
+
+Needs no GPU (Triton ships ptxas), but needs ``TRITON_INTERPRET=0`` (under the interpreter the
+kernels are not compilable objects). Checks that the bit-exact recipe survived compilation: IEEE
+division only (no ``div.full`` / ``div.approx`` / ``rcp.approx``), no FMA contraction, no register
+spills (``ld/st.local``). Run: ``TRITON_INTERPRET=0 python -m lowprec.kernels.aot_check``.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+
+def variants():
+    from . import intq, luq, nm
+
+    luq_sig = {"x_ptr": "*bf16", "out_ptr": "*bf16", "m_ptr": "*fp32", "amax_ptr": "*i32", "seed": "i32",
+               "n": "i32", "iters": "i32"}
+    nm_sig = {"x_ptr": "*fp32", "out_ptr": "*bf16", "flag_ptr": "*i32", "seed": "i32", "length": "i32",
+              "nblocks": "i32", "inner": "i32", "total": "i32"}
+    yield "luq", luq._luq_kernel, luq_sig, dict(L_MINUS_1=6, TRACK_AMAX=True, PACK=False, BLOCK=luq.GPU_BLOCK)
+    yield "luq_pack", luq._luq_kernel, dict(luq_sig, out_ptr="*u8"), dict(L_MINUS_1=6, TRACK_AMAX=False, PACK=True,
+                                                                         BLOCK=luq.GPU_BLOCK)
+    yield "luq_amax", luq._amax_kernel, {"x_ptr": "*fp32", "amax_ptr": "*i32", "n": "i32", "iters": "i32"}, dict(
+        BLOCK=luq.AMAX_GPU_BLOCK)
+    yield "luq_unpack", luq._unpack_kernel, {"codes_ptr": "*u8", "alpha_ptr": "*fp32", "out_ptr": "*fp16",
+                                             "n": "i32"}, dict(BLOCK=luq.GPU_BLOCK)
+    for n, m, method in [(1, 2, "mvue"), (2, 4, "mvue"), (2, 8, "mvue"), (4, 8, "mvue"), (2, 4, "mvue_approx"),
+                         (1, 4, "mvue_approx"), (2, 4, "mse"), (1, 4, "mse")]:
+        k = {"mvue": 1, "mvue_approx": n, "mse": 1}[method]
+        yield (f"nm_{method}{n}{m}", nm._nm_kernel, nm_sig,
+               dict(N=n, M=m, METHOD=nm.METHOD_IDS[method], K=k, BLOCK=nm.GPU_ELEMS // m))
+    yield "intq", intq._intq_kernel, {"x_ptr": "*fp16", "out_ptr": "*fp16", "s_ptr": "*fp32", "flag_ptr": "*i32",
+                                      "row_len": "i32", "nchunks": "i32", "qlo": "fp32", "qhi": "fp32"}, dict(
+        BLOCK=intq.GPU_BLOCK)
+    yield "intq_stats", intq._stats_kernel, {"x_ptr": "*fp32", "part_ptr": "*fp32", "row_len": "i32",
+                                             "nchunks": "i32"}, dict(BLOCK=intq.STATS_GPU_BLOCK)
+
+
+def compile_sm90(fn, signature: dict, constexprs: dict) -> str:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .common import LAUNCH_OPTS
+
+    sig = dict(signature, **{k: "constexpr" for k in constexprs})
+    c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(LAUNCH_OPTS))
+    return c.asm["ptx"]
+
+
+def ptx_problems(ptx: str) -> list[str]:
+    ops = set(re.findall(r"^\s*(?:@!?%p\d+\s+)?([a-z][\w.]*)", ptx, flags=re.M))
+    bad = sorted(o for o in ops if o.startswith(("fma.", "div.full", "div.approx", "rcp.approx")))
+    if {"ld.local", "st.local"} & ops:
+        bad.append("register spills (ld/st.local)")
+    return bad
+
+
+def main() -> int:
+    from . import interpreter_enabled
+
+    if interpreter_enabled():
+        print("aot_check: set TRITON_INTERPRET=0", file=sys.stderr)
+        return 2
+    failed = 0
+    for name, fn, sig, cx in variants():
+        problems = ptx_problems(compile_sm90(fn, sig, cx))
+        failed += bool(problems)
+        print(f"{name:18s} {'ok' if not problems else 'FAIL ' + ', '.join(problems)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
