@@ -10,3 +10,4 @@ from .stats import compare, estimator_stats
 
 __version__ = "0.1.0"
 from . import dispatch  # kernels helper: lowprec.dispatch.{luq,nm_prune,int_quant,luq_pack,luq_unpack}
+from .layers import ConvertReport, QConv2d, QLinear, collect_stats, convert, set_recipes, unconvert  # layers helper
