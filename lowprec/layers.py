@@ -182,7 +182,7 @@ def _accumulate_mean(first: torch.Tensor, more: Callable[[], torch.Tensor], s: i
 def _scalar(v) -> float | None:
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         return float(v)
-    if isinstance(v, torch.Tensor) and v.numel() == 1 and (v.is_floating_point() or not v.dtype == torch.bool):
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and v.dtype != torch.bool:
         return float(v)
     return None
 
