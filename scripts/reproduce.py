@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Reproduce one results table as one Hydra multirun.
+
+    python scripts/reproduce.py mvue_table --scale small            # runs it (seeds 0,1)
+    python scripts/reproduce.py luq_table --scale full --seeds 0,1,2 --dry-run
+    python scripts/reproduce.py luq_table --scale full -- hydra/launcher=slurm hydra.launcher.partition=gpu
+
+The table's rows are the files conf/experiment/<scale>/<table>/*.yaml (files starting with `_` are
+shared bases). The command is
+
+    python run.py -m trainer.seed=<seeds> experiment=<row>,<row>,...  [extra overrides]
+
+(seed is the outer loop: all rows of seed 0 finish before seed 1 starts). Every job finds or trains
+its fp32 baseline (trainer.baseline=auto). --skip-done drops rows whose runs for every requested
+seed are already in the index (e.g. the fp32 row shared by two tables). Each launch is appended to
+<out_root>/commands.jsonl (command, git commit, time) for make_tables.py.
+
+Small scale sets OMP_NUM_THREADS=1 unless it is set: on the shared 2-core machine a training step
+was 10-20x slower with two threads. W&B: WANDB_MODE defaults to offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import exptables as X  # noqa: E402
+
+
+def git_commit(root: Path = X.ROOT) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lowprec", "conf", "run.py"],
+                               cwd=root, capture_output=True, text=True).stdout.strip()
+        return out + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def build_command(table: str, scale: str, seeds: list[int], extra: list[str],
+                  rows: list[str] | None = None) -> list[str]:
+    rows = X.rows(scale, table) if rows is None else rows
+    return ["python", "run.py", "-m", f"trainer.seed={','.join(map(str, seeds))}",
+            f"experiment={','.join(rows)}", *extra]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("table", help="folder under conf/experiment/<scale>/ (e.g. luq_table, mvue_table)")
+    p.add_argument("--scale", choices=X.SCALES, default="small")
+    p.add_argument("--seeds", default=None, help="comma list (default: small 0,1; full 0,1,2)")
+    p.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
+    p.add_argument("--skip-done", action="store_true",
+                   help="leave out rows already in the index for every requested seed")
+    p.add_argument("extra", nargs="*", help="extra Hydra overrides (after --)")
+    a = p.parse_args(argv)
+    seeds = [int(s) for s in (a.seeds or ("0,1" if a.scale == "small" else "0,1,2")).split(",")]
+    rows = X.rows(a.scale, a.table)
+    if a.skip_done:
+        keep = []
+        for r in rows:
+            spec = X.compose_row(r, a.extra)
+            done = {x["seed"] for x in X.matching_runs(spec, X.index_rows(X.ROOT / spec.index))}
+            if set(seeds) <= done:
+                print(f"skip {r}: seeds {seeds} already in {spec.index}", file=sys.stderr)
+            else:
+                keep.append(r)
+        rows = keep
+        if not rows:
+            print("nothing to run", file=sys.stderr)
+            return 0
+    cmd = build_command(a.table, a.scale, seeds, a.extra, rows)
+    print(shlex.join(cmd), flush=True)
+    if a.dry_run:
+        return 0
+    env = dict(os.environ)
+    env.setdefault("WANDB_MODE", "offline")
+    if a.scale == "small":
+        env.setdefault("OMP_NUM_THREADS", "1")
+    spec = X.compose_row(rows[0], a.extra)
+    log = X.ROOT / spec.out_root / "commands.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    rec = {"table": a.table, "scale": a.scale, "seeds": seeds, "command": shlex.join(cmd),
+           "commit": git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "env": {k: env[k] for k in ("OMP_NUM_THREADS", "WANDB_MODE") if k in env}}
+    with open(log, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    cmd[0] = sys.executable
+    return subprocess.call(cmd, cwd=X.ROOT, env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
