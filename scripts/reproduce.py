@@ -5,6 +5,8 @@
     python scripts/reproduce.py luq_table --scale full --seeds 0,1,2 --dry-run
     python scripts/reproduce.py luq_table --scale full -- hydra/launcher=slurm hydra.launcher.partition=gpu
 
+Everything after `--` is passed to run.py as Hydra overrides.
+
 The table's rows are the files conf/experiment/<scale>/<table>/*.yaml (files starting with `_` are
 shared bases). The command is
 
@@ -61,8 +63,11 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
     p.add_argument("--skip-done", action="store_true",
                    help="leave out rows already in the index for every requested seed")
-    p.add_argument("extra", nargs="*", help="extra Hydra overrides (after --)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
     a = p.parse_args(argv)
+    a.extra = extra
     seeds = [int(s) for s in (a.seeds or ("0,1" if a.scale == "small" else "0,1,2")).split(",")]
     rows = X.rows(a.scale, a.table)
     if a.skip_done:
