@@ -27,7 +27,7 @@ def test_fp4_rdn_grid_flush_and_nearest():
 
 def test_int_sr_unbiased_exact_grid_and_variance():
     x = torch.tensor([7.0, 0.3, -2.5, 6.99, 0.0])
-    mean = grid_mean(lambda v, u: lp.int_sr(v, noise=torch.full(v.shape, float(u))), x, 2048)
+    mean = grid_mean(lambda xb, U: lp.int_sr(xb, noise=U.view(-1, 1).expand(xb.shape).contiguous()), x, 2048)
     assert torch.allclose(mean, x.double(), atol=1 / 2048)
     y = lp.int_sr(heavy_tailed(3000, seed=3), generator=torch.Generator().manual_seed(0))
     s = float(y.abs().max()) / 7

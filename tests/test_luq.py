@@ -45,8 +45,8 @@ def test_grid_expectation_is_exact_for_every_element():
     x = torch.tensor([m, -m, 0.0, 1e-6, 0.3, -0.99, 1.0, 1.5, -2.0, 3.7, 5.0, 16.0, 31.9, -47.0, 63.0])
     G = 2048
 
-    def fn(v, u):
-        return lp.luq(v, 4, noise=torch.full(v.shape, float(u)))
+    def fn(xb, U):
+        return lp.luq(xb, 4, noise=U.view(-1, 1).expand(xb.shape).contiguous(), max_abs=m)
 
     mean = grid_mean(fn, x, G)
     # One jump per element of height ≤ bin width ≤ m/2, so the grid error is ≤ (m/2)/G.
