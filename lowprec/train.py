@@ -388,8 +388,9 @@ def describe(obj) -> Any:
         return [describe(o) for o in obj]
     if dataclasses.is_dataclass(obj):
         out = {"type": type(obj).__name__}
-        if hasattr(obj, "name"):
-            out["name"] = obj.name
+        for prop in ("name", "num_levels"):  # derived values, e.g. LUQ levels=None -> 7
+            if hasattr(obj, prop):
+                out[prop] = getattr(obj, prop)
         for f in dataclasses.fields(obj):
             out[f.name] = describe(getattr(obj, f.name))
         return out
@@ -573,6 +574,7 @@ def train(exp: Experiment, datasets=None, *, finalize=None) -> dict[str, Any]:
                     "estimator_state": estimator_state(core),
                     "elapsed": elapsed + time.time() - t0, "key": exp.key, "names": exp.names,
                 }, ckpt_path)
+    last, best = broadcast((last, best), d)  # only rank 0 evaluated
     if last is None:  # nothing trained (max_steps=... already reached at the checkpoint)
         raise ValueError("no epoch was run: nothing to report")
     result = {"final_top1": last["top1"], "final_top5": last["top5"], "best_top1": best,
