@@ -29,12 +29,11 @@ def tables(scale: str) -> list[str]:
 
 
 def _rank(name: str) -> tuple:
-    # full-scale rows are <model>_<data>_<method>: order by model first, then method
-    for i, m in enumerate(ORDER):
-        if name == m or name.endswith("_" + m) and not any(
-                name.endswith("_" + o) and len(o) > len(m) for o in ORDER):
-            return (name[: len(name) - len(m)], i)
-    return (name, len(ORDER))
+    """Sort key: full-scale rows are <model>_<data>_<method>, so by model first, then method."""
+    for m in sorted(ORDER, key=len, reverse=True):  # longest suffix wins (luq4_smp2 before luq4)
+        if name == m or name.endswith("_" + m):
+            return (name[: len(name) - len(m)], ORDER.index(m), name)
+    return (name, len(ORDER), name)
 
 
 def rows(scale: str, table: str) -> list[str]:

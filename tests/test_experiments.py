@@ -1,0 +1,137 @@
+"""Experiment configs, reproduce.py and make_tables.py (fast: no training).
+
+Every conf/experiment/**/*.yaml (globbed, so a new file is covered without editing this test)
+composes with conf/config.yaml and becomes the runner's plain objects (grad/fwd recipes, data and
+model specs, trainer/optim/sched configs) through lowprec.train.experiment_from_cfg.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import exptables as X  # noqa: E402
+
+EXPERIMENTS = sorted(str(p.relative_to(ROOT / "conf" / "experiment").with_suffix(""))
+                     for p in (ROOT / "conf" / "experiment").rglob("*.yaml"))
+
+
+def _compose(name):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    X.compose_row  # registers the runner's resolver
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(X.CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=[f"experiment={name}"],
+                       return_hydra_config=True)
+
+
+def test_there_are_experiments():
+    assert any(e.startswith("small/") for e in EXPERIMENTS)
+    assert any(e.startswith("full/") for e in EXPERIMENTS)
+    for scale in X.SCALES:
+        assert {"luq_table", "mvue_table"} <= set(X.tables(scale))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_and_instantiates(name, tmp_path):
+    from lowprec import FwdRecipe, GradRecipe
+    from lowprec import train as T
+
+    cfg = _compose(name)
+    choices = dict(cfg.hydra.runtime.choices)
+    from omegaconf import open_dict
+    with open_dict(cfg):
+        del cfg["hydra"]
+    exp = T.experiment_from_cfg(cfg, names=choices, run_dir=tmp_path)
+    assert isinstance(exp.grad, GradRecipe) and isinstance(exp.fwd, FwdRecipe)
+    assert exp.grad.name == choices["grad"] and exp.fwd.name == choices["fwd"]
+    if not Path(name).name.startswith("_"):
+        spec = X.compose_row(name)
+        # The row's file name states its method: grad (and FNT / sparse weights) must agree.
+        label = spec.label
+        if label.endswith("fp32"):
+            assert exp.grad.identity
+        else:
+            assert spec.grad in label, (label, spec.grad)
+        if "_fnt" in label:
+            assert exp.trainer.fnt_epochs == int(label.rsplit("_fnt", 1)[1])
+        else:
+            assert exp.trainer.fnt_epochs == 0
+        assert (exp.convert.get("weight_nm") is not None) == ("w24" in label)
+    if name.startswith("small/"):
+        assert exp.data.name == "fashion_mnist" and exp.model.name == "resnet20"
+        assert cfg.logger.mode == "disabled"
+
+
+def test_small_tables_share_the_fp32_row():
+    a, b = X.compose_row("small/mvue_table/fp32"), X.compose_row("small/luq_table/fp32")
+    assert (a.model, a.data, a.epochs, a.batch_size, a.grad, a.fwd) == (
+        b.model, b.data, b.epochs, b.batch_size, b.grad, b.fwd)
+
+
+def test_reproduce_dry_run_prints_the_multirun_command(capsys):
+    import reproduce
+
+    assert reproduce.main(["mvue_table", "--scale", "small", "--seeds", "0,1", "--dry-run"]) == 0
+    out = capsys.readouterr().out.strip()
+    rows = ",".join(f"small/mvue_table/{r}" for r in
+                    ("fp32", "mse12", "mse24", "mvue12", "mvue24", "mvue24_approx", "mvue24_luq4"))
+    assert out == f"python run.py -m trainer.seed=0,1 experiment={rows}"
+    assert reproduce.main(["luq_table", "--scale", "full", "--dry-run", "--", "hydra/launcher=slurm"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("python run.py -m trainer.seed=0,1,2 experiment=full/luq_table/")
+    assert "full/luq_table/resnet50_imagenet_luq4_fnt3" in out and out.endswith(" hydra/launcher=slurm")
+
+
+def _fake_run(tmp_path, spec, seed, top1, base_top1):
+    d = tmp_path / "runs" / f"{spec.label}_s{seed}"
+    d.mkdir(parents=True)
+    with open(d / "metrics.jsonl", "w") as f:
+        for e in range(1, spec.epochs + spec.fnt_epochs + 1):
+            f.write(json.dumps({"epoch": e, "top1": top1 - 5 + 5 * e / (spec.epochs + spec.fnt_epochs),
+                                "train_loss": 1.0 / e, "phase": "train"}) + "\n")
+    fp32 = spec.grad == "fp32" and spec.fwd == "fp32"
+    return {"run_dir": str(d), "model": spec.model, "data": spec.data, "fwd": spec.fwd,
+            "grad": spec.grad, "epochs": spec.epochs, "fnt_epochs": spec.fnt_epochs, "seed": seed,
+            "batch_size": spec.batch_size, "is_baseline": fp32, "key": "k", "final_top1": top1,
+            "best_top1": top1, "baseline_top1": base_top1,
+            "degradation": base_top1 - top1, "wall_time": 60.0,
+            "convert": {"weight_nm": None}}
+
+
+def test_make_tables_on_a_synthetic_index(tmp_path):
+    import make_tables
+    from lowprec import runs
+
+    idx = tmp_path / "runs.sqlite"
+    acc = {"fp32": 90.0, "fp4_rdn": 60.0, "luq4": 89.0, "luq4_fnt1": 89.8}
+    for label, a in acc.items():
+        spec = X.compose_row(f"small/luq_table/{label}")
+        for seed, jitter in ((0, 0.5), (1, -0.5)):
+            runs.insert(idx, _fake_run(tmp_path, spec, seed, a + jitter, 90.0 + jitter))
+    (tmp_path / "commands.jsonl").write_text(json.dumps(
+        {"table": "luq_table", "scale": "small", "command": "python run.py -m X", "commit": "abc",
+         "started": "now", "env": {"OMP_NUM_THREADS": "1"}}) + "\n")
+    out = tmp_path / "results"
+    assert make_tables.main(["luq_table", "--index", str(idx), "--out", str(out)]) == 0
+    md = (out / "luq_table.md").read_text()
+    header = next(l for l in md.splitlines() if l.startswith("| row |"))
+    for col in ("seeds", "top-1 % (mean ± std)", "degradation vs fp32", "paper top-1",
+                "paper degradation / claim", "FNT"):
+        assert col in header
+    lines = {l.split("|")[1].strip(): l for l in md.splitlines() if l.startswith("| ")}
+    assert "90.00 ± 0.71" in lines["fp32"] and "0 (baseline)" in lines["fp32"]
+    assert "60.00 ± 0.71" in lines["fp4_rdn"] and "30.00 ± 0.00" in lines["fp4_rdn"]
+    assert "76.50" in lines["fp32"]  # the paper's ResNet-50 number beside ours
+    assert "none" in lines["radix4"]  # a row with no runs is listed, empty
+    assert "python run.py -m X" in md and "abc" in md and "Scale." in md
+    assert "fp4_rdn worse, as claimed" in md and "FNT recovers accuracy" in md
+    assert (out / "luq_table.png").stat().st_size > 1000
