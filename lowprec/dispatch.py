@@ -147,3 +147,23 @@ def int_quant(x: Tensor, bits: int = 4, *, signed: bool | None = None, per_chann
         from .kernels import intq as k
         return k.int_quant(x, bits, signed=signed, per_channel=per_channel, clip=clip, clip_method=clip_method)
     return ref(x, bits, signed=signed, per_channel=per_channel, clip=clip, clip_method=clip_method)
+
+
+def nm_luq(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -1, bits: int = 4,
+           levels: int | None = None, generator: torch.Generator | None = None, nonfinite: str = "raise",
+           backend: str | None = "auto") -> Tensor:
+    """N:M prune then LUQ (the ``mvue24_luq4`` composite): ``luq(nm_prune(x, ...), ...)``, one fused kernel
+    (two passes over x, no intermediate tensor) on the Triton backend."""
+    from .luq import luq as ref_luq, luq_levels
+    from .nm import check_nm, nm_prune as ref_nm
+
+    check_nm(n, m, method)
+    L = luq_levels(bits, levels)
+    why = f"the kernel supports M <= 8, got M={m}" if m > 8 else (
+        f"the kernel supports at most 127 levels, got {L}" if L > 127 else None)
+    if resolve(x, backend, who="nm_luq", unsupported=why) == "triton":
+        from .kernels import fused as k
+        return k.nm_luq(x, n, m, method=method, dim=dim, bits=bits, levels=levels, generator=generator,
+                        nonfinite=nonfinite)
+    y = ref_nm(x, n, m, method=method, dim=dim, generator=generator, nonfinite=nonfinite)
+    return ref_luq(y, bits, levels=levels, generator=generator, nonfinite=nonfinite)

@@ -27,6 +27,7 @@ pytest.importorskip("triton")
 # numpy warnings from the interpreter for lanes the kernels mask out afterwards (0/0 in padding etc.)
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 
+from lowprec.kernels import fused as kfused  # noqa: E402
 from lowprec.kernels import intq as kintq  # noqa: E402
 from lowprec.kernels import luq as kluq  # noqa: E402
 from lowprec.kernels import nm as knm  # noqa: E402
@@ -228,6 +229,28 @@ def test_nm_edge_cases(device):
         knm.nm_prune(x, 2, 16)
     with pytest.raises(ValueError):
         knm.nm_prune(x, 3, 4, method="mvue_approx")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,m,method,dim", [(2, 4, "mvue", -1), (1, 2, "mvue", 0), (2, 4, "mvue_approx", -1),
+                                            (2, 4, "mse", 0)])
+def test_fused_nm_luq_bit_exact(device, dtype, n, m, method, dim):
+    x = nm_input((6, 1003), dtype=dtype, seed=5)
+    q = kfused.nm_luq(x.to(device), n, m, method=method, dim=dim, seed=3, seed_luq=4)
+    u1 = None if method == "mse" else uniforms(3, nm_noise_shape(x.shape, n, m, method, dim), device).cpu()
+    same(q, luq(nm_prune(x, n, m, method=method, dim=dim, noise=u1), noise=uniforms(4, x.shape, device).cpu()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_nm_luq_nonfinite_and_dispatch(device):
+    x = nm_input((4, 100), seed=6).to(device)
+    ref = dispatch.nm_luq(x.cpu(), 2, 4, generator=torch.Generator().manual_seed(0), backend="reference")
+    assert ref.shape == x.shape and int((ref.view(4, 25, 4) != 0).sum(-1).max()) <= 2
+    x[1, 2] = float("inf")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        kfused.nm_luq(x, 2, 4, seed=1, seed_luq=2)
+    assert kfused.nm_luq(x, 2, 4, seed=1, seed_luq=2, nonfinite="skip").abs().sum().item() == 0
 
 
 # ---------------------------------------------------------------------------------------------- INT

@@ -13,7 +13,7 @@ import sys
 
 
 def variants():
-    from . import intq, luq, nm
+    from . import fused, intq, luq, nm
 
     luq_sig = {"x_ptr": "*bf16", "out_ptr": "*bf16", "m_ptr": "*fp32", "amax_ptr": "*i32", "seed": "i32",
                "n": "i32", "iters": "i32"}
@@ -31,6 +31,11 @@ def variants():
         k = {"mvue": 1, "mvue_approx": n, "mse": 1}[method]
         yield (f"nm_{method}{n}{m}", nm._nm_kernel, nm_sig,
                dict(N=n, M=m, METHOD=nm.METHOD_IDS[method], K=k, BLOCK=nm.GPU_ELEMS // m))
+    for p in (1, 2):
+        sig = {"x_ptr": "*fp32", "out_ptr": "*bf16", "flag_ptr": "*i32", "m_ptr": "*i32", "seed": "i32",
+               "seed_luq": "i32", "length": "i32", "nblocks": "i32", "inner": "i32", "total": "i32"}
+        yield (f"nm_luq_pass{p}", fused._nm_luq_kernel, sig,
+               dict(N=2, M=4, METHOD=0, K=1, L_MINUS_1=6, PASS=p, BLOCK=nm.GPU_ELEMS // 4))
     yield "intq", intq._intq_kernel, {"x_ptr": "*fp16", "out_ptr": "*fp16", "s_ptr": "*fp32", "flag_ptr": "*i32",
                                       "row_len": "i32", "nchunks": "i32", "qlo": "fp32", "qhi": "fp32"}, dict(
         BLOCK=intq.GPU_BLOCK)

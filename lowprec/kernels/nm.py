@@ -146,10 +146,10 @@ def _mse_keep(a, N: tl.constexpr, M: tl.constexpr):
     return keep
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _nm_kernel(x_ptr, out_ptr, flag_ptr, seed, length, nblocks, inner, total,
-               N: tl.constexpr, M: tl.constexpr, METHOD: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr):
-    g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # block id in memory order (o, b, i)
+@triton.jit
+def _nm_compute(x_ptr, flag_ptr, seed, g, length, nblocks, inner, total,
+                N: tl.constexpr, M: tl.constexpr, METHOD: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr):
+    """Pruned values (fp32, one vector per column), column masks and element offsets of blocks ``g``."""
     valid = g < total
     i = g % inner
     ob = g // inner
@@ -159,6 +159,7 @@ def _nm_kernel(x_ptr, out_ptr, flag_ptr, seed, length, nblocks, inner, total,
     xs = ()
     a = ()
     masks = ()
+    offs = ()
     nnz = tl.zeros((BLOCK,), dtype=tl.int32)
     bad = tl.zeros((BLOCK,), dtype=tl.int32)
     for j in tl.static_range(M):
@@ -168,15 +169,16 @@ def _nm_kernel(x_ptr, out_ptr, flag_ptr, seed, length, nblocks, inner, total,
         xs = xs + (xj,)
         a = a + (aj,)
         masks = masks + (mj,)
+        offs = offs + (base + j * inner,)
         nnz = nnz + (aj > 0.0).to(tl.int32)
         bad = bad | tl.where(aj < float("inf"), 0, 1)  # NaN or Inf
     any_bad = tl.max(bad, 0)
     tl.atomic_max(flag_ptr, any_bad, mask=any_bad > 0)
+    q = ()
     if METHOD == 2:
         keep = _mse_keep(a, N, M)
         for j in tl.static_range(M):
-            tl.store(out_ptr + base + j * inner, cast_out(tl.where(keep[j], xs[j], 0.0), out_ptr.dtype.element_ty),
-                     mask=masks[j])
+            q = q + (tl.where(keep[j], xs[j], 0.0),)
     else:
         noise_base = ((o * inner + i) * nblocks + b) * K
         if METHOD == 0:
@@ -186,9 +188,39 @@ def _nm_kernel(x_ptr, out_ptr, flag_ptr, seed, length, nblocks, inner, total,
             keep, p = _approx_draw(a, seed, noise_base, N, M)
         sparse_enough = nnz <= N
         for j in tl.static_range(M):
-            q = tl.where(keep[j], tl.math.div_rn(xs[j], tl.where(keep[j], p[j], 1.0)), 0.0)
-            q = tl.where(sparse_enough, xs[j], q)
-            tl.store(out_ptr + base + j * inner, cast_out(q, out_ptr.dtype.element_ty), mask=masks[j])
+            qj = tl.where(keep[j], tl.math.div_rn(xs[j], tl.where(keep[j], p[j], 1.0)), 0.0)
+            q = q + (tl.where(sparse_enough, xs[j], qj),)
+    return q, masks, offs
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _nm_kernel(x_ptr, out_ptr, flag_ptr, seed, length, nblocks, inner, total,
+               N: tl.constexpr, M: tl.constexpr, METHOD: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr):
+    g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # block id in memory order (o, b, i)
+    q, masks, offs = _nm_compute(x_ptr, flag_ptr, seed, g, length, nblocks, inner, total, N, M, METHOD, K, BLOCK)
+    for j in tl.static_range(M):
+        tl.store(out_ptr + offs[j], cast_out(q[j], out_ptr.dtype.element_ty), mask=masks[j])
+
+
+def _layout(x: Tensor, m: int, dim: int) -> tuple[int, int, int, int, int]:
+    """(outer, length, inner, nblocks, total blocks) of the contiguous view of x with blocks along dim."""
+    d = dim % x.dim()
+    outer, length, inner = math.prod(x.shape[:d]), x.shape[d], math.prod(x.shape[d + 1:])
+    nblocks = triton.cdiv(length, m)
+    return outer, length, inner, nblocks, outer * nblocks * inner
+
+
+def _check_args(x: Tensor, n: int, m: int, method: str, dim: int, nonfinite: str, who: str) -> None:
+    check_float(x, who)
+    check_nm(n, m, method)
+    check_nonfinite_mode(nonfinite)
+    if x.dim() == 0:
+        raise ValueError(f"{who}: a 0-d tensor has no dimension to form blocks along")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"{who}: dim={dim} out of range for a {x.dim()}-d tensor")
+    if m > MAX_M:
+        raise ValueError(f"{who}: the kernel supports M <= {MAX_M}, got M={m} (use backend='reference')")
+    check_launchable(x, who)
 
 
 def nm_prune(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -1, seed: int | None = None,
@@ -197,23 +229,11 @@ def nm_prune(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -1, 
 
     The uniforms are ``lowprec.kernels.common.uniforms(seed, nm_noise_shape(x.shape, n, m, method, dim))``.
     """
-    check_float(x, "nm_prune")
-    check_nm(n, m, method)
-    check_nonfinite_mode(nonfinite)
-    if x.dim() == 0:
-        raise ValueError("nm_prune: a 0-d tensor has no dimension to form blocks along")
-    if not -x.dim() <= dim < x.dim():
-        raise ValueError(f"nm_prune: dim={dim} out of range for a {x.dim()}-d tensor")
-    if m > MAX_M:
-        raise ValueError(f"nm_prune: the kernel supports M <= {MAX_M}, got M={m} (use backend='reference')")
-    check_launchable(x, "nm_prune")
+    _check_args(x, n, m, method, dim, nonfinite, "nm_prune")
     if x.numel() == 0 or n == m:
         return x.clone()
     xc = x.detach().contiguous()
-    d = dim % x.dim()
-    outer, length, inner = math.prod(x.shape[:d]), x.shape[d], math.prod(x.shape[d + 1:])
-    nblocks = triton.cdiv(length, m)
-    total = outer * nblocks * inner
+    _, length, inner, nblocks, total = _layout(x, m, dim)
     out = torch.empty_like(xc)
     flag = torch.zeros(1, dtype=torch.int32, device=x.device)
     k = nm_noise_shape(x.shape, n, m, method, dim)[-1]
