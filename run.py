@@ -189,7 +189,7 @@ def print_result(s: dict) -> None:
     base = {"self": "this run", "found": f"from the index: {s['baseline_run']}",
             "trained": f"trained first: {s['baseline_run']}"}
     print(f"== {s['model']} on {s['data']}, fwd={s['fwd']} grad={s['grad']}, "
-          f"{s['epochs']}+{s['fnt_epochs']} FNT epochs, seed {s['seed']}")
+          f"{s['epochs']} epochs + {s['fnt_epochs']} FNT, seed {s['seed']}")
     print(f"top-1          {pct(s['final_top1'])}   (best {s['best_top1']:.2f}%)")
     print(f"fp32 baseline  {pct(s['baseline_top1'])}   ({base.get(s['baseline'], 'no baseline')})")
     deg = "n/a" if s["degradation"] is None else f"{s['degradation']:+.2f} points"

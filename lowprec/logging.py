@@ -113,8 +113,9 @@ class WandbLogger(Logger):
         self.run = wandb.init(
             project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags),
             name=name, dir=str(cfg.dir or run_dir), mode=mode, id=run_id, resume="allow",
-            settings=wandb.Settings(init_timeout=60, console="off"),
+            settings=wandb.Settings(init_timeout=60, console="off", silent=True),
         )
+        print(f"logger: W&B {mode} run {self.run.id} in {self.run.dir}", flush=True)
 
     def _safe(self, fn, *args, **kw):
         if self.run is None:

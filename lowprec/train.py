@@ -100,9 +100,9 @@ class SchedConfig:
 class TrainConfig:
     """conf/trainer plus the optimizer and schedule: everything the loop needs besides the
     data, the model and the recipes."""
-    epochs: int = 8
+    epochs: int = 5
     fnt_epochs: int = 0
-    batch_size: int = 64          # global batch (divided over DDP ranks)
+    batch_size: int = 128         # global batch (divided over DDP ranks)
     eval_batch_size: int = 512
     workers: int = 0
     seed: int = 0
@@ -461,8 +461,8 @@ def train(exp: Experiment, datasets=None, *, finalize=None) -> dict[str, Any]:
     if d.main:
         print(report if len(str(report).splitlines()) <= 12 else str(report).splitlines()[0])
         if t.resume:
-            print(f"resume: {'from epoch ' + str(start_epoch) if resumed else 'no checkpoint'}"
-                  f" in {ckpt_path.parent}")
+            print(f"resume: {'from epoch ' + str(start_epoch) if resumed else 'no checkpoint, from scratch'}"
+                  f" in {exp.run_dir}")
 
     logger: Logger = Logger()
     if d.main:

@@ -66,6 +66,14 @@ def test_every_config_file_composes(hydra_conf, group, option):
     assert isinstance(exp.trainer, T.TrainConfig) and exp.grad.name and exp.fwd.name is not None
 
 
+@pytest.mark.parametrize("launcher", ["submitit_slurm", "slurm"])
+def test_submitit_launcher_composes(hydra_conf, launcher):
+    cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    if launcher == "slurm":
+        assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.tasks_per_node == 1
+
+
 def test_default_config_is_the_documented_one(hydra_conf):
     cfg = compose("config", return_hydra_config=True)
     ch = cfg.hydra.runtime.choices
