@@ -1,9 +1,11 @@
 """Triton twins of the lowprec reference estimators (LUQ, N:M pruning, INT quantization).
 
 Importing this package needs neither Triton nor a GPU: the kernel modules
-(:mod:`lowprec.kernels.luq`, :mod:`~lowprec.kernels.nm`, :mod:`~lowprec.kernels.intq`) import Triton
-and are loaded only when a kernel is called (normally through :mod:`lowprec.dispatch`).
-:mod:`lowprec.kernels.packing` (plain torch) holds the reference of the packed 4-bit LUQ format.
+(:mod:`lowprec.kernels.luq`, :mod:`~lowprec.kernels.nm`, :mod:`~lowprec.kernels.intq`,
+:mod:`~lowprec.kernels.fused` (N:M then LUQ)) import Triton and are loaded only when a kernel is
+called (normally through :mod:`lowprec.dispatch`). :mod:`lowprec.kernels.packing` (plain torch) holds
+the reference of the packed 4-bit LUQ format. ``TRITON_INTERPRET=0 python -m lowprec.kernels.aot_check``
+compiles every kernel for sm_90 without a GPU and checks the PTX (IEEE division, no FMA, no spills).
 
 Every kernel does its math in fp32 and mirrors its reference operation for operation, so that given
 the same uniforms the outputs are bit-identical:
@@ -11,7 +13,9 @@ the same uniforms the outputs are bit-identical:
   on NVIDIA GPUs) and kernels are launched with ``enable_fp_fusion=False`` (no ``a*b+c`` -> FMA);
 - ``floor(log2 y)`` and ``2^e`` come from the float's exponent field (bit operations), as
   ``lowprec._common.floor_log2`` / ``torch.ldexp`` do;
-- sums inside an N:M block run left to right over the M columns, like ``lowprec.nm._colsum``.
+- sums inside an N:M block run left to right over the M columns, like ``lowprec.nm._colsum``;
+- fp32 -> bf16 stores round to nearest even with integer ops (``common.cast_out``): the Triton
+  interpreter's own cast truncates, which would break CPU-vs-GPU agreement.
 
 Randomness: a kernel draws ``u = tl.rand(seed, offset)`` with ``offset`` the flat index of the
 uniform in the reference's ``noise=`` layout; ``seed`` comes from torch's generator
