@@ -51,6 +51,8 @@ def uniforms(shape, device, generator: torch.Generator | None, noise: Tensor | N
         if noise.shape != shape:
             raise ValueError(f"{who}: noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
         return noise.to(device=device, dtype=torch.float32)
+    if generator is None:  # (torch.compile(dynamic=True) rejects an explicit generator=None)
+        return torch.rand(shape, device=device, dtype=torch.float32)
     return torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
 
 

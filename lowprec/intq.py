@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import dispatch
 from ._common import check_float
 
 SAWB_COEFFS = {4: (12.1, 12.2)}
@@ -141,7 +142,8 @@ class IntQuant:
         return f"int{self.bits}" + ("_pc" if self.per_channel else "")
 
     def __call__(self, x: Tensor, *, generator=None, state: dict | None = None) -> Tensor:
-        return int_quant(x, self.bits, signed=self.signed, per_channel=self.per_channel, clip_method=self.clip_method)
+        return dispatch.int_quant(x, self.bits, signed=self.signed, per_channel=self.per_channel,
+                                  clip_method=self.clip_method)
 
     def expected_variance(self, x: Tensor) -> Tensor:
         return torch.zeros((), dtype=torch.float64, device=x.device)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import dispatch
 from ._common import check_float, check_nonfinite_mode, floor_log2, nonfinite_guard, uniforms
 
 
@@ -139,12 +140,13 @@ class LUQ:
         return luq_levels(self.bits, self.levels)
 
     def __call__(self, x: Tensor, *, generator=None, state: dict | None = None, noise=None) -> Tensor:
+        # The dispatcher runs the Triton kernel on CUDA tensors and this module's reference elsewhere.
         if self.hindsight is None or state is None:
-            return luq(x, self.bits, levels=self.levels, generator=generator, noise=noise, nonfinite=self.nonfinite)
+            return dispatch.luq(x, self.bits, levels=self.levels, generator=generator, noise=noise,
+                                nonfinite=self.nonfinite)
         m_hat = state.get("m_hat")
-        out = luq(x, self.bits, levels=self.levels, max_abs=m_hat, generator=generator, noise=noise,
-                  nonfinite=self.nonfinite)
-        cur = x.detach().abs().amax().float() if x.numel() else torch.zeros((), device=x.device)
+        out, cur = dispatch.luq(x, self.bits, levels=self.levels, max_abs=m_hat, generator=generator, noise=noise,
+                                nonfinite=self.nonfinite, return_amax=True)
         state["m_hat"] = cur if m_hat is None else (1 - self.hindsight) * cur + self.hindsight * m_hat
         return out
 

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import dispatch
 from ._common import check_float, check_nonfinite_mode, nonfinite_guard, uniforms
 
 METHODS = ("mvue", "mvue_approx", "mse")
@@ -245,8 +246,8 @@ class NMPrune:
         return f"{self.method}{self.n}{self.m}"
 
     def __call__(self, x: Tensor, *, generator=None, state: dict | None = None, noise=None) -> Tensor:
-        return nm_prune(x, self.n, self.m, method=self.method, dim=self.dim, generator=generator,
-                        noise=noise, nonfinite=self.nonfinite)
+        return dispatch.nm_prune(x, self.n, self.m, method=self.method, dim=self.dim, generator=generator,
+                                 noise=noise, nonfinite=self.nonfinite)
 
     def expected_variance(self, x: Tensor) -> Tensor | None:
         return nm_variance(x, self.n, self.m, method=self.method, dim=self.dim)

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from . import dispatch
 from .baselines import FP4RDN, IntSR, Radix4
 from .intq import IntQuant
 from .luq import LUQ
@@ -58,10 +59,19 @@ class Chain:
         return all(s.elementwise for s in self.steps)
 
     def __call__(self, x: Tensor, *, generator=None, state: dict | None = None) -> Tensor:
+        if x.is_cuda and self._fusable:  # one fused kernel, no intermediate tensor
+            nm, q = self.steps
+            return dispatch.nm_luq(x, nm.n, nm.m, method=nm.method, dim=nm.dim, bits=q.bits, levels=q.levels,
+                                   generator=generator, nonfinite=nm.nonfinite)
         for i, s in enumerate(self.steps):
             sub = None if state is None else state.setdefault(i, {})
             x = s(x, generator=generator, state=sub)
         return x
+
+    @property
+    def _fusable(self) -> bool:
+        return (len(self.steps) == 2 and isinstance(self.steps[0], NMPrune) and isinstance(self.steps[1], LUQ)
+                and self.steps[1].hindsight is None and self.steps[0].nonfinite == self.steps[1].nonfinite)
 
     def expected_variance(self, x: Tensor) -> None:
         return None
