@@ -516,13 +516,12 @@ def train(exp: Experiment, datasets=None, *, finalize=None) -> dict[str, Any]:
                 skipped += 1
             else:
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if t.skip_nonfinite and not _grads_finite(core):
-                    skipped += 1
-                else:
+                if _backward(loss, t.skip_nonfinite) and _grads_finite(core, t.skip_nonfinite):
                     opt.step()
                     loss_sum += loss.detach()
                     n_steps += 1
+                else:
+                    skipped += 1
             step += 1
             images += x.shape[0] * d.world
             if t.stats_every and step % t.stats_every == 0:
@@ -538,7 +537,7 @@ def train(exp: Experiment, datasets=None, *, finalize=None) -> dict[str, Any]:
         if bar is not None:
             bar.close()
         epoch_time = time.time() - te
-        train_loss = (loss_sum / max(n_steps, 1)).item()
+        train_loss = (loss_sum / n_steps).item() if n_steps else float("nan")
         if d.world > 1:  # mean over ranks, as the gradient is
             tl = torch.tensor([train_loss], device=dev)
             dist.all_reduce(tl)
@@ -595,7 +594,23 @@ def _finite(loss: torch.Tensor, d: Dist, agree: bool) -> bool:
     return bool(ok.item())
 
 
-def _grads_finite(model: nn.Module) -> bool:
+def _backward(loss: torch.Tensor, skip_nonfinite: bool) -> bool:
+    """loss.backward(); False when an estimator met a non-finite δ and such steps are skipped
+    (the estimators raise ValueError on NaN/Inf input, see lowprec._common.nonfinite_guard).
+    Under DDP the ranks agree on skipping a non-finite loss (_finite); a δ that turns
+    non-finite on one rank only is not coordinated."""
+    try:
+        loss.backward()
+    except ValueError as e:
+        if skip_nonfinite and "NaN/Inf" in str(e):
+            return False
+        raise
+    return True
+
+
+def _grads_finite(model: nn.Module, check: bool) -> bool:
+    if not check:
+        return True
     gs = [p.grad.detach().abs().max() for p in model.parameters() if p.grad is not None]
     return bool(torch.isfinite(torch.stack(gs)).all()) if gs else True
 

@@ -139,6 +139,16 @@ def test_multirun_each_job_finds_its_baseline(tmp_path):
     assert not (tmp_path / "baselines").exists() or not any((tmp_path / "baselines").glob("*/summary.json"))
 
 
+def test_skip_nonfinite_skips_diverged_steps(tmp_path):
+    """lr=1e8 diverges at once: non-finite δ in LUQ (or loss) -> the steps are skipped, the run
+    completes (without the option the estimator's ValueError ends the run: exit 2)."""
+    run_dir = tmp_path / "nf"
+    ok(run_py(tmp_path, *TINY, "grad=luq4", "optim.lr=1e8", "trainer.epochs=2",
+              "trainer.skip_nonfinite=true", "trainer.baseline=skip", f"hydra.run.dir={run_dir}"))
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert 0 < s["skipped_steps"] < s["steps"] == 4
+
+
 @pytest.mark.parametrize("args, needle", [
     (["grad=luq5"], "luq5"),                                         # unknown group option
     (["data=cifar10", "data.root={tmp}/no_such_dir"], "no_such_dir"),  # missing dataset path
