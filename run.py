@@ -64,7 +64,7 @@ def user_error(e: BaseException) -> str | None:
         if isinstance(chain, (ValueError, FileNotFoundError, FloatingPointError)):
             lines = str(chain).strip().splitlines()
             return lines[0] if lines else type(chain).__name__
-        chain = chain.__cause__ or chain.__context__
+        chain = chain.__cause__  # `raise ... from e` (Hydra's InstantiationException does)
     if isinstance(e, (HydraException, OmegaConfBaseException)):
         return str(e).strip().splitlines()[0]
     return None
@@ -78,13 +78,13 @@ def run(cfg: DictConfig) -> float:
     from lowprec.data import build_datasets
 
     hc = HydraConfig.get()
-    d = T.setup_distributed(cfg.trainer.device)
+    exp = T.experiment_from_cfg(cfg, names=dict(hc.runtime.choices), run_dir=hc.runtime.output_dir)
+    d = T.setup_distributed(exp.trainer.device)
     try:
         # Every rank uses rank 0's run dir (their ${now:} may differ by a second).
-        run_dir = T.broadcast(hc.runtime.output_dir, d)
-        if run_dir != hc.runtime.output_dir:
-            _drop_stray_dir(Path(hc.runtime.output_dir))
-        exp = T.experiment_from_cfg(cfg, names=dict(hc.runtime.choices), run_dir=run_dir)
+        own_dir, exp.run_dir = exp.run_dir, T.broadcast(exp.run_dir, d)
+        if own_dir != exp.run_dir:
+            _drop_stray_dir(own_dir)
         datasets = build_datasets(exp.data)  # missing paths fail here, before any training
         baseline, status = find_or_train_baseline(exp, cfg, datasets, d)
         # The fp32/fp32 run holds its key's lock while training: concurrent runs needing it wait.

@@ -320,16 +320,34 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def estimator_state(model: nn.Module) -> dict[str, Any]:
-    """Per-layer estimator state (e.g. LUQ's in-hindsight max) kept by converted layers in
-    `lp_state`, which is not part of state_dict; checkpoints carry it so resume is exact."""
-    return {n: m.lp_state for n, m in model.named_modules() if hasattr(m, "lp_state")}
+# Run-time state of converted layers that is not in state_dict but shapes later steps: the
+# estimators' per-layer state (LUQ's in-hindsight max), and the weight-N:M mask with the forward
+# count that schedules its recomputation. Checkpoints carry it so that resume is exact.
+_LAYER_STATE = ("lp_state", "_lp_nm_calls", "weight_mask")
 
 
-def load_estimator_state(model: nn.Module, states: dict[str, Any]) -> None:
+def layer_state(model: nn.Module) -> dict[str, dict[str, Any]]:
+    return {n: {a: getattr(m, a) for a in _LAYER_STATE if hasattr(m, a)}
+            for n, m in model.named_modules() if hasattr(m, "lp_state")}
+
+
+def load_layer_state(model: nn.Module, states: dict[str, dict[str, Any]]) -> None:
+    """After load_state_dict (which resets the weight mask to be recomputed)."""
     mods = dict(model.named_modules())
     for n, st in states.items():
-        mods[n].lp_state = st
+        dev = next(mods[n].parameters()).device
+        for a, v in st.items():
+            setattr(mods[n], a, _to_device(v, dev))
+
+
+def _to_device(obj, dev):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dev)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, dev) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, dev) for v in obj)
+    return obj
 
 
 def weights_hash(model: nn.Module) -> str:
@@ -448,7 +466,7 @@ def train(exp: Experiment, datasets=None, *, finalize=None) -> dict[str, Any]:
         model.load_state_dict(ck["model"])
         if ck["epoch"] > t.epochs and not exp.grad.identity:  # resumed inside FNT
             set_recipes(model, grad=FNT_GRAD, reset_state=True)
-        load_estimator_state(model, ck["estimator_state"])
+        load_layer_state(model, ck["layer_state"])
         opt.load_state_dict(ck["optimizer"])
         start_epoch, step = ck["epoch"], ck["scheduler"]["step"]
         skipped, best, last, elapsed = ck["skipped"], ck["best_top1"], ck["last"], ck["elapsed"]
@@ -570,7 +588,7 @@ def train(exp: Experiment, datasets=None, *, finalize=None) -> dict[str, Any]:
                     "model": core.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": {"step": step}, "epoch": done, "skipped": skipped,
                     "best_top1": best, "last": last, "rng": rngs,
-                    "estimator_state": estimator_state(core),
+                    "layer_state": layer_state(core),
                     "elapsed": elapsed + time.time() - t0, "key": exp.key, "names": exp.names,
                 }, ckpt_path)
     last, best = broadcast((last, best), d)  # only rank 0 evaluated

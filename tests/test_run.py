@@ -96,8 +96,11 @@ def test_end_to_end_auto_baseline_and_fnt(tmp_path):
 
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     """kill -9 after the first checkpoint, restart with trainer.resume=true: same final weights
-    and top-1 as one uninterrupted run (stochastic LUQ with in-hindsight state in the layers)."""
-    args = [*TINY, "grad=luq4", "grad.backward.hindsight=0.5", "trainer.epochs=4",
+    and top-1 as one uninterrupted run. Stochastic LUQ with in-hindsight state, and N:M weight
+    masks recomputed every 3rd forward (the schedule crosses epoch ends): layer state that is
+    not in state_dict must be in the checkpoint."""
+    args = [*TINY, "grad=luq4", "grad.backward.hindsight=0.5", "convert.weight_nm=[2,4]",
+            "convert.weight_nm_every=3", "trainer.epochs=4",
             "trainer.baseline=skip", "trainer.checkpoint_every=1"]
     ok(run_py(tmp_path, *args, f"hydra.run.dir={tmp_path / 'straight'}"))
     straight = json.loads((tmp_path / "straight/summary.json").read_text())
@@ -154,6 +157,7 @@ def test_skip_nonfinite_skips_diverged_steps(tmp_path):
     (["data=cifar10", "data.root={tmp}/no_such_dir"], "no_such_dir"),  # missing dataset path
     (["grad=mvue24", "grad.update.n=5"], "N must not exceed M"),     # impossible N:M
     (["trainer.baseline=sometimes"], "sometimes"),                   # impossible trainer option
+    (["trainer.baseline=require"], "no fp32/fp32 baseline"),         # empty index
 ])
 def test_bad_input_fails_fast_with_one_line(tmp_path, args, needle):
     t0 = time.time()

@@ -3,8 +3,12 @@ LR schedules, the run index under concurrent writers, checkpoints, and the W&B f
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing as mp
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -204,6 +208,32 @@ def test_find_baseline_matches_all_fields(tmp_path):
     assert len(runs.rows(db)) == 5
     with pytest.raises(ValueError, match="lacks"):
         runs.insert(db, {"run_dir": "x"})
+
+
+def _hold_then_die(path: str, started) -> None:
+    with runs.file_lock(path):
+        started.set()
+        time.sleep(60)  # killed long before
+
+
+def test_baseline_lock_waits_and_survives_a_killed_holder(tmp_path):
+    """The per-key lock that serializes baseline training blocks a second holder, and a holder
+    killed by SIGKILL releases it (no stale lock wedges a sweep)."""
+    path = str(tmp_path / "b.lock")
+    ctx = mp.get_context("fork")
+    started = ctx.Event()
+    holder = ctx.Process(target=_hold_then_die, args=(path, started))
+    holder.start()
+    assert started.wait(30)
+    f = open(path)
+    with pytest.raises(BlockingIOError):
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join(30)
+    t0 = time.time()
+    with runs.file_lock(path):
+        assert time.time() - t0 < 5
+    f.close()
 
 
 # ----------------------------------------------------------------------------- checkpoints, logging
