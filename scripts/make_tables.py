@@ -76,7 +76,7 @@ def mean_std(xs):
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
 
 
-def fmt(m, s, p=2):
+def fmt(m, s, p=2):  # "m ± s"
     if m is None:
         return "—"
     return f"{m:.{p}f}" + (f" ± {s:.{p}f}" if s is not None else "")
@@ -99,7 +99,10 @@ def paper_cell(table: str, scale: str, label: str) -> tuple[str, str]:
     if table.startswith("luq"):
         v = PAPER_LUQ.get((model, method))
         base = PAPER_LUQ.get((model, "fp32"))
-        deg = f"{base - v:+.2f}" if v is not None and base is not None else PAPER_LUQ_CLAIM.get(method, "")
+        if method == "fp32":
+            deg = "baseline"
+        else:
+            deg = f"{base - v:+.2f}" if v is not None and base is not None else PAPER_LUQ_CLAIM.get(method, "")
         return ("—" if v is None else f"{v:.2f} ({model})"), deg
     return "—", PAPER_MVUE_CLAIM.get(method, "")
 
@@ -136,11 +139,21 @@ def table_rows(specs, found):
         deg = [base[sd] - r["final_top1"] for sd, r in by_seed.items() if sd in base]
         own = [r["degradation"] for r in by_seed.values() if r["degradation"] is not None]
         wall = [r["wall_time"] for r in by_seed.values() if r["wall_time"] is not None]
+        lows = [min(c) for c in (_epoch_top1(r) for r in by_seed.values()) if c]
         out.append(dict(spec=s, seeds=sorted(by_seed), top1=mean_std(top1), deg=mean_std(deg),
+                        low=mean_std(lows),
                         own_deg=mean_std(own), wall=mean_std(wall), base=bl,
                         runs=[by_seed[k] for k in sorted(by_seed)],
                         diverged=sum(1 for t in top1 if t is not None and t <= 100 / 10 + 1)))
     return out
+
+
+def _epoch_top1(r) -> list[float]:
+    p = Path(r["run_dir"]) / "metrics.jsonl"
+    if not p.exists():
+        return []
+    recs = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+    return [x["top1"] for x in recs if "epoch" in x and "top1" in x]
 
 
 def commands(idx: str, table: str, scale: str) -> list[dict]:
@@ -155,18 +168,19 @@ def write_md(table, scale, specs, trs, idx, path: Path, overrides=()):
     from reproduce import git_commit
     L = [f"# {table} ({scale} scale)\n", SCALE_NOTE[scale] + "\n"]
     L.append("| row | model / data | fwd | grad | FNT | seeds | top-1 % (mean ± std) | "
-             "degradation vs fp32 (points) | paper top-1 | paper degradation / claim |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|")
+             "degradation vs fp32 (points) | lowest epoch top-1 % | paper top-1 | paper degradation / claim |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for t in trs:
         s = t["spec"]
         ptop, pdeg = paper_cell(table, scale, s.label)
         wnm = f" + {s.weight_nm[0]}:{s.weight_nm[1]} weights" if s.weight_nm else ""
         deg = "0 (baseline)" if t["base"] == s.label else fmt(*t["deg"])
         L.append(f"| {s.label} | {s.model} / {s.data} | {s.fwd} | {s.grad}{wnm} | {s.fnt_epochs} | "
-                 f"{','.join(map(str, t['seeds'])) or 'none'} | {fmt(*t['top1'])} | {deg} | {ptop} | {pdeg} |")
+                 f"{','.join(map(str, t['seeds'])) or 'none'} | {fmt(*t['top1'])} | {deg} | {fmt(t['low'][0], None)} | {ptop} | {pdeg} |")
     L.append("\nDegradation = fp32 top-1 − row top-1 for the same seed (> 0: worse), then mean ± std "
              "over seeds; std is the sample std (n−1), absent with one seed. Final-epoch top-1, "
-             "not best.")
+             "not best. Lowest epoch top-1: the worst end-of-epoch test top-1 during training "
+             "(mean over seeds): an unstable run shows there even when it recovers by the end.")
     fnt = [t for t in trs if t["spec"].fnt_epochs and t["own_deg"][0] is not None]
     for t in fnt:
         L.append(f"\n{t['spec'].label}: the FNT row trains {t['spec'].fnt_epochs} more epoch(s) than "
@@ -209,6 +223,12 @@ def checks(trs) -> list[str]:
         out.append(f"- Biased FP4 vs LUQ: fp4_rdn {d('fp4_rdn'):+.2f} (final top-1 "
                    f"{by['fp4_rdn']['top1'][0]:.2f}), luq4 {d('luq4'):+.2f} → "
                    f"{'fp4_rdn worse, as claimed' if ok else 'NOT shown at this scale'}.")
+    if "fp4_rdn" in by and "luq4" in by and by["fp4_rdn"]["low"][0] is not None:
+        lo, ll, lf = by["fp4_rdn"]["low"][0], by["luq4"]["low"][0], by.get("fp32", {}).get("low", (None,))[0]
+        out.append(f"- Stability: lowest end-of-epoch top-1 fp4_rdn {lo:.2f}, luq4 {ll:.2f}"
+                   + (f", fp32 {lf:.2f}" if lf is not None else "") + " → "
+                   + ("fp4_rdn is unstable during training (it does not diverge to chance here)"
+                      if lo < ll - 5 else "no instability of fp4_rdn visible"))
     if d("radix4") is not None and d("luq4") is not None:
         out.append(f"- Ultra-low radix-4 {d('radix4'):+.2f} vs LUQ {d('luq4'):+.2f} → "
                    f"{'LUQ better, as in the paper' if d('radix4') > d('luq4') else 'NOT shown'}.")
