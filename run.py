@@ -58,9 +58,8 @@ def user_error(e: BaseException) -> str | None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    chain, seen = e, set()
-    while chain is not None and id(chain) not in seen:  # unwrap InstantiationException etc.
-        seen.add(id(chain))
+    chain = e
+    while chain is not None:  # unwrap InstantiationException etc.
         if isinstance(chain, (ValueError, FileNotFoundError, FloatingPointError)):
             lines = str(chain).strip().splitlines()
             return lines[0] if lines else type(chain).__name__
