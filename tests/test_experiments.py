@@ -132,5 +132,5 @@ def test_make_tables_on_a_synthetic_index(tmp_path):
     assert "76.50" in lines["fp32"]  # the paper's ResNet-50 number beside ours
     assert "none" in lines["radix4"]  # a row with no runs is listed, empty
     assert "python run.py -m X" in md and "abc" in md and "Scale." in md
-    assert "fp4_rdn worse, as claimed" in md and "FNT recovers accuracy" in md
+    assert "biased FP4 worse than LUQ (final top-1): shown" in md and "FNT recovers accuracy" in md
     assert (out / "luq_table.png").stat().st_size > 1000
