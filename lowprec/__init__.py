@@ -7,6 +7,7 @@ from .luq import LUQ, luq_levels, luq_variance
 from .nm import NMPrune, nm_noise_shape, nm_variance
 from .recipes import (FWD_NAMES, GRAD_NAMES, Chain, FwdRecipe, GradRecipe, estimator, fwd_recipe, grad_recipe,
                       sample_mean)
+from ._common import NonFiniteError
 from .stats import compare, estimator_stats
 
 # The public functions go through the dispatcher: Triton kernels for CUDA tensors, the plain-PyTorch

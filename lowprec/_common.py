@@ -14,6 +14,10 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 NONFINITE_MODES = ("raise", "skip")
 
 
+class NonFiniteError(ValueError):
+    """An estimator met NaN/Inf in its input (the trainer can skip such steps)."""
+
+
 def check_float(x: Tensor, who: str) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{who}: expected a torch.Tensor, got {type(x).__name__}")
@@ -36,7 +40,7 @@ def nonfinite_guard(x: Tensor, amax: Tensor, mode: str, who: str) -> bool:
         return False
     if mode == "raise":
         bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(
+        raise NonFiniteError(
             f"{who}: input has {bad} NaN/Inf element(s) of {x.numel()}; "
             "a non-finite neural gradient usually means the loss diverged "
             "(lower the LR, or set nonfinite='skip' to zero this gradient and skip the step)"

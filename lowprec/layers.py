@@ -246,7 +246,7 @@ class _QMixin:
         return w.detach()
 
     # ---- backward helpers
-    def _apply(self, est, delta, state, to2d, from2d):
+    def _estimate(self, est, delta, state, to2d, from2d):
         if getattr(est, "elementwise", True):
             return est(delta, state=state)
         return from2d(est(to2d(delta), state=state))
@@ -262,19 +262,19 @@ class _QMixin:
                 return d_b, d_u
             est = g.update
             snap = copy.deepcopy(st["update"]) if (need_u and s > 1) else None
-            first = self._apply(est, delta, st["update"], to2d, from2d)
+            first = self._estimate(est, delta, st["update"], to2d, from2d)
             d_b = first
             if need_u:
                 d_u = first if s == 1 else _accumulate_mean(
-                    first, lambda: self._apply(est, delta, copy.deepcopy(snap), to2d, from2d), s)
+                    first, lambda: self._estimate(est, delta, copy.deepcopy(snap), to2d, from2d), s)
             return d_b, d_u
         if need_b and g.backward is not None:
-            d_b = self._apply(g.backward, delta, st["backward"], to2d, from2d)
+            d_b = self._estimate(g.backward, delta, st["backward"], to2d, from2d)
         if need_u and g.update is not None:
             snap = copy.deepcopy(st["update"]) if s > 1 else None
-            first = self._apply(g.update, delta, st["update"], to2d, from2d)
+            first = self._estimate(g.update, delta, st["update"], to2d, from2d)
             d_u = first if s == 1 else _accumulate_mean(
-                first, lambda: self._apply(g.update, delta, copy.deepcopy(snap), to2d, from2d), s)
+                first, lambda: self._estimate(g.update, delta, copy.deepcopy(snap), to2d, from2d), s)
         return d_b, d_u
 
     def _stats_due(self) -> bool:

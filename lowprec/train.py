@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from . import runs
+from ._common import NonFiniteError
 from .logging import JsonlLogger, Logger, LoggerConfig, MultiLogger, make_wandb
 
 # ----------------------------------------------------------------------------- plain configs
@@ -614,13 +615,13 @@ def _finite(loss: torch.Tensor, d: Dist, agree: bool) -> bool:
 
 def _backward(loss: torch.Tensor, skip_nonfinite: bool) -> bool:
     """loss.backward(); False when an estimator met a non-finite δ and such steps are skipped
-    (the estimators raise ValueError on NaN/Inf input, see lowprec._common.nonfinite_guard).
+    (the estimators raise NonFiniteError, a ValueError, on NaN/Inf input).
     Under DDP the ranks agree on skipping a non-finite loss (_finite); a δ that turns
     non-finite on one rank only is not coordinated."""
     try:
         loss.backward()
-    except ValueError as e:
-        if skip_nonfinite and "NaN/Inf" in str(e):
+    except NonFiniteError:
+        if skip_nonfinite:
             return False
         raise
     return True
