@@ -79,6 +79,15 @@ def mse_clip(x: Tensor, bits: int, *, per_channel: bool = False, signed: bool = 
     return best_c
 
 
+def check_int_quant_args(x: Tensor, bits: int, per_channel: bool, clip_method: str) -> None:
+    check_float(x, "int_quant")
+    _check_bits(bits)
+    if clip_method not in CLIP_METHODS:
+        raise ValueError(f"clip_method={clip_method!r}: expected one of {CLIP_METHODS}")
+    if per_channel and x.dim() < 1:
+        raise ValueError("int_quant: per_channel needs at least one dimension")
+
+
 def int_quant(
     x: Tensor,
     bits: int = 4,
@@ -93,12 +102,7 @@ def int_quant(
     ``signed=None``: unsigned when ``x`` is non-negative, else signed. ``clip`` overrides the clip
     value (scalar, or one per row when ``per_channel``); ``clip_method`` in ``sawb``/``mse``/``max``.
     """
-    check_float(x, "int_quant")
-    _check_bits(bits)
-    if clip_method not in CLIP_METHODS:
-        raise ValueError(f"clip_method={clip_method!r}: expected one of {CLIP_METHODS}")
-    if per_channel and x.dim() < 1:
-        raise ValueError("int_quant: per_channel needs at least one dimension")
+    check_int_quant_args(x, bits, per_channel, clip_method)
     if x.numel() == 0:
         return x.clone()
     r = _rows(x, per_channel)

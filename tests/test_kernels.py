@@ -9,7 +9,6 @@ the reference always runs on the CPU (it is the specification).
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys

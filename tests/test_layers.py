@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import lowprec.stats
 from lowprec.layers import (ConvertReport, QConv2d, QLinear, collect_stats, convert, nm_weight_mask, set_recipes,
                             unconvert)
-from lowprec.recipes import FwdRecipe, GradRecipe, fwd_recipe, grad_recipe
+from lowprec.recipes import GradRecipe, fwd_recipe, grad_recipe
 
 FP32 = GradRecipe("fp32")
 

@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._common import check_float
-from ..intq import CLIP_METHODS, SAWB_COEFFS, _check_bits, _qmax, mse_clip
+from ..intq import SAWB_COEFFS, _check_bits, _qmax, check_int_quant_args, mse_clip
 from .common import LAUNCH_OPTS, block_for, cast_out, check_launchable
 
 GPU_BLOCK = 1024  # untuned (no GPU in the session that wrote this)
@@ -93,12 +93,7 @@ def sawb_clip(x: Tensor, bits: int = 4, *, per_channel: bool = False, signed: bo
 def int_quant(x: Tensor, bits: int = 4, *, signed: bool | None = None, per_channel: bool = False,
               clip: float | Tensor | None = None, clip_method: str = "sawb") -> Tensor:
     """Kernel twin of :func:`lowprec.intq.int_quant` (same arguments and checks)."""
-    check_float(x, "int_quant")
-    _check_bits(bits)
-    if clip_method not in CLIP_METHODS:
-        raise ValueError(f"clip_method={clip_method!r}: expected one of {CLIP_METHODS}")
-    if per_channel and x.dim() < 1:
-        raise ValueError("int_quant: per_channel needs at least one dimension")
+    check_int_quant_args(x, bits, per_channel, clip_method)
     check_launchable(x, "int_quant")
     if x.numel() == 0:
         return x.clone()
