@@ -49,7 +49,19 @@ from .logging import JsonlLogger, Logger, LoggerConfig, MultiLogger, make_wandb
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 BASELINE_MODES = ("auto", "skip", "require")
-FNT_GRAD = "fp32"  # FNT epochs: exact δ; the forward recipe (quantized weights) is kept
+FNT_GRAD = "fp32"  # FNT epochs: exact δ
+
+
+def fnt_fwd(fwd):
+    """FNT (LUQ §FNT): everything in high precision except the weights, still quantized in forward."""
+    return dataclasses.replace(fwd, name=f"{fwd.name}_weights_only", act=None)
+
+
+def enter_fnt(model: nn.Module, exp) -> None:
+    from .layers import set_recipes
+
+    if not (exp.grad.identity and exp.fwd.act is None):
+        set_recipes(model, grad=FNT_GRAD, fwd=fnt_fwd(exp.fwd), reset_state=True)
 
 
 @dataclass(frozen=True)
@@ -465,8 +477,8 @@ def train(exp: Experiment, datasets=None, *, finalize=None) -> dict[str, Any]:
             raise ValueError(f"{ckpt_path} was written by a different configuration "
                              f"({ck['names']}); use another hydra.run.dir or trainer.resume=false")
         model.load_state_dict(ck["model"])
-        if ck["epoch"] > t.epochs and not exp.grad.identity:  # resumed inside FNT
-            set_recipes(model, grad=FNT_GRAD, reset_state=True)
+        if ck["epoch"] > t.epochs:  # resumed inside FNT
+            enter_fnt(model, exp)
         load_layer_state(model, ck["layer_state"])
         opt.load_state_dict(ck["optimizer"])
         start_epoch, step = ck["epoch"], ck["scheduler"]["step"]
@@ -502,9 +514,8 @@ def train(exp: Experiment, datasets=None, *, finalize=None) -> dict[str, Any]:
         if t.max_steps and step >= t.max_steps:
             break
         phase = "train" if epoch < t.epochs else "fnt"
-        if epoch == t.epochs and not exp.grad.identity:
-            # FNT: exact δ from now on; the forward recipe (quantized weights) stays.
-            set_recipes(core, grad=FNT_GRAD, reset_state=True)
+        if epoch == t.epochs:
+            enter_fnt(core, exp)
         sampler.set_epoch(epoch)
         loader = DataLoader(ds.train, batch_size=per_rank, sampler=sampler, num_workers=t.workers,
                             drop_last=drop_last, pin_memory=dev.type == "cuda",

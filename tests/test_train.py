@@ -307,3 +307,10 @@ def test_wandb_offline_writes_under_run_dir(tmp_path, monkeypatch):
     lg.log_summary({"final_top1": 50.0, "grad": "luq4"})
     lg.finish()
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_fnt_keeps_only_the_forward_weight_quantizer():
+    from lowprec import fwd_recipe
+
+    f = T.fnt_fwd(fwd_recipe("int4"))
+    assert f.weight == fwd_recipe("int4").weight and f.act is None
