@@ -129,13 +129,14 @@ class TrainConfig:
     max_steps: int = 0            # stop after this many optimizer steps (smoke tests); 0: off
     limit_batches: int = 0        # at most this many train and eval batches per epoch; 0: off
     skip_nonfinite: bool = False  # skip steps with a non-finite loss/grad instead of failing
+    threads: int = 0              # torch CPU threads (torch.set_num_threads); 0: torch's default
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
 
     def __post_init__(self):
         _choice("trainer.baseline", self.baseline, BASELINE_MODES)
         for k in ("epochs", "fnt_epochs", "workers", "checkpoint_every", "stats_every",
-                  "max_steps", "limit_batches"):
+                  "max_steps", "limit_batches", "threads"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"trainer.{k}={v!r}: expected an integer >= 0")
@@ -440,6 +441,8 @@ def train(exp: Experiment, datasets=None, *, finalize=None) -> dict[str, Any]:
     from .models import build_model
 
     t = exp.trainer
+    if t.threads:
+        torch.set_num_threads(t.threads)
     d = setup_distributed(t.device)
     dev = d.device
     if dev.type == "cuda":
