@@ -22,7 +22,7 @@ Routing rules (one place: `_QMixin._route`):
   dtype itself and runs the GEMMs, estimators and backward GEMMs in that dtype; gradients are
   returned in the dtypes of x, W, b.
 
-Weight N:M masks (`weight_nm=(N, M)`, spec §4.5): magnitude top-N in every block of M consecutive
+Weight N:M masks (`weight_nm=(N, M)`, spec §4.5; transposable by default, see nm_weight_mask): magnitude top-N in every block of M consecutive
 weights along the flattened input-feature dimension (linear: `in_features`; conv: C_in/groups·kh·kw
 in PyTorch's weight layout), recomputed on the first forward and then every `weight_nm_every`-th
 forward in training mode (and on the first forward after `load_state_dict`). The forward and the
@@ -46,6 +46,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -110,10 +112,24 @@ def _name(recipe) -> str:
 # ----------------------------------------------------------------------------- N:M weight masks
 
 
-def nm_weight_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def _transposable_patterns(n: int, m: int) -> torch.Tensor:
+    """Every m×m 0/1 matrix with exactly n ones in each row and each column, as [count, m*m]."""
+    rows = [r for r in itertools.product((0, 1), repeat=m) if sum(r) == n]
+    pats = [p for p in itertools.product(rows, repeat=m) if all(sum(col) == n for col in zip(*p))]
+    return torch.tensor(pats, dtype=torch.float32).reshape(len(pats), m * m)
+
+
+def nm_weight_mask(weight: torch.Tensor, n: int, m: int, transposable: bool = False) -> torch.Tensor:
     """Bool mask, same shape as `weight`: the `n` largest |w| of every block of `m` consecutive
     entries of `weight.reshape(out, -1)` (the input-feature / C_in·kh·kw dimension). A tail shorter
-    than `m` is padded with entries that are never preferred to a real one and then dropped."""
+    than `m` is padded with entries that are never preferred to a real one and then dropped.
+
+    transposable: N:M along both dimensions of `weight.reshape(out, -1)`, so that W (forward GEMM)
+    and Wᵀ (backward GEMM) are both N:M (spec §4.5). Per m×m tile, the pattern with n ones per row
+    and per column that keeps the most |w| (exact: all patterns are scored; 90 for 2:4)."""
+    if transposable:
+        return _transposable_mask(weight, n, m)
     w = weight.detach().reshape(weight.shape[0], -1).abs()
     k = w.shape[1]
     pad = (-k) % m
@@ -125,16 +141,41 @@ def nm_weight_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(w.shape[0], -1)[:, :k].reshape(weight.shape)
 
 
-def _check_nm(weight_nm) -> tuple[int, int] | None:
+def _transposable_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    w = weight.detach().reshape(weight.shape[0], -1).abs().float()
+    rows, cols = w.shape
+    w = F.pad(w, (0, (-cols) % m, 0, (-rows) % m))  # padding is dropped below
+    R, C = w.shape[0] // m, w.shape[1] // m
+    tiles = w.reshape(R, m, C, m).permute(0, 2, 1, 3).reshape(R, C, m * m)
+    pats = _transposable_patterns(n, m).to(w.device)
+    best = (tiles @ pats.t()).argmax(-1)
+    mask = pats[best].reshape(R, C, m, m).permute(0, 2, 1, 3).reshape(R * m, C * m)
+    return mask[:rows, :cols].bool().reshape(weight.shape)
+
+
+def _check_nm(weight_nm, transposable: bool = False) -> tuple[int, int, bool] | None:
+    """(N, M, transposable) from (N, M) or (N, M, transposable)."""
     if weight_nm is None:
         return None
     try:
-        n, m = (int(v) for v in weight_nm)
-    except (TypeError, ValueError):
+        vals = tuple(weight_nm)
+        n, m = int(vals[0]), int(vals[1])
+        if len(vals) == 3:
+            transposable = bool(vals[2])
+        elif len(vals) != 2:
+            raise ValueError
+    except (TypeError, ValueError, IndexError):
         raise ValueError(f"weight_nm must be None or a pair (N, M), got {weight_nm!r}") from None
     if not (0 < n <= m):
         raise ValueError(f"weight_nm=(N, M) needs 0 < N <= M, got {weight_nm!r}")
-    return n, m
+    if transposable and m > 4:
+        raise ValueError(f"transposable weight masks enumerate every M×M pattern and support M <= 4, "
+                         f"got weight_nm={n}:{m}; set weight_nm_transposable=false")
+    return n, m, bool(transposable)
+
+
+def _nm_str(nm) -> str:
+    return "none" if nm is None else f"{nm[0]}:{nm[1]}" + (" transposable" if nm[2] else "")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -212,7 +253,7 @@ class _QMixin:
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", fwd={_name(self.fwd_recipe)}, grad={_name(self.grad_recipe)}"
         if self.weight_nm is not None:
-            s += f", weight_nm={self.weight_nm[0]}:{self.weight_nm[1]}/{self.weight_nm_every}"
+            s += f", weight_nm={_nm_str(self.weight_nm)}/{self.weight_nm_every}"
         if self.stats_every:
             s += f", stats_every={self.stats_every}"
         return s
@@ -486,7 +527,7 @@ class ConvertReport:
     types: dict[str, str] = field(default_factory=dict)
     fwd: str = "fp32"
     grad: str = "fp32"
-    weight_nm: tuple[int, int] | None = None
+    weight_nm: tuple[int, int, bool] | None = None  # (N, M, transposable)
     stats_every: int = 0
 
     @property
@@ -498,8 +539,7 @@ class ConvertReport:
         return len(self.skipped)
 
     def __str__(self) -> str:
-        nm = "none" if self.weight_nm is None else f"{self.weight_nm[0]}:{self.weight_nm[1]}"
-        head = (f"lowprec.convert: fwd={self.fwd} grad={self.grad} weight_nm={nm} "
+        head = (f"lowprec.convert: fwd={self.fwd} grad={self.grad} weight_nm={_nm_str(self.weight_nm)} "
                 f"stats_every={self.stats_every}: {self.num_converted} converted, {self.num_skipped} skipped")
         rows = [(n, self.types.get(n, ""), "converted", "") for n in self.converted]
         rows += [(n, self.types.get(n, ""), "skipped", r) for n, r in self.skipped.items()]
@@ -524,6 +564,7 @@ def convert(
     weight_nm: tuple[int, int] | None = None,
     weight_nm_every: int = 100,
     stats_every: int = 0,
+    weight_nm_transposable: bool = True,
 ) -> ConvertReport:
     """Convert eligible nn.Linear / nn.Conv2d modules of `model` in place; return a report.
 
@@ -532,6 +573,8 @@ def convert(
         in high precision; a list of qualified names skips those (unknown names: ValueError);
         None skips none.
     module_filter_fn(module, fqn) -> bool: convert only where True.
+    weight_nm=(N, M): N:M-sparse weights in forward; weight_nm_transposable (default, spec §4.5)
+        makes the mask N:M along both weight dimensions so the backward GEMM's Wᵀ is N:M too.
     Eligible: nn.Linear / nn.Conv2d and subclasses that do not override forward, not
     parametrized, not lazy, not the out_proj of nn.MultiheadAttention. Other ones are reported as
     skipped with the reason. Converting nothing while a non-identity recipe (or weight_nm) was asked
@@ -540,7 +583,7 @@ def convert(
     """
     fwd_r = _resolve_fwd(fwd)
     grad_r = _resolve_grad(grad)
-    nm = _check_nm(weight_nm)
+    nm = _check_nm(weight_nm, weight_nm_transposable)
     if not isinstance(weight_nm_every, int) or weight_nm_every < 1:
         raise ValueError(f"weight_nm_every must be an int >= 1, got {weight_nm_every!r}")
     if not isinstance(stats_every, int) or stats_every < 0:

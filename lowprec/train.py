@@ -212,14 +212,16 @@ def experiment_from_cfg(cfg, *, names: dict[str, str], run_dir: str | os.PathLik
     trainer = _from_node(TrainConfig, c["trainer"], "trainer", optim=optim, sched=sched)
     logger = _from_node(LoggerConfig, c["logger"], "logger")
     conv = dict(c.get("convert") or {})
-    bad = sorted(set(conv) - {"skip", "weight_nm", "weight_nm_every"})
+    bad = sorted(set(conv) - {"skip", "weight_nm", "weight_nm_every", "weight_nm_transposable"})
     if bad:
-        raise ValueError(f"convert: unknown option {bad[0]!r}; valid: skip, weight_nm, weight_nm_every")
+        raise ValueError(f"convert: unknown option {bad[0]!r}; valid: skip, weight_nm, weight_nm_every, "
+                         "weight_nm_transposable")
     if conv.get("weight_nm") is not None:
         conv["weight_nm"] = tuple(conv["weight_nm"])
     keyed = {"model": c["model"], "data": c["data"], "optim": c["optim"], "sched": c["sched"],
              "trainer": {k: c["trainer"].get(k) for k in _KEY_TRAINER},
-             "weight_nm": [conv.get("weight_nm"), conv.get("weight_nm_every")]}
+             "weight_nm": [conv.get("weight_nm"), conv.get("weight_nm_every")]
+             + ([bool(conv.get("weight_nm_transposable", True))] if conv.get("weight_nm") else [])}
     key = hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return Experiment(
         names={k: str(names.get(k, "?")) for k in ("model", "data", "fwd", "grad")},

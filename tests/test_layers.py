@@ -534,6 +534,30 @@ def test_nm_weight_mask_blocks():
     assert torch.equal(mask.reshape(5, -1)[:, :4], blk >= blk.topk(2, -1).values[:, 1:])
 
 
+def test_transposable_weight_mask_is_nm_both_ways_and_optimal():
+    import itertools
+
+    torch.manual_seed(16)
+    w = torch.randn(10, 3, 3, 3)  # [10, 27]: tails in both dimensions
+    mask = nm_weight_mask(w, 2, 4, transposable=True)
+    w2 = (w * mask).reshape(10, -1)
+    assert _blocks_ok(w2, 2, 4) and _blocks_ok(w2.t(), 2, 4)
+    assert not _blocks_ok(w.reshape(10, -1).t() * nm_weight_mask(w, 2, 4).reshape(10, -1).t(), 2, 4)
+    # Full 4x4 tiles keep exactly 2 per row and column, and the most |w| of any such pattern.
+    tile = w.reshape(10, -1)[:4, :4].abs()
+    kept = mask.reshape(10, -1)[:4, :4]
+    assert bool((kept.sum(0) == 2).all() and (kept.sum(1) == 2).all())
+    best = max(sum(float(tile[i, j]) for i, r in enumerate(rows) for j in r)
+               for rows in itertools.product(itertools.combinations(range(4), 2), repeat=4)
+               if all(sum(j in r for r in rows) == 2 for j in range(4)))
+    assert float((tile * kept).sum()) == pytest.approx(best)
+    with pytest.raises(ValueError, match="M <= 4"):
+        convert(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)), weight_nm=(4, 8))
+    r = convert(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)), weight_nm=(4, 8),
+                weight_nm_transposable=False)
+    assert "4:8" in str(r) and "transposable" not in str(r)
+
+
 @pytest.mark.parametrize("fwd", ["fp32", "int4"])
 def test_weight_nm_used_in_forward_and_backward(fwd):
     torch.manual_seed(14)
