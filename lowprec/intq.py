@@ -147,7 +147,7 @@ class IntQuant:
 
     def __call__(self, x: Tensor, *, generator=None, state: dict | None = None) -> Tensor:
         return dispatch.int_quant(x, self.bits, signed=self.signed, per_channel=self.per_channel,
-                                  clip_method=self.clip_method)
+                                  clip_method=self.clip_method, backend=None)
 
     def expected_variance(self, x: Tensor) -> Tensor:
         return torch.zeros((), dtype=torch.float64, device=x.device)

@@ -140,13 +140,14 @@ class LUQ:
         return luq_levels(self.bits, self.levels)
 
     def __call__(self, x: Tensor, *, generator=None, state: dict | None = None, noise=None) -> Tensor:
-        # The dispatcher runs the Triton kernel on CUDA tensors and this module's reference elsewhere.
+        # The dispatcher runs the Triton kernel on CUDA tensors and this module's reference elsewhere
+        # (backend=None: $LOWPREC_BACKEND may force one).
         if self.hindsight is None or state is None:
             return dispatch.luq(x, self.bits, levels=self.levels, generator=generator, noise=noise,
-                                nonfinite=self.nonfinite)
+                                nonfinite=self.nonfinite, backend=None)
         m_hat = state.get("m_hat")
         out, cur = dispatch.luq(x, self.bits, levels=self.levels, max_abs=m_hat, generator=generator, noise=noise,
-                                nonfinite=self.nonfinite, return_amax=True)
+                                nonfinite=self.nonfinite, return_amax=True, backend=None)
         state["m_hat"] = cur if m_hat is None else (1 - self.hindsight) * cur + self.hindsight * m_hat
         return out
 

@@ -247,7 +247,7 @@ class NMPrune:
 
     def __call__(self, x: Tensor, *, generator=None, state: dict | None = None, noise=None) -> Tensor:
         return dispatch.nm_prune(x, self.n, self.m, method=self.method, dim=self.dim, generator=generator,
-                                 noise=noise, nonfinite=self.nonfinite)
+                                 noise=noise, nonfinite=self.nonfinite, backend=None)
 
     def expected_variance(self, x: Tensor) -> Tensor | None:
         return nm_variance(x, self.n, self.m, method=self.method, dim=self.dim)

@@ -61,7 +61,7 @@ class Chain:
         if x.is_cuda and self._fusable:  # one fused kernel, no intermediate tensor
             nm, q = self.steps
             return dispatch.nm_luq(x, nm.n, nm.m, method=nm.method, dim=nm.dim, bits=q.bits, levels=q.levels,
-                                   generator=generator, nonfinite=nm.nonfinite)
+                                   generator=generator, nonfinite=nm.nonfinite, backend=None)
         for i, s in enumerate(self.steps):
             sub = None if state is None else state.setdefault(i, {})
             x = s(x, generator=generator, state=sub)
