@@ -196,5 +196,36 @@ def print_result(s: dict) -> None:
     print(f"run dir        {s['run_dir']}", flush=True)
 
 
+# Config groups whose options are files under conf/<group>/ (Hydra's own groups are left to Hydra).
+_OUR_GROUPS = ("model", "data", "fwd", "grad", "optim", "sched", "trainer", "logger", "experiment")
+
+
+def check_group_options(argv: list[str], conf: Path = Path(__file__).resolve().parent / "conf") -> str | None:
+    """One line naming an unknown `group=option` on the command line (with the valid options and
+    the closest match), or None. Hydra would also refuse it, but in a dozen lines."""
+    import difflib
+
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.lstrip("+~").split("=", 1)
+        if key not in _OUR_GROUPS or any(c in value for c in "()[]{}$*"):
+            continue  # a field override (grad.update.n=5), or Hydra sweep syntax: Hydra checks it
+        valid = sorted(str(p.relative_to(conf / key))[:-5] for p in (conf / key).rglob("*.yaml")
+                       if not p.name.startswith("_"))
+        for v in value.split(","):
+            if v in ("null", "") or v in valid:
+                continue
+            close = difflib.get_close_matches(v, valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            shown = ", ".join(valid) if len(valid) <= 20 else ", ".join(valid[:20]) + ", ..."
+            return f"unknown {key} option {v!r}{hint}; valid: {shown}"
+    return None
+
+
 if __name__ == "__main__":
+    bad = check_group_options(sys.argv[1:])
+    if bad:
+        print(f"error: {bad}", file=sys.stderr, flush=True)
+        sys.exit(2)
     main()
