@@ -344,26 +344,35 @@ class _QMixin:
 # ----------------------------------------------------------------------------- linear
 
 
+def _save(ctx, layer, a, w, x, weight, bias) -> None:
+    """Keep what the backward GEMMs must see: the quantized (and masked) a and W."""
+    ctx.save_for_backward(a, w)
+    ctx.layer = layer
+    ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+
+
+def _unsave(ctx, grad_out):
+    """(a, W, layer, δ in the operands' dtype, need grad-input, need grad-weight, need grad-bias)."""
+    a, w = ctx.saved_tensors
+    delta = grad_out if grad_out.dtype == a.dtype else grad_out.to(a.dtype)
+    return (a, w, ctx.layer, delta, *ctx.needs_input_grad[:3])
+
+
 class _QLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layer, mask):
         a, w, b, cast = _prep_forward(layer, x, weight, bias, mask)
         with _no_autocast(x, cast):
             z = F.linear(a, w, b)
-        ctx.save_for_backward(a, w)
-        ctx.layer = layer
-        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        _save(ctx, layer, a, w, x, weight, bias)
         return z
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        a, w = ctx.saved_tensors
-        layer: _QMixin = ctx.layer
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        a, w, layer, delta, need_x, need_w, need_b = _unsave(ctx, grad_out)
         need_u = need_w or need_b
         out, inp = w.shape
-        delta = grad_out if grad_out.dtype == a.dtype else grad_out.to(a.dtype)
         shape = delta.shape
 
         def to2d(t):
@@ -413,20 +422,15 @@ class _QConv2dFn(torch.autograd.Function):
         a, w, b, cast = _prep_forward(layer, x, weight, bias, mask)
         with _no_autocast(x, cast):
             z = F.conv2d(a, w, b, stride, padding, dilation, groups)
-        ctx.save_for_backward(a, w)
-        ctx.layer = layer
+        _save(ctx, layer, a, w, x, weight, bias)
         ctx.conv = (list(stride), list(padding), list(dilation), False, [0, 0], groups)
-        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return z
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        a, w = ctx.saved_tensors
-        layer: _QMixin = ctx.layer
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        a, w, layer, delta, need_x, need_w, need_b = _unsave(ctx, grad_out)
         need_u = need_w or need_b
-        delta = grad_out if grad_out.dtype == a.dtype else grad_out.to(a.dtype)
         n, c, h, wd_ = delta.shape
 
         def to2d(t):

@@ -48,10 +48,14 @@ def test_every_model_converts_and_steps(path, fwd, grad):
 
 @pytest.mark.parametrize("grad", lp.GRAD_NAMES)
 def test_every_estimator_in_a_model(grad):
+    ref = step_grads(tiny("resnet20"))
     model = tiny("resnet20")
-    lp.convert(model, grad=grad)
+    report = lp.convert(model, grad=grad)
     g = step_grads(model)
     assert all(torch.isfinite(v).all() for v in g.values())
+    # fp32 reproduces nn exactly; every other recipe changes some converted layer's weight gradient.
+    changed = [k for k in (n + ".weight" for n in report.converted) if not torch.equal(g[k], ref[k])]
+    assert (changed == []) == (grad == "fp32"), changed
 
 
 @pytest.mark.parametrize("fwd,grad", [("fp32", "luq4"), ("fp32", "mvue24"), ("fp32", "mvue24_approx"),
