@@ -18,6 +18,8 @@ normalized per channel.
   ``cifar-100-python/``.
 - imagenet: ``torchvision.datasets.ImageFolder`` on ``root/train`` and ``root/val`` (one folder per
   class in each; val must have the same classes).
+- shakespeare_char / text: character-level LM windows, ``lowprec.text_data`` (a ``TextDataSpec``;
+  ``Datasets.task == "lm"``, ``num_classes`` = vocabulary size, ``image_size`` = window length T).
 
 ``augment`` (random crop + horizontal flip, train split only) applies to cifar/imagenet; it is off
 for digits/fashion_mnist (asking for it there is an error, not a silent no-op).
@@ -41,8 +43,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from .text_data import TEXT_DATASETS, TextDataSpec, build_text, check_text_spec
+
 __all__ = [
     "DATASET_NAMES",
+    "TEXT_DATASETS",
+    "TextDataSpec",
     "DataSpec",
     "Datasets",
     "build_datasets",
@@ -142,6 +148,9 @@ class Datasets:
     num_classes: int
     in_channels: int
     image_size: int
+    # "classify": (image, label) items; "lm" (text_data): (x, y) int64 [T] windows, y = x shifted by
+    # one, num_classes = vocabulary size, image_size = T, in_channels = 1
+    task: str = "classify"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,6 +160,8 @@ def check_spec(spec: DataSpec) -> None:
     """Raise FileNotFoundError (one line: the path and what was expected) if ``spec``'s files are
     not where they should be. Looks only at paths, never reads the data: milliseconds."""
     if not isinstance(spec, DataSpec):
+        if isinstance(spec, TextDataSpec):
+            return check_text_spec(spec)
         raise ValueError(f"check_spec expects a DataSpec, got {type(spec).__name__}")
     name, root = spec.name, spec.root
     if name == "digits":
@@ -315,6 +326,10 @@ def _imagenet(spec: DataSpec) -> tuple[Dataset, Dataset, int]:
 def build_datasets(spec: DataSpec) -> Datasets:
     """Load ``spec``'s train and test sets (paths are checked first, see ``check_spec``)."""
     check_spec(spec)
+    if isinstance(spec, TextDataSpec):
+        t = build_text(spec)
+        return Datasets(train=t.train, test=t.test, num_classes=len(t.vocab), in_channels=1,
+                        image_size=t.block_size, task="lm")
     if spec.name == "digits":
         train, test = _digits(spec)
     elif spec.name == "fashion_mnist":
