@@ -18,6 +18,8 @@ Sources and their kwargs:
 - ``timm``: ``timm.create_model(name, pretrained=False, num_classes=, in_chans=, img_size=, **kwargs)``
   (``img_size`` only for models that take it, e.g. ViTs); e.g. kwargs ``patch_size: 4`` for 32x32
   inputs. Never touches the network.
+- ``lm``: ``chargpt``, the character-level decoder of ``lowprec.chargpt`` (for a data task "lm":
+  ``num_classes`` = vocabulary size, ``image_size`` = window length); kwargs ``CHARGPT_DEFAULTS``.
 
 Wrong names, sources or kwargs raise ValueError naming the value and the allowed set.
 torchvision and timm are imported only when such a model is built.
@@ -32,9 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .chargpt import build_lm, check_lm_kwargs
+
 __all__ = ["MODEL_SOURCES", "CIFAR_RESNETS", "TORCHVISION_MODELS", "ModelSpec", "build_model", "CifarResNet"]
 
-MODEL_SOURCES = ("cifar", "torchvision", "timm")
+MODEL_SOURCES = ("cifar", "torchvision", "timm", "lm")  # lm: lowprec.chargpt (data task "lm")
 CIFAR_RESNETS = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9, "resnet110": 18}  # blocks/stage
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2")
 _CIFAR_KWARGS = ("width", "shortcut")
@@ -72,6 +76,8 @@ class ModelSpec:
             raise ValueError(f"ModelSpec.kwargs={self.kwargs!r} must be a mapping of str to values")
         kwargs = dict(kwargs)
         object.__setattr__(self, "kwargs", kwargs)
+        if self.source == "lm":
+            return check_lm_kwargs(self.name, kwargs)
 
         if self.source == "cifar":
             if self.name not in CIFAR_RESNETS:
@@ -229,6 +235,8 @@ def build_model(spec: ModelSpec, *, num_classes: int, in_channels: int, image_si
     for k, v in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"build_model: {k}={v!r} must be a positive int")
+    if spec.source == "lm":  # num_classes = vocabulary size, image_size = window length
+        return build_lm(spec.name, spec.kwargs, vocab_size=num_classes, seq_len=image_size)
     if spec.source == "cifar":
         kw = spec.kwargs
         return CifarResNet(6 * CIFAR_RESNETS[spec.name] + 2, num_classes=num_classes, in_channels=in_channels,
