@@ -1,12 +1,13 @@
 """lowprec: train networks with 4-bit (LUQ) and N:M-sparse (MVUE) neural gradients."""
 
 from . import dispatch
-from .baselines import FP4RDN, IntSR, Radix4, fp4_rdn, int_sr, radix4
-from .intq import IntQuant, mse_clip, sawb_clip
-from .luq import LUQ, luq_levels, luq_variance
-from .nm import NMPrune, nm_noise_shape, nm_variance
-from .recipes import (FWD_NAMES, GRAD_NAMES, Chain, FwdRecipe, GradRecipe, estimator, fwd_recipe, grad_recipe,
-                      sample_mean)
+from .baselines import fp4_rdn, int_sr, radix4
+from .estimators import (LUQ, SMP, Chain, Estimator, FP4RDN, IntQuant, IntSR, NMPrune, Radix4,
+                         sample_mean)
+from .intq import mse_clip, sawb_clip
+from .luq import luq_levels, luq_variance
+from .nm import nm_noise_shape, nm_variance
+from .recipes import FWD_NAMES, GRAD_NAMES, FwdRecipe, GradRecipe, estimator, fwd_recipe, grad_recipe
 from ._common import NonFiniteError
 from .stats import compare, estimator_stats
 

@@ -14,8 +14,6 @@ Exponents come from ``frexp`` (exact), as in :mod:`lowprec.luq`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
@@ -95,68 +93,3 @@ def int_sr_variance(x: Tensor, bits: int = 4) -> Tensor:
     f = a / s - torch.floor(a / s)
     return (f * (1 - f) * s * s).sum()
 
-
-@dataclass(frozen=True)
-class Radix4:
-    levels: int = 7
-    nonfinite: str = "raise"
-
-    def __post_init__(self):
-        if isinstance(self.levels, bool) or not isinstance(self.levels, int) or self.levels < 1:
-            raise ValueError(f"levels={self.levels!r}: expected a positive integer")
-        check_nonfinite_mode(self.nonfinite)
-
-    name = "radix4"
-    unbiased = False
-    elementwise = True
-
-    def __call__(self, x: Tensor, *, generator=None, state=None) -> Tensor:
-        return radix4(x, levels=self.levels, nonfinite=self.nonfinite)
-
-    def expected_variance(self, x: Tensor) -> Tensor:
-        return torch.zeros((), dtype=torch.float64, device=x.device)
-
-
-@dataclass(frozen=True)
-class FP4RDN:
-    bits: int = 4
-    levels: int | None = None
-    nonfinite: str = "raise"
-
-    def __post_init__(self):
-        luq_levels(self.bits, self.levels)
-        check_nonfinite_mode(self.nonfinite)
-
-    name = "fp4_rdn"
-    unbiased = False
-    elementwise = True
-
-    def __call__(self, x: Tensor, *, generator=None, state=None) -> Tensor:
-        return fp4_rdn(x, self.bits, levels=self.levels, nonfinite=self.nonfinite)
-
-    def expected_variance(self, x: Tensor) -> Tensor:
-        return torch.zeros((), dtype=torch.float64, device=x.device)
-
-
-@dataclass(frozen=True)
-class IntSR:
-    bits: int = 4
-    nonfinite: str = "raise"
-
-    def __post_init__(self):
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits < 2:
-            raise ValueError(f"bits={self.bits!r}: INT quantization needs an integer bit-width >= 2")
-        check_nonfinite_mode(self.nonfinite)
-
-    unbiased = True
-    elementwise = True
-
-    @property
-    def name(self) -> str:
-        return f"int{self.bits}_sr"
-
-    def __call__(self, x: Tensor, *, generator=None, state=None, noise=None) -> Tensor:
-        return int_sr(x, self.bits, generator=generator, noise=noise, nonfinite=self.nonfinite)
-
-    def expected_variance(self, x: Tensor) -> Tensor:
-        return int_sr_variance(x, self.bits)

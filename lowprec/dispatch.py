@@ -13,7 +13,9 @@ Kernel randomness: one seed per call from ``generator`` (None: torch's global RN
 ``torch.rand`` draws (same distribution). Given the kernel's uniforms
 (``lowprec.kernels.common.uniforms``) as ``noise=``, the reference reproduces the kernel exactly.
 
-Importing this module imports neither Triton nor the estimator modules (they may import it).
+Layering: the references are imported here at the top; the Triton kernel modules only inside the
+functions that call them, so importing this module never imports Triton. The callers are the
+estimator classes in :mod:`lowprec.estimators` (and tests and benchmarks that force a backend).
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ import os
 import torch
 from torch import Tensor
 
+from .intq import int_quant as int_quant_reference
 from .kernels import interpreter_enabled, triton_available
+from .luq import luq as luq_reference
+from .luq import luq_levels, luq_scale
+from .nm import check_nm
+from .nm import nm_prune as nm_prune_reference
+from .packing import MAX_PACKED_LEVELS, luq_pack_reference, luq_unpack_reference
 
 BACKENDS = ("auto", "reference", "triton")
 ENV_VAR = "LOWPREC_BACKEND"
@@ -70,8 +78,6 @@ def luq(x: Tensor, bits: int = 4, *, levels: int | None = None, max_abs=None,
     ``return_amax=True`` also returns the current ``max|x|`` (fp32 0-d), what the in-hindsight
     estimate needs for its next step: with ``max_abs`` given, the kernel does both in one pass.
     """
-    from .luq import luq as ref, luq_levels
-
     L = luq_levels(bits, levels)
     why = "noise= was given (the kernel draws its own uniforms)" if noise is not None else (
         f"the kernel supports at most 127 levels, got {L}" if L > 127 else None)
@@ -79,7 +85,8 @@ def luq(x: Tensor, bits: int = 4, *, levels: int | None = None, max_abs=None,
         from .kernels import luq as k
         return k.luq(x, bits, levels=levels, max_abs=max_abs, generator=generator, nonfinite=nonfinite,
                      return_amax=return_amax)
-    out = ref(x, bits, levels=levels, max_abs=max_abs, generator=generator, noise=noise, nonfinite=nonfinite)
+    out = luq_reference(x, bits, levels=levels, max_abs=max_abs, generator=generator, noise=noise,
+                        nonfinite=nonfinite)
     if not return_amax:
         return out
     cur = x.detach().abs().amax().float() if x.numel() else torch.zeros((), device=x.device)
@@ -90,10 +97,7 @@ def luq_pack(x: Tensor, bits: int = 4, *, levels: int | None = None, max_abs=Non
              generator: torch.Generator | None = None, noise: Tensor | None = None, nonfinite: str = "raise",
              backend: str | None = "auto") -> tuple[Tensor, Tensor]:
     """LUQ to the packed 4-bit format ``(codes uint8[ceil(numel/2)], alpha fp32 0-d)``
-    (see :mod:`lowprec.kernels.packing`)."""
-    from .kernels.packing import MAX_PACKED_LEVELS, luq_pack_reference
-    from .luq import luq as ref, luq_levels, luq_scale
-
+    (see :mod:`lowprec.packing`)."""
     L = luq_levels(bits, levels)
     if L > MAX_PACKED_LEVELS:
         raise ValueError(f"luq_pack: {L} levels + zero + sign do not fit a 4-bit code (at most {MAX_PACKED_LEVELS})")
@@ -101,7 +105,8 @@ def luq_pack(x: Tensor, bits: int = 4, *, levels: int | None = None, max_abs=Non
     if resolve(x, backend, who="luq_pack", unsupported=why) == "triton":
         from .kernels import luq as k
         return k.luq_pack(x, bits, levels=levels, max_abs=max_abs, generator=generator, nonfinite=nonfinite)
-    q = ref(x.float(), bits, levels=levels, max_abs=max_abs, generator=generator, noise=noise, nonfinite=nonfinite)
+    q = luq_reference(x.float(), bits, levels=levels, max_abs=max_abs, generator=generator, noise=noise,
+                      nonfinite=nonfinite)
     if max_abs is None:
         max_abs = x.detach().abs().amax().float() if x.numel() else 0.0
     _, alpha = luq_scale(x, bits, levels=L, max_abs=max_abs)
@@ -115,7 +120,6 @@ def luq_unpack(codes: Tensor, alpha, shape, dtype: torch.dtype = torch.float32,
     if resolve(probe, backend, who="luq_unpack") == "triton":
         from .kernels import luq as k
         return k.luq_unpack(codes, alpha, shape, dtype)
-    from .kernels.packing import luq_unpack_reference
     return luq_unpack_reference(codes, alpha, shape, dtype)
 
 
@@ -123,15 +127,13 @@ def nm_prune(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -1,
              generator: torch.Generator | None = None, noise: Tensor | None = None, nonfinite: str = "raise",
              backend: str | None = "auto") -> Tensor:
     """:func:`lowprec.nm.nm_prune` through the chosen backend."""
-    from .nm import check_nm, nm_prune as ref
-
     check_nm(n, m, method)
     why = "noise= was given (the kernel draws its own uniforms)" if noise is not None else (
         f"the kernel supports M <= 8, got M={m}" if m > 8 else None)
     if resolve(x, backend, who="nm_prune", unsupported=why) == "triton":
         from .kernels import nm as k
         return k.nm_prune(x, n, m, method=method, dim=dim, generator=generator, nonfinite=nonfinite)
-    return ref(x, n, m, method=method, dim=dim, generator=generator, noise=noise, nonfinite=nonfinite)
+    return nm_prune_reference(x, n, m, method=method, dim=dim, generator=generator, noise=noise, nonfinite=nonfinite)
 
 
 def int_quant(x: Tensor, bits: int = 4, *, signed: bool | None = None, per_channel: bool = False,
@@ -141,12 +143,20 @@ def int_quant(x: Tensor, bits: int = 4, *, signed: bool | None = None, per_chann
     With ``clip`` given the two backends agree bit for bit; a SAWB clip computed by the kernel's
     reduction differs from the reference's in the last bits (summation order).
     """
-    from .intq import int_quant as ref
-
     if resolve(x, backend, who="int_quant") == "triton":
         from .kernels import intq as k
         return k.int_quant(x, bits, signed=signed, per_channel=per_channel, clip=clip, clip_method=clip_method)
-    return ref(x, bits, signed=signed, per_channel=per_channel, clip=clip, clip_method=clip_method)
+    return int_quant_reference(x, bits, signed=signed, per_channel=per_channel, clip=clip, clip_method=clip_method)
+
+
+def fuses_nm_luq(x: Tensor) -> bool:
+    """Whether N:M-then-LUQ on ``x`` should take :func:`nm_luq` (one fused pass) rather than the two steps.
+
+    CUDA tensors only: there the fused kernel saves a full read and write of δ. Elsewhere the two
+    steps run one after the other, each through its own backend choice (so ``LOWPREC_BACKEND=triton``
+    under the interpreter exercises the separate kernels).
+    """
+    return x.is_cuda
 
 
 def nm_luq(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -1, bits: int = 4,
@@ -154,9 +164,6 @@ def nm_luq(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -1, bi
            backend: str | None = "auto") -> Tensor:
     """N:M prune then LUQ (the ``mvue24_luq4`` composite): ``luq(nm_prune(x, ...), ...)``, one fused kernel
     (two passes over x, no intermediate tensor) on the Triton backend."""
-    from .luq import luq as ref_luq, luq_levels
-    from .nm import check_nm, nm_prune as ref_nm
-
     check_nm(n, m, method)
     L = luq_levels(bits, levels)
     why = f"the kernel supports M <= 8, got M={m}" if m > 8 else (
@@ -165,5 +172,5 @@ def nm_luq(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -1, bi
         from .kernels import fused as k
         return k.nm_luq(x, n, m, method=method, dim=dim, bits=bits, levels=levels, generator=generator,
                         nonfinite=nonfinite)
-    y = ref_nm(x, n, m, method=method, dim=dim, generator=generator, nonfinite=nonfinite)
-    return ref_luq(y, bits, levels=levels, generator=generator, nonfinite=nonfinite)
+    y = nm_prune_reference(x, n, m, method=method, dim=dim, generator=generator, nonfinite=nonfinite)
+    return luq_reference(y, bits, levels=levels, generator=generator, nonfinite=nonfinite)

@@ -16,23 +16,22 @@ reproduce it exactly; ties have probability zero).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from . import dispatch
 from ._common import check_float
 
 SAWB_COEFFS = {4: (12.1, 12.2)}
 CLIP_METHODS = ("sawb", "mse", "max")
 
 
-def _qmax(bits: int, signed: bool) -> int:
+def int_qmax(bits: int, signed: bool) -> int:
+    """Largest grid index: ``2^(b-1)-1`` signed, ``2^b-1`` unsigned."""
     return 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
 
 
-def _check_bits(bits) -> None:
+def check_bits(bits) -> None:
+    """ValueError unless ``bits`` is an integer bit-width in [2, 16]."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
         raise ValueError(f"bits={bits!r}: INT quantization needs an integer bit-width in [2, 16]")
 
@@ -47,7 +46,7 @@ def _round_clamp(y: Tensor, qmax: int, signed: bool) -> Tensor:
 
 def sawb_clip(x: Tensor, bits: int = 4, *, per_channel: bool = False, signed: bool = True) -> Tensor:
     """Clip value(s): SAWB where coefficients exist, else the MSE-optimal clip. Shape [rows, 1]."""
-    _check_bits(bits)
+    check_bits(bits)
     r = _rows(x, per_channel)
     amax = r.abs().amax(1, keepdim=True)
     if bits not in SAWB_COEFFS:
@@ -68,7 +67,7 @@ def mse_clip(x: Tensor, bits: int, *, per_channel: bool = False, signed: bool = 
     if r.shape[1] > max_samples:
         r = r[:, :: -(-r.shape[1] // max_samples)]
     amax = r.abs().amax(1, keepdim=True)
-    qmax = _qmax(bits, signed)
+    qmax = int_qmax(bits, signed)
     best_c, best_err = amax.clone(), torch.full_like(amax, float("inf"))
     for t in torch.linspace(1.0 / grid, 1.0, grid).tolist():
         c = amax * t
@@ -81,7 +80,7 @@ def mse_clip(x: Tensor, bits: int, *, per_channel: bool = False, signed: bool = 
 
 def check_int_quant_args(x: Tensor, bits: int, per_channel: bool, clip_method: str) -> None:
     check_float(x, "int_quant")
-    _check_bits(bits)
+    check_bits(bits)
     if clip_method not in CLIP_METHODS:
         raise ValueError(f"clip_method={clip_method!r}: expected one of {CLIP_METHODS}")
     if per_channel and x.dim() < 1:
@@ -110,7 +109,7 @@ def int_quant(
         raise ValueError("int_quant: input has NaN/Inf elements")
     if signed is None:
         signed = not bool(r.min() >= 0)
-    qmax = _qmax(bits, signed)
+    qmax = int_qmax(bits, signed)
     if clip is not None:
         c = torch.as_tensor(clip, dtype=torch.float32, device=x.device).reshape(-1, 1)
     elif clip_method == "max":
@@ -123,31 +122,3 @@ def int_quant(
     q = _round_clamp(r / s, qmax, signed) * s
     return q.reshape(x.shape).to(x.dtype)
 
-
-@dataclass(frozen=True)
-class IntQuant:
-    """Callable forward INT quantizer (see :func:`int_quant`); deterministic."""
-
-    bits: int = 4
-    signed: bool | None = None
-    per_channel: bool = False
-    clip_method: str = "sawb"
-
-    def __post_init__(self):
-        _check_bits(self.bits)
-        if self.clip_method not in CLIP_METHODS:
-            raise ValueError(f"clip_method={self.clip_method!r}: expected one of {CLIP_METHODS}")
-
-    unbiased = False
-    elementwise = True
-
-    @property
-    def name(self) -> str:
-        return f"int{self.bits}" + ("_pc" if self.per_channel else "")
-
-    def __call__(self, x: Tensor, *, generator=None, state: dict | None = None) -> Tensor:
-        return dispatch.int_quant(x, self.bits, signed=self.signed, per_channel=self.per_channel,
-                                  clip_method=self.clip_method, backend=None)
-
-    def expected_variance(self, x: Tensor) -> Tensor:
-        return torch.zeros((), dtype=torch.float64, device=x.device)

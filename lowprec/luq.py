@@ -20,12 +20,9 @@ exponent field (``frexp``), never from ``log2``, which may differ in the last ul
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from . import dispatch
 from ._common import check_float, check_nonfinite_mode, floor_log2, nonfinite_guard, uniforms
 
 
@@ -108,48 +105,3 @@ def luq_variance(x: Tensor, bits: int = 4, *, levels: int | None = None) -> Tens
     below = a * (alpha - a)
     return torch.where(y < 1.0, below, inside).sum()
 
-
-@dataclass(frozen=True)
-class LUQ:
-    """Callable LUQ configuration (see :func:`luq`).
-
-    ``hindsight``: η of the in-hindsight max ``m̂_t = (1-η)·max|δ_{t-1}| + η·m̂_{t-1}``, kept in the
-    caller's per-layer ``state`` dict; None uses the exact max of the current tensor.
-    """
-
-    bits: int = 4
-    levels: int | None = None
-    hindsight: float | None = None
-    nonfinite: str = "raise"
-
-    def __post_init__(self):
-        luq_levels(self.bits, self.levels)
-        check_nonfinite_mode(self.nonfinite)
-        if self.hindsight is not None and not (0.0 <= float(self.hindsight) < 1.0):
-            raise ValueError(f"hindsight={self.hindsight!r}: expected η in [0, 1) or None")
-
-    unbiased = True
-    elementwise = True
-
-    @property
-    def name(self) -> str:
-        return f"luq{self.bits}" + ("" if self.levels is None else f"_L{self.levels}")
-
-    @property
-    def num_levels(self) -> int:
-        return luq_levels(self.bits, self.levels)
-
-    def __call__(self, x: Tensor, *, generator=None, state: dict | None = None, noise=None) -> Tensor:
-        # The dispatcher runs the Triton kernel on CUDA tensors and this module's reference elsewhere
-        # (backend=None: $LOWPREC_BACKEND may force one).
-        if self.hindsight is None or state is None:
-            return dispatch.luq(x, self.bits, levels=self.levels, generator=generator, noise=noise,
-                                nonfinite=self.nonfinite, backend=None)
-        m_hat = state.get("m_hat")
-        out, cur = dispatch.luq(x, self.bits, levels=self.levels, max_abs=m_hat, generator=generator, noise=noise,
-                                nonfinite=self.nonfinite, return_amax=True, backend=None)
-        state["m_hat"] = cur if m_hat is None else (1 - self.hindsight) * cur + self.hindsight * m_hat
-        return out
-
-    def expected_variance(self, x: Tensor) -> Tensor | None:
-        return None if self.hindsight is not None else luq_variance(x, self.bits, levels=self.levels)

@@ -28,13 +28,10 @@ kernel doing the same additions reproduces the reference bit for bit given the s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import dispatch
 from ._common import check_float, check_nonfinite_mode, nonfinite_guard, uniforms
 
 METHODS = ("mvue", "mvue_approx", "mse")
@@ -214,40 +211,3 @@ def nm_variance(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -
     var = torch.where((a > 0).sum(-1, keepdim=True) <= n, torch.zeros_like(var), var)
     return var.sum()
 
-
-@dataclass(frozen=True)
-class NMPrune:
-    """Callable N:M configuration (see :func:`nm_prune`).
-
-    Inside a layer δ is presented as a ``[C_out, tokens]`` matrix: ``dim=-1`` (default) puts the
-    blocks along tokens, the update GEMM's reduction dimension; ``dim=0`` along output channels.
-    """
-
-    n: int = 2
-    m: int = 4
-    method: str = "mvue"
-    dim: int = -1
-    nonfinite: str = "raise"
-
-    def __post_init__(self):
-        check_nm(self.n, self.m, self.method)
-        check_nonfinite_mode(self.nonfinite)
-        if isinstance(self.dim, bool) or not isinstance(self.dim, int):
-            raise ValueError(f"dim={self.dim!r}: expected an integer")
-
-    elementwise = False
-
-    @property
-    def unbiased(self) -> bool:
-        return self.method != "mse" or self.n == self.m
-
-    @property
-    def name(self) -> str:
-        return f"{self.method}{self.n}{self.m}"
-
-    def __call__(self, x: Tensor, *, generator=None, state: dict | None = None, noise=None) -> Tensor:
-        return dispatch.nm_prune(x, self.n, self.m, method=self.method, dim=self.dim, generator=generator,
-                                 noise=noise, nonfinite=self.nonfinite, backend=None)
-
-    def expected_variance(self, x: Tensor) -> Tensor | None:
-        return nm_variance(x, self.n, self.m, method=self.method, dim=self.dim)

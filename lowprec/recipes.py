@@ -6,7 +6,8 @@ the backward GEMM ``Wᵀδ`` (grad-input) and the update GEMM ``δ aᵀ`` (grad-
 update GEMM averages. :class:`FwdRecipe` names the forward quantizers of ``W`` and ``a``.
 
 The same names work from Python (``grad_recipe("luq4")``) and from the CLI (``grad=luq4``, one
-YAML per name under ``conf/grad``; a test checks both give equal objects).
+YAML per name under ``conf/grad``; a test checks both give equal objects). The estimators themselves
+live in :mod:`lowprec.estimators`.
 """
 
 from __future__ import annotations
@@ -14,76 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from torch import Tensor
-
-from . import dispatch
-from .baselines import FP4RDN, IntSR, Radix4
-from .intq import IntQuant
-from .luq import LUQ
-from .nm import NMPrune
-
-
-def _check_estimator(est, who: str) -> None:
-    if est is not None and not (callable(est) and hasattr(est, "elementwise") and hasattr(est, "unbiased")):
-        raise ValueError(f"{who}: {est!r} is not an estimator (callable with .elementwise and .unbiased)")
-
-
-@dataclass(frozen=True)
-class Chain:
-    """Apply estimators in order with independent draws (e.g. MVUE prune, then LUQ the survivors).
-
-    The composition of independent unbiased estimators is unbiased.
-    """
-
-    steps: tuple = ()
-
-    def __post_init__(self):
-        steps = tuple(self.steps)
-        if not steps:
-            raise ValueError("Chain needs at least one step")
-        for s in steps:
-            _check_estimator(s, "Chain")
-        object.__setattr__(self, "steps", steps)
-
-    @property
-    def name(self) -> str:
-        return "_".join(s.name for s in self.steps)
-
-    @property
-    def unbiased(self) -> bool:
-        return all(s.unbiased for s in self.steps)
-
-    @property
-    def elementwise(self) -> bool:
-        return all(s.elementwise for s in self.steps)
-
-    def __call__(self, x: Tensor, *, generator=None, state: dict | None = None) -> Tensor:
-        if x.is_cuda and self._fusable:  # one fused kernel, no intermediate tensor
-            nm, q = self.steps
-            return dispatch.nm_luq(x, nm.n, nm.m, method=nm.method, dim=nm.dim, bits=q.bits, levels=q.levels,
-                                   generator=generator, nonfinite=nm.nonfinite, backend=None)
-        for i, s in enumerate(self.steps):
-            sub = None if state is None else state.setdefault(i, {})
-            x = s(x, generator=generator, state=sub)
-        return x
-
-    @property
-    def _fusable(self) -> bool:
-        return (len(self.steps) == 2 and isinstance(self.steps[0], NMPrune) and isinstance(self.steps[1], LUQ)
-                and self.steps[1].hindsight is None and self.steps[0].nonfinite == self.steps[1].nonfinite)
-
-    def expected_variance(self, x: Tensor) -> None:
-        return None
-
-
-def sample_mean(est, x: Tensor, samples: int, *, generator=None, state: dict | None = None) -> Tensor:
-    """SMP: the mean of ``samples`` independent draws of ``est(x)`` (variance / samples)."""
-    if samples < 1:
-        raise ValueError(f"samples={samples}: expected >= 1")
-    acc = est(x, generator=generator, state=state).float()
-    for _ in range(samples - 1):
-        acc = acc + est(x, generator=generator, state=state).float()
-    return (acc / samples).to(x.dtype)
+from .estimators import LUQ, Chain, FP4RDN, IntQuant, IntSR, NMPrune, Radix4, check_estimator
 
 
 @dataclass(frozen=True)
@@ -102,8 +34,8 @@ class GradRecipe:
     samples: int = 1
 
     def __post_init__(self):
-        _check_estimator(self.backward, f"grad recipe {self.name!r} backward")
-        _check_estimator(self.update, f"grad recipe {self.name!r} update")
+        check_estimator(self.backward, f"grad recipe {self.name!r} backward")
+        check_estimator(self.update, f"grad recipe {self.name!r} update")
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
             raise ValueError(f"grad recipe {self.name!r}: samples={self.samples!r}, expected an integer >= 1")
         if self.samples > 1 and self.update is None:
@@ -132,8 +64,8 @@ class FwdRecipe:
     act: Any = None
 
     def __post_init__(self):
-        _check_estimator(self.weight, f"fwd recipe {self.name!r} weight")
-        _check_estimator(self.act, f"fwd recipe {self.name!r} act")
+        check_estimator(self.weight, f"fwd recipe {self.name!r} weight")
+        check_estimator(self.act, f"fwd recipe {self.name!r} act")
 
     @property
     def identity(self) -> bool:

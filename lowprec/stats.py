@@ -12,7 +12,8 @@ import math
 import torch
 from torch import Tensor
 
-from .luq import LUQ, luq_scale
+from .estimators import LUQ
+from .luq import luq_scale
 
 
 def compare(delta: Tensor, delta_hat: Tensor) -> dict[str, float]:

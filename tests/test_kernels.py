@@ -31,7 +31,7 @@ from lowprec.kernels import intq as kintq  # noqa: E402
 from lowprec.kernels import luq as kluq  # noqa: E402
 from lowprec.kernels import nm as knm  # noqa: E402
 from lowprec.kernels.common import uniforms  # noqa: E402
-from lowprec.kernels.packing import luq_pack_reference, luq_unpack_reference  # noqa: E402
+from lowprec.packing import luq_pack_reference, luq_unpack_reference  # noqa: E402
 
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(not interpreter_enabled(), reason="needs TRITON_INTERPRET=1")),

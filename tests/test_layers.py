@@ -318,7 +318,7 @@ class InflatedLUQ:
     name = "luq4_x1.1"
 
     def __call__(self, x, *, generator=None, state=None):
-        from lowprec.luq import LUQ
+        from lowprec.estimators import LUQ
 
         return LUQ(4)(x, generator=generator) * 1.1
 

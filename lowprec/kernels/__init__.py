@@ -3,8 +3,9 @@
 Importing this package needs neither Triton nor a GPU: the kernel modules
 (:mod:`lowprec.kernels.luq`, :mod:`~lowprec.kernels.nm`, :mod:`~lowprec.kernels.intq`,
 :mod:`~lowprec.kernels.fused` (N:M then LUQ)) import Triton and are loaded only when a kernel is
-called (normally through :mod:`lowprec.dispatch`). :mod:`lowprec.kernels.packing` (plain torch) holds
-the reference of the packed 4-bit LUQ format. ``TRITON_INTERPRET=0 python -m lowprec.kernels.aot_check``
+called (normally through :mod:`lowprec.dispatch`). They import the references below them
+(:mod:`lowprec.luq`, :mod:`lowprec.nm`, :mod:`lowprec.intq`, :mod:`lowprec.packing`) and the shared
+device helpers in :mod:`lowprec.kernels.common`; ``fused`` also calls the LUQ kernel for N == M. ``TRITON_INTERPRET=0 python -m lowprec.kernels.aot_check``
 compiles every kernel for sm_90 without a GPU and checks the PTX (IEEE division, no FMA, no spills).
 
 Every kernel does its math in fp32 and mirrors its reference operation for operation, so that given

@@ -14,32 +14,33 @@ import sys
 
 def variants():
     from . import fused, intq, luq, nm
+    from .common import NM_GPU_ELEMS, NM_METHOD_IDS
 
     luq_sig = {"x_ptr": "*bf16", "out_ptr": "*bf16", "m_ptr": "*fp32", "amax_ptr": "*i32", "seed": "i32",
                "n": "i32", "iters": "i32"}
     nm_sig = {"x_ptr": "*fp32", "out_ptr": "*bf16", "flag_ptr": "*i32", "seed": "i32", "length": "i32",
               "nblocks": "i32", "inner": "i32", "total": "i32"}
-    yield "luq", luq._luq_kernel, luq_sig, dict(L_MINUS_1=6, TRACK_AMAX=True, PACK=False, BLOCK=luq.GPU_BLOCK)
-    yield "luq_pack", luq._luq_kernel, dict(luq_sig, out_ptr="*u8"), dict(L_MINUS_1=6, TRACK_AMAX=False, PACK=True,
+    yield "luq", luq.luq_kernel, luq_sig, dict(L_MINUS_1=6, TRACK_AMAX=True, PACK=False, BLOCK=luq.GPU_BLOCK)
+    yield "luq_pack", luq.luq_kernel, dict(luq_sig, out_ptr="*u8"), dict(L_MINUS_1=6, TRACK_AMAX=False, PACK=True,
                                                                          BLOCK=luq.GPU_BLOCK)
-    yield "luq_amax", luq._amax_kernel, {"x_ptr": "*fp32", "amax_ptr": "*i32", "n": "i32", "iters": "i32"}, dict(
+    yield "luq_amax", luq.amax_kernel, {"x_ptr": "*fp32", "amax_ptr": "*i32", "n": "i32", "iters": "i32"}, dict(
         BLOCK=luq.AMAX_GPU_BLOCK)
-    yield "luq_unpack", luq._unpack_kernel, {"codes_ptr": "*u8", "alpha_ptr": "*fp32", "out_ptr": "*fp16",
+    yield "luq_unpack", luq.unpack_kernel, {"codes_ptr": "*u8", "alpha_ptr": "*fp32", "out_ptr": "*fp16",
                                              "n": "i32"}, dict(BLOCK=luq.GPU_BLOCK)
     for n, m, method in [(1, 2, "mvue"), (2, 4, "mvue"), (2, 8, "mvue"), (4, 8, "mvue"), (2, 4, "mvue_approx"),
                          (1, 4, "mvue_approx"), (2, 4, "mse"), (1, 4, "mse")]:
         k = {"mvue": 1, "mvue_approx": n, "mse": 1}[method]
-        yield (f"nm_{method}{n}{m}", nm._nm_kernel, nm_sig,
-               dict(N=n, M=m, METHOD=nm.METHOD_IDS[method], K=k, BLOCK=nm.GPU_ELEMS // m))
+        yield (f"nm_{method}{n}{m}", nm.nm_kernel, nm_sig,
+               dict(N=n, M=m, METHOD=NM_METHOD_IDS[method], K=k, BLOCK=NM_GPU_ELEMS // m))
     for p in (1, 2):
         sig = {"x_ptr": "*fp32", "out_ptr": "*bf16", "flag_ptr": "*i32", "m_ptr": "*i32", "seed": "i32",
                "seed_luq": "i32", "length": "i32", "nblocks": "i32", "inner": "i32", "total": "i32"}
-        yield (f"nm_luq_pass{p}", fused._nm_luq_kernel, sig,
-               dict(N=2, M=4, METHOD=0, K=1, L_MINUS_1=6, PASS=p, BLOCK=nm.GPU_ELEMS // 4))
-    yield "intq", intq._intq_kernel, {"x_ptr": "*fp16", "out_ptr": "*fp16", "s_ptr": "*fp32", "flag_ptr": "*i32",
+        yield (f"nm_luq_pass{p}", fused.nm_luq_kernel, sig,
+               dict(N=2, M=4, METHOD=0, K=1, L_MINUS_1=6, PASS=p, BLOCK=NM_GPU_ELEMS // 4))
+    yield "intq", intq.intq_kernel, {"x_ptr": "*fp16", "out_ptr": "*fp16", "s_ptr": "*fp32", "flag_ptr": "*i32",
                                       "row_len": "i32", "nchunks": "i32", "qlo": "fp32", "qhi": "fp32"}, dict(
         BLOCK=intq.GPU_BLOCK)
-    yield "intq_stats", intq._stats_kernel, {"x_ptr": "*fp32", "part_ptr": "*fp32", "row_len": "i32",
+    yield "intq_stats", intq.stats_kernel, {"x_ptr": "*fp32", "part_ptr": "*fp32", "row_len": "i32",
                                              "nchunks": "i32"}, dict(BLOCK=intq.STATS_GPU_BLOCK)
 
 

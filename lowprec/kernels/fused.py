@@ -19,22 +19,22 @@ from .._common import nonfinite_guard
 from ..luq import luq_levels
 from ..nm import nm_noise_shape
 from . import draw_seed
-from .common import LAUNCH_OPTS, block_for, cast_out, copysign
-from .luq import _luq_elem, _nan_to_inf_abs
-from .nm import GPU_ELEMS, GPU_WARPS, METHOD_IDS, _check_args, _layout, _nm_compute
+from .common import (LAUNCH_OPTS, NM_GPU_ELEMS, NM_GPU_WARPS, NM_METHOD_IDS, block_for, cast_out, check_nm_args,
+                     copysign, luq_elem, nan_to_inf_abs, nm_block, nm_layout)
+from .luq import luq
 
 
 @triton.jit(do_not_specialize=["seed", "seed_luq"])
-def _nm_luq_kernel(x_ptr, out_ptr, flag_ptr, m_ptr, seed, seed_luq, length, nblocks, inner, total,
-                   N: tl.constexpr, M: tl.constexpr, METHOD: tl.constexpr, K: tl.constexpr,
-                   L_MINUS_1: tl.constexpr, PASS: tl.constexpr, BLOCK: tl.constexpr):
+def nm_luq_kernel(x_ptr, out_ptr, flag_ptr, m_ptr, seed, seed_luq, length, nblocks, inner, total,
+                  N: tl.constexpr, M: tl.constexpr, METHOD: tl.constexpr, K: tl.constexpr,
+                  L_MINUS_1: tl.constexpr, PASS: tl.constexpr, BLOCK: tl.constexpr):
     g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    q, masks, offs = _nm_compute(x_ptr, flag_ptr, seed, g, length, nblocks, inner, total, N, M, METHOD, K, BLOCK)
+    q, masks, offs = nm_block(x_ptr, flag_ptr, seed, g, length, nblocks, inner, total, N, M, METHOD, K, BLOCK)
     dtype = out_ptr.dtype.element_ty
     if PASS == 1:
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for j in tl.static_range(M):
-            acc = tl.maximum(acc, _nan_to_inf_abs(cast_out(q[j], dtype).to(tl.float32)))
+            acc = tl.maximum(acc, nan_to_inf_abs(cast_out(q[j], dtype).to(tl.float32)))
         tl.atomic_max(m_ptr, tl.max(acc, 0).to(tl.int32, bitcast=True))
     else:
         m = tl.load(m_ptr).to(tl.float32, bitcast=True)
@@ -42,7 +42,7 @@ def _nm_luq_kernel(x_ptr, out_ptr, flag_ptr, m_ptr, seed, seed_luq, length, nblo
         ok = (m > 0) & (m < float("inf"))
         for j in tl.static_range(M):
             qj = cast_out(q[j], dtype).to(tl.float32)
-            mag, _ = _luq_elem(qj, tl.rand(seed_luq, offs[j]), m, alpha)
+            mag, _ = luq_elem(qj, tl.rand(seed_luq, offs[j]), m, alpha)
             tl.store(out_ptr + offs[j], cast_out(tl.where(ok, copysign(mag, qj), 0.0), dtype), mask=masks[j])
 
 
@@ -50,17 +50,16 @@ def nm_luq(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -1, bi
            levels: int | None = None, seed: int | None = None, seed_luq: int | None = None,
            generator: torch.Generator | None = None, nonfinite: str = "raise") -> Tensor:
     """N:M-prune ``x`` along ``dim`` then LUQ-quantize it, in one fused kernel (two passes over x)."""
-    _check_args(x, n, m, method, dim, nonfinite, "nm_luq")
+    check_nm_args(x, n, m, method, dim, nonfinite, "nm_luq")
     L = luq_levels(bits, levels)
     if L - 1 > 126:
         raise ValueError(f"nm_luq: the kernel supports at most 127 levels, got {L}")
     if x.numel() == 0:
         return x.clone()
     if n == m:
-        from .luq import luq
         return luq(x, bits, levels=levels, seed=seed_luq, generator=generator, nonfinite=nonfinite)
     xc = x.detach().contiguous()
-    _, length, inner, nblocks, total = _layout(x, m, dim)
+    _, length, inner, nblocks, total = nm_layout(x, m, dim)
     out = torch.empty_like(xc)
     flag = torch.zeros(1, dtype=torch.int32, device=x.device)
     mbuf = torch.zeros(1, dtype=torch.int32, device=x.device)
@@ -69,17 +68,17 @@ def nm_luq(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -1, bi
     if seed_luq is None:
         seed_luq = draw_seed(generator)
     k = max(nm_noise_shape(x.shape, n, m, method, dim)[-1], 1)
-    block = block_for(total, xc.is_cuda, max(32, GPU_ELEMS // m))
+    block = block_for(total, xc.is_cuda, max(32, NM_GPU_ELEMS // m))
     grid = (triton.cdiv(total, block),)
     args = (xc, out, flag, mbuf, int(seed), int(seed_luq), length, nblocks, inner, total)
-    kw = dict(N=n, M=m, METHOD=METHOD_IDS[method], K=k, L_MINUS_1=L - 1, BLOCK=block, num_warps=GPU_WARPS,
+    kw = dict(N=n, M=m, METHOD=NM_METHOD_IDS[method], K=k, L_MINUS_1=L - 1, BLOCK=block, num_warps=NM_GPU_WARPS,
               **LAUNCH_OPTS)
-    _nm_luq_kernel[grid](*args, PASS=1, **kw)
+    nm_luq_kernel[grid](*args, PASS=1, **kw)
     if nonfinite == "raise":  # one sync; in 'skip' mode pass 2 writes zeros for a non-finite max on its own
         bad = torch.where(flag.reshape(()) > 0, float("inf"), 0.0)
         nonfinite_guard(x, bad, nonfinite, "nm_prune")
         nonfinite_guard(x, mbuf.view(torch.float32).reshape(()), nonfinite, "luq")
     else:
         mbuf = torch.where(flag > 0, torch.full_like(mbuf, 0x7F800000), mbuf)  # NaN/Inf in x -> zeros
-    _nm_luq_kernel[grid](*args[:3], mbuf, *args[4:], PASS=2, **kw)
+    nm_luq_kernel[grid](*args[:3], mbuf, *args[4:], PASS=2, **kw)
     return out

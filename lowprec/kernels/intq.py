@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._common import check_float
-from ..intq import SAWB_COEFFS, _check_bits, _qmax, check_int_quant_args, mse_clip
+from ..intq import SAWB_COEFFS, check_bits, check_int_quant_args, int_qmax, mse_clip
 from .common import LAUNCH_OPTS, block_for, cast_out, check_launchable
 
 GPU_BLOCK = 1024  # untuned (no GPU in the session that wrote this)
@@ -25,7 +25,7 @@ STATS_GPU_BLOCK = 4096
 
 
 @triton.jit
-def _intq_kernel(x_ptr, out_ptr, s_ptr, flag_ptr, row_len, nchunks, qlo, qhi, BLOCK: tl.constexpr):
+def intq_kernel(x_ptr, out_ptr, s_ptr, flag_ptr, row_len, nchunks, qlo, qhi, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     row = pid // nchunks
     offs = (pid % nchunks) * BLOCK + tl.arange(0, BLOCK)
@@ -40,7 +40,7 @@ def _intq_kernel(x_ptr, out_ptr, s_ptr, flag_ptr, row_len, nchunks, qlo, qhi, BL
 
 
 @triton.jit
-def _stats_kernel(x_ptr, part_ptr, row_len, nchunks, BLOCK: tl.constexpr):
+def stats_kernel(x_ptr, part_ptr, row_len, nchunks, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     row = pid // nchunks
     offs = (pid % nchunks) * BLOCK + tl.arange(0, BLOCK)
@@ -66,8 +66,8 @@ def row_stats(x: Tensor, per_channel: bool = False) -> dict[str, Tensor]:
     block = block_for(row_len, r.is_cuda, STATS_GPU_BLOCK)
     nchunks = triton.cdiv(row_len, block)
     part = torch.empty(rows * nchunks, 4, dtype=torch.float32, device=x.device)
-    _stats_kernel[(rows * nchunks,)](r, part, row_len, nchunks, BLOCK=block, num_warps=8 if r.is_cuda else 4,
-                                     **LAUNCH_OPTS)
+    stats_kernel[(rows * nchunks,)](r, part, row_len, nchunks, BLOCK=block, num_warps=8 if r.is_cuda else 4,
+                                    **LAUNCH_OPTS)
     part = part.view(rows, nchunks, 4)
     return {"sumsq": part[..., 0].sum(1), "sumabs": part[..., 1].sum(1), "amax": part[..., 2].amax(1),
             "min": part[..., 3].amin(1), "len": row_len}
@@ -84,7 +84,7 @@ def _sawb(st: dict, bits: int) -> Tensor:
 def sawb_clip(x: Tensor, bits: int = 4, *, per_channel: bool = False, signed: bool = True) -> Tensor:
     """Kernel twin of :func:`lowprec.intq.sawb_clip` (same ``[rows, 1]`` result up to summation order)."""
     check_float(x, "sawb_clip")
-    _check_bits(bits)
+    check_bits(bits)
     if bits not in SAWB_COEFFS:
         return mse_clip(x, bits, per_channel=per_channel, signed=signed)
     return _sawb(row_stats(x, per_channel), bits)
@@ -107,7 +107,7 @@ def int_quant(x: Tensor, bits: int = 4, *, signed: bool | None = None, per_chann
             raise ValueError("int_quant: input has NaN/Inf elements")
         if signed is None:
             signed = not nonneg
-    qmax = _qmax(bits, signed)
+    qmax = int_qmax(bits, signed)
     if clip is not None:
         c = torch.as_tensor(clip, dtype=torch.float32, device=x.device).reshape(-1, 1)
         if c.shape[0] not in (1, rows):
@@ -123,8 +123,8 @@ def int_quant(x: Tensor, bits: int = 4, *, signed: bool | None = None, per_chann
     flag = torch.zeros(1, dtype=torch.int32, device=x.device)
     block = block_for(row_len, r.is_cuda, GPU_BLOCK)
     nchunks = triton.cdiv(row_len, block)
-    _intq_kernel[(rows * nchunks,)](r, out, s, flag, row_len, nchunks, float(-qmax if signed else 0), float(qmax),
-                                    BLOCK=block, **LAUNCH_OPTS)
+    intq_kernel[(rows * nchunks,)](r, out, s, flag, row_len, nchunks, float(-qmax if signed else 0), float(qmax),
+                                   BLOCK=block, **LAUNCH_OPTS)
     if st is None and bool(flag.item()):
         raise ValueError("int_quant: input has NaN/Inf elements")
     return out.view(x.shape)

@@ -18,8 +18,9 @@ from torch import Tensor
 from .._common import check_float, check_nonfinite_mode, nonfinite_guard
 from ..luq import luq_levels
 from . import draw_seed
-from .common import LAUNCH_OPTS, block_for, cast_out, check_launchable, copysign, floor_log2, num_programs_cap, pow2
-from .packing import MAX_PACKED_LEVELS
+from ..packing import MAX_PACKED_LEVELS
+from .common import (LAUNCH_OPTS, block_for, cast_out, check_launchable, copysign, luq_elem, nan_to_inf_abs,
+                     num_programs_cap, pow2)
 
 GPU_BLOCK = 1024  # untuned (no GPU in the session that wrote this); elementwise, 4 warps
 GPU_WARPS = 4
@@ -27,13 +28,7 @@ AMAX_GPU_BLOCK = 4096
 
 
 @triton.jit
-def _nan_to_inf_abs(x):
-    a = tl.abs(x)
-    return tl.where(a == a, a, float("inf"))
-
-
-@triton.jit
-def _amax_kernel(x_ptr, amax_ptr, n, iters, BLOCK: tl.constexpr):
+def amax_kernel(x_ptr, amax_ptr, n, iters, BLOCK: tl.constexpr):
     """amax_ptr (int32 view of an fp32 >= 0) <- max(|x|) with NaN counted as +inf."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -41,25 +36,9 @@ def _amax_kernel(x_ptr, amax_ptr, n, iters, BLOCK: tl.constexpr):
     for it in range(iters):
         offs = (pid + it * nprog) * BLOCK + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
-        acc = tl.maximum(acc, _nan_to_inf_abs(x))
+        acc = tl.maximum(acc, nan_to_inf_abs(x))
     # non-negative floats order like their int32 bit patterns: an integer atomic max is exact
     tl.atomic_max(amax_ptr, tl.max(acc, 0).to(tl.int32, bitcast=True))
-
-
-@triton.jit
-def _luq_elem(x, u, m, alpha):
-    """LUQ of fp32 x with uniform u: (magnitude, level index k or -1 for zero). Mirrors lowprec.luq.luq."""
-    a = tl.minimum(tl.abs(x), m)
-    y = tl.math.div_rn(a, alpha)
-    is_under = y < 1.0
-    under = tl.where(u < y, alpha, 0.0)
-    e = floor_log2(tl.maximum(y, 1.0))
-    lo = alpha * pow2(e)
-    up = u < tl.math.div_rn(a - lo, lo)
-    level = tl.where(up, lo + lo, lo)
-    mag = tl.where(is_under, under, level)
-    k = tl.where(is_under, 0, e + up.to(tl.int32))
-    return mag, tl.where(mag > 0, k, -1)
 
 
 @triton.jit
@@ -70,8 +49,8 @@ def _code(x, k):
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _luq_kernel(x_ptr, out_ptr, m_ptr, amax_ptr, seed, n, iters, L_MINUS_1: tl.constexpr,
-                TRACK_AMAX: tl.constexpr, PACK: tl.constexpr, BLOCK: tl.constexpr):
+def luq_kernel(x_ptr, out_ptr, m_ptr, amax_ptr, seed, n, iters, L_MINUS_1: tl.constexpr,
+               TRACK_AMAX: tl.constexpr, PACK: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     m = tl.load(m_ptr)
@@ -86,28 +65,28 @@ def _luq_kernel(x_ptr, out_ptr, m_ptr, amax_ptr, seed, n, iters, L_MINUS_1: tl.c
             i1 = i0 + 1
             x0 = tl.load(x_ptr + i0, mask=i0 < n, other=0.0).to(tl.float32)
             x1 = tl.load(x_ptr + i1, mask=i1 < n, other=0.0).to(tl.float32)
-            _, k0 = _luq_elem(x0, tl.rand(seed, i0), m, alpha)
-            _, k1 = _luq_elem(x1, tl.rand(seed, i1), m, alpha)
+            _, k0 = luq_elem(x0, tl.rand(seed, i0), m, alpha)
+            _, k1 = luq_elem(x1, tl.rand(seed, i1), m, alpha)
             c0 = tl.where(ok, _code(x0, k0), 0)
             c1 = tl.where(ok, _code(x1, k1), 0)  # a masked lane (x1 = 0) gives code 0
             tl.store(out_ptr + p, (c0 | (c1 << 4)).to(tl.uint8), mask=i0 < n)
             if TRACK_AMAX:
-                acc = tl.maximum(acc, tl.maximum(_nan_to_inf_abs(x0), _nan_to_inf_abs(x1)))
+                acc = tl.maximum(acc, tl.maximum(nan_to_inf_abs(x0), nan_to_inf_abs(x1)))
         else:
             offs = start + tl.arange(0, BLOCK)
             mask = offs < n
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            mag, _ = _luq_elem(x, tl.rand(seed, offs), m, alpha)
+            mag, _ = luq_elem(x, tl.rand(seed, offs), m, alpha)
             q = tl.where(ok, copysign(mag, x), 0.0)
             tl.store(out_ptr + offs, cast_out(q, out_ptr.dtype.element_ty), mask=mask)
             if TRACK_AMAX:
-                acc = tl.maximum(acc, _nan_to_inf_abs(x))
+                acc = tl.maximum(acc, nan_to_inf_abs(x))
     if TRACK_AMAX:
         tl.atomic_max(amax_ptr, tl.max(acc, 0).to(tl.int32, bitcast=True))
 
 
 @triton.jit
-def _unpack_kernel(codes_ptr, alpha_ptr, out_ptr, n, BLOCK: tl.constexpr):
+def unpack_kernel(codes_ptr, alpha_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     byte = tl.load(codes_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
@@ -138,7 +117,7 @@ def amax(x: Tensor, impl: str = "triton") -> Tensor:
     if n:
         block = block_for(n, xc.is_cuda, AMAX_GPU_BLOCK)
         grid, iters = _grid(n, block, xc)
-        _amax_kernel[(grid,)](xc, buf, n, iters, BLOCK=block, num_warps=8 if xc.is_cuda else 4, **LAUNCH_OPTS)
+        amax_kernel[(grid,)](xc, buf, n, iters, BLOCK=block, num_warps=8 if xc.is_cuda else 4, **LAUNCH_OPTS)
     return buf.view(torch.float32).reshape(())
 
 
@@ -168,8 +147,8 @@ def _run(x: Tensor, L: int, max_abs, seed, generator, nonfinite, pack: bool, ama
     out = torch.empty(nitems, dtype=torch.uint8, device=x.device) if pack else torch.empty_like(xc)
     block = block_for(nitems, xc.is_cuda, GPU_BLOCK)
     grid, iters = _grid(nitems, block, xc)
-    _luq_kernel[(grid,)](xc, out, m, cur, int(seed), n, iters, L_MINUS_1=L - 1, TRACK_AMAX=track, PACK=pack,
-                         BLOCK=block, num_warps=GPU_WARPS, **LAUNCH_OPTS)
+    luq_kernel[(grid,)](xc, out, m, cur, int(seed), n, iters, L_MINUS_1=L - 1, TRACK_AMAX=track, PACK=pack,
+                        BLOCK=block, num_warps=GPU_WARPS, **LAUNCH_OPTS)
     cur = cur.view(torch.float32).reshape(()) if track else cur.reshape(())
     # With the max computed here, nonfinite='skip' already gave zeros on the device (no sync).
     if (track or nonfinite == "raise") and nonfinite_guard(x, cur, nonfinite, who):
@@ -212,7 +191,7 @@ def luq_pack(x: Tensor, bits: int = 4, *, levels: int | None = None, max_abs=Non
 
 
 def luq_unpack(codes: Tensor, alpha, shape, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Kernel twin of :func:`lowprec.kernels.packing.luq_unpack_reference`."""
+    """Kernel twin of :func:`lowprec.packing.luq_unpack_reference`."""
     shape = torch.Size(shape)
     n = shape.numel()
     if codes.numel() != triton.cdiv(n, 2):
@@ -222,5 +201,5 @@ def luq_unpack(codes: Tensor, alpha, shape, dtype: torch.dtype = torch.float32) 
     if n:
         alpha = torch.as_tensor(alpha, dtype=torch.float32, device=codes.device).reshape(1)
         block = block_for(n, out.is_cuda, GPU_BLOCK)
-        _unpack_kernel[(triton.cdiv(n, block),)](codes.contiguous(), alpha, out, n, BLOCK=block, **LAUNCH_OPTS)
+        unpack_kernel[(triton.cdiv(n, block),)](codes.contiguous(), alpha, out, n, BLOCK=block, **LAUNCH_OPTS)
     return out.view(shape)

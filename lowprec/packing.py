@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._common import floor_log2
+from ._common import floor_log2
 
 MAX_PACKED_LEVELS = 7
 
