@@ -13,7 +13,7 @@ checkpoints/last.pt; every finished run appends a row to <out_root>/runs.sqlite.
 
 Baselines (trainer.baseline): every run is compared with the fp32/fp32 run of the same model,
 data, epochs (incl. FNT), seed, batch size and every other training setting (the experiment
-key). `auto` looks it up in the index and, when there is none, trains it first (in this
+identity, lowprec.config.Experiment.identity; its hash is the index's `key`). `auto` looks it up in the index and, when there is none, trains it first (in this
 process, into <out_root>/baselines/<name>/) and then the requested run. Concurrent jobs (a
 parallel sweep, SLURM arrays) coordinate through one flock per key: the job holding it either
 is the fp32 run or trains the baseline; the others block on the lock, then find the row. A
@@ -34,11 +34,11 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
-# ${lowprec_or:a,b,...}: the first non-empty argument (run dir name when there are no overrides).
-OmegaConf.register_new_resolver(
-    "lowprec_or", lambda *xs: next((str(x) for x in xs if x not in (None, "")), ""), replace=True)
+from lowprec.config import register_resolvers
+
+register_resolvers()  # before @hydra.main composes conf/ (it uses ${lowprec_or:...})
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -71,17 +71,19 @@ def user_error(e: BaseException) -> str | None:
 
 def run(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
-    import torch.distributed as dist
 
-    from lowprec import train as T
+    from lowprec.config import experiment_from_cfg
     from lowprec.data import build_datasets
+    from lowprec.distributed import broadcast, setup_distributed, teardown_distributed
+    from lowprec.train import train_and_record
 
     hc = HydraConfig.get()
-    exp = T.experiment_from_cfg(cfg, names=dict(hc.runtime.choices), run_dir=hc.runtime.output_dir)
-    d = T.setup_distributed(exp.trainer.device)
+    exp = experiment_from_cfg(cfg, names=dict(hc.runtime.choices), run_dir=hc.runtime.output_dir,
+                              name=hc.runtime.choices.get("experiment"))
+    d = setup_distributed(exp.trainer.device)  # the one DDP set-up of this process
     try:
         # Every rank uses rank 0's run dir (their ${now:} may differ by a second).
-        own_dir, exp.run_dir = exp.run_dir, T.broadcast(exp.run_dir, d)
+        own_dir, exp.run_dir = exp.run_dir, broadcast(exp.run_dir, d)
         if own_dir != exp.run_dir:
             _drop_stray_dir(own_dir)
         datasets = build_datasets(exp.data)  # missing paths fail here, before any training
@@ -89,19 +91,20 @@ def run(cfg: DictConfig) -> float:
         # The fp32/fp32 run holds its key's lock while training: concurrent runs needing it wait.
         lock = _lock(exp) if exp.is_baseline and d.main else contextlib.nullcontext()
         with lock:
-            summary = T.train_and_record(exp, datasets, baseline=baseline, baseline_status=status)
+            summary = train_and_record(exp, datasets, baseline=baseline, baseline_status=status,
+                                       dist=d)
         if d.main:
             print_result(summary)
         return summary["final_top1"]
     finally:
-        if d.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        teardown_distributed(d)
 
 
 def find_or_train_baseline(exp, cfg: DictConfig, datasets, d):
     """(baseline index row or None, status) for trainer.baseline = auto | skip | require."""
     from lowprec import runs
-    from lowprec import train as T
+    from lowprec.distributed import broadcast
+    from lowprec.train import train_and_record
 
     t = exp.trainer
     if exp.is_baseline:
@@ -112,14 +115,14 @@ def find_or_train_baseline(exp, cfg: DictConfig, datasets, d):
     def find():
         row = None
         if d.main:
-            row = runs.find_baseline(exp.index, key=exp.key, **_match(exp))
-        return T.broadcast(row, d)
+            row = runs.find_baseline(exp.index, **exp.baseline_match)
+        return broadcast(row, d)
 
     row = find()
     if row is not None:
         return row, "found"
     if t.baseline == "require":
-        raise ValueError(f"no fp32/fp32 baseline in {exp.index} for {_match(exp)} (key {exp.key}); "
+        raise ValueError(f"no fp32/fp32 baseline in {exp.index} for {exp.baseline_match}; "
                          "run it first or use trainer.baseline=auto")
     with _lock(exp) if d.main else contextlib.nullcontext():
         row = find()  # someone may have finished it while we waited for the lock
@@ -129,7 +132,7 @@ def find_or_train_baseline(exp, cfg: DictConfig, datasets, d):
         if d.main:
             print(f"baseline: no fp32/fp32 run in the index; training it first in {bexp.run_dir}",
                   flush=True)
-        T.train_and_record(bexp, datasets, baseline_status="self")
+        train_and_record(bexp, datasets, baseline_status="self", dist=d)
         row = find()
     if row is None:
         raise RuntimeError(f"baseline trained in {bexp.run_dir} but not found in {exp.index}")
@@ -140,7 +143,7 @@ def baseline_experiment(exp, cfg: DictConfig):
     """`cfg` with the fp32 grad and fwd recipes (from conf/grad/fp32.yaml, conf/fwd/fp32.yaml),
     everything else equal, in <out_root>/baselines/<name>/ (resumed if a previous try died)."""
     from hydra import compose
-    from lowprec import train as T
+    from lowprec.config import experiment_from_cfg
 
     ref = compose(config_name="config", overrides=["grad=fp32", "fwd=fp32"])
     bcfg = cfg.copy()
@@ -149,21 +152,15 @@ def baseline_experiment(exp, cfg: DictConfig):
         bcfg.trainer.resume = True
         bcfg.trainer.baseline = "skip"
     names = {**exp.names, "grad": "fp32", "fwd": "fp32"}
-    bexp = T.experiment_from_cfg(bcfg, names=names, run_dir=_baseline_dir(exp))
+    bexp = experiment_from_cfg(bcfg, names=names, run_dir=_baseline_dir(exp))
     assert bexp.is_baseline and bexp.key == exp.key, (bexp.names, bexp.key, exp.key)
     return bexp
 
 
-def _match(exp) -> dict:
-    t = exp.trainer
-    return dict(model=exp.names["model"], data=exp.names["data"], epochs=t.epochs,
-                fnt_epochs=t.fnt_epochs, seed=t.seed, batch_size=t.batch_size)
-
-
 def _baseline_dir(exp) -> Path:
-    m = _match(exp)
+    m = exp.baseline_match
     name = (f"{m['model']}_{m['data']}_e{m['epochs']}+{m['fnt_epochs']}_b{m['batch_size']}"
-            f"_s{m['seed']}_{exp.key[:8]}")
+            f"_s{m['seed']}_{m['key'][:8]}")
     return exp.index.parent / "baselines" / name
 
 

@@ -40,6 +40,8 @@ CREATE TABLE IF NOT EXISTS runs (
     batch_size    INTEGER NOT NULL,
     is_baseline   INTEGER NOT NULL,
     key           TEXT NOT NULL,
+    name          TEXT,
+    identity      TEXT,
     final_top1    REAL,
     best_top1     REAL,
     baseline_top1 REAL,
@@ -55,6 +57,11 @@ CREATE INDEX IF NOT EXISTS runs_baseline ON runs (is_baseline, model, data, epoc
 _COLUMNS = ("model", "data", "fwd", "grad", "epochs", "fnt_epochs", "seed", "batch_size",
             "is_baseline", "key", "final_top1", "best_top1", "baseline_top1", "degradation",
             "wall_time")
+# Columns a summary may lack (older summaries): NULL then. `name` is the experiment's name and
+# `identity` its identity as JSON (lowprec.config.Experiment; `key` is the identity's hash).
+_OPTIONAL = ("name", "identity")
+# Columns added after the first index files were written: connect() adds them to an old file.
+_ADDED = {"name": "TEXT", "identity": "TEXT"}
 
 
 def connect(path: str | os.PathLike) -> sqlite3.Connection:
@@ -68,7 +75,20 @@ def connect(path: str | os.PathLike) -> sqlite3.Connection:
     # Switching to WAL takes a write lock; another process may be doing the same at this moment.
     _retry(lambda: con.execute("PRAGMA journal_mode = WAL"))
     _retry(lambda: con.executescript(_SCHEMA))
+    _retry(lambda: _migrate(con))
     return con
+
+
+def _migrate(con: sqlite3.Connection) -> None:
+    """Add the columns of _ADDED that an index written by an older version lacks."""
+    have = {r["name"] for r in con.execute("PRAGMA table_info(runs)")}
+    for col, decl in _ADDED.items():
+        if col not in have:
+            try:
+                con.execute(f"ALTER TABLE runs ADD COLUMN {col} {decl}")
+            except sqlite3.OperationalError as e:  # another process added it meanwhile
+                if "duplicate column" not in str(e):
+                    raise
 
 
 def _retry(fn, tries: int = 50):
@@ -92,7 +112,10 @@ def insert(path: str | os.PathLike, summary: dict[str, Any]) -> None:
         raise ValueError(f"summary lacks index columns {missing}")
     row = {c: summary[c] for c in _COLUMNS}
     row["is_baseline"] = int(bool(row["is_baseline"]))
-    cols = ["run_dir", "finished_at", *_COLUMNS, "summary"]
+    row["name"] = summary.get("name")
+    ident = summary.get("identity")
+    row["identity"] = None if ident is None else json.dumps(ident, sort_keys=True, default=str)
+    cols = ["run_dir", "finished_at", *_COLUMNS, *_OPTIONAL, "summary"]
     vals = [str(summary["run_dir"]), time.time(), *row.values(),
             json.dumps(summary, sort_keys=True, default=str)]
     sql = (f"INSERT OR REPLACE INTO runs ({', '.join(cols)}) "
@@ -116,7 +139,7 @@ def rows(path: str | os.PathLike, **where: Any) -> list[dict[str, Any]]:
     """All rows (oldest first) whose columns equal the given values; [] when there is no index."""
     if not Path(path).exists():
         return []
-    bad = set(where) - {"run_dir", *_COLUMNS}
+    bad = set(where) - {"run_dir", *_COLUMNS, *_OPTIONAL}
     if bad:
         raise ValueError(f"unknown index columns {sorted(bad)}")
     clause = " AND ".join(f"{k} = ?" for k in where) or "1"
@@ -132,8 +155,9 @@ def find_baseline(path: str | os.PathLike, *, model: str, data: str, epochs: int
                   fnt_epochs: int, seed: int, batch_size: int,
                   key: str | None = None) -> dict[str, Any] | None:
     """The newest fp32/fp32 run with the same model, data, epochs (incl. FNT), seed and batch
-    size; None if there is none. `key` (the runner's hash of every other setting that changes
-    the result: optimizer, schedule, data and model options, ...) narrows it further."""
+    size; None if there is none. `key` (the hash of the experiment identity, which holds every
+    other setting that changes the result: optimizer, schedule, data and model options, ...)
+    narrows it further. The runner passes `lowprec.config.Experiment.baseline_match`."""
     where = dict(is_baseline=1, model=model, data=data, epochs=epochs, fnt_epochs=fnt_epochs,
                  seed=seed, batch_size=batch_size)
     if key is not None:

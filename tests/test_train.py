@@ -16,7 +16,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from lowprec import runs
+from lowprec import checkpoint, config, runs
 from lowprec import train as T
 from lowprec.logging import JsonlLogger, Logger, LoggerConfig, make_wandb, resolve_mode
 
@@ -66,8 +66,8 @@ def test_every_config_file_composes(hydra_conf, group, option):
     names = dict(cfg.hydra.runtime.choices)
     assert names[group] == option
     del cfg.hydra
-    exp = T.experiment_from_cfg(cfg, names=names, run_dir="unused")
-    assert isinstance(exp.trainer, T.TrainConfig) and exp.grad.name and exp.fwd.name is not None
+    exp = config.experiment_from_cfg(cfg, names=names, run_dir="unused")
+    assert isinstance(exp.trainer, config.TrainConfig) and exp.grad.name and exp.fwd.name is not None
 
 
 @pytest.mark.parametrize("launcher", ["submitit_slurm", "slurm"])
@@ -92,7 +92,7 @@ def test_default_config_is_the_documented_one(hydra_conf):
 def test_baseline_key_ignores_only_recipes_and_bookkeeping(hydra_conf):
     def key(*ov):
         cfg = compose("config", overrides=list(ov))
-        return T.experiment_from_cfg(cfg, names={}, run_dir="x").key
+        return config.experiment_from_cfg(cfg, names={}, run_dir="x").key
 
     k = key()
     assert key("grad=fp32", "fwd=int4", "trainer.resume=true", "logger.mode=disabled",
@@ -112,7 +112,7 @@ def test_baseline_key_ignores_only_recipes_and_bookkeeping(hydra_conf):
 def test_bad_runner_options_are_value_errors(hydra_conf, ov, msg):
     cfg = compose("config", overrides=ov)
     with pytest.raises(ValueError, match=msg):
-        T.experiment_from_cfg(cfg, names={}, run_dir="x")
+        config.experiment_from_cfg(cfg, names={}, run_dir="x")
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -124,7 +124,7 @@ def _lrs(sched, epochs=4, fnt=0, spe=10):
 
 
 def test_cosine_with_warmup():
-    f = _lrs(T.SchedConfig("cosine", warmup_epochs=1, min_lr_ratio=0.1))
+    f = _lrs(config.SchedConfig("cosine", warmup_epochs=1, min_lr_ratio=0.1))
     assert f[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
     assert f[10] == pytest.approx(1.0)
     assert f[25] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the 30 cosine steps
@@ -132,13 +132,13 @@ def test_cosine_with_warmup():
 
 
 def test_step_and_constant():
-    f = _lrs(T.SchedConfig("step", milestones=(0.5, 0.75), gamma=0.1))
+    f = _lrs(config.SchedConfig("step", milestones=(0.5, 0.75), gamma=0.1))
     assert f[19] == 1.0 and f[20] == pytest.approx(0.1) and f[30] == pytest.approx(0.01)
-    assert set(_lrs(T.SchedConfig("constant"))) == {1.0}
+    assert set(_lrs(config.SchedConfig("constant"))) == {1.0}
 
 
 def test_fnt_ramps_from_final_lr_to_base_then_to_zero():
-    s = T.SchedConfig("step", milestones=(0.5,), gamma=0.1)
+    s = config.SchedConfig("step", milestones=(0.5,), gamma=0.1)
     f = _lrs(s, epochs=2, fnt=2, spe=10)  # main: 20 steps ending at 0.1; FNT: 20 steps
     fnt = f[20:]
     assert fnt[0] == pytest.approx(0.1)       # starts at the final LR of the main schedule
@@ -150,12 +150,12 @@ def test_fnt_ramps_from_final_lr_to_base_then_to_zero():
 
 def test_weight_decay_only_on_weights():
     m = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Linear(2, 2))
-    opt = T.make_optimizer(m, T.OptimConfig(weight_decay=1e-3, nesterov=True))
+    opt = T.make_optimizer(m, config.OptimConfig(weight_decay=1e-3, nesterov=True))
     wd = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     assert wd[id(m[0].weight)] == wd[id(m[2].weight)] == 1e-3
     assert wd[id(m[0].bias)] == wd[id(m[1].weight)] == wd[id(m[2].bias)] == 0.0
     assert opt.param_groups[0]["nesterov"] is True
-    assert isinstance(T.make_optimizer(m, T.OptimConfig("adamw", lr=1e-3)), torch.optim.AdamW)
+    assert isinstance(T.make_optimizer(m, config.OptimConfig("adamw", lr=1e-3)), torch.optim.AdamW)
 
 
 # ----------------------------------------------------------------------------- index
@@ -241,22 +241,22 @@ def test_baseline_lock_waits_and_survives_a_killed_holder(tmp_path):
 
 def test_atomic_save_never_leaves_partial_file(tmp_path, monkeypatch):
     path = tmp_path / "c/last.pt"
-    T.atomic_save({"a": torch.ones(3)}, path)
+    checkpoint.atomic_save({"a": torch.ones(3)}, path)
 
     def boom(obj, f):
         f.write(b"partial")
         raise KeyboardInterrupt  # killed in the middle of writing
     monkeypatch.setattr(torch, "save", boom)
     with pytest.raises(KeyboardInterrupt):
-        T.atomic_save({"a": torch.zeros(3)}, path)
+        checkpoint.atomic_save({"a": torch.zeros(3)}, path)
     assert torch.equal(torch.load(path)["a"], torch.ones(3))
 
 
 def test_rng_state_roundtrip():
-    T.seed_everything(3)
-    st = T.rng_state()
+    checkpoint.seed_everything(3)
+    st = checkpoint.rng_state()
     a = (torch.rand(3), __import__("numpy").random.rand(), __import__("random").random())
-    T.set_rng_state(st)
+    checkpoint.set_rng_state(st)
     b = (torch.rand(3), __import__("numpy").random.rand(), __import__("random").random())
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
 

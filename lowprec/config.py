@@ -1,0 +1,233 @@
+"""Plain configuration objects, and the one conversion from a composed Hydra config to them.
+
+`experiment_from_cfg` is the one place a Hydra config becomes plain objects (DataSpec, ModelSpec,
+GradRecipe, FwdRecipe via `instantiate`; TrainConfig / OptimConfig / SchedConfig / LoggerConfig
+dataclasses for the rest).
+
+Experiment identity. A run is compared with the fp32/fp32 run that shares every setting that
+changes what is trained except the recipes: `Experiment.identity` is that set, as plain data (the
+model and data options, optimizer, schedule, the trainer options in IDENTITY_TRAINER, and the
+weight-N:M settings); `Experiment.key` is its hash (sha256 of the sorted JSON, first 16 hex
+digits). Recipes (fwd/grad) and run-local settings (resume, device, workers, threads, logging,
+paths, baseline mode, eval batch size, checkpoint cadence, stats) are not part of it.
+`Experiment.baseline_match` is the one projection of it onto the run index's columns; run.py,
+the index and the summaries all use these three.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .logging import LoggerConfig
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+BASELINE_MODES = ("auto", "skip", "require")
+CONVERT_OPTIONS = ("skip", "weight_nm", "weight_nm_every", "weight_nm_transposable")
+
+# Trainer options that change what is trained (and so must match between a run and its baseline).
+IDENTITY_TRAINER = ("epochs", "fnt_epochs", "batch_size", "seed", "bf16", "max_steps",
+                    "limit_batches", "skip_nonfinite")
+# The identity's trainer fields that are also index columns (readable, and indexed for lookup).
+MATCH_TRAINER = ("epochs", "fnt_epochs", "seed", "batch_size")
+
+
+def register_resolvers() -> None:
+    """Register the OmegaConf resolvers conf/ uses (idempotent; call before composing).
+
+    ${lowprec_or:a,b,...}: the first non-empty argument (run dir name when there are no overrides).
+    """
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver(
+        "lowprec_or", lambda *xs: next((str(x) for x in xs if x not in (None, "")), ""),
+        replace=True)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """conf/optim. Weight decay applies to weights (tensors with ndim > 1), not to biases or
+    normalization parameters."""
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9          # sgd
+    nesterov: bool = False         # sgd
+    weight_decay: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw
+    eps: float = 1e-8              # adamw
+
+    def __post_init__(self):
+        _choice("optim.name", self.name, OPTIMIZERS)
+        _positive("optim.lr", self.lr)
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ValueError(f"optim: weight_decay={self.weight_decay} must be >= 0 and "
+                             f"momentum={self.momentum} in [0, 1)")
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+            raise ValueError("optim.nesterov=true needs optim=sgd with momentum > 0")
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+
+
+@dataclass(frozen=True)
+class SchedConfig:
+    """conf/sched: the learning-rate factor per optimizer step of the low-precision epochs.
+    cosine: to lr*min_lr_ratio; step: times gamma at each milestone (fractions of the epochs);
+    constant. Linear warmup from 0 over warmup_epochs for all three."""
+    name: str = "cosine"
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0                    # cosine
+    milestones: tuple[float, ...] = (0.5, 0.75)  # step
+    gamma: float = 0.1                           # step
+
+    def __post_init__(self):
+        _choice("sched.name", self.name, SCHEDULES)
+        object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
+        if self.warmup_epochs < 0 or not 0 <= self.min_lr_ratio <= 1 or not 0 < self.gamma <= 1:
+            raise ValueError(f"sched: warmup_epochs={self.warmup_epochs} must be >= 0, min_lr_ratio="
+                             f"{self.min_lr_ratio} in [0, 1], gamma={self.gamma} in (0, 1]")
+        if any(not 0 < m < 1 for m in self.milestones):
+            raise ValueError(f"sched.milestones={list(self.milestones)}: fractions of the epochs, "
+                             "each in (0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """conf/trainer plus the optimizer and schedule: everything the loop needs besides the
+    data, the model and the recipes."""
+    epochs: int = 5
+    fnt_epochs: int = 0
+    batch_size: int = 128         # global batch (divided over DDP ranks)
+    eval_batch_size: int = 512
+    workers: int = 0
+    seed: int = 0
+    device: str = "auto"          # auto | cpu | cuda | cuda:N
+    bf16: bool = False            # torch.autocast(bfloat16) for forward and loss
+    deterministic: bool = True    # cudnn.deterministic; no effect on CPU
+    checkpoint_every: int = 1     # epochs; 0: only at the end
+    resume: bool = False
+    baseline: str = "auto"        # auto | skip | require
+    stats_every: int = 0          # steps between per-layer gradient statistics; 0: off
+    max_steps: int = 0            # stop after this many optimizer steps (smoke tests); 0: off
+    limit_batches: int = 0        # at most this many train and eval batches per epoch; 0: off
+    skip_nonfinite: bool = False  # skip steps with a non-finite loss/grad instead of failing
+    threads: int = 0              # torch CPU threads (torch.set_num_threads); 0: torch's default
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+
+    def __post_init__(self):
+        _choice("trainer.baseline", self.baseline, BASELINE_MODES)
+        for k in ("epochs", "fnt_epochs", "workers", "checkpoint_every", "stats_every",
+                  "max_steps", "limit_batches", "threads"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"trainer.{k}={v!r}: expected an integer >= 0")
+        if self.epochs + self.fnt_epochs < 1:
+            raise ValueError("trainer.epochs + trainer.fnt_epochs must be >= 1")
+        _positive("trainer.batch_size", self.batch_size)
+        _positive("trainer.eval_batch_size", self.eval_batch_size)
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"trainer.device={self.device!r}; expected auto, cpu, cuda or cuda:N")
+
+
+def _choice(name, v, allowed):
+    if v not in allowed:
+        raise ValueError(f"{name}={v!r}; expected one of {allowed}")
+
+
+def _positive(name, v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        raise ValueError(f"{name}={v!r}: expected a number > 0")
+
+
+def _from_node(cls, node: dict, group: str, **extra):
+    """Build a config dataclass; an unknown key is a ValueError naming the valid ones."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(node) - names)
+    if bad:
+        raise ValueError(f"{group}: unknown option {bad[0]!r}; valid: {sorted(names - set(extra))}")
+    return cls(**node, **extra)
+
+
+# ----------------------------------------------------------------------------- experiment
+
+
+def identity_key(identity: dict[str, Any]) -> str:
+    """The hash of an experiment identity (the index's `key` column)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Experiment:
+    """Everything one run needs, as plain objects."""
+    names: dict[str, str]     # config choice names: model, data, fwd, grad
+    data: Any                 # lowprec.data.DataSpec
+    model: Any                # lowprec.models.ModelSpec
+    fwd: Any                  # FwdRecipe
+    grad: Any                 # GradRecipe
+    convert: dict[str, Any]   # convert() options: skip, weight_nm, weight_nm_every, ...
+    trainer: TrainConfig
+    logger: LoggerConfig
+    run_dir: Path
+    index: Path
+    identity: dict[str, Any]  # the settings a baseline must share (module docstring)
+    config: dict[str, Any]    # the resolved config, for resolved_config.yaml and W&B
+    name: str | None = None   # the `experiment=` option (e.g. small/luq_table/luq4); None: none
+
+    @property
+    def key(self) -> str:
+        return identity_key(self.identity)
+
+    @property
+    def baseline_match(self) -> dict[str, Any]:
+        """The index columns a baseline row must equal: model and data names, the identity's
+        readable trainer fields, and the key (which covers the rest of the identity)."""
+        return {"model": self.names["model"], "data": self.names["data"],
+                **{k: self.identity["trainer"][k] for k in MATCH_TRAINER}, "key": self.key}
+
+    @property
+    def is_baseline(self) -> bool:
+        """fp32 forward and exact gradients: this run is its own baseline."""
+        return bool(self.grad.identity and self.fwd.weight is None and self.fwd.act is None)
+
+
+def experiment_identity(c: dict[str, Any]) -> dict[str, Any]:
+    """The identity of a resolved config (a plain dict, as OmegaConf.to_container gives)."""
+    conv = c.get("convert") or {}
+    nm = conv.get("weight_nm")
+    return {"model": c["model"], "data": c["data"], "optim": c["optim"], "sched": c["sched"],
+            "trainer": {k: c["trainer"].get(k) for k in IDENTITY_TRAINER},
+            "weight_nm": [None if nm is None else list(nm), conv.get("weight_nm_every")]
+            + ([bool(conv.get("weight_nm_transposable", True))] if nm else [])}
+
+
+def experiment_from_cfg(cfg, *, names: dict[str, str], run_dir: str | os.PathLike,
+                        name: str | None = None) -> Experiment:
+    """The one conversion from a composed Hydra config to plain objects. Raises ValueError (also
+    via Hydra's InstantiationException) for impossible options, before anything is built."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    c = OmegaConf.to_container(cfg, resolve=True)
+    c.pop("hydra", None)
+    grad, fwd = instantiate(cfg.grad), instantiate(cfg.fwd)
+    data, model = instantiate(cfg.data), instantiate(cfg.model)
+    optim = _from_node(OptimConfig, c["optim"], "optim")
+    sched = _from_node(SchedConfig, c["sched"], "sched")
+    trainer = _from_node(TrainConfig, c["trainer"], "trainer", optim=optim, sched=sched)
+    logger = _from_node(LoggerConfig, c["logger"], "logger")
+    conv = dict(c.get("convert") or {})
+    bad = sorted(set(conv) - set(CONVERT_OPTIONS))
+    if bad:
+        raise ValueError(f"convert: unknown option {bad[0]!r}; valid: {', '.join(CONVERT_OPTIONS)}")
+    if conv.get("weight_nm") is not None:
+        conv["weight_nm"] = tuple(conv["weight_nm"])
+    return Experiment(
+        names={k: str(names.get(k, "?")) for k in ("model", "data", "fwd", "grad")},
+        data=data, model=model, fwd=fwd, grad=grad, convert=conv, trainer=trainer, logger=logger,
+        run_dir=Path(run_dir).absolute(), index=Path(c["index"]).absolute(),
+        identity=experiment_identity(c), config=c, name=name)
