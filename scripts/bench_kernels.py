@@ -29,7 +29,6 @@ if "--interpret" in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import datetime  # noqa: E402
-import inspect  # noqa: E402
 import logging  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -38,8 +37,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from lowprec.dispatch import resolve  # noqa: E402
 from lowprec.intq import int_quant  # noqa: E402
 from lowprec.kernels import interpreter_enabled, triton_available  # noqa: E402
 from lowprec.luq import luq  # noqa: E402
@@ -169,10 +167,8 @@ def bench_training(args, device: str) -> tuple[list[str], list[str]]:
         from lowprec.layers import convert
     except Exception as e:  # noqa: BLE001 - report, do not fail the kernel table
         return [], [f"training step skipped: {type(e).__name__}: {e}"]
-    from lowprec.luq import LUQ
-
-    routed = "dispatch." in inspect.getsource(LUQ.__call__)
-    backend = ("triton kernels" if device == "cuda" else "reference") if routed else "reference (estimators not routed through lowprec.dispatch yet)"
+    # What the estimators will run here (LOWPREC_BACKEND honoured), from the dispatcher itself.
+    backend = {"triton": "triton kernels", "reference": "reference"}[resolve(torch.empty(0, device=device), None)]
     cuda = device == "cuda"
     arch, batch, res = ("resnet50", 64, 224) if cuda else ("resnet18", args.train_batch, 32)
     lines = [f"{arch}, batch {batch}, {res}x{res}, fp32, SGD(lr=0.01, momentum=0.9); estimator backend: {backend}", "",

@@ -40,28 +40,13 @@ def main():
             continue
         samples = lp.grad_recipe(name).samples
         if samples > 1:  # SMP: the update GEMM sees the mean of `samples` draws
-            est = _Averaged(est, samples)
+            est = lp.SMP(est, samples)
         s = lp.estimator_stats(delta, est, ks=(1, 16, 256), generator=g)
         bias = [s[f"bias@{k}"] for k in (1, 16, 256)]
         var, theory = s["rel_var"], s["rel_var_theory"]
         floor = s["bias_floor@256"]
         print(f"{name:<15}{str(est.unbiased):>9}{bias[0]:>10.4f}{bias[1]:>10.4f}{bias[2]:>10.4f}{floor:>11.4f}"
               f"{var:>11.3e}{'-' if theory is None else f'{theory:.3e}':>13}{s['zero_frac']:>7.2f}")
-
-
-class _Averaged:
-    """SMP as an estimator: the mean of `samples` independent draws."""
-
-    def __init__(self, est, samples):
-        self.est, self.samples = est, samples
-        self.name, self.unbiased = est.name, est.unbiased
-
-    def __call__(self, x, *, generator=None, state=None):
-        return lp.sample_mean(self.est, x, self.samples, generator=generator)
-
-    def expected_variance(self, x):
-        v = self.est.expected_variance(x)
-        return None if v is None else v / self.samples
 
 
 if __name__ == "__main__":
