@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -29,14 +30,26 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import exptables as X  # noqa: E402
-
-sys.path.insert(0, str(X.ROOT))
+from lowprec.config import register_resolvers
+from lowprec.provenance import git_commit
+from lowprec.tables import CONF, REPO
 
 ESTIMATORS = ("mse12", "mse24", "mvue12", "mvue24", "mvue24_approx", "luq4", "luq4_smp2",
               "fp4_rdn", "radix4", "int4_sr", "mvue24_luq4")
-DEFAULT_LAYERS = ("layer1.0.conv1", "layer2.0.conv2", "layer3.0.conv1", "layer3.2.conv2")
+AUTO_LAYERS = 4  # --layers auto: how many converted layers, spread over depth
+
+
+def spread(names: list[str], k: int = AUTO_LAYERS) -> list[str]:
+    """k of `names` (in forward order) spread over depth: the first, the last, and k−2 more
+    counting back from the last in steps of ⌊(n−1)/(k−1)⌋ (all of them when n <= k).
+    ResNet-20's 18 converted convs give layer1.0.conv1, layer2.0.conv2, layer3.0.conv1,
+    layer3.2.conv2."""
+    n = len(names)
+    if n <= k:
+        return list(names)
+    step = (n - 1) // (k - 1)
+    picked = {0} | {n - 1 - j * step for j in range(k - 1)}
+    return [names[i] for i in sorted(picked)]
 
 
 @dataclass(frozen=True)
@@ -79,21 +92,29 @@ def capture(experiment: str, steps: int, layers: tuple[str, ...], overrides=()) 
     from hydra.utils import instantiate
     import torch.nn.functional as F
 
-    from lowprec import train as T
+    from omegaconf import OmegaConf
+
+    from lowprec import convert
+    from lowprec.checkpoint import seed_everything
+    from lowprec.config import OptimConfig, SchedConfig
     from lowprec.data import build_datasets
     from lowprec.models import build_model
+    from lowprec.train import lr_factor, make_optimizer
 
+    register_resolvers()
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(X.CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"experiment={experiment}", *overrides])
     ds = build_datasets(instantiate(cfg.data))
     seed = int(cfg.trainer.seed)
-    T.seed_everything(seed)
+    seed_everything(seed)
     model = build_model(instantiate(cfg.model), num_classes=ds.num_classes,
                         in_channels=ds.in_channels, image_size=ds.image_size)
-    from omegaconf import OmegaConf
+    if layers == ("auto",):  # the layers the experiment converts (skip=...), spread over depth
+        conv = OmegaConf.to_container(cfg.convert, resolve=True)
+        layers = tuple(spread(convert(copy.deepcopy(model), skip=conv.get("skip")).converted))
     o = OmegaConf.to_container(cfg.optim, resolve=True)
-    opt = T.make_optimizer(model, T.OptimConfig(**o))
+    opt = make_optimizer(model, OptimConfig(**o))
     mods = dict(model.named_modules())
     missing = [l for l in layers if l not in mods]
     if missing:
@@ -115,7 +136,7 @@ def capture(experiment: str, steps: int, layers: tuple[str, ...], overrides=()) 
                                          generator=torch.Generator().manual_seed(seed))
     spe = len(loader)
     total = int(cfg.trainer.epochs) * spe
-    sched = T.SchedConfig(**OmegaConf.to_container(cfg.sched, resolve=True))
+    sched = SchedConfig(**OmegaConf.to_container(cfg.sched, resolve=True))
     step, it = 0, iter(loader)
     model.train()
     while step < steps:
@@ -124,8 +145,8 @@ def capture(experiment: str, steps: int, layers: tuple[str, ...], overrides=()) 
         except StopIteration:
             it = iter(loader)
             x, y = next(it)
-        lr = float(cfg.optim.lr) * T.lr_factor(sched, step, steps_per_epoch=spe,
-                                               epochs=int(cfg.trainer.epochs), fnt_epochs=0)
+        lr = float(cfg.optim.lr) * lr_factor(sched, step, steps_per_epoch=spe,
+                                             epochs=int(cfg.trainer.epochs), fnt_epochs=0)
         for g in opt.param_groups:
             g["lr"] = lr
         arm["on"] = step == steps - 1
@@ -136,17 +157,19 @@ def capture(experiment: str, steps: int, layers: tuple[str, ...], overrides=()) 
         step += 1
     for h in hs:
         h.remove()
-    return {"deltas": got, "step": step, "loss": loss.item(), "of_total_steps": total}
+    return {"deltas": got, "layers": layers, "step": step, "loss": loss.item(),
+            "of_total_steps": total}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     p.add_argument("--experiment", default="small/mvue_table/fp32")
     p.add_argument("--steps", type=int, default=64, help="fp32 training steps before the capture")
-    p.add_argument("--layers", default=",".join(DEFAULT_LAYERS))
+    p.add_argument("--layers", default="auto",
+                   help="comma list of module names; auto: 4 converted layers spread over depth")
     p.add_argument("--draws", type=int, default=64, help="largest K (draws per estimator)")
     p.add_argument("--estimators", default=",".join(ESTIMATORS))
-    p.add_argument("--out", default=str(X.ROOT / "results"), help="folder for estimators.{json,md,png}")
+    p.add_argument("--out", default=str(REPO / "results"), help="folder for estimators.{json,md,png}")
     a = p.parse_args(argv)
     t0 = time.time()
     cap = capture(a.experiment, a.steps, tuple(a.layers.split(",")))
@@ -156,7 +179,7 @@ def main(argv=None) -> int:
     ks = sorted({k for k in (1, 4, 16, 64, 256) if k <= a.draws} | {a.draws})
     res = {"experiment": a.experiment, "step": cap["step"], "of_total_steps": cap["of_total_steps"],
            "ks": ks, "layers": {}}
-    for lname in [l for l in a.layers.split(",") if l in cap["deltas"]]:  # forward order
+    for lname in [l for l in cap["layers"] if l in cap["deltas"]]:  # forward order
         d = cap["deltas"][lname]
         res["layers"][lname] = {"shape": list(d.shape), "stats": {}}
         for en in a.estimators.split(","):
@@ -171,11 +194,19 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "estimators.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
     cmd = "OMP_NUM_THREADS=1 python scripts/capture_grad_stats.py " + " ".join(
-        sys.argv[1:] if argv is None else argv)
+        map(_portable, sys.argv[1:] if argv is None else argv))
     write_md(res, out / "estimators.md", cmd.strip())
     plot(res, out / "estimators.png")
     print(f"wrote {out}/estimators.{{json,md,png}} in {time.time() - t0:.0f}s")
     return 0
+
+
+def _portable(arg: str) -> str:
+    """A path argument inside the repository as a relative path (the record names no machine)."""
+    p = Path(arg)
+    if p.is_absolute() and p.resolve().is_relative_to(REPO):
+        return str(p.resolve().relative_to(REPO)) or "."
+    return arg
 
 
 def _fmt(v, p=4):
@@ -183,7 +214,6 @@ def _fmt(v, p=4):
 
 
 def write_md(res: dict, path: Path, cmd: str) -> None:
-    from reproduce import git_commit
     ks = res["ks"]
     kmax = ks[-1]
     L = [f"# Estimator bias and variance on captured neural gradients\n",

@@ -24,32 +24,19 @@ was 10-20x slower with two threads. W&B: WANDB_MODE defaults to offline.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import exptables as X  # noqa: E402
-
-
-def git_commit(root: Path = X.ROOT) -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lowprec", "conf", "run.py"],
-                               cwd=root, capture_output=True, text=True).stdout.strip()
-        return out + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+from lowprec import tables
+from lowprec.provenance import git_commit, log_launch
 
 
 def build_command(table: str, scale: str, seeds: list[int], extra: list[str],
                   rows: list[str] | None = None) -> list[str]:
-    rows = X.rows(scale, table) if rows is None else rows
+    rows = tables.rows(scale, table) if rows is None else rows
     return ["python", "run.py", "-m", f"trainer.seed={','.join(map(str, seeds))}",
             f"experiment={','.join(rows)}", *extra]
 
@@ -58,7 +45,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("table", help="folder under conf/experiment/<scale>/ (e.g. luq_table, mvue_table)")
-    p.add_argument("--scale", choices=X.SCALES, default="small")
+    p.add_argument("--scale", choices=tables.SCALES, default="small")
     p.add_argument("--seeds", default=None, help="comma list (default: small 0,1; full 0,1,2)")
     p.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
     p.add_argument("--skip-done", action="store_true",
@@ -69,12 +56,17 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     a.extra = extra
     seeds = [int(s) for s in (a.seeds or ("0,1" if a.scale == "small" else "0,1,2")).split(",")]
-    rows = X.rows(a.scale, a.table)
+    try:
+        rows = tables.rows(a.scale, a.table)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if a.skip_done:
         keep = []
         for r in rows:
-            spec = X.compose_row(r, a.extra)
-            done = {x["seed"] for x in X.matching_runs(spec, X.index_rows(X.ROOT / spec.index))}
+            spec = tables.compose_row(r, a.extra)
+            done = {x["seed"] for x in tables.matching_runs(
+                spec, tables.index_rows(tables.REPO / spec.index))}
             if set(seeds) <= done:
                 print(f"skip {r}: seeds {seeds} already in {spec.index}", file=sys.stderr)
             else:
@@ -91,16 +83,13 @@ def main(argv=None) -> int:
     env.setdefault("WANDB_MODE", "offline")
     if a.scale == "small":
         env.setdefault("OMP_NUM_THREADS", "1")
-    spec = X.compose_row(rows[0], a.extra)
-    log = X.ROOT / spec.out_root / "commands.jsonl"
-    log.parent.mkdir(parents=True, exist_ok=True)
+    spec = tables.compose_row(rows[0], a.extra)
     rec = {"table": a.table, "scale": a.scale, "seeds": seeds, "command": shlex.join(cmd),
            "commit": git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "env": {k: env[k] for k in ("OMP_NUM_THREADS", "WANDB_MODE") if k in env}}
-    with open(log, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+    log_launch(tables.REPO / spec.out_root, rec)
     cmd[0] = sys.executable
-    return subprocess.call(cmd, cwd=X.ROOT, env=env)
+    return subprocess.call(cmd, cwd=tables.REPO, env=env)
 
 
 if __name__ == "__main__":

@@ -7,16 +7,16 @@ model specs, trainer/optim/sched configs) through lowprec.train.experiment_from_
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+from lowprec import tables as X
+from lowprec.config import register_resolvers
 
-import exptables as X  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 EXPERIMENTS = sorted(str(p.relative_to(ROOT / "conf" / "experiment").with_suffix(""))
                      for p in (ROOT / "conf" / "experiment").rglob("*.yaml"))
@@ -26,11 +26,19 @@ def _compose(name):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    X.compose_row  # registers the runner's resolver
+    register_resolvers()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(X.CONF), version_base="1.3"):
         return compose(config_name="config", overrides=[f"experiment={name}"],
                        return_hydra_config=True)
+
+
+def _script(name):
+    """scripts/<name>.py as a module (scripts are CLIs, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def test_there_are_experiments():
@@ -77,7 +85,7 @@ def test_small_tables_share_the_fp32_row():
 
 
 def test_reproduce_dry_run_prints_the_multirun_command(capsys):
-    import reproduce
+    reproduce = _script("reproduce")
 
     assert reproduce.main(["mvue_table", "--scale", "small", "--seeds", "0,1", "--dry-run"]) == 0
     out = capsys.readouterr().out.strip()
@@ -107,7 +115,7 @@ def _fake_run(tmp_path, spec, seed, top1, base_top1):
 
 
 def test_make_tables_on_a_synthetic_index(tmp_path):
-    import make_tables
+    make_tables = _script("make_tables")
     from lowprec import runs
 
     idx = tmp_path / "runs.sqlite"
@@ -134,3 +142,33 @@ def test_make_tables_on_a_synthetic_index(tmp_path):
     assert "python run.py -m X" in md and "abc" in md and "Scale." in md
     assert "biased FP4 worse than LUQ (final top-1): shown" in md and "FNT recovers accuracy" in md
     assert (out / "luq_table.png").stat().st_size > 1000
+
+
+def test_divergence_threshold_is_chance_plus_one_point():
+    ten = {"data": "fashion_mnist", "summary": "{}"}
+    assert X.diverged({**ten, "final_top1": 11.0}) and not X.diverged({**ten, "final_top1": 11.5})
+    hundred = {"data": "cifar100", "summary": json.dumps({"num_classes": 100})}
+    assert X.diverged({**hundred, "final_top1": 2.0}) and not X.diverged({**hundred, "final_top1": 11.0})
+    assert not X.diverged({"data": "imagenet", "summary": "{}", "final_top1": 11.0})
+
+
+def test_runs_with_an_identity_match_by_it():
+    spec = X.compose_row("small/luq_table/luq4")
+    other = X.compose_row("small/long_table/luq4")
+    r = {"model": "x", "data": "x", "fwd": spec.fwd, "grad": spec.grad, "epochs": -1,
+         "fnt_epochs": -1, "batch_size": -1}
+    seed7 = {**spec.identity, "trainer": {**spec.identity["trainer"], "seed": 7}}
+    assert X.is_run_of(spec, {**r, "summary": json.dumps({"identity": seed7})})
+    assert not X.is_run_of(spec, {**r, "summary": json.dumps({"identity": other.identity})})
+    assert not X.is_run_of(spec, {**r, "grad": "fp32", "summary": json.dumps({"identity": seed7})})
+    assert not X.is_run_of(spec, {**r, "summary": "{}"})  # no identity: the columns decide
+
+
+def test_scripts_do_not_import_each_other_or_edit_sys_path():
+    for p in (ROOT / "scripts").glob("*.py"):
+        src = p.read_text()
+        # bench_kernels.py's insert is removed by its owner in the same reshaping (issue 8);
+        # drop this exception with it.
+        assert "sys.path" not in src or p.name == "bench_kernels.py", p.name
+        for q in (ROOT / "scripts").glob("*.py"):
+            assert f"import {q.stem}" not in src and f"from {q.stem} " not in src, (p.name, q.stem)

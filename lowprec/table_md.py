@@ -1,0 +1,128 @@
+"""Render one results table: results/<table>.md and its figure (for scripts/make_tables.py).
+
+Everything numeric comes from `lowprec.tables` (the runs' summaries and metrics.jsonl). The prose
+around it is written by people and read from a notes folder (default results/notes/):
+
+    <scale>/_scale.md            how the scale differs from the papers' (under every table's title)
+    <scale>/<table>.note.md      replaces _scale.md for one table whose setup differs
+    <scale>/<table>.findings.md  "What it shows": a reading of particular runs (rewrite on rerun)
+
+A leading `<!-- ... -->` comment in a note is not copied.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from pathlib import Path
+
+from . import tables as T
+from .provenance import git_commit, launches
+
+NOTES = T.REPO / "results" / "notes"
+# Tables that also show the best end-of-epoch top-1 (the single-seed long-horizon table).
+BEST_COLUMN = {"long_table"}
+
+
+def fmt(m, s, p=2):  # "m ± s"
+    if m is None:
+        return "—"
+    return f"{m:.{p}f}" + (f" ± {s:.{p}f}" if s is not None else "")
+
+
+def note(notes: Path, *parts: str) -> str | None:
+    p = Path(notes, *parts)
+    if not p.exists():
+        return None
+    return re.sub(r"\A\s*<!--.*?-->\s*", "", p.read_text(), flags=re.S).strip()
+
+
+def write_md(table, scale, specs, trs, idx, path: Path, overrides=(), notes: Path = NOTES):
+    head = note(notes, scale, f"{table}.note.md") or note(notes, scale, "_scale.md") or ""
+    L = [f"# {table} ({scale} scale)\n", head + "\n"]
+    best_col = table in BEST_COLUMN
+    paper = T.paper_numbers()
+    L.append("| row | model / data | fwd | grad | FNT | seeds | top-1 % (mean ± std) | "
+             "degradation vs fp32 (points) | " + ("best epoch top-1 % | best-epoch degradation | "
+                                                  "final train loss | " if best_col else "")
+             + "lowest epoch top-1 % | paper top-1 | paper degradation / claim |")
+    L.append("|---" * (14 if best_col else 11) + "|")
+    base_best = {t["spec"].label: t["best"][0] for t in trs}
+    for t in trs:
+        s = t["spec"]
+        ptop, pdeg = T.paper_cell(table, scale, s.label, paper)
+        wnm = f" + {s.weight_nm[0]}:{s.weight_nm[1]} weights" if s.weight_nm else ""
+        deg = "0 (baseline)" if t["base"] == s.label else fmt(*t["deg"])
+        best = ""
+        if best_col:
+            bb = base_best.get(t["base"])
+            bdeg = ("0 (baseline)" if t["base"] == s.label else
+                    f"{bb - t['best'][0]:.2f}" if bb is not None and t["best"][0] is not None else "—")
+            best = f"{fmt(t['best'][0], None)} | {bdeg} | {fmt(t['loss'][0], None, 3)} | "
+        L.append(f"| {s.label} | {s.model} / {s.data} | {s.fwd} | {s.grad}{wnm} | {s.fnt_epochs} | "
+                 f"{','.join(map(str, t['seeds'])) or 'none'} | {fmt(*t['top1'])} | {deg} | {best}"
+                 f"{fmt(t['low'][0], None)} | {ptop} | {pdeg} |")
+    L.append("\nDegradation = fp32 top-1 − row top-1 for the same seed (> 0: worse), then mean ± std "
+             "over seeds; std is the sample std (n−1), absent with one seed. Final-epoch top-1, "
+             "not best. Lowest epoch top-1: the worst end-of-epoch test top-1 during training "
+             "(mean over seeds): an unstable run shows there even when it recovers by the end."
+             + (" Best epoch top-1: the highest end-of-epoch test top-1 (mean over seeds); "
+                "best-epoch degradation = fp32's best − the row's best. Final train loss: the "
+                "mean training loss of the last epoch (mean over seeds)." if best_col else ""))
+    for t in [t for t in trs if t["spec"].fnt_epochs and t["own_deg"][0] is not None]:
+        L.append(f"\n{t['spec'].label}: the FNT row trains {t['spec'].fnt_epochs} more epoch(s) than "
+                 f"the fp32 row it is compared with above (the paper's convention). The runner also "
+                 f"matched it with an fp32 run of the same total length and schedule "
+                 f"(trainer.baseline=auto): degradation vs that run {fmt(*t['own_deg'])} points.")
+    findings = note(notes, scale, f"{table}.findings.md")
+    if findings:
+        L.append("\n## What it shows\n\n" + findings)
+    L.append("\n## Checks of the papers' claims (computed from the table)\n")
+    L.extend(T.checks(trs) or ["(not enough rows finished)"])
+    cmds = launches(Path(idx).parent, table, scale)
+    L.append("\n## How this was made\n")
+    for c in cmds:
+        env = " ".join(f"{k}={v}" for k, v in c.get("env", {}).items())
+        L.append(f"- `{env} {c['command']}`  \n  commit `{c['commit']}`, started {c['started']}")
+    if not cmds:
+        L.append(f"- `python scripts/reproduce.py {table} --scale {scale}` (no launch log found)")
+    extra = "".join(f" --override {o}" for o in overrides)
+    L.append(f"- then `python scripts/make_tables.py {table} --scale {scale}{extra}` "
+             f"(commit `{git_commit()}`); index `{Path(idx).name}` under the run output root.")
+    walls = [t["wall"][0] * len(t["seeds"]) for t in trs if t["wall"][0] is not None]
+    if walls:
+        L.append(f"- training wall time, all runs of this table: {sum(walls) / 60:.1f} min")
+    path.write_text("\n".join(L) + "\n")
+
+
+def plot(table, scale, trs, path: Path):
+    """Test top-1 and train loss per epoch, mean over seeds, one line per row."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(13, 4.6))
+    for i, t in enumerate(trs):
+        curves = [T.epoch_records(r) for r in t["runs"]
+                  if (Path(r["run_dir"]) / "metrics.jsonl").exists()]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        ep = [curves[0][j]["epoch"] for j in range(n)]
+        top = [statistics.fmean(c[j]["top1"] for c in curves) for j in range(n)]
+        loss = [statistics.fmean(c[j]["train_loss"] for c in curves) for j in range(n)]
+        ls = "--" if t["spec"].fnt_epochs else "-"
+        lab = f"{t['spec'].label} (n={len(curves)})"
+        ax[0].plot(ep, top, ls, marker="o", color=f"C{i % 10}", label=lab)
+        ax[1].plot(ep, loss, ls, marker="o", color=f"C{i % 10}", label=lab)
+    ax[0].set_ylabel("test top-1 %")
+    ax[1].set_ylabel("train loss")
+    ax[1].set_yscale("log")
+    for a in ax:
+        a.set_xlabel("epoch")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.suptitle(f"{table} ({scale}): mean over seeds", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,323 @@
+"""Results tables: which experiment files make a table, which finished runs fill each row, and
+the numbers each row shows (scripts/reproduce.py and scripts/make_tables.py are CLIs over this).
+
+A table is a folder conf/experiment/<scale>/<table>/ with one YAML per row (`# @package _global_`);
+files starting with `_` are shared bases, not rows. A row is composed with Hydra (`compose_row`),
+and a finished run in the index belongs to it when the run is the same experiment:
+
+- summaries that carry `identity` (lowprec.config.Experiment.identity): the same fwd and grad
+  choices and the same identity apart from the seed (the row's identity comes from the same
+  `lowprec.config.experiment_identity` the runner used; it is not rebuilt here);
+- older summaries: the same model, data, fwd, grad, epochs, FNT epochs, batch size and weight N:M.
+
+So two tables that share a row (the fp32 baseline) share its runs.
+
+Per row, over its seeds s (the newest run per seed):
+  top-1      = mean ± sample std (n−1) of the final-epoch test top-1;
+  degradation(s) = top1_fp32(s) − top1_row(s) against the table's fp32 row of the same model,
+               data and weight N:M with no FNT (`base_label`), same seed; then mean ± std;
+  diverged   = runs whose final top-1 ≤ chance + 1 point, chance = 100 / num_classes % (the
+               run's `num_classes` from its summary; older summaries: the dataset's class count);
+  verdict of "A worse than B": the difference of their mean degradations against
+               2 standard errors, 2·sqrt(s_A²/n_A + s_B²/n_B); one seed: no verdict.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import runs
+from .config import experiment_identity, register_resolvers
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+PAPER_NUMBERS = CONF / "paper_numbers.yaml"
+SCALES = ("small", "full")
+# Rows listed first in tables and sweeps (the baseline first, then the paper's order).
+ORDER = ("fp32", "w24_fp32", "radix4", "fp4_rdn", "int4_sr", "luq4", "luq4_smp2", "luq4_fnt1",
+         "luq4_fnt2", "luq4_fnt3", "mse12", "mse24", "mvue12", "mvue24", "mvue24_approx",
+         "mvue24_luq4", "w24_mvue12", "w24_mvue24")
+# Class counts of the datasets whose summaries predate the `num_classes` field.
+LEGACY_NUM_CLASSES = {"digits": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100,
+                      "imagenet": 1000}
+
+
+def tables(scale: str) -> list[str]:
+    d = CONF / "experiment" / scale
+    return sorted(p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith("_"))
+
+
+def _rank(name: str) -> tuple:
+    """Sort key: full-scale rows are <model>_<data>_<method>, so by model first, then method."""
+    for m in sorted(ORDER, key=len, reverse=True):  # longest suffix wins (luq4_smp2 before luq4)
+        if name == m or name.endswith("_" + m):
+            return (name[: len(name) - len(m)], ORDER.index(m), name)
+    return (name, len(ORDER), name)
+
+
+def rows(scale: str, table: str) -> list[str]:
+    """Experiment names (for `experiment=`) of a table's rows, baseline first."""
+    d = CONF / "experiment" / scale / table
+    if not d.is_dir():
+        raise ValueError(f"no table {table!r} at scale {scale!r}; have {tables(scale)}")
+    names = [p.stem for p in d.glob("*.yaml") if not p.stem.startswith("_")]
+    return [f"{scale}/{table}/{n}" for n in sorted(names, key=_rank)]
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    experiment: str      # e.g. small/luq_table/luq4_fnt1
+    model: str
+    data: str
+    fwd: str
+    grad: str
+    epochs: int
+    fnt_epochs: int
+    batch_size: int
+    weight_nm: tuple | None
+    out_root: str
+    index: str
+    identity: dict | None = None  # lowprec.config.experiment_identity of the composed row
+
+    @property
+    def label(self) -> str:
+        return self.experiment.rsplit("/", 1)[-1]
+
+
+def compose_row(experiment: str, overrides: list[str] = ()) -> RowSpec:
+    """Compose conf/config.yaml with experiment=<experiment> (no Hydra app is started)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"experiment={experiment}", *overrides],
+                      return_hydra_config=True)
+    ch = cfg.hydra.runtime.choices
+    nm = cfg.convert.get("weight_nm")
+    c = OmegaConf.to_container(cfg, resolve=False)
+    c.pop("hydra", None)
+    c = OmegaConf.to_container(OmegaConf.create(c), resolve=True)
+    return RowSpec(experiment=experiment, model=ch["model"], data=ch["data"], fwd=ch["fwd"],
+                   grad=ch["grad"], epochs=int(cfg.trainer.epochs),
+                   fnt_epochs=int(cfg.trainer.fnt_epochs), batch_size=int(cfg.trainer.batch_size),
+                   weight_nm=None if nm is None else tuple(nm), out_root=str(cfg.out_root),
+                   index=str(cfg.index), identity=experiment_identity(c))
+
+
+def summary_of(r: dict) -> dict:
+    """The summary dict of an index row (stored as JSON in its `summary` column)."""
+    s = r.get("summary")
+    return json.loads(s) if isinstance(s, str) else (s or {})
+
+
+def _without_seed(identity: dict) -> dict:
+    return {**identity, "trainer": {k: v for k, v in identity.get("trainer", {}).items()
+                                    if k != "seed"}}
+
+
+def is_run_of(spec: RowSpec, r: dict) -> bool:
+    """Is index row `r` a run of table row `spec`? (module docstring)"""
+    s = summary_of(r)
+    if s.get("identity") is not None and spec.identity is not None:
+        return ((r["fwd"], r["grad"]) == (spec.fwd, spec.grad)
+                and _without_seed(s["identity"]) == _without_seed(spec.identity))
+    if (r["model"], r["data"], r["fwd"], r["grad"], r["epochs"], r["fnt_epochs"],
+            r["batch_size"]) != (spec.model, spec.data, spec.fwd, spec.grad, spec.epochs,
+                                 spec.fnt_epochs, spec.batch_size):
+        return False
+    nm = (s.get("convert") or {}).get("weight_nm")
+    return (None if nm is None else tuple(nm)) == spec.weight_nm
+
+
+def matching_runs(spec: RowSpec, index_rows: list[dict]) -> list[dict]:
+    """Index rows (dicts from lowprec.runs.rows) that are runs of this table row, oldest first."""
+    return [r for r in index_rows if is_run_of(spec, r)]
+
+
+def index_rows(index: str | Path) -> list[dict]:
+    return runs.rows(index)
+
+
+def num_classes(r: dict) -> int:
+    """The class count of a run's dataset: its summary's, else the dataset's (older summaries)."""
+    n = summary_of(r).get("num_classes")
+    return int(n) if n is not None else LEGACY_NUM_CLASSES[r["data"]]
+
+
+def diverged(r: dict) -> bool:
+    """Final top-1 within 1 point of chance (100 / num_classes %)."""
+    return r["final_top1"] is not None and r["final_top1"] <= 100 / num_classes(r) + 1
+
+
+# ----------------------------------------------------------------------------- paper numbers
+
+
+def paper_numbers(path: str | Path = PAPER_NUMBERS) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+def method_of(label: str) -> tuple[str, str | None]:
+    """(method, model or None) from a row label: 'luq4' or 'resnet50_imagenet_luq4'."""
+    for m in sorted(ORDER, key=len, reverse=True):
+        if label == m:
+            return m, None
+        if label.endswith("_" + m):
+            return m, label[: -len(m) - 1].split("_imagenet")[0].split("_cifar10")[0]
+    return label, None
+
+
+def paper_cell(table: str, scale: str, label: str, paper: dict | None = None) -> tuple[str, str]:
+    """(paper top-1, paper claim/degradation) for a row."""
+    p = paper_numbers() if paper is None else paper
+    luq_claim, mvue_claim = p["luq_claim"], p["mvue_claim"]
+    method, model = method_of(label)
+    model = model or p["paper_model"].get(scale)
+    luq_style = table.startswith("luq") or (not table.startswith("mvue") and (
+        method in luq_claim and method not in mvue_claim))  # mixed tables: by method
+    if luq_style:
+        v = p["luq_top1"].get(model, {}).get(method)
+        base = p["luq_top1"].get(model, {}).get("fp32")
+        if method == "fp32":
+            deg = "baseline"
+        else:
+            deg = f"{base - v:+.2f}" if v is not None and base is not None else luq_claim.get(method, "")
+        return ("—" if v is None else f"{v:.2f} ({model})"), deg
+    return "—", mvue_claim.get(method, "")
+
+
+# ----------------------------------------------------------------------------- row statistics
+
+
+def mean_std(xs):
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def collect(table: str, scale: str, index: str | None, overrides=()):
+    """(row specs, {label: matching index rows}, index path) of one table."""
+    specs = [compose_row(r, list(overrides)) for r in rows(scale, table)]
+    idx = index or str(REPO / specs[0].index)
+    allrows = index_rows(idx)
+    found = {s.label: matching_runs(s, allrows) for s in specs}
+    return specs, found, idx
+
+
+def base_label(specs, spec):
+    """The fp32 row a row is compared with: same model/data (and weight N:M), fp32/fp32, no FNT."""
+    for s in specs:
+        if (s.grad, s.fwd, s.fnt_epochs) == ("fp32", "fp32", 0) and (s.model, s.data) == (
+                spec.model, spec.data) and s.weight_nm == spec.weight_nm:
+            return s.label
+    for s in specs:  # a sparse-weight row with no sparse-weight fp32 row: the dense one
+        if (s.grad, s.fwd, s.fnt_epochs, s.weight_nm) == ("fp32", "fp32", 0, None) and (
+                s.model, s.data) == (spec.model, spec.data):
+            return s.label
+    return None
+
+
+def epoch_values(r: dict, key: str) -> list[float]:
+    """Per-epoch values of `key` from the end-of-epoch records of a run's metrics.jsonl."""
+    return [x[key] for x in epoch_records(r) if key in x]
+
+
+def epoch_records(r: dict) -> list[dict]:
+    """The end-of-epoch records (with `epoch` and `top1`) of a run's metrics.jsonl."""
+    p = Path(r["run_dir"]) / "metrics.jsonl"
+    if not p.exists():
+        return []
+    recs = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+    return [x for x in recs if "epoch" in x and "top1" in x]
+
+
+def table_rows(specs, found) -> list[dict]:
+    """One dict of statistics per row (module docstring), in the order of `specs`."""
+    out = []
+    for s in specs:
+        by_seed = {r["seed"]: r for r in found[s.label]}  # newest per seed wins (oldest first)
+        top1 = [r["final_top1"] for r in by_seed.values()]
+        bl = base_label(specs, s)
+        base = {r["seed"]: r["final_top1"] for r in found.get(bl, [])} if bl else {}
+        deg = [base[sd] - r["final_top1"] for sd, r in by_seed.items() if sd in base]
+        own = [r["degradation"] for r in by_seed.values() if r["degradation"] is not None]
+        wall = [r["wall_time"] for r in by_seed.values() if r["wall_time"] is not None]
+        curves = [epoch_values(r, "top1") for r in by_seed.values()]
+        losses = [c[-1] for c in (epoch_values(r, "train_loss") for r in by_seed.values()) if c]
+        out.append(dict(spec=s, seeds=sorted(by_seed), top1=mean_std(top1), deg=mean_std(deg),
+                        low=mean_std([min(c) for c in curves if c]),
+                        best=mean_std([max(c) for c in curves if c]), loss=mean_std(losses),
+                        own_deg=mean_std(own), wall=mean_std(wall), base=bl,
+                        runs=[by_seed[k] for k in sorted(by_seed)],
+                        diverged=sum(1 for r in by_seed.values() if diverged(r))))
+    return out
+
+
+# ----------------------------------------------------------------------------- claim checks
+
+
+def verdict(worse, better, claim: str) -> str:
+    """Is `worse`'s degradation larger than `better`'s beyond seed noise? (module docstring)"""
+    (mw, sw), nw = worse["deg"], len(worse["seeds"])
+    (mb, sb), nb = better["deg"], len(better["seeds"])
+    diff = mw - mb
+    if sw is None or sb is None:
+        return f"{claim}? one seed only, no noise estimate (difference {diff:+.2f})"
+    noise = 2 * math.sqrt(sw ** 2 / nw + sb ** 2 / nb)
+    if diff > noise:
+        return f"{claim}: shown (difference {diff:+.2f} > 2 s.e. {noise:.2f})"
+    if diff < -noise:
+        return f"{claim}: the OPPOSITE is shown at this scale (difference {diff:+.2f}, 2 s.e. {noise:.2f})"
+    return f"{claim}: NOT shown at this scale (difference {diff:+.2f} within 2 s.e. {noise:.2f})"
+
+
+def checks(trs) -> list[str]:
+    """One markdown bullet per paper claim the table's rows can test."""
+    by = {t["spec"].label: t for t in trs if t["top1"][0] is not None and t["deg"][0] is not None}
+    out = []
+
+    def d(lbl):
+        return by[lbl]["deg"][0]
+
+    for mse, mv in (("mse12", "mvue12"), ("mse24", "mvue24")):
+        if mse in by and mv in by:
+            out.append(f"- {mse} degrades {d(mse):+.2f}, {mv} {d(mv):+.2f} → "
+                       + verdict(by[mse], by[mv], f"MSE mask worse than MVUE ({mse[-2]}:{mse[-1]})"))
+    if "fp4_rdn" in by and "luq4" in by:
+        out.append(f"- fp4_rdn degrades {d('fp4_rdn'):+.2f} (final top-1 {by['fp4_rdn']['top1'][0]:.2f}), "
+                   f"luq4 {d('luq4'):+.2f} → " + verdict(by["fp4_rdn"], by["luq4"],
+                                                        "biased FP4 worse than LUQ (final top-1)"))
+        lo, ll = by["fp4_rdn"]["low"][0], by["luq4"]["low"][0]
+        lf = by["fp32"]["low"][0] if "fp32" in by else None
+        if lo is not None and ll is not None:
+            out.append(f"- Stability: lowest end-of-epoch top-1 fp4_rdn {lo:.2f}, luq4 {ll:.2f}"
+                       + (f", fp32 {lf:.2f}" if lf is not None else "") + " → "
+                       + (("fp4_rdn is unstable during training ("
+                           + ("it ends at chance: diverged)" if by["fp4_rdn"]["diverged"]
+                              else "it does not diverge to chance here)"))
+                          if lo < ll - 5 else "no instability of fp4_rdn visible"))
+    if "int4_sr" in by and "luq4" in by:
+        out.append(f"- int4_sr {d('int4_sr'):+.2f} vs luq4 {d('luq4'):+.2f} → "
+                   + verdict(by["int4_sr"], by["luq4"], "INT4-SR worse than LUQ"))
+    if "radix4" in by and "luq4" in by:
+        out.append(f"- radix4 (Ultra-low) {d('radix4'):+.2f} vs luq4 {d('luq4'):+.2f} → "
+                   + verdict(by["radix4"], by["luq4"], "Ultra-low worse than LUQ"))
+    if "luq4_smp2" in by and "luq4" in by:
+        out.append(f"- luq4 {d('luq4'):+.2f} vs luq4_smp2 {d('luq4_smp2'):+.2f} → "
+                   + verdict(by["luq4"], by["luq4_smp2"], "SMP-2 improves on LUQ")
+                   + "; SMP's variance reduction itself is measured in results/estimators.md.")
+    for f in ("luq4_fnt1", "luq4_fnt2", "luq4_fnt3"):
+        if f in by and "luq4" in by:
+            out.append(f"- {f} {d(f):+.2f} vs luq4 {d('luq4'):+.2f} (both vs the fp32 row) → "
+                       + verdict(by["luq4"], by[f], "FNT recovers accuracy"))
+    return out
