@@ -1,6 +1,9 @@
 """model=chargpt: shapes, causality, parameter count, what convert() converts, the trainer's
 loss/top-k code on its [B, V, T] logits."""
 
+import math
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -96,3 +99,18 @@ def test_model_spec_validation():
     with pytest.raises(ValueError, match=r"block_size=32 is shorter than the data's windows \(data.block_size=64\)"):
         build_model(spec, num_classes=10, in_channels=1, image_size=64)
     assert isinstance(build_model(spec, num_classes=10, in_channels=1, image_size=16), nn.Module)
+
+
+def test_yaml_builds_forward_backward():
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    spec = instantiate(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model" / "chargpt.yaml"))
+    assert spec.source == "lm" and spec.kwargs == {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64,
+                                                   "dropout": 0.0}
+    m = build_model(spec, num_classes=84, in_channels=1, image_size=64)
+    x, y = torch.randint(0, 84, (2, 64)), torch.randint(0, 84, (2, 64))
+    loss = F.cross_entropy(m(x), y)
+    assert abs(loss.item() - math.log(84)) < 0.1  # small init: near-uniform predictions
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())

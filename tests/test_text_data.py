@@ -183,3 +183,19 @@ def test_hydra_data_configs_instantiate_with_the_model_context():
         cfg = compose("config", overrides=["data=shakespeare_char", "model=chargpt"])
         spec = instantiate(cfg.data)
         assert spec.name == "shakespeare_char" and spec.block_size == 64 and spec.root is not None
+
+
+def test_text_data_yamls_instantiate_standalone():
+    """Without a model in the config, block_size falls back to 64; data=text still demands a path."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "data"
+    spec = instantiate(OmegaConf.load(conf / "shakespeare_char.yaml"))
+    assert isinstance(spec, td.TextDataSpec) and spec.block_size == 64 and spec.download is True
+    cfg = OmegaConf.load(conf / "text.yaml")
+    cfg.path = str(SAMPLE)
+    assert instantiate(cfg).path == str(SAMPLE)
+    cfg.path = None
+    with pytest.raises(Exception, match="data=text needs data.path"):
+        instantiate(cfg)
