@@ -9,17 +9,30 @@ Sources and their kwargs:
   channels, no max-pool, three stages of n basic blocks with 16/32/64 channels (strides 1/2/2),
   global average pool, linear head; depth 6n+2 (``CIFAR_RESNETS``). kwargs: ``width`` (channel
   multiplier, default 1), ``shortcut`` ("A": parameter-free zero-padded identity, the paper's CIFAR
-  choice, 0.27M parameters for resnet20; "B": 1x1 conv + BN projection where the shape changes).
+  choice, 0.27M parameters for resnet20; "B": 1x1 conv + BN projection where the shape changes),
+  ``zero_init_residual`` (default false; see below).
 - ``torchvision``: ``TORCHVISION_MODELS``, built with ``weights=None`` (never downloads), with
   ``num_classes`` set and the first conv replaced when ``in_channels != 3``. kwargs: ``small_stem``
   (default: ``image_size <= 64``): a CIFAR stem, i.e. the first conv becomes 3x3 stride 1 and the
   ResNet max-pool is dropped (MobileNetV2: its stride-2 stem conv becomes stride 1); resnets also
-  take ``zero_init_residual``, mobilenet_v2 takes ``width_mult`` and ``dropout``.
+  take ``zero_init_residual``, mobilenet_v2 takes ``zero_init_residual``, ``width_mult`` and
+  ``dropout``.
 - ``timm``: ``timm.create_model(name, pretrained=False, num_classes=, in_chans=, img_size=, **kwargs)``
   (``img_size`` only for models that take it, e.g. ViTs); e.g. kwargs ``patch_size: 4`` for 32x32
   inputs. Never touches the network.
 - ``lm``: ``chargpt``, the character-level decoder of ``lowprec.chargpt`` (for a data task "lm":
   ``num_classes`` = vocabulary size, ``image_size`` = window length); kwargs ``CHARGPT_DEFAULTS``.
+
+``zero_init_residual``: the scale γ of the last BatchNorm of every residual branch starts at 0,
+so each block x + γ·f(x) starts as the identity and the network as a shallow one (Goyal et al.
+2017; torchvision's flag; for MobileNetV2 the BN after the linear 1x1 projection of each block with
+a skip connection). Without it a deep ResNet's output variance grows with depth at init, and on a
+short schedule (digits: 60 SGD steps at lr 0.1) resnet50 did not get past ~14% top-1.
+
+``train_defaults``: training settings that suit this model, read by conf/optim and conf/sched
+through interpolation (``optim.lr: ${oc.select:model.train_defaults.sgd_lr,0.1}``), so they show in
+the resolved config and in the experiment key, and ``optim.lr=...`` on the command line still wins.
+Keys: ``TRAIN_DEFAULT_KEYS``. build_model ignores them.
 
 Wrong names, sources or kwargs raise ValueError naming the value and the allowed set.
 torchvision and timm are imported only when such a model is built.
@@ -36,15 +49,17 @@ from torch import nn
 
 from .chargpt import build_lm, check_lm_kwargs
 
-__all__ = ["MODEL_SOURCES", "CIFAR_RESNETS", "TORCHVISION_MODELS", "ModelSpec", "build_model", "CifarResNet"]
+__all__ = ["MODEL_SOURCES", "CIFAR_RESNETS", "TORCHVISION_MODELS", "TRAIN_DEFAULT_KEYS", "ModelSpec",
+           "build_model", "CifarResNet"]
 
 MODEL_SOURCES = ("cifar", "torchvision", "timm", "lm")  # lm: lowprec.chargpt (data task "lm")
 CIFAR_RESNETS = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9, "resnet110": 18}  # blocks/stage
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2")
-_CIFAR_KWARGS = ("width", "shortcut")
+_CIFAR_KWARGS = ("width", "shortcut", "zero_init_residual")
+TRAIN_DEFAULT_KEYS = ("sgd_lr", "adamw_lr", "warmup_epochs")
 _TV_KWARGS = {"resnet18": ("small_stem", "zero_init_residual"), "resnet34": ("small_stem", "zero_init_residual"),
               "resnet50": ("small_stem", "zero_init_residual"),
-              "mobilenet_v2": ("small_stem", "width_mult", "dropout")}
+              "mobilenet_v2": ("small_stem", "zero_init_residual", "width_mult", "dropout")}
 
 
 def _plain(x: Any) -> Any:
@@ -64,8 +79,19 @@ class ModelSpec:
     name: str
     source: str = "cifar"
     kwargs: dict = field(default_factory=dict)
+    train_defaults: dict = field(default_factory=dict)  # read by conf/optim, conf/sched; not by build_model
 
     def __post_init__(self) -> None:
+        td = _plain(self.train_defaults)
+        td = {} if td is None else td
+        if not isinstance(td, Mapping):
+            raise ValueError(f"ModelSpec.train_defaults={self.train_defaults!r} must be a mapping")
+        for k, v in td.items():
+            if k not in TRAIN_DEFAULT_KEYS:
+                raise ValueError(f"ModelSpec.train_defaults key {k!r} is not known; allowed: {TRAIN_DEFAULT_KEYS}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (k != "warmup_epochs" and v == 0):
+                raise ValueError(f"ModelSpec.train_defaults.{k}={v!r} must be a number > 0 (warmup_epochs: >= 0)")
+        object.__setattr__(self, "train_defaults", dict(td))
         if self.source not in MODEL_SOURCES:
             raise ValueError(f"ModelSpec.source={self.source!r} is not a model source; allowed: {MODEL_SOURCES}")
         if not isinstance(self.name, str) or not self.name:
@@ -105,6 +131,9 @@ class ModelSpec:
             sc = kwargs.get("shortcut", "A")
             if sc not in ("A", "B"):
                 raise ValueError(f"ModelSpec.kwargs.shortcut={sc!r}; allowed: ('A', 'B')")
+        zi = kwargs.get("zero_init_residual", False)
+        if not isinstance(zi, bool):
+            raise ValueError(f"ModelSpec.kwargs.zero_init_residual={zi!r}; allowed: true, false")
         ss = kwargs.get("small_stem")
         if ss is not None and not isinstance(ss, bool):
             raise ValueError(f"ModelSpec.kwargs.small_stem={ss!r}; allowed: true, false, null (= image_size <= 64)")
@@ -147,7 +176,7 @@ class _BasicBlock(nn.Module):
 
 class CifarResNet(nn.Module):
     def __init__(self, depth: int = 20, *, num_classes: int = 10, in_channels: int = 3, width: float = 1,
-                 shortcut: str = "A"):
+                 shortcut: str = "A", zero_init_residual: bool = False):
         super().__init__()
         assert (depth - 2) % 6 == 0, f"depth={depth} is not 6n+2"
         n = (depth - 2) // 6
@@ -167,6 +196,10 @@ class CifarResNet(nn.Module):
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out" if isinstance(m, nn.Conv2d) else "fan_in",
                                         nonlinearity="relu")
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, _BasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
@@ -190,6 +223,7 @@ def _torchvision(spec: ModelSpec, num_classes: int, in_channels: int, image_size
     kw = dict(spec.kwargs)
     small = kw.pop("small_stem", None)
     small = image_size <= 64 if small is None else small
+    zero_mb = spec.name == "mobilenet_v2" and kw.pop("zero_init_residual", False)
     model = getattr(torchvision.models, spec.name)(weights=None, num_classes=num_classes, **kw)
     if spec.name.startswith("resnet"):
         if small:
@@ -201,6 +235,10 @@ def _torchvision(spec: ModelSpec, num_classes: int, in_channels: int, image_size
         stem = model.features[0][0]
         if small or in_channels != 3:
             model.features[0][0] = _new_conv(stem, in_channels, 3, 1 if small else 2)
+        if zero_mb:  # the BN after the linear projection, in blocks that add their input back
+            for block in model.features:
+                if getattr(block, "use_res_connect", False):
+                    nn.init.zeros_(block.conv[-1].weight)
     return model
 
 
@@ -240,7 +278,8 @@ def build_model(spec: ModelSpec, *, num_classes: int, in_channels: int, image_si
     if spec.source == "cifar":
         kw = spec.kwargs
         return CifarResNet(6 * CIFAR_RESNETS[spec.name] + 2, num_classes=num_classes, in_channels=in_channels,
-                           width=kw.get("width", 1), shortcut=kw.get("shortcut", "A"))
+                           width=kw.get("width", 1), shortcut=kw.get("shortcut", "A"),
+                           zero_init_residual=kw.get("zero_init_residual", False))
     if spec.source == "torchvision":
         return _torchvision(spec, num_classes, in_channels, image_size)
     return _timm(spec, num_classes, in_channels, image_size)

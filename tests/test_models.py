@@ -130,3 +130,73 @@ def test_bad_build_args():
     with pytest.raises(ValueError, match="'bogus'"):
         build_model(ModelSpec("vit_tiny_patch16_224", "timm", {"bogus": 1}), num_classes=10, in_channels=3,
                     image_size=32)
+
+
+@pytest.mark.parametrize("name, source", [("resnet20", "cifar"), ("resnet18", "torchvision"),
+                                          ("resnet50", "torchvision"), ("mobilenet_v2", "torchvision")])
+def test_zero_init_residual_makes_every_residual_block_the_identity(name, source):
+    """zero_init_residual: the last BN of each residual branch has γ = 0, so at init every block
+    with a skip connection passes its (post-ReLU, so non-negative) input through unchanged;
+    without it the blocks do not."""
+    def residual_blocks(m):
+        from torchvision.models.mobilenetv2 import InvertedResidual
+        from torchvision.models.resnet import BasicBlock, Bottleneck
+
+        cifar_block = type(CifarResNet(20).layer1[0])
+        return [b for b in m.modules() if isinstance(b, (cifar_block, BasicBlock, Bottleneck))
+                or (isinstance(b, InvertedResidual) and b.use_res_connect)]
+
+    for zero in (True, False):
+        torch.manual_seed(0)
+        m = build_model(ModelSpec(name, source, {"zero_init_residual": zero}), num_classes=10, in_channels=1,
+                        image_size=16)
+        feats = []
+        for b in residual_blocks(m):
+            b.register_forward_hook(lambda mod, i, o: feats.append((i[0], o)))
+        assert residual_blocks(m), name
+        m(torch.randn(4, 1, 16, 16))
+        # Blocks whose shortcut changes the shape (stride / channels) are not identities either way.
+        same = [(i, o) for i, o in feats if i.shape == o.shape]
+        assert same
+        assert all(torch.equal(i, o) for i, o in same) == zero, (name, zero)
+
+
+def test_train_defaults_are_checked():
+    ModelSpec("resnet20", train_defaults={"sgd_lr": 0.05, "warmup_epochs": 0})
+    with pytest.raises(ValueError, match="'lr'"):
+        ModelSpec("resnet20", train_defaults={"lr": 0.05})
+    with pytest.raises(ValueError, match="sgd_lr=0"):
+        ModelSpec("resnet20", train_defaults={"sgd_lr": 0})
+    with pytest.raises(ValueError, match="zero_init_residual='yes'"):
+        ModelSpec("resnet50", "torchvision", {"zero_init_residual": "yes"})
+
+
+def test_model_train_defaults_reach_the_composed_config_and_the_command_line_wins():
+    """conf/optim and conf/sched read the model's train_defaults; the resolved config (what runs
+    store and what the baseline key hashes) holds the values; optim.lr=... still wins."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    want = OmegaConf.load(os.path.join(ROOT, "conf", "model", "resnet50.yaml")).train_defaults
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
+            def resolved(*ov):
+                return OmegaConf.to_container(compose("config", overrides=list(ov)), resolve=True)
+
+            c = resolved("model=resnet50")
+            assert c["optim"]["lr"] == want.sgd_lr and c["sched"]["warmup_epochs"] == want.warmup_epochs
+            assert c["model"]["kwargs"]["zero_init_residual"] is True
+            c = resolved("model=resnet50", "optim.lr=0.05", "sched.warmup_epochs=0")
+            assert (c["optim"]["lr"], c["sched"]["warmup_epochs"]) == (0.05, 0)
+            c = resolved("model=resnet50", "sched=step")  # every schedule takes the warm-up
+            assert c["sched"]["warmup_epochs"] == want.warmup_epochs
+            c = resolved("model=resnet50", "model.train_defaults.sgd_lr=0.02")
+            assert c["optim"]["lr"] == 0.02
+            c = resolved("model=resnet50", "optim=adamw")  # no adamw_lr in resnet50.yaml: AdamW's own
+            assert c["optim"]["lr"] == 1e-3
+            c = resolved()  # resnet20, the plain `python run.py`, keeps the groups' own values
+            assert (c["optim"]["lr"], c["sched"]["warmup_epochs"]) == (0.1, 0)
+    finally:
+        GlobalHydra.instance().clear()
