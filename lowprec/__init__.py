@@ -14,6 +14,7 @@ from .stats import compare, estimator_stats
 # The public functions go through the dispatcher: Triton kernels for CUDA tensors, the plain-PyTorch
 # references (lowprec.luq.luq, lowprec.nm.nm_prune, lowprec.intq.int_quant) otherwise; backend= forces one.
 from .dispatch import int_quant, luq, luq_pack, luq_unpack, nm_luq, nm_prune  # noqa: E402
-from .layers import ConvertReport, QConv2d, QLinear, collect_stats, convert, set_recipes, unconvert  # noqa: E402
+from .convert import ConvertReport, collect_stats, convert, set_recipes, unconvert  # noqa: E402
+from .layers import QConv2d, QLinear  # noqa: E402
 
 __version__ = "0.1.0"

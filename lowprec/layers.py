@@ -1,4 +1,4 @@
-"""Linear / conv2d layers with per-GEMM control of the neural gradient, and `convert()`.
+"""Linear / conv2d layers with per-GEMM control of the neural gradient.
 
 A layer computes three GEMMs (spec/algorithms.md):
 
@@ -22,7 +22,8 @@ Routing rules (one place: `_QMixin._route`):
   dtype itself and runs the GEMMs, estimators and backward GEMMs in that dtype; gradients are
   returned in the dtypes of x, W, b.
 
-Weight N:M masks (`weight_nm=(N, M)`, spec §4.5; transposable by default, see nm_weight_mask): magnitude top-N in every block of M consecutive
+Weight N:M masks (`weight_nm=(N, M)`, spec §4.5; transposable by default; the search lives in
+lowprec.weight_nm): magnitude top-N in every block of M consecutive
 weights along the flattened input-feature dimension (linear: `in_features`; conv: C_in/groups·kh·kw
 in PyTorch's weight layout), recomputed on the first forward and then every `weight_nm_every`-th
 forward in training mode (and on the first forward after `load_state_dict`). The forward and the
@@ -36,36 +37,28 @@ Statistics (`stats_every=k > 0`): every k-th backward of a layer appends one rec
 max|δ|; `state_update_*` for scalar entries of the update state, e.g. LUQ's in-hindsight max).
 `collect_stats(model)` averages and clears them. With stats_every=0 backward does no extra work.
 
-`convert()` swaps the class of eligible nn.Linear / nn.Conv2d modules in place (the module object,
-its Parameters, buffers and hooks are kept; state_dict keys are unchanged). Converting a model that
-already holds converted layers is a ValueError; use `set_recipes()` to change recipes in place
-(e.g. for FNT) or `unconvert()` first.
+Layers are made by `lowprec.convert.convert()` (a class swap of an existing nn.Linear / nn.Conv2d:
+the module object, its Parameters, buffers and hooks are kept; state_dict keys are unchanged) or
+`QLinear.from_linear` / `QConv2d.from_conv`. Run-time state that is not in state_dict (estimator
+state, weight mask and its schedule) goes through `lp_state_dict()` / `load_lp_state_dict()`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import functools
-import itertools
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = [
-    "QLinear",
-    "QConv2d",
-    "convert",
-    "unconvert",
-    "set_recipes",
-    "ConvertReport",
-    "collect_stats",
-    "nm_weight_mask",
-]
+from .recipes import fwd_recipe, grad_recipe
+from .stats import compare
+from .weight_nm import check_weight_nm, format_weight_nm, nm_weight_mask
+
+__all__ = ["QLinear", "QConv2d", "resolve_fwd", "resolve_grad", "recipe_name"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -73,12 +66,11 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # ----------------------------------------------------------------------------- recipes
 
 
-def _resolve_fwd(fwd: Any):
+def resolve_fwd(fwd: Any):
+    """A FwdRecipe from a FwdRecipe-like object, a registry name, or None (= "fp32")."""
     if fwd is None:
         fwd = "fp32"
     if isinstance(fwd, str):
-        from .recipes import fwd_recipe
-
         return fwd_recipe(fwd)
     for attr in ("weight", "act"):
         if not hasattr(fwd, attr):
@@ -86,12 +78,11 @@ def _resolve_fwd(fwd: Any):
     return fwd
 
 
-def _resolve_grad(grad: Any):
+def resolve_grad(grad: Any):
+    """A GradRecipe from a GradRecipe-like object, a registry name, or None (= "fp32")."""
     if grad is None:
         grad = "fp32"
     if isinstance(grad, str):
-        from .recipes import grad_recipe
-
         return grad_recipe(grad)
     for attr in ("backward", "update", "samples", "shared", "identity"):
         if not hasattr(grad, attr):
@@ -101,81 +92,8 @@ def _resolve_grad(grad: Any):
     return grad
 
 
-def _fwd_identity(fwd) -> bool:
-    return fwd.weight is None and fwd.act is None
-
-
-def _name(recipe) -> str:
+def recipe_name(recipe) -> str:
     return str(getattr(recipe, "name", type(recipe).__name__))
-
-
-# ----------------------------------------------------------------------------- N:M weight masks
-
-
-@functools.lru_cache(maxsize=None)
-def _transposable_patterns(n: int, m: int) -> torch.Tensor:
-    """Every m×m 0/1 matrix with exactly n ones in each row and each column, as [count, m*m]."""
-    rows = [r for r in itertools.product((0, 1), repeat=m) if sum(r) == n]
-    pats = [p for p in itertools.product(rows, repeat=m) if all(sum(col) == n for col in zip(*p))]
-    return torch.tensor(pats, dtype=torch.float32).reshape(len(pats), m * m)
-
-
-def nm_weight_mask(weight: torch.Tensor, n: int, m: int, transposable: bool = False) -> torch.Tensor:
-    """Bool mask, same shape as `weight`: the `n` largest |w| of every block of `m` consecutive
-    entries of `weight.reshape(out, -1)` (the input-feature / C_in·kh·kw dimension). A tail shorter
-    than `m` is padded with entries that are never preferred to a real one and then dropped.
-
-    transposable: N:M along both dimensions of `weight.reshape(out, -1)`, so that W (forward GEMM)
-    and Wᵀ (backward GEMM) are both N:M (spec §4.5). Per m×m tile, the pattern with n ones per row
-    and per column that keeps the most |w| (exact: all patterns are scored; 90 for 2:4)."""
-    if transposable:
-        return _transposable_mask(weight, n, m)
-    w = weight.detach().reshape(weight.shape[0], -1).abs()
-    k = w.shape[1]
-    pad = (-k) % m
-    if pad:
-        w = F.pad(w, (0, pad), value=-1.0)
-    blocks = w.reshape(w.shape[0], -1, m)
-    idx = blocks.topk(n, dim=-1).indices
-    mask = torch.zeros(blocks.shape, dtype=torch.bool, device=w.device).scatter_(-1, idx, True)
-    return mask.reshape(w.shape[0], -1)[:, :k].reshape(weight.shape)
-
-
-def _transposable_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    w = weight.detach().reshape(weight.shape[0], -1).abs().float()
-    rows, cols = w.shape
-    w = F.pad(w, (0, (-cols) % m, 0, (-rows) % m))  # padding is dropped below
-    R, C = w.shape[0] // m, w.shape[1] // m
-    tiles = w.reshape(R, m, C, m).permute(0, 2, 1, 3).reshape(R, C, m * m)
-    pats = _transposable_patterns(n, m).to(w.device)
-    best = (tiles @ pats.t()).argmax(-1)
-    mask = pats[best].reshape(R, C, m, m).permute(0, 2, 1, 3).reshape(R * m, C * m)
-    return mask[:rows, :cols].bool().reshape(weight.shape)
-
-
-def _check_nm(weight_nm, transposable: bool = False) -> tuple[int, int, bool] | None:
-    """(N, M, transposable) from (N, M) or (N, M, transposable)."""
-    if weight_nm is None:
-        return None
-    try:
-        vals = tuple(weight_nm)
-        n, m = int(vals[0]), int(vals[1])
-        if len(vals) == 3:
-            transposable = bool(vals[2])
-        elif len(vals) != 2:
-            raise ValueError
-    except (TypeError, ValueError, IndexError):
-        raise ValueError(f"weight_nm must be None or a pair (N, M), got {weight_nm!r}") from None
-    if not (0 < n <= m):
-        raise ValueError(f"weight_nm=(N, M) needs 0 < N <= M, got {weight_nm!r}")
-    if transposable and m > 4:
-        raise ValueError(f"transposable weight masks enumerate every M×M pattern and support M <= 4, "
-                         f"got weight_nm={n}:{m}; set weight_nm_transposable=false")
-    return n, m, bool(transposable)
-
-
-def _nm_str(nm) -> str:
-    return "none" if nm is None else f"{nm[0]}:{nm[1]}" + (" transposable" if nm[2] else "")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -220,6 +138,16 @@ def _accumulate_mean(first: torch.Tensor, more: Callable[[], torch.Tensor], s: i
     return acc.div_(s).to(first.dtype)
 
 
+def _to_device(obj, dev):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dev)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, dev) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, dev) for v in obj)
+    return obj
+
+
 def _scalar(v) -> float | None:
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         return float(v)
@@ -251,12 +179,55 @@ class _QMixin:
         self._lp_orig_class = orig_class
 
     def extra_repr(self) -> str:
-        s = super().extra_repr() + f", fwd={_name(self.fwd_recipe)}, grad={_name(self.grad_recipe)}"
+        s = super().extra_repr() + f", fwd={recipe_name(self.fwd_recipe)}, grad={recipe_name(self.grad_recipe)}"
         if self.weight_nm is not None:
-            s += f", weight_nm={_nm_str(self.weight_nm)}/{self.weight_nm_every}"
+            s += f", weight_nm={format_weight_nm(self.weight_nm)}/{self.weight_nm_every}"
         if self.stats_every:
             s += f", stats_every={self.stats_every}"
         return s
+
+    # ---- public run-time state (what state_dict does not hold)
+    def lp_state_dict(self) -> dict[str, Any]:
+        """Run-time state that shapes later steps but is not in state_dict: the estimators' state
+        (e.g. LUQ's in-hindsight max), the weight mask and the forward count that schedules its
+        recomputation. The live objects, not copies (save them before the next step). Keys are
+        those of the checkpoint format: "lp_state", "_lp_nm_calls", "weight_mask"."""
+        return {"lp_state": self.lp_state, "_lp_nm_calls": self._lp_nm_calls, "weight_mask": self.weight_mask}
+
+    def load_lp_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of lp_state_dict(), tensors moved to the weight's device; call it after
+        load_state_dict (which resets the weight mask to be recomputed)."""
+        unknown = sorted(set(state) - {"lp_state", "_lp_nm_calls", "weight_mask"})
+        if unknown:
+            raise ValueError(f"load_lp_state_dict: unknown key {unknown[0]!r}; "
+                             "expected 'lp_state', '_lp_nm_calls', 'weight_mask'")
+        dev = self.weight.device
+        if "lp_state" in state:
+            self.lp_state = _to_device(state["lp_state"], dev)
+        if "_lp_nm_calls" in state:
+            self._lp_nm_calls = _to_device(state["_lp_nm_calls"], dev)
+        if "weight_mask" in state:
+            self.weight_mask = _to_device(state["weight_mask"], dev)
+
+    def reset_lp_state(self) -> None:
+        """Forget the estimators' state (e.g. after a recipe change)."""
+        self.lp_state = {"backward": {}, "update": {}}
+
+    def pop_stats(self) -> list[dict[str, float]]:
+        """The statistics records since the last call (see module docstring); clears them."""
+        recs, self._lp_stats = self._lp_stats, []
+        return recs
+
+    def restore_class(self) -> None:
+        """Turn this layer back into the class it was converted from, in place (inverse of the
+        class swap: Parameters, persistent buffers and hooks are kept)."""
+        orig = self._lp_orig_class
+        if hasattr(self, "weight_mask"):
+            del self.weight_mask  # nn.Module.__delattr__ unregisters the buffer
+        for attr in ("fwd_recipe", "grad_recipe", "lp_state", "weight_nm", "weight_nm_every", "_lp_nm_calls",
+                     "stats_every", "_lp_bwd_calls", "_lp_stats", "_lp_orig_class"):
+            self.__dict__.pop(attr, None)
+        self.__class__ = orig
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -324,8 +295,6 @@ class _QMixin:
         return self._lp_bwd_calls % self.stats_every == 0
 
     def _record_stats(self, delta, d_b, d_u, need_b, need_u, gw_hat, exact_gw: Callable[[], torch.Tensor]):
-        from .stats import compare
-
         d = delta.float()
         rec: dict[str, float] = {"absmax": float(d.abs().max())}
         if need_u:
@@ -406,7 +375,7 @@ class QLinear(_QMixin, nn.Linear):
     @classmethod
     def from_linear(cls, lin: nn.Linear, *, fwd="fp32", grad="fp32", weight_nm=None,
                     weight_nm_every: int = 100, stats_every: int = 0) -> "QLinear":
-        _swap(lin, cls, _resolve_fwd(fwd), _resolve_grad(grad), _check_nm(weight_nm), weight_nm_every, stats_every)
+        _swap(lin, cls, resolve_fwd(fwd), resolve_grad(grad), check_weight_nm(weight_nm), weight_nm_every, stats_every)
         return lin  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -464,7 +433,7 @@ class QConv2d(_QMixin, nn.Conv2d):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, *, fwd="fp32", grad="fp32", weight_nm=None,
                   weight_nm_every: int = 100, stats_every: int = 0) -> "QConv2d":
-        _swap(conv, cls, _resolve_fwd(fwd), _resolve_grad(grad), _check_nm(weight_nm), weight_nm_every, stats_every)
+        _swap(conv, cls, resolve_fwd(fwd), resolve_grad(grad), check_weight_nm(weight_nm), weight_nm_every, stats_every)
         return conv  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -489,12 +458,6 @@ class QConv2d(_QMixin, nn.Conv2d):
         return z.squeeze(0) if unbatched else z
 
 
-# ----------------------------------------------------------------------------- convert
-
-
-_Q_CLASS = {nn.Linear: QLinear, nn.Conv2d: QConv2d}
-
-
 def _swap(mod, qcls, fwd, grad, weight_nm, weight_nm_every, stats_every):
     if isinstance(mod, _QMixin):
         raise ValueError(f"{type(mod).__name__} is already converted; use set_recipes() or unconvert()")
@@ -502,206 +465,3 @@ def _swap(mod, qcls, fwd, grad, weight_nm, weight_nm_every, stats_every):
     mod.__class__ = qcls
     mod._lp_init(fwd, grad, weight_nm=weight_nm, weight_nm_every=weight_nm_every,
                  stats_every=stats_every, orig_class=orig)
-
-
-def _ineligible_reason(mod: nn.Module, parent: nn.Module | None) -> tuple[type | None, str | None]:
-    """(base class, None) if convertible, else (base or None, reason)."""
-    base = nn.Linear if isinstance(mod, nn.Linear) else nn.Conv2d if isinstance(mod, nn.Conv2d) else None
-    if base is None:
-        return None, f"unsupported layer type {type(mod).__name__}"
-    if type(mod).forward is not base.forward:
-        return base, f"{type(mod).__name__} overrides forward"
-    from torch.nn.utils import parametrize
-
-    if parametrize.is_parametrized(mod):
-        return base, "parametrized module"
-    if isinstance(mod.weight, nn.parameter.UninitializedParameter):
-        return base, "uninitialized (lazy) module"
-    if isinstance(parent, nn.MultiheadAttention):
-        return base, "inside nn.MultiheadAttention (weights used functionally)"
-    return base, None
-
-
-@dataclass
-class ConvertReport:
-    """What `convert()` did. `converted`: qualified names; `skipped`: name -> reason."""
-
-    converted: list[str] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)
-    types: dict[str, str] = field(default_factory=dict)
-    fwd: str = "fp32"
-    grad: str = "fp32"
-    weight_nm: tuple[int, int, bool] | None = None  # (N, M, transposable)
-    stats_every: int = 0
-
-    @property
-    def num_converted(self) -> int:
-        return len(self.converted)
-
-    @property
-    def num_skipped(self) -> int:
-        return len(self.skipped)
-
-    def __str__(self) -> str:
-        head = (f"lowprec.convert: fwd={self.fwd} grad={self.grad} weight_nm={_nm_str(self.weight_nm)} "
-                f"stats_every={self.stats_every}: {self.num_converted} converted, {self.num_skipped} skipped")
-        rows = [(n, self.types.get(n, ""), "converted", "") for n in self.converted]
-        rows += [(n, self.types.get(n, ""), "skipped", r) for n, r in self.skipped.items()]
-        order = {n: i for i, n in enumerate(self.types)}
-        rows.sort(key=lambda r: order.get(r[0], len(order)))
-        if not rows:
-            return head + "\n(no linear/conv layers found)"
-        w0 = max(5, *(len(r[0]) for r in rows))
-        w1 = max(4, *(len(r[1]) for r in rows))
-        lines = [head, f"{'layer':<{w0}}  {'type':<{w1}}  {'status':<9}  reason"]
-        lines += [f"{r[0]:<{w0}}  {r[1]:<{w1}}  {r[2]:<9}  {r[3]}".rstrip() for r in rows]
-        return "\n".join(lines)
-
-
-def convert(
-    model: nn.Module,
-    *,
-    fwd: Any = "fp32",
-    grad: Any = "fp32",
-    skip: str | Sequence[str] | None = "first_last",
-    module_filter_fn: Callable[[nn.Module, str], bool] | None = None,
-    weight_nm: tuple[int, int] | None = None,
-    weight_nm_every: int = 100,
-    stats_every: int = 0,
-    weight_nm_transposable: bool = True,
-) -> ConvertReport:
-    """Convert eligible nn.Linear / nn.Conv2d modules of `model` in place; return a report.
-
-    fwd / grad: a FwdRecipe / GradRecipe or a registry name ("int4", "luq4", ...).
-    skip: "first_last" keeps the first and last eligible layers (module order, before the filter)
-        in high precision; a list of qualified names skips those (unknown names: ValueError);
-        None skips none.
-    module_filter_fn(module, fqn) -> bool: convert only where True.
-    weight_nm=(N, M): N:M-sparse weights in forward; weight_nm_transposable (default, spec §4.5)
-        makes the mask N:M along both weight dimensions so the backward GEMM's Wᵀ is N:M too.
-    Eligible: nn.Linear / nn.Conv2d and subclasses that do not override forward, not
-    parametrized, not lazy, not the out_proj of nn.MultiheadAttention. Other ones are reported as
-    skipped with the reason. Converting nothing while a non-identity recipe (or weight_nm) was asked
-    for raises ValueError. A model that already has converted layers raises ValueError
-    (use set_recipes() to change recipes, or unconvert()).
-    """
-    fwd_r = _resolve_fwd(fwd)
-    grad_r = _resolve_grad(grad)
-    nm = _check_nm(weight_nm, weight_nm_transposable)
-    if not isinstance(weight_nm_every, int) or weight_nm_every < 1:
-        raise ValueError(f"weight_nm_every must be an int >= 1, got {weight_nm_every!r}")
-    if not isinstance(stats_every, int) or stats_every < 0:
-        raise ValueError(f"stats_every must be an int >= 0, got {stats_every!r}")
-    if skip is not None and skip != "first_last":
-        if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
-            raise ValueError(f"skip must be 'first_last', None or a list of qualified names, got {skip!r}")
-        skip = list(skip)
-
-    already = [n for n, m in model.named_modules() if isinstance(m, _QMixin)]
-    if already:
-        raise ValueError(
-            f"model already has {len(already)} converted layers (e.g. {already[0]!r}); "
-            "use lowprec.layers.set_recipes(model, ...) or unconvert(model) first")
-
-    report = ConvertReport(fwd=_name(fwd_r), grad=_name(grad_r), weight_nm=nm, stats_every=stats_every)
-    candidates: list[tuple[str, nn.Module, type]] = []
-    parents: dict[int, nn.Module] = {}
-    for _, m in model.named_modules():
-        for child in m.children():
-            parents.setdefault(id(child), m)
-    for name, mod in model.named_modules():
-        if not isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)):
-            continue
-        report.types[name] = type(mod).__name__
-        base, reason = _ineligible_reason(mod, parents.get(id(mod)))
-        if reason is not None:
-            report.skipped[name] = reason
-        else:
-            candidates.append((name, mod, base))
-
-    if isinstance(skip, list):
-        unknown = [s for s in skip if s not in report.types]
-        if unknown:
-            raise ValueError(f"skip names not found among linear/conv layers: {unknown}; "
-                             f"layers are: {list(report.types)}")
-    first_last = set()
-    if skip == "first_last" and candidates:
-        first_last = {candidates[0][0], candidates[-1][0]}
-
-    for name, mod, base in candidates:
-        if isinstance(skip, list) and name in skip:
-            report.skipped[name] = "in skip list"
-        elif name in first_last:
-            report.skipped[name] = ("first" if name == candidates[0][0] else "last") + " layer (skip='first_last')"
-        elif module_filter_fn is not None and not module_filter_fn(mod, name):
-            report.skipped[name] = "module_filter_fn returned False"
-        else:
-            _swap(mod, _Q_CLASS[base], fwd_r, grad_r, nm, weight_nm_every, stats_every)
-            report.converted.append(name)
-
-    identity = grad_r.identity and _fwd_identity(fwd_r) and nm is None
-    if not report.converted and not identity:
-        raise ValueError(
-            f"convert() converted no layer although a non-identity recipe was requested "
-            f"(fwd={report.fwd}, grad={report.grad}, weight_nm={nm}); this would silently train "
-            f"in full precision.\n{report}")
-    return report
-
-
-def _q_modules(model: nn.Module):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, _QMixin)]
-
-
-def set_recipes(model: nn.Module, *, fwd: Any = None, grad: Any = None, stats_every: int | None = None,
-                reset_state: bool = True) -> int:
-    """Change the recipes of every converted layer in place (None = keep); e.g. FNT switches
-    grad to "fp32" while keeping the forward weight quantizer. Resets estimator state unless
-    reset_state=False. Returns the number of layers updated; ValueError if none."""
-    layers = _q_modules(model)
-    if not layers:
-        raise ValueError("set_recipes: model has no converted layers (call convert() first)")
-    fwd_r = None if fwd is None else _resolve_fwd(fwd)
-    grad_r = None if grad is None else _resolve_grad(grad)
-    for _, m in layers:
-        if fwd_r is not None:
-            m.fwd_recipe = fwd_r
-        if grad_r is not None:
-            m.grad_recipe = grad_r
-        if stats_every is not None:
-            m.stats_every = int(stats_every)
-        if reset_state:
-            m.lp_state = {"backward": {}, "update": {}}
-    return len(layers)
-
-
-def unconvert(model: nn.Module) -> list[str]:
-    """Turn every converted layer back into its original class in place; returns their names."""
-    names = []
-    for name, m in _q_modules(model):
-        orig = m._lp_orig_class
-        m._buffers.pop("weight_mask", None)
-        m._non_persistent_buffers_set.discard("weight_mask")
-        for attr in ("fwd_recipe", "grad_recipe", "lp_state", "weight_nm", "weight_nm_every", "_lp_nm_calls",
-                     "stats_every", "_lp_bwd_calls", "_lp_stats", "_lp_orig_class"):
-            m.__dict__.pop(attr, None)
-        m.__class__ = orig
-        names.append(name)
-    return names
-
-
-def collect_stats(model: nn.Module) -> dict[str, dict[str, float]]:
-    """{layer_name: {metric: mean over the records since the last call, ..., "records": n}} for
-    every converted layer that recorded something; clears the records."""
-    out: dict[str, dict[str, float]] = {}
-    for name, m in _q_modules(model):
-        recs = m._lp_stats
-        if not recs:
-            continue
-        keys: dict[str, list[float]] = {}
-        for r in recs:
-            for k, v in r.items():
-                keys.setdefault(k, []).append(v)
-        out[name] = {k: sum(v) / len(v) for k, v in keys.items()}
-        out[name]["records"] = float(len(recs))
-        m._lp_stats = []
-    return out

@@ -164,7 +164,7 @@ def bench_training(args, device: str) -> tuple[list[str], list[str]]:
     notes = []
     try:
         import torchvision
-        from lowprec.layers import convert
+        from lowprec.convert import convert
     except Exception as e:  # noqa: BLE001 - report, do not fail the kernel table
         return [], [f"training step skipped: {type(e).__name__}: {e}"]
     # What the estimators will run here (LOWPREC_BACKEND honoured), from the dispatcher itself.

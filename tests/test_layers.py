@@ -13,8 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lowprec.stats
-from lowprec.layers import (ConvertReport, QConv2d, QLinear, collect_stats, convert, nm_weight_mask, set_recipes,
-                            unconvert)
+from lowprec.convert import ConvertReport, collect_stats, convert, set_recipes, unconvert
+from lowprec.layers import QConv2d, QLinear
+from lowprec.weight_nm import nm_weight_mask
 from lowprec.recipes import GradRecipe, fwd_recipe, grad_recipe
 
 FP32 = GradRecipe("fp32")

@@ -1,0 +1,241 @@
+"""Turn a model's nn.Linear / nn.Conv2d layers into QLinear / QConv2d and back; their run-time state.
+
+`convert()` swaps the class of eligible nn.Linear / nn.Conv2d modules in place (the module object,
+its Parameters, buffers and hooks are kept; state_dict keys are unchanged) and returns a
+`ConvertReport` naming every linear/conv layer with what happened to it and why. Converting a model
+that already holds converted layers is a ValueError; use `set_recipes()` to change recipes in place
+(e.g. for FNT) or `unconvert()` first. `collect_stats()` averages and clears the layers' statistics.
+
+`layer_state()` / `load_layer_state()` carry what state_dict does not: per converted layer
+(qualified name) the dict of `QLinear.lp_state_dict()` — the estimators' state (LUQ's in-hindsight
+max) and the weight-N:M mask with the forward count that schedules its recomputation — so that a
+resumed run takes the same steps as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from .layers import QConv2d, QLinear, recipe_name, resolve_fwd, resolve_grad
+from .weight_nm import check_weight_nm, format_weight_nm
+
+__all__ = ["convert", "set_recipes", "unconvert", "collect_stats", "ConvertReport", "converted_layers",
+           "layer_state", "load_layer_state"]
+
+_MAKE = {nn.Linear: QLinear.from_linear, nn.Conv2d: QConv2d.from_conv}
+# every torch conv layer (the report lists the unsupported ones as skipped, with the reason)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def converted_layers(model: nn.Module) -> Iterator[tuple[str, QLinear | QConv2d]]:
+    """(qualified name, layer) for every converted layer of `model`, in module order."""
+    for name, m in model.named_modules():
+        if isinstance(m, (QLinear, QConv2d)):
+            yield name, m
+
+
+def layer_state(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """{layer name: layer.lp_state_dict()} for every converted layer (the checkpoint's "layer_state")."""
+    return {n: m.lp_state_dict() for n, m in converted_layers(model)}
+
+
+def load_layer_state(model: nn.Module, states: dict[str, dict[str, Any]]) -> None:
+    """Inverse of layer_state(); call it after load_state_dict (which resets the weight masks)."""
+    mods = dict(model.named_modules())
+    for n, st in states.items():
+        mods[n].load_lp_state_dict(st)
+
+
+def _ineligible_reason(mod: nn.Module, parent: nn.Module | None) -> tuple[type | None, str | None]:
+    """(base class, None) if convertible, else (base or None, reason)."""
+    base = nn.Linear if isinstance(mod, nn.Linear) else nn.Conv2d if isinstance(mod, nn.Conv2d) else None
+    if base is None:
+        return None, f"unsupported layer type {type(mod).__name__}"
+    if type(mod).forward is not base.forward:
+        return base, f"{type(mod).__name__} overrides forward"
+    if parametrize.is_parametrized(mod):
+        return base, "parametrized module"
+    if isinstance(mod.weight, nn.parameter.UninitializedParameter):
+        return base, "uninitialized (lazy) module"
+    if isinstance(parent, nn.MultiheadAttention):
+        return base, "inside nn.MultiheadAttention (weights used functionally)"
+    return base, None
+
+
+@dataclass
+class ConvertReport:
+    """What `convert()` did. `converted`: qualified names; `skipped`: name -> reason."""
+
+    converted: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    types: dict[str, str] = field(default_factory=dict)
+    fwd: str = "fp32"
+    grad: str = "fp32"
+    weight_nm: tuple[int, int, bool] | None = None  # (N, M, transposable)
+    stats_every: int = 0
+
+    @property
+    def num_converted(self) -> int:
+        return len(self.converted)
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    def __str__(self) -> str:
+        head = (f"lowprec.convert: fwd={self.fwd} grad={self.grad} weight_nm={format_weight_nm(self.weight_nm)} "
+                f"stats_every={self.stats_every}: {self.num_converted} converted, {self.num_skipped} skipped")
+        rows = [(n, self.types.get(n, ""), "converted", "") for n in self.converted]
+        rows += [(n, self.types.get(n, ""), "skipped", r) for n, r in self.skipped.items()]
+        order = {n: i for i, n in enumerate(self.types)}
+        rows.sort(key=lambda r: order.get(r[0], len(order)))
+        if not rows:
+            return head + "\n(no linear/conv layers found)"
+        w0 = max(5, *(len(r[0]) for r in rows))
+        w1 = max(4, *(len(r[1]) for r in rows))
+        lines = [head, f"{'layer':<{w0}}  {'type':<{w1}}  {'status':<9}  reason"]
+        lines += [f"{r[0]:<{w0}}  {r[1]:<{w1}}  {r[2]:<9}  {r[3]}".rstrip() for r in rows]
+        return "\n".join(lines)
+
+
+def convert(
+    model: nn.Module,
+    *,
+    fwd: Any = "fp32",
+    grad: Any = "fp32",
+    skip: str | Sequence[str] | None = "first_last",
+    module_filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    weight_nm: tuple[int, int] | None = None,
+    weight_nm_every: int = 100,
+    stats_every: int = 0,
+    weight_nm_transposable: bool = True,
+) -> ConvertReport:
+    """Convert eligible nn.Linear / nn.Conv2d modules of `model` in place; return a report.
+
+    fwd / grad: a FwdRecipe / GradRecipe or a registry name ("int4", "luq4", ...).
+    skip: "first_last" keeps the first and last eligible layers (module order, before the filter)
+        in high precision; a list of qualified names skips those (unknown names: ValueError);
+        None skips none.
+    module_filter_fn(module, fqn) -> bool: convert only where True.
+    weight_nm=(N, M): N:M-sparse weights in forward; weight_nm_transposable (default, spec §4.5)
+        makes the mask N:M along both weight dimensions so the backward GEMM's Wᵀ is N:M too.
+    Eligible: nn.Linear / nn.Conv2d and subclasses that do not override forward, not
+    parametrized, not lazy, not the out_proj of nn.MultiheadAttention. Other ones are reported as
+    skipped with the reason. Converting nothing while a non-identity recipe (or weight_nm) was asked
+    for raises ValueError. A model that already has converted layers raises ValueError
+    (use set_recipes() to change recipes, or unconvert()).
+    """
+    fwd_r = resolve_fwd(fwd)
+    grad_r = resolve_grad(grad)
+    nm = check_weight_nm(weight_nm, weight_nm_transposable)
+    if not isinstance(weight_nm_every, int) or weight_nm_every < 1:
+        raise ValueError(f"weight_nm_every must be an int >= 1, got {weight_nm_every!r}")
+    if not isinstance(stats_every, int) or stats_every < 0:
+        raise ValueError(f"stats_every must be an int >= 0, got {stats_every!r}")
+    if skip is not None and skip != "first_last":
+        if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
+            raise ValueError(f"skip must be 'first_last', None or a list of qualified names, got {skip!r}")
+        skip = list(skip)
+
+    already = [n for n, _ in converted_layers(model)]
+    if already:
+        raise ValueError(
+            f"model already has {len(already)} converted layers (e.g. {already[0]!r}); "
+            "use lowprec.convert.set_recipes(model, ...) or unconvert(model) first")
+
+    report = ConvertReport(fwd=recipe_name(fwd_r), grad=recipe_name(grad_r), weight_nm=nm, stats_every=stats_every)
+    candidates: list[tuple[str, nn.Module, type]] = []
+    parents: dict[int, nn.Module] = {}
+    for _, m in model.named_modules():
+        for child in m.children():
+            parents.setdefault(id(child), m)
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (nn.Linear, *_CONVS)):
+            continue
+        report.types[name] = type(mod).__name__
+        base, reason = _ineligible_reason(mod, parents.get(id(mod)))
+        if reason is not None:
+            report.skipped[name] = reason
+        else:
+            candidates.append((name, mod, base))
+
+    if isinstance(skip, list):
+        unknown = [s for s in skip if s not in report.types]
+        if unknown:
+            raise ValueError(f"skip names not found among linear/conv layers: {unknown}; "
+                             f"layers are: {list(report.types)}")
+    first_last = set()
+    if skip == "first_last" and candidates:
+        first_last = {candidates[0][0], candidates[-1][0]}
+
+    for name, mod, base in candidates:
+        if isinstance(skip, list) and name in skip:
+            report.skipped[name] = "in skip list"
+        elif name in first_last:
+            report.skipped[name] = ("first" if name == candidates[0][0] else "last") + " layer (skip='first_last')"
+        elif module_filter_fn is not None and not module_filter_fn(mod, name):
+            report.skipped[name] = "module_filter_fn returned False"
+        else:
+            _MAKE[base](mod, fwd=fwd_r, grad=grad_r, weight_nm=nm, weight_nm_every=weight_nm_every,
+                        stats_every=stats_every)
+            report.converted.append(name)
+
+    identity = grad_r.identity and fwd_r.weight is None and fwd_r.act is None and nm is None
+    if not report.converted and not identity:
+        raise ValueError(
+            f"convert() converted no layer although a non-identity recipe was requested "
+            f"(fwd={report.fwd}, grad={report.grad}, weight_nm={nm}); this would silently train "
+            f"in full precision.\n{report}")
+    return report
+
+
+def set_recipes(model: nn.Module, *, fwd: Any = None, grad: Any = None, stats_every: int | None = None,
+                reset_state: bool = True) -> int:
+    """Change the recipes of every converted layer in place (None = keep); e.g. FNT switches
+    grad to "fp32" while keeping the forward weight quantizer. Resets estimator state unless
+    reset_state=False. Returns the number of layers updated; ValueError if none."""
+    layers = list(converted_layers(model))
+    if not layers:
+        raise ValueError("set_recipes: model has no converted layers (call convert() first)")
+    fwd_r = None if fwd is None else resolve_fwd(fwd)
+    grad_r = None if grad is None else resolve_grad(grad)
+    for _, m in layers:
+        if fwd_r is not None:
+            m.fwd_recipe = fwd_r
+        if grad_r is not None:
+            m.grad_recipe = grad_r
+        if stats_every is not None:
+            m.stats_every = int(stats_every)
+        if reset_state:
+            m.reset_lp_state()
+    return len(layers)
+
+
+def unconvert(model: nn.Module) -> list[str]:
+    """Turn every converted layer back into its original class in place; returns their names."""
+    names = []
+    for name, m in list(converted_layers(model)):
+        m.restore_class()
+        names.append(name)
+    return names
+
+
+def collect_stats(model: nn.Module) -> dict[str, dict[str, float]]:
+    """{layer_name: {metric: mean over the records since the last call, ..., "records": n}} for
+    every converted layer that recorded something; clears the records."""
+    out: dict[str, dict[str, float]] = {}
+    for name, m in list(converted_layers(model)):
+        recs = m.pop_stats()
+        if not recs:
+            continue
+        keys: dict[str, list[float]] = {}
+        for r in recs:
+            for k, v in r.items():
+                keys.setdefault(k, []).append(v)
+        out[name] = {k: sum(v) / len(v) for k, v in keys.items()}
+        out[name]["records"] = float(len(recs))
+    return out
