@@ -12,9 +12,9 @@ Routing rules (one place: `_QMixin._route`):
 - Estimators with `elementwise == False` (N:M) get δ as a 2-D [C_out, tokens] matrix
   (conv: permute(1,0,2,3).reshape(C, -1); linear: reshape(-1, out).t()); the result is mapped back.
 - Each layer owns `lp_state = {"backward": {}, "update": {}}`, passed as `state=` to the estimator
-  of that slot (a shared recipe uses the "update" slot only). SMP draws 2..s get a copy of the
-  update state as it was before draw 1, so a stateful estimator (LUQ in-hindsight max) advances
-  its state once per step and every draw uses the same scale.
+  of that slot (a shared recipe uses the "update" slot only). SMP is `estimators.SMP.draws`: draws
+  2..s get a copy of the update state as it was before draw 1, so a stateful estimator (LUQ
+  in-hindsight max) advances its state once per step and every draw uses the same scale.
 - Bias gradient comes from δ_u (it is part of the update GEMM). Straight-through estimator: the
   gradients w.r.t. the unquantized W and a are those w.r.t. the quantized ones; the backward GEMMs
   see the quantized (and N:M-masked) W and the quantized a, which is what is saved for backward.
@@ -22,10 +22,10 @@ Routing rules (one place: `_QMixin._route`):
   dtype itself and runs the GEMMs, estimators and backward GEMMs in that dtype; gradients are
   returned in the dtypes of x, W, b.
 
-Weight N:M masks (`weight_nm=(N, M)`, spec §4.5; transposable by default; the search lives in
-lowprec.weight_nm): magnitude top-N in every block of M consecutive
-weights along the flattened input-feature dimension (linear: `in_features`; conv: C_in/groups·kh·kw
-in PyTorch's weight layout), recomputed on the first forward and then every `weight_nm_every`-th
+Weight N:M masks (`weight_nm=(N, M)`, spec §4.5; transposable by default; the search is
+lowprec.weight_nm): magnitude top-N in every block of M consecutive weights along the flattened
+input-feature dimension (linear: `in_features`; conv: C_in/groups·kh·kw in PyTorch's weight
+layout), recomputed on the first forward and then every `weight_nm_every`-th
 forward in training mode (and on the first forward after `load_state_dict`). The forward and the
 backward GEMM use `W ⊙ mask` (quantized after masking when a weight quantizer is on); the weight
 gradient is dense (straight-through), so pruned weights keep learning and can re-enter at the next
@@ -35,7 +35,7 @@ Statistics (`stats_every=k > 0`): every k-th backward of a layer appends one rec
 `_record_stats`; keys `rel_error`, `cosine`, `zero_frac`, `nnz_in` for δ_u vs δ; `bwd_*` for δ_b vs
 δ when δ_b is a separate estimate; `gw_*` for the weight gradient vs the exact one; `absmax` =
 max|δ|; `state_update_*` for scalar entries of the update state, e.g. LUQ's in-hindsight max).
-`collect_stats(model)` averages and clears them. With stats_every=0 backward does no extra work.
+`lowprec.convert.collect_stats(model)` averages and clears them. With stats_every=0 backward does no extra work.
 
 Layers are made by `lowprec.convert.convert()` (a class swap of an existing nn.Linear / nn.Conv2d:
 the module object, its Parameters, buffers and hooks are kept; state_dict keys are unchanged) or
@@ -46,7 +46,6 @@ state, weight mask and its schedule) goes through `lp_state_dict()` / `load_lp_s
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import Any, Callable
 
 import torch
@@ -54,13 +53,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .estimators import SMP
 from .recipes import fwd_recipe, grad_recipe
 from .stats import compare
 from .weight_nm import check_weight_nm, format_weight_nm, nm_weight_mask
 
 __all__ = ["QLinear", "QConv2d", "resolve_fwd", "resolve_grad", "recipe_name"]
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -129,13 +127,6 @@ def _prep_forward(layer, x, weight, bias, mask):
 
 def _cast(g, dtype):
     return g if g is None or g.dtype == dtype else g.to(dtype)
-
-
-def _accumulate_mean(first: torch.Tensor, more: Callable[[], torch.Tensor], s: int) -> torch.Tensor:
-    acc = first.float() if first.dtype in _LOW_PRECISION else first.clone()
-    for _ in range(s - 1):
-        acc.add_(more())
-    return acc.div_(s).to(first.dtype)
 
 
 def _to_device(obj, dev):
@@ -263,30 +254,33 @@ class _QMixin:
             return est(delta, state=state)
         return from2d(est(to2d(delta), state=state))
 
+    def _update_draws(self, delta, samples: int, to2d, from2d):
+        """(first draw, SMP mean) of the update estimator; the state rules are estimators.SMP's."""
+        est = self.grad_recipe.update
+
+        def draw(x, *, generator=None, state=None):
+            return self._estimate(est, x, state, to2d, from2d)
+
+        return SMP(draw, samples).draws(delta, state=self.lp_state["update"])
+
     def _route(self, delta, need_b: bool, need_u: bool, to2d, from2d):
         """Return (δ_b, δ_u); either may be `delta` itself (exact), both may be the same object."""
         g = self.grad_recipe
-        st = self.lp_state
         d_b = d_u = delta
         s = int(g.samples)
         if g.shared and g.update is not None:
             if not (need_b or need_u):
                 return d_b, d_u
-            est = g.update
-            snap = copy.deepcopy(st["update"]) if (need_u and s > 1) else None
-            first = self._estimate(est, delta, st["update"], to2d, from2d)
+            # without an update GEMM only the first draw is needed: no extra draws, no extra RNG use
+            first, mean = self._update_draws(delta, s if need_u else 1, to2d, from2d)
             d_b = first
             if need_u:
-                d_u = first if s == 1 else _accumulate_mean(
-                    first, lambda: self._estimate(est, delta, copy.deepcopy(snap), to2d, from2d), s)
+                d_u = mean
             return d_b, d_u
         if need_b and g.backward is not None:
-            d_b = self._estimate(g.backward, delta, st["backward"], to2d, from2d)
+            d_b = self._estimate(g.backward, delta, self.lp_state["backward"], to2d, from2d)
         if need_u and g.update is not None:
-            snap = copy.deepcopy(st["update"]) if s > 1 else None
-            first = self._estimate(g.update, delta, st["update"], to2d, from2d)
-            d_u = first if s == 1 else _accumulate_mean(
-                first, lambda: self._estimate(g.update, delta, copy.deepcopy(snap), to2d, from2d), s)
+            d_u = self._update_draws(delta, s, to2d, from2d)[1]
         return d_b, d_u
 
     def _stats_due(self) -> bool:
