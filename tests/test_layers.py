@@ -13,10 +13,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lowprec.stats
-from lowprec.convert import ConvertReport, collect_stats, convert, set_recipes, unconvert
+from lowprec.convert import (ConvertReport, collect_stats, convert, converted_layers, layer_state, load_layer_state,
+                             set_recipes, unconvert)
+from lowprec.estimators import LUQ
 from lowprec.layers import QConv2d, QLinear
-from lowprec.weight_nm import nm_weight_mask
 from lowprec.recipes import GradRecipe, fwd_recipe, grad_recipe
+from lowprec.weight_nm import nm_weight_mask
 
 FP32 = GradRecipe("fp32")
 
@@ -604,6 +606,35 @@ def test_weight_nm_recompute_cadence():
     lin.load_state_dict(sd)
     lin(x)
     assert torch.equal(lin.weight_mask, m1)  # recomputed from the loaded weights
+
+
+def test_layer_state_round_trip_makes_the_next_step_identical():
+    """layer_state/load_layer_state carry what state_dict does not (LUQ's in-hindsight max, the
+    weight mask and its schedule): a copy loaded with both takes the same next step."""
+    torch.manual_seed(17)
+    model = mlp()
+    convert(model, grad=GradRecipe("luq", backward=LUQ(4, hindsight=0.5), update=LUQ(4, hindsight=0.5)),
+            weight_nm=(2, 4), weight_nm_every=3)
+    x = torch.randn(5, 8)
+    for _ in range(2):
+        model(x).sum().backward()
+    states = layer_state(model)
+    assert list(states) == [n for n, _ in converted_layers(model)] == ["2", "4"]
+    assert set(states["2"]) == {"lp_state", "_lp_nm_calls", "weight_mask"} and states["2"]["_lp_nm_calls"] == 2
+    assert states["2"]["lp_state"]["update"]  # LUQ kept its in-hindsight max
+    twin = mlp()
+    convert(twin, grad=model[2].grad_recipe, weight_nm=(2, 4), weight_nm_every=3)
+    twin.load_state_dict(model.state_dict())
+    load_layer_state(twin, copy.deepcopy(states))
+    grads = []
+    for m in (model, twin):
+        m.zero_grad()
+        torch.manual_seed(18)
+        m(x).sum().backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    with pytest.raises(ValueError, match="unknown key 'nm_calls'"):
+        twin[2].load_lp_state_dict({"nm_calls": 1})
 
 
 # ----------------------------------------------------------------------------- stats
