@@ -181,17 +181,21 @@ class _QMixin:
     def lp_state_dict(self) -> dict[str, Any]:
         """Run-time state that shapes later steps but is not in state_dict: the estimators' state
         (e.g. LUQ's in-hindsight max), the weight mask and the forward count that schedules its
-        recomputation. The live objects, not copies (save them before the next step). Keys are
-        those of the checkpoint format: "lp_state", "_lp_nm_calls", "weight_mask"."""
-        return {"lp_state": self.lp_state, "_lp_nm_calls": self._lp_nm_calls, "weight_mask": self.weight_mask}
+        recomputation, and the backward count that schedules the statistics (stats_every), so a
+        resumed run records its statistics at the same steps. The live objects, not copies (save
+        them before the next step). Keys are those of the checkpoint format: "lp_state",
+        "_lp_nm_calls", "weight_mask", "_lp_bwd_calls"."""
+        return {"lp_state": self.lp_state, "_lp_nm_calls": self._lp_nm_calls,
+                "weight_mask": self.weight_mask, "_lp_bwd_calls": self._lp_bwd_calls}
 
     def load_lp_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of lp_state_dict(), tensors moved to the weight's device; call it after
-        load_state_dict (which resets the weight mask to be recomputed)."""
-        unknown = sorted(set(state) - {"lp_state", "_lp_nm_calls", "weight_mask"})
+        load_state_dict (which resets the weight mask to be recomputed). A missing key keeps
+        the current value (checkpoints written before "_lp_bwd_calls" existed still load)."""
+        unknown = sorted(set(state) - {"lp_state", "_lp_nm_calls", "weight_mask", "_lp_bwd_calls"})
         if unknown:
             raise ValueError(f"load_lp_state_dict: unknown key {unknown[0]!r}; "
-                             "expected 'lp_state', '_lp_nm_calls', 'weight_mask'")
+                             "expected 'lp_state', '_lp_nm_calls', 'weight_mask', '_lp_bwd_calls'")
         dev = self.weight.device
         if "lp_state" in state:
             self.lp_state = _to_device(state["lp_state"], dev)
@@ -199,6 +203,8 @@ class _QMixin:
             self._lp_nm_calls = _to_device(state["_lp_nm_calls"], dev)
         if "weight_mask" in state:
             self.weight_mask = _to_device(state["weight_mask"], dev)
+        if "_lp_bwd_calls" in state:
+            self._lp_bwd_calls = int(state["_lp_bwd_calls"])
 
     def reset_lp_state(self) -> None:
         """Forget the estimators' state (e.g. after a recipe change)."""

@@ -620,7 +620,8 @@ def test_layer_state_round_trip_makes_the_next_step_identical():
         model(x).sum().backward()
     states = layer_state(model)
     assert list(states) == [n for n, _ in converted_layers(model)] == ["2", "4"]
-    assert set(states["2"]) == {"lp_state", "_lp_nm_calls", "weight_mask"} and states["2"]["_lp_nm_calls"] == 2
+    assert set(states["2"]) == {"lp_state", "_lp_nm_calls", "weight_mask", "_lp_bwd_calls"}
+    assert states["2"]["_lp_nm_calls"] == 2
     assert states["2"]["lp_state"]["update"]  # LUQ kept its in-hindsight max
     twin = mlp()
     convert(twin, grad=model[2].grad_recipe, weight_nm=(2, 4), weight_nm_every=3)
@@ -673,3 +674,27 @@ def test_stats_cadence_and_off(monkeypatch):
     monkeypatch.setattr(lowprec.stats, "compare", boom)
     model(torch.randn(4, 8)).sum().backward()
     assert collect_stats(model) == {} and model[2]._lp_bwd_calls == 0
+
+
+def test_layer_state_carries_the_stats_schedule():
+    """The backward count that schedules statistics (stats_every) is part of layer_state, so a
+    resumed run records statistics at the same steps; a state without it (older checkpoints)
+    still loads and keeps the count."""
+    torch.manual_seed(19)
+    model = mlp()
+    convert(model, grad=GradRecipe("luq", backward=LUQ(4), update=LUQ(4)), stats_every=3)
+    x = torch.randn(5, 8)
+    for _ in range(2):
+        model(x).sum().backward()
+    states = layer_state(model)
+    assert states["2"]["_lp_bwd_calls"] == 2
+    twin = mlp()
+    convert(twin, grad=model[2].grad_recipe, stats_every=3)
+    load_layer_state(twin, copy.deepcopy(states))
+    for m in (model, twin):
+        m[2].pop_stats()
+        m(x).sum().backward()  # the third backward: due in both
+        assert len(m[2].pop_stats()) == 1
+    old = {k: v for k, v in states["2"].items() if k != "_lp_bwd_calls"}
+    twin[2].load_lp_state_dict(old)
+    assert twin[2].lp_state_dict()["_lp_bwd_calls"] == 3
