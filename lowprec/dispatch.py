@@ -25,6 +25,9 @@ import os
 import torch
 from torch import Tensor
 
+from .fp4 import block_luq as block_luq_reference
+from .fp4 import mxfp4 as mxfp4_reference
+from .fp4 import nvfp4 as nvfp4_reference
 from .intq import int_quant as int_quant_reference
 from .kernels import interpreter_enabled, triton_available
 from .luq import luq as luq_reference
@@ -174,3 +177,39 @@ def nm_luq(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -1, bi
                         nonfinite=nonfinite)
     y = nm_prune_reference(x, n, m, method=method, dim=dim, generator=generator, nonfinite=nonfinite)
     return luq_reference(y, bits, levels=levels, generator=generator, nonfinite=nonfinite)
+
+
+def nvfp4(x: Tensor, *, dim: int = -1, rounding: str = "rtn", block_2d: bool = False,
+          generator: torch.Generator | None = None, noise: Tensor | None = None, nonfinite: str = "raise",
+          backend: str | None = "auto") -> Tensor:
+    """:func:`lowprec.fp4.nvfp4` through the chosen backend."""
+    why = "noise= was given (the kernel draws its own uniforms)" if noise is not None else None
+    if resolve(x, backend, who="nvfp4", unsupported=why) == "triton":
+        from .kernels import fp4 as k
+        return k.nvfp4(x, dim=dim, rounding=rounding, block_2d=block_2d, generator=generator, nonfinite=nonfinite)
+    return nvfp4_reference(x, dim=dim, rounding=rounding, block_2d=block_2d, generator=generator, noise=noise,
+                           nonfinite=nonfinite)
+
+
+def mxfp4(x: Tensor, *, dim: int = -1, rounding: str = "rtn", generator: torch.Generator | None = None,
+          noise: Tensor | None = None, nonfinite: str = "raise", backend: str | None = "auto") -> Tensor:
+    """:func:`lowprec.fp4.mxfp4` through the chosen backend."""
+    why = "noise= was given (the kernel draws its own uniforms)" if noise is not None else None
+    if resolve(x, backend, who="mxfp4", unsupported=why) == "triton":
+        from .kernels import fp4 as k
+        return k.mxfp4(x, dim=dim, rounding=rounding, generator=generator, nonfinite=nonfinite)
+    return mxfp4_reference(x, dim=dim, rounding=rounding, generator=generator, noise=noise, nonfinite=nonfinite)
+
+
+def block_luq(x: Tensor, bits: int = 4, *, block: int = 16, dim: int = -1, levels: int | None = None,
+              generator: torch.Generator | None = None, noise: Tensor | None = None, nonfinite: str = "raise",
+              backend: str | None = "auto") -> Tensor:
+    """:func:`lowprec.fp4.block_luq` through the chosen backend."""
+    L = luq_levels(bits, levels)
+    why = "noise= was given (the kernel draws its own uniforms)" if noise is not None else (
+        f"the kernel supports at most 127 levels, got {L}" if L > 127 else None)
+    if resolve(x, backend, who="block_luq", unsupported=why) == "triton":
+        from .kernels import fp4 as k
+        return k.block_luq(x, bits, block=block, dim=dim, levels=levels, generator=generator, nonfinite=nonfinite)
+    return block_luq_reference(x, bits, block=block, dim=dim, levels=levels, generator=generator, noise=noise,
+                               nonfinite=nonfinite)

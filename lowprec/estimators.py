@@ -33,6 +33,7 @@ from torch import Tensor
 from . import dispatch
 from ._common import check_nonfinite_mode
 from .baselines import fp4_rdn, int_sr, int_sr_variance, radix4
+from .fp4 import block_luq_variance, check_block, check_rounding, fp4_sr_variance
 from .intq import CLIP_METHODS, check_bits
 from .luq import luq_levels, luq_variance
 from .nm import check_nm, nm_variance
@@ -258,6 +259,118 @@ class IntSR:
 
     def expected_variance(self, x: Tensor) -> Tensor:
         return int_sr_variance(x, self.bits)
+
+
+# ----------------------------------------------------------------------------- block-scaled FP4
+
+
+def _check_dim(dim) -> None:
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise ValueError(f"dim={dim!r}: expected an integer")
+
+
+@dataclass(frozen=True)
+class NVFP4:
+    """NVFP4 quantize-dequantize (see :func:`lowprec.fp4.nvfp4`): E2M1 in blocks of 16 along ``dim``
+    (``block_2d``: 16x16 tiles of the ``[shape[0], -1]`` view, for weights), E4M3 block scale, FP32
+    tensor scale. ``rounding='rtn'``: the published rule (biased); ``'sr'``: stochastic rounding with
+    the block scale rounded up (unbiased). Layers present 2-D operands (see :mod:`lowprec.layers`)."""
+
+    rounding: str = "sr"
+    dim: int = -1
+    block_2d: bool = False
+    nonfinite: str = "raise"
+
+    def __post_init__(self):
+        check_rounding(self.rounding)
+        _check_dim(self.dim)
+        check_nonfinite_mode(self.nonfinite)
+
+    elementwise = False
+
+    @property
+    def unbiased(self) -> bool:
+        return self.rounding == "sr"
+
+    @property
+    def name(self) -> str:
+        return f"nvfp4_{self.rounding}" + ("_2d" if self.block_2d else "")
+
+    def __call__(self, x: Tensor, *, generator=None, state=None, noise=None) -> Tensor:
+        return dispatch.nvfp4(x, dim=self.dim, rounding=self.rounding, block_2d=self.block_2d, generator=generator,
+                              noise=noise, nonfinite=self.nonfinite, backend=None)
+
+    def expected_variance(self, x: Tensor) -> Tensor | None:
+        if self.rounding == "rtn":
+            return _zero_variance(x)
+        return fp4_sr_variance(x, "nvfp4", dim=self.dim, block_2d=self.block_2d)
+
+
+@dataclass(frozen=True)
+class MXFP4:
+    """MXFP4 quantize-dequantize (see :func:`lowprec.fp4.mxfp4`): E2M1 in blocks of 32 along ``dim``,
+    E8M0 scale. ``'rtn'``: the OCP scale rule (clips (6, 8)·X: biased); ``'sr'``: scale rounded up,
+    stochastic rounding (unbiased)."""
+
+    rounding: str = "sr"
+    dim: int = -1
+    nonfinite: str = "raise"
+
+    def __post_init__(self):
+        check_rounding(self.rounding)
+        _check_dim(self.dim)
+        check_nonfinite_mode(self.nonfinite)
+
+    elementwise = False
+
+    @property
+    def unbiased(self) -> bool:
+        return self.rounding == "sr"
+
+    @property
+    def name(self) -> str:
+        return f"mxfp4_{self.rounding}"
+
+    def __call__(self, x: Tensor, *, generator=None, state=None, noise=None) -> Tensor:
+        return dispatch.mxfp4(x, dim=self.dim, rounding=self.rounding, generator=generator, noise=noise,
+                              nonfinite=self.nonfinite, backend=None)
+
+    def expected_variance(self, x: Tensor) -> Tensor | None:
+        if self.rounding == "rtn":
+            return _zero_variance(x)
+        return fp4_sr_variance(x, "mxfp4", dim=self.dim)
+
+
+@dataclass(frozen=True)
+class BlockLUQ:
+    """LUQ with one max per ``block`` (16 or 32) elements along ``dim`` (see
+    :func:`lowprec.fp4.block_luq`); unbiased, closed-form variance."""
+
+    bits: int = 4
+    block: int = 16
+    dim: int = -1
+    levels: int | None = None
+    nonfinite: str = "raise"
+
+    def __post_init__(self):
+        luq_levels(self.bits, self.levels)
+        check_block(self.block)
+        _check_dim(self.dim)
+        check_nonfinite_mode(self.nonfinite)
+
+    unbiased = True
+    elementwise = False
+
+    @property
+    def name(self) -> str:
+        return f"luq{self.bits}_b{self.block}" + ("" if self.levels is None else f"_L{self.levels}")
+
+    def __call__(self, x: Tensor, *, generator=None, state=None, noise=None) -> Tensor:
+        return dispatch.block_luq(x, self.bits, block=self.block, dim=self.dim, levels=self.levels,
+                                  generator=generator, noise=noise, nonfinite=self.nonfinite, backend=None)
+
+    def expected_variance(self, x: Tensor) -> Tensor:
+        return block_luq_variance(x, self.bits, block=self.block, dim=self.dim, levels=self.levels)
 
 
 # ----------------------------------------------------------------------------- composition

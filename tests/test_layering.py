@@ -20,7 +20,7 @@ FACADE = "lowprec"  # lowprec/__init__.py
 # Bottom-up. Names are module paths inside lowprec ("kernels.luq"); "kernels.*" covers the subpackage.
 LAYERS: list[tuple[str, ...]] = [
     ("_common",),
-    ("luq", "nm", "intq", "baselines", "packing", "weight_nm"),  # reference functions
+    ("luq", "nm", "intq", "baselines", "packing", "weight_nm", "fp4", "hadamard"),  # reference functions
     ("kernels", "kernels.*"),  # Triton twins
     ("dispatch",),
     ("estimators",),
