@@ -7,14 +7,28 @@ depend on: model, optimizer, schedule position (the optimizer step), the trainin
 its recomputation counter) and every RNG state (torch, numpy, python, cuda; one per DDP rank).
 Restoring all of it makes a resumed run end with the same weights as an uninterrupted one.
 Files are written to a temporary name, fsynced and renamed: a kill leaves the old or the new
-file, never a torn one.
+file, never a torn one; the temporary file a kill leaves behind is removed by the next run in
+that directory (`remove_stale_tmp`, called while the run directory's lock is held).
+
+Safety: a checkpoint holds only tensors, plain containers, numbers and strings (RNG states as
+tensors), and is read with `torch.load(weights_only=True)`: a file planted in a run directory
+cannot execute code. Checkpoints written before RNG states were tensors hold numpy arrays; those
+(and only those) extra types are admitted for them. A file that cannot be read, or holds
+anything else, is a ValueError naming the file (one `error:` line from run.py).
+
+Test hook: LOWPREC_TEST_KILL_AT=<point> makes the process SIGKILL itself when it reaches the named
+point (`kill_point`), so crash-safety tests kill at exact places (mid-epoch, during the
+checkpoint write, between summary and index row) instead of by timing; LOWPREC_TEST_RAISE_AT=
+<point> raises a ValueError there instead (a planted bug: run.py must show its traceback).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import random
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +48,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def kill_point(point: str) -> None:
+    """SIGKILL this process if LOWPREC_TEST_KILL_AT names `point`; raise a ValueError (a planted
+    bug) if LOWPREC_TEST_RAISE_AT does (crash-safety and error-reporting tests only)."""
+    if os.environ.get("LOWPREC_TEST_RAISE_AT") == point:
+        raise ValueError(f"test hook: planted error at {point}")
+    if os.environ.get("LOWPREC_TEST_KILL_AT") == point:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+    """Every RNG state as tensors and plain data (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    st = {"torch": torch.get_rng_state(),
+          "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                    float(gauss)],
           "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         st["cuda"] = torch.cuda.get_rng_state_all()
@@ -44,8 +73,11 @@ def rng_state() -> dict:
 
 def set_rng_state(st: dict) -> None:
     torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["python"])
+    kind, keys, *rest = st["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((kind, keys.astype(np.uint32), *rest))
+    v, internal, gauss = st["python"]
+    random.setstate((v, tuple(internal), gauss))
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
 
@@ -67,9 +99,22 @@ def atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         torch.save(obj, f)
+        kill_point("ckpt_write")  # the temporary file written, not yet synced or renamed
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    kill_point("ckpt_replaced")
+
+
+def remove_stale_tmp(directory: Path) -> list[Path]:
+    """Delete the *.tmp<pid> files a killed write left in `directory` (call it only while
+    holding the directory's run lock: another live writer's file would go too)."""
+    gone = []
+    if directory.is_dir():
+        for p in directory.glob("*.tmp*"):
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
 
 
 def atomic_write_text(text: str, path: Path) -> None:
@@ -105,13 +150,55 @@ def save_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
         }, path)
 
 
+# The types a checkpoint may hold besides tensors and plain data: only the numpy RNG state of
+# checkpoints written before RNG states were stored as tensors.
+_LEGACY_NUMPY = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype,
+                 "numpy._core.multiarray._reconstruct": np._core.multiarray._reconstruct,
+                 "numpy.core.multiarray._reconstruct": np._core.multiarray._reconstruct,
+                 "numpy.dtypes.UInt32DType": type(np.dtype(np.uint32))}
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "skipped", "best_top1", "last",
+                   "rng", "layer_state", "elapsed", "key", "names")
+
+
+def read_checkpoint(path: Path) -> dict:
+    """The checkpoint at `path`, read with weights_only=True; ValueError (naming the file and
+    what to do) when it is unreadable, holds code or other objects, or lacks a field."""
+    what = ("delete it to train from scratch, or point hydra.run.dir at another run directory")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        try:
+            extra = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception:  # not even a zip archive
+            extra = None
+        if not extra or not extra <= set(_LEGACY_NUMPY):
+            found = f" ({', '.join(sorted(extra))})" if extra else ""
+            raise ValueError(f"{path}: refused: the checkpoint holds objects other than tensors "
+                             f"and plain data{found}; it was not written by lowprec or was "
+                             f"altered: {what}") from e
+        try:
+            with torch.serialization.safe_globals(list(set(_LEGACY_NUMPY.values()))):
+                ck = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e2:
+            raise ValueError(f"{path}: not a readable checkpoint ({type(e2).__name__}); "
+                             f"{what}") from e2
+    except Exception as e:  # truncated, zero bytes, random bytes, not a zip, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first[:120]}); "
+                         f"{what}") from e
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise ValueError(f"{path}: not a lowprec checkpoint (missing {', '.join(missing)}); {what}")
+    return ck
+
+
 def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                     key: str, names: dict[str, str], d: Dist,
                     before_layer_state: Callable[[int], Any] | None = None) -> Progress:
     """Restore `path` into `model` and `optimizer` (and this rank's RNG state) and return the
     progress. `before_layer_state(epoch)` runs after the weights are loaded and before the layer
     state is (it may change the recipes, e.g. to enter FNT, which resets that state)."""
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = read_checkpoint(path)
     if ck["key"] != key or ck["names"] != names:
         raise ValueError(f"{path} was written by a different configuration "
                          f"({ck['names']}); use another hydra.run.dir or trainer.resume=false")

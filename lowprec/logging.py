@@ -4,6 +4,12 @@ One small interface (`Logger`); the training loop calls it and knows nothing abo
 class is the no-op (non-zero DDP ranks, logger.mode=disabled, or W&B failed to start). W&B never
 crashes or blocks a run: a failed import or init, or a failed log call, prints one warning and
 turns W&B off for the rest of the run; with no WANDB_API_KEY the default mode is offline.
+Online mode is checked once per process (`wandb_online_ok`: the key and the server, at most
+WANDB_CHECK_TIMEOUT_S seconds); when the check fails every run of the process (a baseline trained
+first, then the requested run) logs offline, after one warning.
+
+metrics.jsonl is strict JSON: a non-finite number (a NaN loss of an epoch whose steps were all
+skipped) is written as null.
 """
 
 from __future__ import annotations
@@ -13,10 +19,13 @@ import json
 import math
 import os
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .runs import dumps
 
 MODES = ("auto", "online", "offline", "disabled")
 
@@ -98,7 +107,7 @@ class JsonlLogger(Logger):
 
     def log_metrics(self, metrics, step):
         with open(self.path, "a") as f:
-            f.write(json.dumps({**metrics, "step": step}, sort_keys=True, default=_jsonable) + "\n")
+            f.write(dumps({**metrics, "step": step}, sort_keys=True) + "\n")
 
 
 class WandbLogger(Logger):
@@ -113,7 +122,8 @@ class WandbLogger(Logger):
         self.run = wandb.init(
             project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags),
             name=name, dir=str(cfg.dir or run_dir), mode=mode, id=run_id, resume="allow",
-            settings=wandb.Settings(init_timeout=60, console="off", silent=True),
+            settings=wandb.Settings(init_timeout=30 if mode == "online" else 10, console="off",
+                                    silent=True),
         )
         print(f"logger: W&B {mode} run {self.run.id} in {self.run.dir}", flush=True)
 
@@ -188,11 +198,56 @@ class MultiLogger(Logger):
             lg.finish()
 
 
+WANDB_CHECK_TIMEOUT_S = 5.0
+# {"result": None (online works) or why not}: filled by the one check of this process.
+ONLINE_CHECK: dict[str, str | None] = {}
+
+
+def probe_wandb() -> None:
+    """Raise unless the W&B server answers and accepts the key (one GraphQL round trip)."""
+    import wandb
+
+    wandb.Api(timeout=max(1, int(WANDB_CHECK_TIMEOUT_S))).viewer  # noqa: B018 (the request)
+
+
+def wandb_online_ok() -> str | None:
+    """None when online W&B works, else why not. Checked once per process, in a daemon thread
+    given WANDB_CHECK_TIMEOUT_S seconds (a bad key or an unreachable server must not stall
+    every run for W&B's own 60-s timeouts)."""
+    if "result" not in ONLINE_CHECK:
+        box: list[BaseException | None] = []
+
+        def probe():
+            try:
+                probe_wandb()
+                box.append(None)
+            except BaseException as e:  # noqa: BLE001 (reported, never raised)
+                box.append(e)
+
+        th = threading.Thread(target=probe, daemon=True, name="wandb-check")
+        th.start()
+        th.join(WANDB_CHECK_TIMEOUT_S)
+        if not box:
+            why = f"no answer within {WANDB_CHECK_TIMEOUT_S:g} s"
+        elif box[0] is not None:
+            e = box[0]
+            why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        else:
+            why = None
+        ONLINE_CHECK["result"] = why
+        if why is not None:
+            print(f"logger: W&B online check failed ({why[:200]}); logging offline "
+                  "(`wandb sync` the run dir later)", file=sys.stderr, flush=True)
+    return ONLINE_CHECK["result"]
+
+
 def make_wandb(cfg: LoggerConfig, *, run_dir: Path, name: str) -> Logger:
     """A WandbLogger, or the no-op Logger when W&B is disabled or cannot start."""
     mode = resolve_mode(cfg.mode)
     if mode == "disabled":
         return Logger()
+    if mode == "online" and wandb_online_ok() is not None:
+        mode = "offline"
     if mode == "online" and not os.environ.get("WANDB_API_KEY"):
         print("logger: mode=online without WANDB_API_KEY; wandb may use a stored login",
               file=sys.stderr)
@@ -209,8 +264,3 @@ def make_wandb(cfg: LoggerConfig, *, run_dir: Path, name: str) -> Logger:
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-
-def _jsonable(v):
-    if hasattr(v, "item"):
-        return v.item()
-    return str(v)

@@ -9,6 +9,14 @@ lock instead of failing; each row is one `BEGIN IMMEDIATE; INSERT; COMMIT` trans
 either fully there or not at all. WAL needs a local (or lock-honouring) filesystem: on NFS point
 `index=` at a local disk or one writer per file.
 
+Status: every run that ends gets a row, its `status` column saying how: ok, diverged (more than
+trainer.max_skip_frac of its steps skipped as non-finite) or failed (the error is in the summary's
+`error`). Only `ok` rows (and rows from before the column, NULL) are ever used as baselines.
+
+Run directories: `run_dir_lock` holds an exclusive flock on <run dir>/.lock for a run's life, so
+two processes never write one directory; `check_index` opens the index and proves it readable
+and writable before any training (a corrupt or read-only file is one error naming it).
+
 No torch import here: the index is usable from scripts and notebooks without the training stack.
 """
 
@@ -16,12 +24,18 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
+import math
 import os
+import re
+import secrets
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Iterator
+
+STATUSES = ("ok", "diverged", "failed")
 
 BUSY_TIMEOUT_MS = 120_000  # a writer waits up to 2 min for the lock; inserts take milliseconds
 
@@ -59,9 +73,9 @@ _COLUMNS = ("model", "data", "fwd", "grad", "epochs", "fnt_epochs", "seed", "bat
             "wall_time")
 # Columns a summary may lack (older summaries): NULL then. `name` is the experiment's name and
 # `identity` its identity as JSON (lowprec.config.Experiment; `key` is the identity's hash).
-_OPTIONAL = ("name", "identity")
+_OPTIONAL = ("name", "identity", "status")
 # Columns added after the first index files were written: connect() adds them to an old file.
-_ADDED = {"name": "TEXT", "identity": "TEXT"}
+_ADDED = {"name": "TEXT", "identity": "TEXT", "status": "TEXT"}
 
 
 def connect(path: str | os.PathLike) -> sqlite3.Connection:
@@ -115,9 +129,12 @@ def insert(path: str | os.PathLike, summary: dict[str, Any]) -> None:
     row["name"] = summary.get("name")
     ident = summary.get("identity")
     row["identity"] = None if ident is None else json.dumps(ident, sort_keys=True, default=str)
+    row["status"] = summary.get("status", "ok")
+    if row["status"] not in STATUSES:
+        raise ValueError(f"summary status {row['status']!r}; expected one of {STATUSES}")
+    row = {k: strict_json(v) for k, v in row.items()}
     cols = ["run_dir", "finished_at", *_COLUMNS, *_OPTIONAL, "summary"]
-    vals = [str(summary["run_dir"]), time.time(), *row.values(),
-            json.dumps(summary, sort_keys=True, default=str)]
+    vals = [str(summary["run_dir"]), time.time(), *row.values(), dumps(summary, sort_keys=True)]
     sql = (f"INSERT OR REPLACE INTO runs ({', '.join(cols)}) "
            f"VALUES ({', '.join('?' * len(cols))})")
     con = connect(path)
@@ -162,8 +179,92 @@ def find_baseline(path: str | os.PathLike, *, model: str, data: str, epochs: int
                  seed=seed, batch_size=batch_size)
     if key is not None:
         where["key"] = key
-    found = rows(path, **where)
+    found = [r for r in rows(path, **where) if r.get("status") in (None, "ok")]
     return found[-1] if found else None
+
+
+def check_index(path: str | os.PathLike) -> None:
+    """Open (creating if needed) the index and prove it is a readable and writable SQLite file:
+    a ValueError naming the file and what to do otherwise. Run before any training, so a bad
+    index never costs a run."""
+    path = Path(path)
+    what = "point index=... (or out_root=...) elsewhere"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"index={path}: cannot create its directory ({e.strerror}); {what}") from e
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        raise ValueError(f"index={path}: not readable and writable by this user; {what}")
+    if not os.access(path.parent, os.W_OK):
+        raise ValueError(f"index={path}: directory {path.parent} is not writable (SQLite needs "
+                         f"its journal beside the file); {what}")
+    try:
+        con = connect(path)
+        try:
+            ok = con.execute("PRAGMA quick_check").fetchone()[0]
+            if ok != "ok":
+                raise sqlite3.DatabaseError(ok)
+            _retry(lambda: (con.execute("BEGIN IMMEDIATE"), con.execute("ROLLBACK")))
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        raise ValueError(f"index={path}: not a usable run index ({type(e).__name__}: {e}); move it "
+                         f"away (a new one is created) or {what}") from e
+
+
+def strict_json(v: Any) -> Any:
+    """`v` with every non-finite float replaced by None (JSON has no NaN or Infinity)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: strict_json(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [strict_json(x) for x in v]
+    return v
+
+
+def dumps(obj: Any, **kw: Any) -> str:
+    """Strict JSON (non-finite floats as null; other objects via their .item() or str)."""
+    def default(o):
+        return strict_json(o.item()) if hasattr(o, "item") else str(o)
+    return json.dumps(strict_json(obj), allow_nan=False, default=default, **kw)
+
+
+_PROCESS_TAG = secrets.token_hex(3)  # one per process: run dirs started in the same second differ
+
+
+def run_dir_name(overrides: str, default: str, seed: Any) -> str:
+    """A run directory's name: the overrides (or `default`), the seed and a per-process random tag,
+    in characters no shell or Hydra override needs quoted ([A-Za-z0-9._+-]): `grad=luq4,a.b=2`
+    becomes `grad-luq4_a.b-2`. Long names keep 80 characters and a hash of the rest."""
+    name = overrides or default
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "-", name.replace("=", "-").replace(",", "_"))
+    name = re.sub(r"-{2,}", "-", name).strip("-")
+    if len(name) > 100:
+        name = name[:80] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return f"{name}_s{seed}_{_PROCESS_TAG}"
+
+
+class RunDirBusy(ValueError):
+    """Another process holds the run directory's lock."""
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive flock on <run_dir>/.lock for the block; RunDirBusy at once (no wait)
+    when another process holds it. The kernel drops the lock when the holder dies (kill -9)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / ".lock", "a")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise RunDirBusy(f"hydra.run.dir={run_dir}: in use by another running process "
+                             "(its .lock is held); wait for it or use another run dir") from e
+        yield
+    finally:
+        f.close()  # closing the descriptor releases the lock
 
 
 @contextlib.contextmanager
