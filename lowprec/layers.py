@@ -22,6 +22,20 @@ Routing rules (one place: `_QMixin._route`):
   dtype itself and runs the GEMMs, estimators and backward GEMMs in that dtype; gradients are
   returned in the dtypes of x, W, b.
 
+Operand slots (issue 11): the six operands are fwd.weight / fwd.act (forward GEMM), grad.backward /
+grad.weight_bwd (δ and W in the backward GEMM), grad.update / grad.act_upd (δ and a in the update
+GEMM). Estimators with `elementwise == False` (block formats) see 2-D views whose `dim` is chosen
+by the recipe: W as [C_out, K] (K = C_in·kh·kw; forward reduction dim -1, backward dim 0), a as
+[tokens, C_in] in the forward (conv: channels last; blocks along C approximate im2col blocks) and
+as [tokens, K] in the update GEMM (conv: the im2col matrix, so blocks along tokens are exact; groups
+must be 1), δ as [C_out, tokens]. `weight_bwd` re-quantizes the high-precision (masked) W and
+`act_upd` the high-precision a, not their forward-quantized copies (both saved for backward only
+when the slot is set; zero-preserving quantizers keep pruned weights pruned). `update_rht = n`
+draws n random signs per backward from torch's RNG and rotates both update-GEMM operands along
+tokens (lowprec.hadamard.block_rht) before quantizing them; the bias gradient is then δ̂ᵤ·(R 1),
+the update GEMM with an all-ones activation column (unbiased, no extra draw). With the new slots
+None the layers run exactly the code paths they ran before.
+
 Weight N:M masks (`weight_nm=(N, M)`, spec §4.5; transposable by default; the search is
 lowprec.weight_nm): magnitude top-N in every block of M consecutive weights along the flattened
 input-feature dimension (linear: `in_features`; conv: C_in/groups·kh·kw in PyTorch's weight
@@ -54,6 +68,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .estimators import SMP
+from .hadamard import block_rht, random_signs
 from .recipes import fwd_recipe, grad_recipe
 from .stats import compare
 from .weight_nm import check_weight_nm, format_weight_nm, nm_weight_mask
@@ -108,21 +123,43 @@ def _no_autocast(x: torch.Tensor, active: bool):
     return torch.autocast(device_type=x.device.type, enabled=False) if active else contextlib.nullcontext()
 
 
+def quant_weight(est, w):
+    """``est(W)``; a block estimator (``elementwise == False``) sees W as ``[C_out, K]``."""
+    if getattr(est, "elementwise", True):
+        return est(w)
+    return est(w.reshape(w.shape[0], -1)).reshape(w.shape)
+
+
+def quant_act(est, x, conv: bool):
+    """``est(a)`` for the forward GEMM; a block estimator sees a as ``[tokens, C_in]`` (conv: channels last)."""
+    if getattr(est, "elementwise", True):
+        return est(x)
+    if conv:
+        n, c, h, w = x.shape
+        return est(x.permute(0, 2, 3, 1).reshape(-1, c)).reshape(n, h, w, c).permute(0, 3, 1, 2)
+    return est(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+
 def _prep_forward(layer, x, weight, bias, mask):
-    """Quantize/mask W and a, cast to the autocast dtype if one is active. Returns (a, w, b, cast)."""
-    fwd = layer.fwd_recipe
-    w = weight if mask is None else weight * mask
+    """Quantize/mask W and a, cast to the autocast dtype if one is active.
+    Returns (a, w, b, cast, hp): hp = (high-precision W, a) for the backward slots that need them."""
+    fwd, g = layer.fwd_recipe, layer.grad_recipe
+    conv = isinstance(layer, nn.Conv2d)
+    w_hp = w = weight if mask is None else weight * mask
     if fwd.weight is not None:
-        w = fwd.weight(w)
+        w = quant_weight(fwd.weight, w)
         if mask is not None:  # a quantizer must not revive pruned weights
             w = w * mask
-    a = x if fwd.act is None else fwd.act(x)
+    a = x if fwd.act is None else quant_act(fwd.act, x, conv)
     cdt = _autocast_dtype(x)
     b = bias
     if cdt is not None:
         a, w = a.to(cdt), w.to(cdt)
         b = None if b is None else b.to(cdt)
-    return a, w, b, cdt is not None
+    # (no copy when the forward slot is empty: the saved operand is then the high-precision one)
+    w_hp = None if getattr(g, "weight_bwd", None) is None else (w if fwd.weight is None else w_hp.detach().to(w.dtype))
+    a_hp = None if getattr(g, "act_upd", None) is None else (a if fwd.act is None else x.detach().to(a.dtype))
+    return a, w, b, cdt is not None, (w_hp, a_hp)
 
 
 def _cast(g, dtype):
@@ -249,7 +286,7 @@ class _QMixin:
         with torch.no_grad():
             w = self.weight if mask is None else self.weight * mask
             if self.fwd_recipe.weight is not None:
-                w = self.fwd_recipe.weight(w)
+                w = quant_weight(self.fwd_recipe.weight, w)
                 if mask is not None:
                     w = w * mask
         return w.detach()
@@ -289,6 +326,40 @@ class _QMixin:
             d_u = self._update_draws(delta, s, to2d, from2d)[1]
         return d_b, d_u
 
+    def _backward_weight(self, ctx, w):
+        """W for the backward GEMM: the saved one, or grad.weight_bwd of the high-precision W."""
+        est = getattr(self.grad_recipe, "weight_bwd", None)
+        return w if est is None else quant_weight(est, ctx.saved_tensors[2])
+
+    def _custom_update(self) -> bool:
+        g = self.grad_recipe
+        return getattr(g, "act_upd", None) is not None or getattr(g, "update_rht", None) is not None
+
+    def _update_operands(self, ctx, delta, d_u, a2_of, to2d, from2d):
+        """(δ_u [C_out, T'], a_u [T', K], ones [T', 1] or None, δ_u in δ's layout for statistics)
+        of the update GEMM when act_upd or update_rht is set. ``a2_of(t)``: t as the [T, K] operand."""
+        g = self.grad_recipe
+        a_src = ctx.saved_tensors[3] if g.act_upd is not None else ctx.saved_tensors[0]
+        a2 = a2_of(a_src)
+        ones = None
+        if g.update_rht is None:
+            d_u2 = to2d(d_u)
+            unrotated = d_u
+        else:
+            s = random_signs(g.update_rht, device=delta.device)
+            d2 = block_rht(to2d(delta), s, -1)
+            if g.update is not None:  # d2 is already the [C_out, tokens] view the estimator expects
+                d2 = SMP(g.update, int(g.samples)).draws(d2, state=self.lp_state["update"])[1]
+            d_u2 = d2
+            a2 = block_rht(a2, s, 0)
+            tokens = to2d(delta).shape[1]
+            ones = block_rht(torch.ones(tokens, 1, dtype=a2.dtype, device=a2.device), s, 0)
+
+            def unrotated():
+                return from2d(block_rht(d_u2, s, -1, inverse=True)[:, :tokens])
+        a_u = a2 if g.act_upd is None else g.act_upd(a2)
+        return d_u2, a_u, ones, unrotated
+
     def _stats_due(self) -> bool:
         # only called when stats_every > 0
         self._lp_bwd_calls += 1
@@ -313,16 +384,17 @@ class _QMixin:
 # ----------------------------------------------------------------------------- linear
 
 
-def _save(ctx, layer, a, w, x, weight, bias) -> None:
-    """Keep what the backward GEMMs must see: the quantized (and masked) a and W."""
-    ctx.save_for_backward(a, w)
+def _save(ctx, layer, a, w, x, weight, bias, hp=(None, None)) -> None:
+    """Keep what the backward GEMMs must see: the quantized (and masked) a and W, and the
+    high-precision W, a where a backward slot re-quantizes them (else None)."""
+    ctx.save_for_backward(a, w, *hp)
     ctx.layer = layer
     ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
 
 
 def _unsave(ctx, grad_out):
     """(a, W, layer, δ in the operands' dtype, need grad-input, need grad-weight, need grad-bias)."""
-    a, w = ctx.saved_tensors
+    a, w = ctx.saved_tensors[:2]
     delta = grad_out if grad_out.dtype == a.dtype else grad_out.to(a.dtype)
     return (a, w, ctx.layer, delta, *ctx.needs_input_grad[:3])
 
@@ -330,10 +402,10 @@ def _unsave(ctx, grad_out):
 class _QLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layer, mask):
-        a, w, b, cast = _prep_forward(layer, x, weight, bias, mask)
+        a, w, b, cast, hp = _prep_forward(layer, x, weight, bias, mask)
         with _no_autocast(x, cast):
             z = F.linear(a, w, b)
-        _save(ctx, layer, a, w, x, weight, bias)
+        _save(ctx, layer, a, w, x, weight, bias, hp)
         return z
 
     @staticmethod
@@ -350,12 +422,22 @@ class _QLinearFn(torch.autograd.Function):
         def from2d(t):
             return t.t().reshape(shape)
 
-        d_b, d_u = layer._route(delta, need_x, need_u, to2d, from2d)
+        custom = need_u and layer._custom_update()
+        rht = custom and layer.grad_recipe.update_rht is not None
+        d_b, d_u = layer._route(delta, need_x, need_u and not rht, to2d, from2d)
         gx = gw = gb = None
         if need_x:
-            gx = d_b.reshape(-1, out).mm(w).reshape(a.shape)
+            gx = d_b.reshape(-1, out).mm(layer._backward_weight(ctx, w)).reshape(a.shape)
         a2 = a.reshape(-1, inp)
-        if need_u:
+        if custom:
+            d_u2, a_u, ones, unrot = layer._update_operands(ctx, delta, d_u, lambda t: t.reshape(-1, inp),
+                                                            to2d, from2d)
+            gw = d_u2.mm(a_u) if need_w else None
+            if need_b:
+                gb = d_u2.sum(1) if ones is None else d_u2.mm(ones).squeeze(1)
+            if rht and layer.stats_every and layer._lp_bwd_calls % layer.stats_every == layer.stats_every - 1:
+                d_u = unrot()
+        elif need_u:
             du2 = d_u.reshape(-1, out)
             if need_w:
                 gw = du2.t().mm(a2)
@@ -388,10 +470,10 @@ class QLinear(_QMixin, nn.Linear):
 class _QConv2dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layer, mask, stride, padding, dilation, groups):
-        a, w, b, cast = _prep_forward(layer, x, weight, bias, mask)
+        a, w, b, cast, hp = _prep_forward(layer, x, weight, bias, mask)
         with _no_autocast(x, cast):
             z = F.conv2d(a, w, b, stride, padding, dilation, groups)
-        _save(ctx, layer, a, w, x, weight, bias)
+        _save(ctx, layer, a, w, x, weight, bias, hp)
         ctx.conv = (list(stride), list(padding), list(dilation), False, [0, 0], groups)
         return z
 
@@ -408,16 +490,36 @@ class _QConv2dFn(torch.autograd.Function):
         def from2d(t):
             return t.reshape(c, n, h, wd_).permute(1, 0, 2, 3)
 
-        d_b, d_u = layer._route(delta, need_x, need_u, to2d, from2d)
+        custom = need_u and layer._custom_update()
+        rht = custom and layer.grad_recipe.update_rht is not None
+        d_b, d_u = layer._route(delta, need_x, need_u and not rht, to2d, from2d)
         conv = ctx.conv
         bias_sizes = [c] if ctx.dtypes[2] is not None else None
         cb = torch.ops.aten.convolution_backward
         gx = gw = gb = None
-        if d_b is d_u or not need_x or not need_u:
+        w_b = layer._backward_weight(ctx, w) if need_x else w
+        if custom:  # the update GEMM on the im2col matrix: [C_out, tokens] @ [tokens, C_in·kh·kw]
+            if conv[5] != 1:
+                raise ValueError(f"grad recipe {recipe_name(layer.grad_recipe)!r}: act_upd/update_rht on a grouped "
+                                 f"convolution (groups={conv[5]}) is not supported")
+            if need_x:
+                gx = cb(d_b, a, w_b, None, *conv, [True, False, False])[0]
+
+            def im2col(t):
+                cols = F.unfold(t, w.shape[2:], dilation=conv[2], padding=conv[1], stride=conv[0])
+                return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+            d_u2, a_u, ones, unrot = layer._update_operands(ctx, delta, d_u, im2col, to2d, from2d)
+            gw = d_u2.mm(a_u).reshape(w.shape) if need_w else None
+            if need_b:
+                gb = d_u2.sum(1) if ones is None else d_u2.mm(ones).squeeze(1)
+            if rht and layer.stats_every and layer._lp_bwd_calls % layer.stats_every == layer.stats_every - 1:
+                d_u = unrot()
+        elif not need_x or not need_u or (d_b is d_u and w_b is w):
             d = d_b if need_x else d_u
-            gx, gw, gb = cb(d, a, w, bias_sizes, *conv, [need_x, need_w, need_b])
-        else:  # different δ per GEMM: two half calls (~1.3x one fused call on CPU)
-            gx = cb(d_b, a, w, None, *conv, [True, False, False])[0]
+            gx, gw, gb = cb(d, a, w_b if need_x else w, bias_sizes, *conv, [need_x, need_w, need_b])
+        else:  # different δ (or W) per GEMM: two half calls (~1.3x one fused call on CPU)
+            gx = cb(d_b, a, w_b, None, *conv, [True, False, False])[0]
             _, gw, gb = cb(d_u, a, w, bias_sizes, *conv, [False, need_w, need_b])
         if layer.stats_every and layer._stats_due():
             layer._record_stats(delta, d_b, d_u, need_x, need_u, gw,

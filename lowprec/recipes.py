@@ -28,7 +28,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .estimators import LUQ, Chain, FP4RDN, IntQuant, IntSR, NMPrune, Radix4, check_estimator
+from .estimators import (LUQ, MXFP4, NVFP4, BlockLUQ, Chain, FP4RDN, IntQuant, IntSR, NMPrune, Radix4,
+                         check_estimator)
+from .hadamard import check_rht_size
 
 
 ROUTES = ("dense", "update", "backward", "both", "split")
@@ -59,6 +61,11 @@ class GradRecipe:
     backward: Any = None
     update: Any = None
     samples: int = 1
+    # Per-operand slots (issue 11; None = today's behaviour, bit-identical). Layers present each
+    # operand as a 2-D matrix (lowprec.layers): W as [C_out, K], a as [tokens, C_in].
+    weight_bwd: Any = None  # W in the backward GEMM, re-quantized from the high-precision W (dim=0: along C_out)
+    act_upd: Any = None  # a in the update GEMM, re-quantized from the high-precision a (dim=0: along tokens)
+    update_rht: int | None = None  # block random Hadamard (16/32) on both update-GEMM operands, along tokens
     route: str | None = None
 
     def __post_init__(self):
@@ -72,6 +79,13 @@ class GradRecipe:
                              f"{derived!r} (routes: {', '.join(ROUTES)})")
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
             raise ValueError(f"grad recipe {self.name!r}: samples={self.samples!r}, expected an integer >= 1")
+        check_estimator(self.weight_bwd, f"grad recipe {self.name!r} weight_bwd")
+        check_estimator(self.act_upd, f"grad recipe {self.name!r} act_upd")
+        if self.update_rht is not None:
+            check_rht_size(self.update_rht)
+            if self.backward is not None and self.backward == self.update:
+                raise ValueError(f"grad recipe {self.name!r}: update_rht={self.update_rht} rotates the update "
+                                 "GEMM's δ, so one draw cannot also feed the backward GEMM (backward == update)")
         if self.samples > 1 and self.update is None:
             raise ValueError(f"grad recipe {self.name!r}: samples={self.samples} averages draws of the update "
                              "estimator, but update is None (exact δ)")
@@ -82,11 +96,12 @@ class GradRecipe:
 
     @property
     def identity(self) -> bool:
-        return self.backward is None and self.update is None
+        return (self.backward is None and self.update is None and self.weight_bwd is None
+                and self.act_upd is None and self.update_rht is None)
 
     @property
     def unbiased(self) -> bool:
-        return all(e is None or e.unbiased for e in (self.backward, self.update))
+        return all(e is None or e.unbiased for e in (self.backward, self.update, self.weight_bwd, self.act_upd))
 
 
 @dataclass(frozen=True)
@@ -111,6 +126,12 @@ def _both(name: str, est, samples: int = 1) -> GradRecipe:
 
 
 _TOKENS_DIM, _CHANNELS_DIM = -1, 0  # dims of the layer's [C_out, tokens] view of δ
+_FP4 = {"nvfp4": NVFP4, "mxfp4": MXFP4}
+
+
+def _per_gemm(name: str, cls, **kw) -> GradRecipe:
+    """``cls`` on δ with blocks along C_out for the backward GEMM and along tokens for the update GEMM."""
+    return GradRecipe(name, backward=cls(dim=_CHANNELS_DIM, **kw), update=cls(dim=_TOKENS_DIM, **kw))
 
 
 def _update_only(name: str, est) -> GradRecipe:
@@ -149,6 +170,16 @@ _GRAD: dict[str, Callable[[], GradRecipe]] = {
     "radix4": lambda: _both("radix4", Radix4()),
     "fp4_rdn": lambda: _both("fp4_rdn", FP4RDN(4)),
     "int4_sr": lambda: _both("int4_sr", IntSR(4)),
+    # Block-scaled FP4 (issue 11): blocks along each GEMM's reduction dimension, so the backward GEMM
+    # (reduction over C_out) and the update GEMM (over tokens) get separate draws.
+    **{f"{fmt}_{r}": (lambda fmt=fmt, r=r: _per_gemm(f"{fmt}_{r}", _FP4[fmt], rounding=r))
+       for fmt in ("nvfp4", "mxfp4") for r in ("rtn", "sr")},
+    # NVIDIA's recipe for the backward: SR δ, 16-point RHT on the update GEMM, a in NVFP4 (RTN) there.
+    "nvfp4_sr_rht": lambda: GradRecipe("nvfp4_sr_rht", backward=NVFP4("sr", dim=_CHANNELS_DIM),
+                                       update=NVFP4("sr", dim=_TOKENS_DIM), act_upd=NVFP4("rtn", dim=0),
+                                       update_rht=16),
+    "luq4_b16": lambda: _per_gemm("luq4_b16", BlockLUQ, bits=4, block=16),
+    "luq4_b32": lambda: _per_gemm("luq4_b32", BlockLUQ, bits=4, block=32),
     **{k: v for name, nm in _NM.items() for k, v in _nm_routes(name, *nm).items()},
     # Sparse + 4-bit: the backward GEMM gets dense LUQ δ, the update GEMM MVUE-pruned then LUQ δ.
     "mvue12_luq4": lambda: GradRecipe("mvue12_luq4", backward=LUQ(4), update=Chain((NMPrune(1, 2, "mvue"), LUQ(4)))),
@@ -159,6 +190,10 @@ _FWD: dict[str, Callable[[], FwdRecipe]] = {
     "fp32": lambda: FwdRecipe("fp32"),
     "int4": lambda: FwdRecipe("int4", weight=IntQuant(4, signed=True), act=IntQuant(4)),
     "int8": lambda: FwdRecipe("int8", weight=IntQuant(8, signed=True), act=IntQuant(8)),
+    # Block FP4, round-to-nearest, blocks along the forward GEMM's reduction dimension (W as [C_out, K],
+    # a as [tokens, C_in]: dim=-1); NVFP4 weights in 16x16 tiles (one quantized W serves W and Wᵀ).
+    "nvfp4": lambda: FwdRecipe("nvfp4", weight=NVFP4("rtn", block_2d=True), act=NVFP4("rtn", dim=-1)),
+    "mxfp4": lambda: FwdRecipe("mxfp4", weight=MXFP4("rtn", dim=-1), act=MXFP4("rtn", dim=-1)),
 }
 
 GRAD_NAMES = tuple(_GRAD)
