@@ -6,7 +6,9 @@ For each estimator (the update-GEMM estimator of each grad recipe) it prints the
 ‖mean_K δ̂ - δ‖/‖δ‖ at K = 1, 16, 256, the floor an unbiased estimator with the measured variance
 would show at K = 256 (sqrt(Var/256)/‖δ‖), the measured relative variance Σ Var/‖δ‖² and its
 closed form where one exists. Unbiased estimators fall like 1/√K down to the floor; biased ones
-(mse, fp4_rdn, radix4) stay put.
+(mse, fp4_rdn, radix4, the block formats' rtn rules) stay put. The block FP4 rows use the update
+GEMM's estimator (blocks along tokens); last, the clipping the rtn scale rules (OCP MX, NVFP4's
+E4M3-rounded scale) cause on their own.
 """
 
 import argparse
@@ -47,6 +49,14 @@ def main():
         floor = s["bias_floor@256"]
         print(f"{name:<15}{str(est.unbiased):>9}{bias[0]:>10.4f}{bias[1]:>10.4f}{bias[2]:>10.4f}{floor:>11.4f}"
               f"{var:>11.3e}{'-' if theory is None else f'{theory:.3e}':>13}{s['zero_frac']:>7.2f}")
+
+    # The block formats' published (rtn) scale rules clip: how much of their bias is clipping alone.
+    gauss = torch.randn(delta.shape, generator=g)
+    print("\nrtn scale rules, blocks along tokens: clipped fraction, clipping-only relative bias ‖(y-6)+·scale‖/‖δ‖")
+    for fmt in ("nvfp4", "mxfp4"):
+        for label, t in (("log-normal δ", delta), ("gaussian", gauss)):
+            c = lp.scale_clip_stats(t, fmt, dim=-1)
+            print(f"  {fmt:<6} {label:<13} clipped {c['clip_frac']:.4f}  bias {c['clip_rel_bias']:.4f}")
 
 
 if __name__ == "__main__":
