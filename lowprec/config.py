@@ -42,11 +42,18 @@ def register_resolvers() -> None:
     """Register the OmegaConf resolvers conf/ uses (idempotent; call before composing).
 
     ${lowprec_or:a,b,...}: the first non-empty argument (run dir name when there are no overrides).
+    ${lowprec_run_name:overrides,default,seed}: a run dir name (lowprec.runs.run_dir_name).
     """
     from omegaconf import OmegaConf
 
     OmegaConf.register_new_resolver(
         "lowprec_or", lambda *xs: next((str(x) for x in xs if x not in (None, "")), ""),
+        replace=True)
+    from .runs import run_dir_name
+
+    OmegaConf.register_new_resolver(
+        "lowprec_run_name", lambda overrides, default, seed: run_dir_name(str(overrides or ""),
+                                                                          str(default), seed),
         replace=True)
 
 
@@ -115,12 +122,19 @@ class TrainConfig:
     max_steps: int = 0            # stop after this many optimizer steps (smoke tests); 0: off
     limit_batches: int = 0        # at most this many train and eval batches per epoch; 0: off
     skip_nonfinite: bool = False  # skip steps with a non-finite loss/grad instead of failing
+    max_skip_frac: float = 0.01   # a run that skips more than this fraction of its steps: diverged
     threads: int = 0              # torch CPU threads (torch.set_num_threads); 0: torch's default
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
 
     def __post_init__(self):
         _choice("trainer.baseline", self.baseline, BASELINE_MODES)
+        for k in ("bf16", "deterministic", "resume", "skip_nonfinite"):
+            if not isinstance(getattr(self, k), bool):
+                raise ValueError(f"trainer.{k}={getattr(self, k)!r}: expected true or false")
+        if isinstance(self.max_skip_frac, bool) or not isinstance(self.max_skip_frac, (int, float)) \
+                or not 0 <= self.max_skip_frac <= 1:
+            raise ValueError(f"trainer.max_skip_frac={self.max_skip_frac!r}: expected a number in [0, 1]")
         for k in ("epochs", "fnt_epochs", "workers", "checkpoint_every", "stats_every",
                   "max_steps", "limit_batches", "threads"):
             v = getattr(self, k)
@@ -225,7 +239,11 @@ def experiment_from_cfg(cfg, *, names: dict[str, str], run_dir: str | os.PathLik
     if bad:
         raise ValueError(f"convert: unknown option {bad[0]!r}; valid: {', '.join(CONVERT_OPTIONS)}")
     if conv.get("weight_nm") is not None:
-        conv["weight_nm"] = tuple(conv["weight_nm"])
+        nm = conv["weight_nm"]
+        if (not isinstance(nm, (list, tuple)) or len(nm) != 2
+                or any(isinstance(v, bool) or not isinstance(v, int) for v in nm)):
+            raise ValueError(f"convert.weight_nm={nm!r}: expected [N, M] (two integers) or null")
+        conv["weight_nm"] = tuple(nm)
     return Experiment(
         names={k: str(names.get(k, "?")) for k in ("model", "data", "fwd", "grad")},
         data=data, model=model, fwd=fwd, grad=grad, convert=conv, trainer=trainer, logger=logger,

@@ -34,8 +34,8 @@ from torch.utils.data.distributed import DistributedSampler
 
 from . import runs
 from ._common import NonFiniteError
-from .checkpoint import (Progress, atomic_write_text, load_checkpoint, save_checkpoint,
-                         seed_everything, weights_hash)
+from .checkpoint import (Progress, atomic_write_text, kill_point, load_checkpoint,
+                         save_checkpoint, seed_everything, weights_hash)
 from .config import Experiment, OptimConfig, SchedConfig
 from .convert import collect_stats, convert, set_recipes
 from .distributed import Dist, all_true, broadcast, mean_over_ranks, setup_distributed
@@ -86,6 +86,7 @@ def train(exp: Experiment, datasets=None, *, dist: Dist | None = None,
         if epoch == t.epochs:
             enter_fnt(r.core, exp)
         _end_epoch(exp, r, prog, _train_epoch(exp, r, model, prog, epoch, logger, d), logger, d)
+        kill_point("epoch_logged")
         prog.epoch = epoch + 1
         stop = prog.epoch == r.total_epochs or bool(t.max_steps and prog.step >= t.max_steps)
         if stop or (t.checkpoint_every and prog.epoch % t.checkpoint_every == 0):
@@ -99,12 +100,22 @@ def train(exp: Experiment, datasets=None, *, dist: Dist | None = None,
               "best_top1": prog.best, "steps": prog.step, "skipped_steps": prog.skipped,
               "wall_time": prog.elapsed + time.time() - t0, "weights_sha256": weights_hash(r.core),
               "world_size": d.world, "device": str(d.device),
-              "converted_layers": r.report.num_converted}
+              "converted_layers": r.report.num_converted,
+              "status": run_status(prog.skipped, prog.step, t.max_skip_frac)}
+    if d.main and prog.skipped:
+        print(f"skipped {prog.skipped} of {prog.step} steps ({100 * prog.skipped / prog.step:.1f}%, "
+              f"non-finite loss or gradient; trainer.max_skip_frac={t.max_skip_frac}): "
+              f"status {result['status']}", flush=True)
     if finalize is not None:
         result = finalize(result)
     logger.log_summary(result)
     logger.finish()
     return result
+
+
+def run_status(skipped: int, steps: int, max_skip_frac: float) -> str:
+    """ok, or diverged when more than max_skip_frac of the steps were skipped as non-finite."""
+    return "diverged" if steps and skipped / steps > max_skip_frac else "ok"
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -276,6 +287,7 @@ def _train_epoch(exp: Experiment, r: _Run, model: nn.Module, prog: Progress, epo
             prog.skipped += 1
         prog.step += 1
         ep.images += x.shape[0] * d.world
+        kill_point(f"step{prog.step}")
         if t.stats_every and prog.step % t.stats_every == 0:
             _collect_stats(r.core, ep, logger, prog.step)
         if bar is not None:
@@ -441,10 +453,26 @@ def train_and_record(exp: Experiment, datasets=None, *, baseline: dict[str, Any]
         exp.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(OmegaConf.to_yaml(OmegaConf.create(exp.config)),
                           exp.run_dir / "resolved_config.yaml")
-    summary = train(exp, datasets, dist=d,
-                    finalize=lambda result: summarize(exp, result, baseline, baseline_status))
+    try:
+        summary = train(exp, datasets, dist=d,
+                        finalize=lambda result: summarize(exp, result, baseline, baseline_status))
+    except Exception as e:  # the run failed: record it (status failed), then let it propagate
+        if d.main:
+            _record(exp, summarize(exp, {"final_top1": None, "best_top1": None, "wall_time": None,
+                                         "status": "failed",
+                                         "error": f"{type(e).__name__}: {str(e).strip()[:500]}"},
+                                   None, "no baseline"))
+        raise
     if d.main:
-        atomic_write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n",
-                          exp.run_dir / "summary.json")
-        runs.insert(exp.index, summary)
+        _record(exp, summary)
     return summary
+
+
+def _record(exp: Experiment, summary: dict[str, Any]) -> None:
+    """summary.json (strict JSON) and the index row, in that order (a kill between them is
+    repaired by resuming: the row is written again)."""
+    atomic_write_text(runs.dumps(summary, indent=2, sort_keys=True) + "\n",
+                      exp.run_dir / "summary.json")
+    kill_point("summary_written")
+    runs.insert(exp.index, summary)
+    kill_point("indexed")

@@ -132,7 +132,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
 def test_multirun_each_job_finds_its_baseline(tmp_path):
     sweep = tmp_path / "sweep"
     ok(run_py(tmp_path, "-m", *TINY, "grad=fp32,luq4", "trainer.epochs=1", f"hydra.sweep.dir={sweep}"))
-    (fp32_dir,), (luq4_dir,) = sweep.glob("0_*grad=fp32*"), sweep.glob("1_*grad=luq4*")
+    (fp32_dir,), (luq4_dir,) = sweep.glob("0_*grad-fp32*"), sweep.glob("1_*grad-luq4*")
     fp32 = json.loads((fp32_dir / "summary.json").read_text())
     luq4 = json.loads((luq4_dir / "summary.json").read_text())
     assert fp32["baseline"] == "self" and fp32["degradation"] == 0
@@ -144,12 +144,16 @@ def test_multirun_each_job_finds_its_baseline(tmp_path):
 
 def test_skip_nonfinite_skips_diverged_steps(tmp_path):
     """lr=1e8 diverges at once: non-finite δ in LUQ (or loss) -> the steps are skipped, the run
-    completes (without the option the estimator's ValueError ends the run: exit 2)."""
+    completes; with trainer.max_skip_frac=1 its status stays ok (the default, 0.01, makes it
+    `diverged`, exit 3: tests/test_reliability.py)."""
     run_dir = tmp_path / "nf"
-    ok(run_py(tmp_path, *TINY, "grad=luq4", "optim.lr=1e8", "trainer.epochs=2",
-              "trainer.skip_nonfinite=true", "trainer.baseline=skip", f"hydra.run.dir={run_dir}"))
+    p = ok(run_py(tmp_path, *TINY, "grad=luq4", "optim.lr=1e8", "trainer.epochs=2",
+                  "trainer.skip_nonfinite=true", "trainer.max_skip_frac=1",
+                  "trainer.baseline=skip", f"hydra.run.dir={run_dir}"))
     s = json.loads((run_dir / "summary.json").read_text())
-    assert 0 < s["skipped_steps"] < s["steps"] == 4
+    assert 0 < s["skipped_steps"] < s["steps"] == 4 and s["status"] == "ok"
+    assert f"skipped {s['skipped_steps']} of 4 steps" in p.stdout
+    assert index_rows(tmp_path)[0]["status"] == "ok"
 
 
 @pytest.mark.parametrize("args, needle", [
