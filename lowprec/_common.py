@@ -3,9 +3,15 @@
 Every stochastic reference takes its uniforms either from ``noise=`` (so a Triton kernel's own
 ``tl.rand`` draws can be fed in and the outputs compared bit for bit) or draws them from
 ``generator`` (None = torch's global RNG, which the trainer seeds).
+
+Working precision (:func:`work_dtype`): fp16/bf16/fp32 inputs are computed in fp32 (block sums of
+fp16/bf16 in a wider type), fp64 inputs in fp64. Results are rounded once, to the input's dtype;
+values beyond its largest finite value are clamped to it (:func:`clamp_finite`), never made ``inf``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -18,11 +24,58 @@ class NonFiniteError(ValueError):
     """An estimator met NaN/Inf in its input (the trainer can skip such steps)."""
 
 
+class InputTypeError(TypeError, ValueError):
+    """An argument of the wrong type: a TypeError, and a ValueError so that callers that turn input
+    errors into one ``error:`` line (ValueError) treat it as one."""
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
 def check_float(x: Tensor, who: str) -> None:
     if not isinstance(x, Tensor):
-        raise TypeError(f"{who}: expected a torch.Tensor, got {type(x).__name__}")
+        raise InputTypeError(f"{who}: x={_short(x)}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{who}: expected a floating tensor (fp32/fp16/bf16/fp64), got {x.dtype}")
+        raise InputTypeError(f"{who}: expected a floating tensor (fp32/fp16/bf16/fp64), got {x.dtype}")
+
+
+def check_scalar(value, name: str, who: str, *, positive: bool) -> None:
+    """ValueError unless ``value`` is a finite real number that is > 0 (``positive``) or >= 0.
+
+    A 0-d/1-element tensor is checked too when it is on the CPU (reading it costs no device sync);
+    a CUDA tensor is trusted (the estimator classes only pass values they computed).
+    """
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.dtype.is_complex or value.dtype == torch.bool:
+            raise ValueError(f"{who}: {name} must be one number, got a tensor of shape {tuple(value.shape)}")
+        if value.is_cuda:
+            return
+        v = float(value.reshape(()))
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        v = float(value)
+    else:
+        raise ValueError(f"{who}: {name}={_short(value)}: expected a number")
+    if not math.isfinite(v) or v < 0 or (positive and v == 0):
+        want = "a finite number > 0" if positive else "a finite number >= 0"
+        raise ValueError(f"{who}: {name}={v!r}: expected {want}")
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision an estimator computes in: fp64 for fp64 inputs, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tiny_exponent(dtype: torch.dtype) -> int:
+    """``log2`` of the smallest normal of ``dtype`` (-126 fp32/bf16, -14 fp16, -1022 fp64)."""
+    return math.frexp(torch.finfo(dtype).tiny)[1] - 1
+
+
+def clamp_finite(v: Tensor, dtype: torch.dtype) -> Tensor:
+    """``v`` clamped to ``±finfo(dtype).max``: what rounds to ``inf`` in ``dtype`` becomes its largest finite value."""
+    big = torch.finfo(dtype).max
+    return torch.clamp(v, -big, big)
 
 
 def check_nonfinite_mode(mode: str) -> None:
@@ -60,9 +113,19 @@ def uniforms(shape, device, generator: torch.Generator | None, noise: Tensor | N
     return torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
 
 
-def pow2(e: Tensor) -> Tensor:
-    """2**e for integer tensors, exactly, in fp32 (ldexp: no rounding, unlike exp2 on some backends)."""
+def pow2(e: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """2**e for integer tensors, exactly, in ``dtype`` (fp32 or fp64; no rounding, unlike exp2 on some backends)."""
+    if dtype == torch.float64:
+        return torch.pow(torch.tensor(2.0, dtype=torch.float64, device=e.device), e.to(torch.float64))
     return torch.ldexp(torch.ones_like(e, dtype=torch.float32), e.to(torch.int32))
+
+
+def exact_pow2(e: Tensor, dtype: torch.dtype) -> Tensor:
+    """2**e built from the exponent field, for integer ``e`` with ``2**e`` a normal of ``dtype``
+    (fp32: [-126, 127]; fp64: [-1022, 1023]), as the kernels' ``pow2`` does."""
+    if dtype == torch.float64:
+        return ((e.to(torch.int64) + 1023) << 52).view(torch.float64)
+    return ((e.to(torch.int32) + 127) << 23).view(torch.float32)
 
 
 def floor_log2(y: Tensor) -> Tensor:

@@ -28,6 +28,7 @@ from torch import Tensor
 from .fp4 import block_luq as block_luq_reference
 from .fp4 import mxfp4 as mxfp4_reference
 from .fp4 import nvfp4 as nvfp4_reference
+from ._common import check_float, work_dtype
 from .intq import int_quant as int_quant_reference
 from .kernels import interpreter_enabled, triton_available
 from .luq import luq as luq_reference
@@ -52,6 +53,7 @@ def _requested(backend: str | None) -> str:
 
 def resolve(x: Tensor, backend: str | None = "auto", *, who: str = "lowprec", unsupported: str | None = None) -> str:
     """``"reference"`` or ``"triton"`` for input ``x``; ``unsupported`` says why the kernel cannot take this call."""
+    check_float(x, who)
     b = _requested(backend)
     if b == "reference":
         return "reference"
@@ -92,7 +94,8 @@ def luq(x: Tensor, bits: int = 4, *, levels: int | None = None, max_abs=None,
                         nonfinite=nonfinite)
     if not return_amax:
         return out
-    cur = x.detach().abs().amax().float() if x.numel() else torch.zeros((), device=x.device)
+    wt = work_dtype(x.dtype)
+    cur = x.detach().abs().amax().to(wt) if x.numel() else torch.zeros((), dtype=wt, device=x.device)
     return out, cur
 
 
@@ -108,11 +111,11 @@ def luq_pack(x: Tensor, bits: int = 4, *, levels: int | None = None, max_abs=Non
     if resolve(x, backend, who="luq_pack", unsupported=why) == "triton":
         from .kernels import luq as k
         return k.luq_pack(x, bits, levels=levels, max_abs=max_abs, generator=generator, nonfinite=nonfinite)
-    q = luq_reference(x.float(), bits, levels=levels, max_abs=max_abs, generator=generator, noise=noise,
-                      nonfinite=nonfinite)
-    if max_abs is None:
-        max_abs = x.detach().abs().amax().float() if x.numel() else 0.0
+    # quantized in x's dtype (its levels are exact there, so the fp32 copy is too), as the kernel does
+    q = luq_reference(x, bits, levels=levels, max_abs=max_abs, generator=generator, noise=noise,
+                      nonfinite=nonfinite).float()
     _, alpha = luq_scale(x, bits, levels=L, max_abs=max_abs)
+    alpha = alpha.float()
     return luq_pack_reference(q, alpha), alpha
 
 

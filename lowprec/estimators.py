@@ -32,7 +32,7 @@ from torch import Tensor
 
 from . import dispatch
 from ._common import check_nonfinite_mode
-from .baselines import fp4_rdn, int_sr, int_sr_variance, radix4
+from .baselines import check_radix4_levels, fp4_rdn, int_sr, int_sr_variance, radix4
 from .fp4 import block_luq_variance, check_block, check_rounding, fp4_sr_variance
 from .intq import CLIP_METHODS, check_bits
 from .luq import luq_levels, luq_variance
@@ -110,7 +110,9 @@ class LUQ:
         m_hat = state.get("m_hat")
         out, cur = dispatch.luq(x, self.bits, levels=self.levels, max_abs=m_hat, generator=generator, noise=noise,
                                 nonfinite=self.nonfinite, return_amax=True, backend=None)
-        state["m_hat"] = cur if m_hat is None else (1 - self.hindsight) * cur + self.hindsight * m_hat
+        new = cur if m_hat is None else (1 - self.hindsight) * cur + self.hindsight * m_hat
+        # a non-finite δ skipped (nonfinite='skip') must not poison the estimate for every later step
+        state["m_hat"] = new if m_hat is None else torch.where(torch.isfinite(cur), new, m_hat)
         return out
 
     def expected_variance(self, x: Tensor) -> Tensor | None:
@@ -198,7 +200,7 @@ class Radix4:
     nonfinite: str = "raise"
 
     def __post_init__(self):
-        _check_levels(self.levels)
+        check_radix4_levels(self.levels)
         check_nonfinite_mode(self.nonfinite)
 
     name = "radix4"
@@ -243,8 +245,7 @@ class IntSR:
     nonfinite: str = "raise"
 
     def __post_init__(self):
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits < 2:
-            raise ValueError(f"bits={self.bits!r}: INT quantization needs an integer bit-width >= 2")
+        check_bits(self.bits)
         check_nonfinite_mode(self.nonfinite)
 
     unbiased = True
@@ -438,8 +439,8 @@ class SMP:
     samples: int = 2
 
     def __post_init__(self):
-        if self.samples < 1:
-            raise ValueError(f"samples={self.samples}: expected >= 1")
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
+            raise ValueError(f"samples={self.samples!r}: expected an integer >= 1")
 
     @property
     def name(self) -> str:

@@ -11,7 +11,12 @@ minimises the quantization MSE of the tensor, searched over ``max|x|·t`` (compu
 
 Grid: signed symmetric ``[-(2^(b-1)-1), 2^(b-1)-1]·c/(2^(b-1)-1)``; unsigned ``[0, 2^b-1]·c/(2^b-1)``
 when the tensor is non-negative (after a ReLU). Rounding is ``floor(x/s + 0.5)`` (a kernel can
-reproduce it exactly; ties have probability zero).
+reproduce it exactly): exact ties, which bf16/fp16 inputs do produce, round up (toward +inf:
+``2.5·s -> 3·s``, ``-2.5·s -> -2·s``), and so does the largest float below one half.
+
+Range: computed in fp32 (fp64 for fp64 inputs). A given ``clip`` must be finite and > 0. The step
+``s = c/qmax`` of a clip so small that it underflows becomes the smallest positive float (never 0);
+outputs beyond the dtype's largest finite value (a ``clip`` above it) are clamped to it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import check_float
+import math
+
+from ._common import check_float, clamp_finite, work_dtype
 
 SAWB_COEFFS = {4: (12.1, 12.2)}
 CLIP_METHODS = ("sawb", "mse", "max")
@@ -37,7 +44,30 @@ def check_bits(bits) -> None:
 
 
 def _rows(x: Tensor, per_channel: bool) -> Tensor:
-    return x.detach().float().reshape(x.shape[0], -1) if per_channel else x.detach().float().reshape(1, -1)
+    xw = x.detach().to(work_dtype(x.dtype))
+    return xw.reshape(x.shape[0], -1) if per_channel else xw.reshape(1, -1)
+
+
+def int_step(c: Tensor, qmax: int) -> Tensor:
+    """Grid step ``c/qmax`` per row (1 where ``c = 0``; the smallest positive float where it underflows)."""
+    s = c / qmax
+    smallest = torch.finfo(c.dtype).smallest_normal * torch.finfo(c.dtype).eps  # the smallest subnormal
+    return torch.where(c > 0, torch.clamp(s, min=smallest), torch.ones_like(c))
+
+
+def check_clip(clip, rows: int, device, dtype) -> Tensor:
+    """``clip`` as a ``[rows or 1, 1]`` tensor in ``dtype``; ValueError unless every value is finite and > 0."""
+    if isinstance(clip, bool) or not isinstance(clip, (int, float, Tensor)):
+        raise ValueError(f"int_quant: clip={clip!r}: expected a number or a tensor of numbers")
+    if not isinstance(clip, Tensor) and not (math.isfinite(clip) and clip > 0):
+        raise ValueError(f"int_quant: clip={clip!r}: expected a finite number > 0")
+    c = torch.as_tensor(clip, device=device).to(dtype).reshape(-1, 1)
+    if c.shape[0] not in (1, rows):
+        raise ValueError(f"int_quant: {c.shape[0]} clip values for {rows} row(s)")
+    if isinstance(clip, Tensor) and not bool((torch.isfinite(c) & (c > 0)).all()):
+        bad = c[~(torch.isfinite(c) & (c > 0))].reshape(-1)[0].item()
+        raise ValueError(f"int_quant: clip contains {bad!r}: every clip value must be finite and > 0")
+    return c
 
 
 def _round_clamp(y: Tensor, qmax: int, signed: bool) -> Tensor:
@@ -71,7 +101,7 @@ def mse_clip(x: Tensor, bits: int, *, per_channel: bool = False, signed: bool = 
     best_c, best_err = amax.clone(), torch.full_like(amax, float("inf"))
     for t in torch.linspace(1.0 / grid, 1.0, grid).tolist():
         c = amax * t
-        s = torch.where(c > 0, c / qmax, torch.ones_like(c))
+        s = int_step(c, qmax)
         err = (_round_clamp(r / s, qmax, signed) * s - r).square().sum(1, keepdim=True)
         better = err < best_err
         best_c, best_err = torch.where(better, c, best_c), torch.where(better, err, best_err)
@@ -111,14 +141,14 @@ def int_quant(
         signed = not bool(r.min() >= 0)
     qmax = int_qmax(bits, signed)
     if clip is not None:
-        c = torch.as_tensor(clip, dtype=torch.float32, device=x.device).reshape(-1, 1)
+        c = check_clip(clip, r.shape[0], x.device, r.dtype)
     elif clip_method == "max":
         c = r.abs().amax(1, keepdim=True)
     elif clip_method == "mse":
         c = mse_clip(x, bits, per_channel=per_channel, signed=signed)
     else:
         c = sawb_clip(x, bits, per_channel=per_channel, signed=signed)
-    s = torch.where(c > 0, c / qmax, torch.ones_like(c))
-    q = _round_clamp(r / s, qmax, signed) * s
+    s = int_step(c, qmax)
+    q = clamp_finite(_round_clamp(r / s, qmax, signed) * s, x.dtype)
     return q.reshape(x.shape).to(x.dtype)
 

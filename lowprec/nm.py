@@ -19,11 +19,35 @@ A block with at most N non-zeros is kept unchanged.
 
 ``method="mvue_approx"`` (N ≤ 2): draw N indices one after another without replacement,
 probability proportional to ``|x|``, and rescale each kept entry by its exact inclusion probability
-``p_i = t_i + |x_i| Σ_{j≠i} t_j/(S - |x_j|)``, ``t_i = |x_i|/S``. Unbiased; variance slightly above
+``p_i = t_i + |x_i| Σ_{j≠i} t_j/(S - |x_j|)``, ``t_i = |x_i|/S`` (``S - |x_j|`` summed from the other
+entries, never subtracted). Unbiased; variance slightly above
 the exact MVUE. The name follows the paper's Table 4, whose own definition was not published.
 
 Sums inside a block are written as explicit left-to-right loops over the M columns so that a Triton
 kernel doing the same additions reproduces the reference bit for bit given the same uniforms.
+
+Range. Blocks are computed in the working precision (fp32; fp64 for fp64 inputs). Before the
+probabilities, each block is multiplied by ``2^-E``, ``E = floor(log2 max_i |x_i|)`` clamped to the
+normal exponents (±126 in fp32): an exact power-of-two rescaling that changes no probability
+(every result is bit-identical to the unscaled computation whenever that one stays in range) but
+keeps block sums of values near the dtype's maximum finite and blocks of subnormals at full
+precision. The water-filling scale ``budget/free`` divides by ``max(free, N·tiny)``, so it cannot
+overflow; the shares then sum to at most the budget, so at most N entries are ever capped.
+
+Systematic sampling counts the points ``u + k`` below a cumulative sum ``c = I + F`` (integer part,
+fraction in [0, 1) accumulated separately) as ``I + [u < F]``: exact comparisons, no ``ceil(c - u)``
+whose fp32 rounding dropped a point for ``u`` near 1. Capped entries (``p = 1``) are kept outright
+and the points ``u, …, u + N' - 1`` (``N'`` = N minus the capped count) are laid over the other
+entries; the last entry with ``0 < p < 1`` closes the interval at exactly ``N'``, absorbing the
+rounding of ``Σp``. So a block with more than N non-zeros keeps exactly N for every ``u`` in
+[0, 1), unless rounding left that last entry's computed share of ``[0, N')`` above 1, which needs
+its ``p`` within a few ulps of 1 and ``u`` within a few ulps of a boundary.
+
+Output range: a kept value ``x_i/p_i`` can exceed the dtype's largest finite value only when the
+block's ``Σ|x|/N`` does, i.e. when no unbiased N:M estimate of the block is representable in that
+dtype (fp16 1:2 of ``[40000, 40000]``); such values are clamped to ``±max`` (biased for that
+block, never ``inf``). ``mvue_approx`` keeps an entry whose inclusion probability underflowed to 0
+(ratio to the block max below ``2^-146``) as 0.
 """
 
 from __future__ import annotations
@@ -32,7 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import check_float, check_nonfinite_mode, nonfinite_guard, uniforms
+from ._common import (check_float, check_nonfinite_mode, clamp_finite, exact_pow2, floor_log2, nonfinite_guard,
+                      tiny_exponent, uniforms, work_dtype)
 
 METHODS = ("mvue", "mvue_approx", "mse")
 
@@ -50,8 +75,8 @@ def check_nm(n, m, method: str = "mvue") -> None:
 
 
 def _blocks(x: Tensor, m: int, dim: int) -> tuple[Tensor, int]:
-    """x (fp32) moved so ``dim`` is last, zero-padded to a multiple of m, as ``[..., nblocks, m]``."""
-    xt = x.detach().float().movedim(dim, -1)
+    """x (working precision) moved so ``dim`` is last, zero-padded to a multiple of m, as ``[..., nblocks, m]``."""
+    xt = x.detach().to(work_dtype(x.dtype)).movedim(dim, -1)
     length = xt.shape[-1]
     pad = (-length) % m
     if pad:
@@ -81,8 +106,18 @@ def _colsum(cols) -> Tensor:
     return s
 
 
+def block_normalize(a: Tensor) -> Tensor:
+    """Blocks ``a = |x|`` ``[..., M]`` times ``2^-E``, ``E = floor(log2 max)`` clamped to the normal
+    exponents of ``a.dtype``: exact, and the largest entry lands in [1, 2) (see module docstring)."""
+    emin = tiny_exponent(a.dtype)
+    bmax = torch.clamp(a.amax(-1, keepdim=True), min=torch.finfo(a.dtype).tiny)
+    e = torch.clamp(floor_log2(bmax), emin, -emin)
+    return a * exact_pow2(-e, a.dtype)
+
+
 def mvue_probs(a: Tensor, n: int) -> Tensor:
-    """Capped-proportional inclusion probabilities for blocks ``a = |x|`` of shape ``[..., M]``.
+    """Capped-proportional inclusion probabilities for blocks ``a = |x|`` of shape ``[..., M]``
+    (pass them through :func:`block_normalize` first: the probabilities are the same, the range safe).
 
     Water-filling: cap at 1 every entry whose proportional share reaches 1, give the remaining
     budget proportionally to the rest; at most N-1 entries can be capped, so N rounds suffice.
@@ -90,10 +125,11 @@ def mvue_probs(a: Tensor, n: int) -> Tensor:
     """
     cols = a.unbind(-1)
     capped = [torch.zeros_like(c, dtype=torch.bool) for c in cols]
+    floor = n * torch.finfo(a.dtype).tiny
     for _ in range(n + 1):
         free = _colsum([torch.where(k, torch.zeros_like(c), c) for c, k in zip(cols, capped)])
-        budget = n - _colsum([k.float() for k in capped])
-        c_scale = budget / torch.where(free > 0, free, torch.ones_like(free))
+        budget = n - _colsum([k.to(a.dtype) for k in capped])
+        c_scale = budget / torch.clamp(free, min=floor)
         shares = [c * c_scale for c in cols]
         capped = [k | (s >= 1.0) for k, s in zip(capped, shares)]
     p = [torch.where(k, torch.ones_like(s), torch.clamp(s, max=1.0)) for k, s in zip(capped, shares)]
@@ -101,16 +137,32 @@ def mvue_probs(a: Tensor, n: int) -> Tensor:
 
 
 def _systematic(p: Tensor, u: Tensor, n: int) -> Tensor:
-    """Keep mask from systematic sampling of probabilities ``p`` [..., M] with uniforms ``u`` [..., 1]."""
+    """Keep mask from systematic sampling of probabilities ``p`` [..., M] with uniforms ``u`` [..., 1]
+    (capped entries kept, the rest counted as ``I + [u < F]``; see the module docstring)."""
     cols = p.unbind(-1)
+    u = u[..., 0]
+    capped = [pj >= 1.0 for pj in cols]
+    open_ = [(pj > 0) & ~c for pj, c in zip(cols, capped)]  # entries the points can land on
+    n_open = n - _colsum([c.to(p.dtype) for c in capped])
+    # closes[j]: an open entry at or before j and none after it, so the count at j's upper end is
+    # n_open exactly (no open entry at all: every share underflowed, nothing but the capped is kept)
+    closes, seen = [None] * len(cols), torch.zeros_like(u, dtype=torch.bool)
+    for j in range(len(cols) - 1, -1, -1):
+        closes[j] = ~seen
+        seen = seen | open_[j]
+    opened = torch.zeros_like(seen)
+    for j in range(len(cols)):
+        opened = opened | open_[j]
+        closes[j] = closes[j] & opened
+    whole, frac, below_lo = torch.zeros_like(u), torch.zeros_like(u), torch.zeros_like(u)
     keep = []
-    lo = torch.zeros_like(u[..., 0])
-    below_lo = torch.zeros_like(lo)  # number of points u+k (k < N) below the running sum
     for j, pj in enumerate(cols):
-        hi = lo + pj if j < len(cols) - 1 else torch.full_like(lo, float(n))
-        below_hi = torch.clamp(torch.ceil(hi - u[..., 0]), 0, n)
-        keep.append(below_hi > below_lo)
-        lo, below_lo = hi, below_hi
+        t = frac + torch.where(capped[j], torch.zeros_like(pj), pj)
+        carry = torch.floor(t)
+        whole, frac = whole + carry, t - carry
+        below_hi = torch.where(closes[j], n_open, torch.minimum(whole + (u < frac).to(p.dtype), n_open))
+        keep.append(capped[j] | (below_hi > below_lo))
+        below_lo = below_hi
     return torch.stack(keep, dim=-1)
 
 
@@ -133,7 +185,9 @@ def _approx_draw(a: Tensor, u: Tensor, n: int) -> tuple[Tensor, Tensor]:
     if n == 1:
         p = t
     else:
-        rest = [t[j] / (S - cols[j]) for j in range(len(cols))]
+        # S - |x_j| summed directly, not subtracted: S - |x_j| cancels to 0 when the others are
+        # below |x_j|·2^-24 (a gradient block [1, 1e-8, 1e-8, 0] would get p = inf)
+        rest = [t[j] / _colsum([cols[k] for k in range(len(cols)) if k != j]) for j in range(len(cols))]
         p = [t[i] + cols[i] * _colsum([rest[j] for j in range(len(cols)) if j != i]) for i in range(len(cols))]
     return torch.stack(keep, dim=-1), torch.stack(p, dim=-1)
 
@@ -181,15 +235,17 @@ def nm_prune(
 
     k = 1 if method == "mvue" else n
     u = uniforms((*blocks.shape[:-1], k), x.device, generator, noise, "nm_prune")
+    a_s = block_normalize(a)
     if method == "mvue":
-        p = mvue_probs(a, n)
+        p = mvue_probs(a_s, n)
         keep = _systematic(p, u, n)
     else:
-        keep, p = _approx_draw(a, u, n)
+        keep, p = _approx_draw(a_s, u, n)
+        keep = keep & (p > 0)
     sparse_enough = (a > 0).sum(-1, keepdim=True) <= n
     p_safe = torch.where(keep, p, torch.ones_like(p))
     out = torch.where(keep, blocks / p_safe, torch.zeros_like(blocks))
-    out = torch.where(sparse_enough, blocks, out)
+    out = torch.where(sparse_enough, blocks, clamp_finite(out, x.dtype))
     return _unblock(out, x, length, dim)
 
 
@@ -202,10 +258,11 @@ def nm_variance(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -
         return torch.zeros((), dtype=torch.float64, device=x.device)
     blocks, _ = _blocks(x, m, dim)
     a = blocks.abs()
+    a_s = block_normalize(a)
     if method == "mvue":
-        p = mvue_probs(a, n)
+        p = mvue_probs(a_s, n)
     else:
-        _, p = _approx_draw(a, torch.zeros((*a.shape[:-1], n), device=a.device), n)
+        _, p = _approx_draw(a_s, torch.zeros((*a.shape[:-1], n), device=a.device), n)
     a, p = a.double(), p.double()
     var = torch.where(a > 0, a * a * (1 / torch.where(p > 0, p, torch.ones_like(p)) - 1), torch.zeros_like(a))
     var = torch.where((a > 0).sum(-1, keepdim=True) <= n, torch.zeros_like(var), var)

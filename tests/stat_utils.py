@@ -60,3 +60,65 @@ def grid_mean(fn, x, g=4096, n_uniform=1):
     U = u[:, None] if n_uniform == 1 else torch.cartesian_prod(u, u)
     xb = x.unsqueeze(0).expand(len(U), *x.shape).contiguous()
     return fn(xb, U).double().mean(0)
+
+
+# ----------------------------------------------------------------------------- full-range inputs
+
+import math  # noqa: E402
+
+from hypothesis import strategies as st  # noqa: E402
+
+RANGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+U_LAST = 1.0 - 2.0 ** -24  # the largest fp32 below 1
+
+
+def _finite_in(dtype, v: float) -> bool:
+    return math.isfinite(float(torch.tensor(v, dtype=torch.float64).to(dtype)))
+
+
+def full_range_values(dtype, min_size=1, max_size=8):
+    """Lists of finite values of ``dtype`` over its whole range, subnormals and zeros included, each
+    list drawn around one random binade (so values are neither all huge nor all tiny) plus extremes."""
+    fi = torch.finfo(dtype)
+    emin = math.frexp(fi.smallest_normal * fi.eps)[1] - 1  # log2 of the smallest subnormal
+    emax = math.frexp(fi.max)[1] - 1
+
+    @st.composite
+    def build(draw):
+        center = draw(st.integers(emin, emax))
+        spread = draw(st.sampled_from([0, 2, 8, 40]))
+        n = draw(st.integers(min_size, max_size))
+        vals = []
+        for _ in range(n):
+            kind = draw(st.sampled_from(["near", "near", "near", "zero", "max", "tiny", "sub"]))
+            if kind == "zero":
+                v = 0.0
+            elif kind == "max":
+                v = fi.max
+            elif kind == "tiny":
+                v = fi.smallest_normal
+            elif kind == "sub":
+                v = fi.smallest_normal * fi.eps * draw(st.integers(1, 7))
+            else:
+                e = min(max(center + draw(st.integers(-spread, spread)), emin), emax)
+                v = math.ldexp(draw(st.floats(1.0, 2.0, exclude_max=True)), e)
+            v = v if draw(st.booleans()) else -v
+            if not _finite_in(dtype, v):
+                v = math.copysign(fi.max, v)
+            vals.append(v)
+        return torch.tensor(vals, dtype=torch.float64).to(dtype)
+
+    return build()
+
+
+def boundary_uniforms(shape, seed=0):
+    """Uniforms with the extreme values 0, 2^-24 and 1 - 2^-24 mixed into random ones."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(shape, generator=g)
+    flat = u.view(-1)
+    flat[0::4] = 0.0
+    flat[1::4] = U_LAST
+    flat[2::8] = 2.0 ** -24
+    return u
+
+

@@ -57,3 +57,28 @@ def test_errors_and_edges():
         lp.IntSR(1)
     with pytest.raises(ValueError, match="levels"):
         lp.Radix4(levels=0)
+
+
+def test_parameters_that_cannot_be_represented_are_refused():
+    for bad in (0, 65, 100):
+        with pytest.raises(ValueError, match="levels"):
+            lp.Radix4(levels=bad)
+    for bad in (1, 17, 40):
+        with pytest.raises(ValueError, match="bits"):
+            lp.IntSR(bad)
+        with pytest.raises(ValueError, match="bits"):
+            lp.int_sr(torch.ones(3), bad)
+    assert lp.Radix4(levels=64)(torch.tensor([1.0, 2.0 ** -126])).tolist()[0] == 1.0
+
+
+def test_wide_and_subnormal_inputs():
+    sub = torch.tensor([1e-44, -2e-44, 3e-45])
+    for f in (lp.radix4, lp.fp4_rdn, lp.int_sr):
+        assert f(sub).ne(0).any(), f
+    for scale in (1e-300, 1e300):
+        x = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) * scale
+        for f in (lp.radix4, lp.fp4_rdn, lp.int_sr):
+            y = f(x)
+            assert y.dtype == torch.float64 and bool(torch.isfinite(y).all()) and float(y[1]) == -2.0 * scale, f
+    mean = grid_mean(lambda xb, U: lp.int_sr(xb, noise=U.expand(xb.shape).contiguous()), sub, 1024)
+    assert torch.allclose(mean, sub.double(), rtol=0, atol=2e-44 / 1024)

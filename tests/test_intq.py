@@ -75,3 +75,61 @@ def test_dtypes_edges_errors(dtype):
         lp.IntQuant(4, clip_method="percentile")
     with pytest.raises(ValueError, match="NaN/Inf"):
         lp.int_quant(torch.tensor([1.0, float("nan")]))
+
+
+# ----------------------------------------------------------------------------- ties and range (issue 14)
+
+import math  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from stat_utils import RANGE_DTYPES, full_range_values  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_exact_ties_round_up(dtype):
+    """floor(x/s + 0.5): a tie goes toward +inf (bf16 inputs produce exact ties; the kernel must agree)."""
+    x = torch.tensor([2.5, -2.5, 0.5, -0.5, 3.5, -3.5, 6.5, -6.5, 1.0], dtype=dtype)
+    y = lp.int_quant(x, 4, signed=True, clip=7.0)  # s = 1
+    assert y.float().tolist() == [3.0, -2.0, 1.0, 0.0, 4.0, -3.0, 7.0, -6.0, 1.0]
+    below_half = torch.tensor([0.49999997])  # + 0.5 rounds to 1.0 in fp32: documented, kept
+    assert lp.int_quant(below_half, 4, signed=True, clip=7.0).tolist() == [1.0]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 0.0, float("nan"), float("inf"), -float("inf"), "1", True,
+                                 torch.tensor([1.0, float("nan")]), torch.tensor(0.0)])
+def test_bad_clip_is_one_line(bad):
+    with pytest.raises(ValueError, match="clip") as e:
+        lp.int_quant(torch.randn(2, 8), 4, clip=bad)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", RANGE_DTYPES)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), bits=st.integers(2, 8), method=st.sampled_from(["sawb", "max"]))
+def test_full_range_on_grid_and_finite(dtype, data, bits, method):
+    x = data.draw(full_range_values(dtype, min_size=2, max_size=12))
+    y = lp.int_quant(x, bits, signed=True, clip_method=method)
+    assert y.dtype == dtype and bool(torch.isfinite(y).all())
+    c = float(lp.sawb_clip(x, bits, signed=True) if method == "sawb" else x.double().abs().max())
+    if c == 0 or not math.isfinite(c):
+        return
+    step = c / int(2 ** (bits - 1) - 1)
+    ulp = torch.finfo(dtype).eps * c + torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    inside = x.double().abs() <= c
+    err = (y.double() - x.double()).abs()[inside]
+    assert bool((err <= step / 2 * (1 + 1e-6) + 2 * ulp).all()), (x, y, c)
+    assert float(y.double().abs().max()) <= c * (1 + 1e-6) + ulp
+
+
+def test_wide_and_narrow_extremes():
+    x = torch.tensor([1e-300, -3e-300, 2e-300], dtype=torch.float64)  # fp64 in fp64: s = 3e-300/7
+    assert torch.allclose(lp.int_quant(x, 4, clip_method="max"), torch.tensor([2, -7, 5], dtype=torch.float64) * 3e-300 / 7)
+    big = torch.tensor([1e300, -3e300], dtype=torch.float64)
+    assert bool(torch.isfinite(lp.int_quant(big, 4)).all())  # no false NaN/Inf error
+    sub = torch.tensor([1e-44, -2e-44, 3e-45])  # fp32 subnormals keep their values on the grid
+    assert lp.int_quant(sub, 4, clip_method="max").ne(0).sum() >= 2
+    h = torch.tensor([65504.0, -3.0], dtype=torch.float16)
+    y = lp.int_quant(h, 4, signed=True, clip=65504.0 * 1.01)  # 7 steps > 65504: clamped, not inf
+    assert y.tolist() == [65504.0, -0.0] or y.tolist() == [65504.0, 0.0]

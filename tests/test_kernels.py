@@ -439,3 +439,110 @@ def test_kernels_compile_for_sm90():
     if r.returncode != 0 and "ptxas" in r.stderr and "FAIL" not in r.stdout:
         pytest.skip(f"cannot compile for sm_90 here: {r.stderr[-300:]}")
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------- boundaries and range
+# Issue 14 items 6, 11, 12: the same uniforms fed to both twins (``noise=``), boundary values included.
+
+U_LAST = 1.0 - 2.0 ** -24
+
+
+def luq_boundary_case():
+    """x and u with y = |x|/α equal to u (underflow) or (|x| - l)/l equal to u (rounding), plus u = 0 and
+    u = 1 - 2^-24 everywhere; m = 64 -> α = 1, so every case is exact."""
+    g = torch.Generator().manual_seed(0)
+    k = torch.randint(1, 2 ** 23, (64,), generator=g).float() * 2.0 ** -23  # on the 2^-23 grid: 1 + u exact
+    u = torch.cat([k, k, torch.zeros(32), torch.full((32,), U_LAST), k])
+    x = torch.cat([k, 1 + k, heavy((32,), seed=1), heavy((32,), seed=2), 4 * (1 + k)])
+    x[0] = 64.0
+    sign = torch.where(torch.rand(x.shape, generator=g) < 0.5, -1.0, 1.0)
+    return x * sign, u
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_luq_boundary_uniforms(device, dtype):
+    x, u = luq_boundary_case()
+    x = x.to(dtype)
+    ref = luq(x, max_abs=64.0, noise=u)
+    got = kluq.luq(x.to(device), max_abs=64.0, noise=u.to(device))
+    same(got, ref)
+    if dtype == torch.float32:  # u == y: strict '<' keeps 0 below α and the lower level inside a bin
+        assert not bool(ref[1:64].any()) and bool((ref[64:128].abs() == 1).all())
+        assert bool((ref[-64:].abs() == 4).all())
+    codes, alpha = kluq.luq_pack(x.to(device), max_abs=64.0, noise=u.to(device))
+    same(luq_unpack_reference(codes.cpu(), alpha.cpu(), x.shape, dtype), ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,m,method", [(2, 4, "mvue"), (1, 2, "mvue"), (3, 8, "mvue"), (2, 4, "mvue_approx"),
+                                        (1, 4, "mvue_approx")])
+def test_nm_boundary_uniforms(device, n, m, method):
+    x = nm_input((6, 8 * m), seed=3)
+    x[2, :m] = 1.0  # equal entries: cumulative boundaries at multiples of 1/M (u = 0.5 hits one)
+    x[3, :m] = torch.tensor([10.0, 1.0, 2.0, 3.0, 0.5, 0.5, 0.5, 0.5])[:m]  # a capped entry
+    shape = nm_noise_shape(x.shape, n, m, method)
+    for u in (torch.zeros(shape), torch.full(shape, U_LAST), torch.full(shape, 0.5), torch.full(shape, 0.25)):
+        ref = nm_prune(x, n, m, method=method, noise=u)
+        same(knm.nm_prune(x.to(device), n, m, method=method, noise=u.to(device)), ref)
+        kept = (ref.view(6, -1, m) != 0).sum(-1)
+        dense = (x.view(6, -1, m) != 0).sum(-1) > n
+        assert bool((kept[dense] == n).all()), "exactly N kept for every u"
+        ul = torch.full(x.shape, 0.5)
+        same(kfused.nm_luq(x.to(device), n, m, method=method, noise=u.to(device), noise_luq=ul.to(device)),
+             luq(ref, noise=ul))
+
+
+RANGE_BLOCKS = [
+    [1e-40, 2e-40, 3e-40, 4e-40],  # fp32 subnormals (were kept unscaled)
+    [3e38, 3e38, 3e38, 1e38],  # sums overflow fp32 (were inf / all zeros)
+    [1e38, 2e38, 5e37, 1e37],  # near the max, representable
+    [1.0, 1e-8, 1e-8, 0.0],  # S - |x_0| cancels in fp32 (approx: p was inf)
+    [1.0, 1e-45, 1e-45, 0.0],  # shares underflow
+    [40000.0, 40000.0, 1.0, 0.0],  # fp16: Σ/N above 65504
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,m,method", [(2, 4, "mvue"), (1, 2, "mvue"), (2, 4, "mvue_approx")])
+def test_nm_range_bit_exact(device, dtype, n, m, method):
+    x = torch.tensor(RANGE_BLOCKS).repeat(8, 1)
+    x = torch.where(torch.isfinite(x.to(dtype)), x, torch.finfo(dtype).max).to(dtype)
+    shape = nm_noise_shape(x.shape, n, m, method)
+    u = torch.rand(shape, generator=torch.Generator().manual_seed(1))
+    ref = nm_prune(x, n, m, method=method, noise=u)
+    assert bool(torch.isfinite(ref).all())
+    same(knm.nm_prune(x.to(device), n, m, method=method, noise=u.to(device)), ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_luq_range_bit_exact(device, dtype):
+    fi = torch.finfo(dtype)
+    rows = [torch.tensor([1e-44, -2e-44, 3e-45, 0.0]),  # fp32 subnormal max: α = m
+            torch.tensor([fi.max, -fi.max / 3, fi.smallest_normal, fi.smallest_normal * fi.eps]),
+            torch.tensor([1e-3, -2e-3, 5e-4, 1e-6])]  # fp16: α cut to fp16 normals
+    for bits in (2, 4, 8):
+        for r in rows:
+            x = r.to(dtype).repeat(16)
+            u = torch.rand(x.shape, generator=torch.Generator().manual_seed(bits))
+            ref = luq(x, bits, noise=u)
+            assert bool(torch.isfinite(ref).all())
+            same(kluq.luq(x.to(device), bits, noise=u.to(device)), ref)
+    x = torch.tensor([60000.0, -3.0, 100.0]).to(dtype)  # hindsight max above fp16's range: clamped
+    u = torch.rand(3, generator=torch.Generator().manual_seed(0))
+    same(kluq.luq(x.to(device), max_abs=1e6, noise=u.to(device)), luq(x, max_abs=1e6, noise=u))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int_quant_ties_and_range_bit_exact(device, dtype):
+    x = torch.tensor([2.5, -2.5, 0.5, -0.5, 3.5, -3.5, 6.5, -6.5, 0.49999997], dtype=dtype)
+    same(kintq.int_quant(x.to(device), 4, signed=True, clip=7.0), int_quant(x, 4, signed=True, clip=7.0))
+    fi = torch.finfo(dtype)
+    big = torch.tensor([fi.max, -3.0, fi.smallest_normal * fi.eps]).to(dtype)
+    for clip in (fi.max * 0.999, 1e-44):
+        same(kintq.int_quant(big.to(device), 4, signed=True, clip=clip), int_quant(big, 4, signed=True, clip=clip))
+    with pytest.raises(ValueError, match="clip"):
+        kintq.int_quant(big.to(device), 4, clip=float("nan"))

@@ -207,3 +207,93 @@ def test_noise_shape_and_override():
         lp.nm_prune(x, 2, 4, noise=torch.rand(5, 9))
     u = torch.rand(5, 3, 1)
     assert torch.equal(lp.nm_prune(x, 2, 4, noise=u), lp.nm_prune(x, 2, 4, noise=u.clone()))
+
+
+# ----------------------------------------------------------------------------- range and exact counts (issue 14)
+
+from hypothesis import HealthCheck  # noqa: E402
+
+from stat_utils import RANGE_DTYPES, U_LAST, boundary_uniforms, full_range_values  # noqa: E402
+
+
+def kept_per_block(y, m):
+    return (blocks_of(y, m) != 0).sum(-1)
+
+
+@pytest.mark.parametrize("n,m,method", [(1, 2, "mvue"), (2, 4, "mvue"), (3, 8, "mvue"), (2, 4, "mvue_approx"),
+                                        (1, 4, "mvue_approx")])
+def test_exactly_n_kept_for_extreme_uniforms(n, m, method):
+    """Issue 14 item 11: u = 1 - 2^-24 made ceil(N - u) round to N - 1 in fp32 and drop a point."""
+    x = heavy_tailed((64, 8 * m), sigma=2.0, seed=3)
+    x[0, :m] = 1.0  # equal entries: every boundary at a multiple of 1/M
+    x[1, :m] = torch.tensor([10.0, 1.0, 2.0, 3.0] + [0.5] * (m - 4))[:m]  # one capped entry
+    x[2, :m] = torch.tensor([1.0, 10.0, 2.0, 3.0] + [0.5] * (m - 4))[:m]
+    shape = lp.nm_noise_shape(x.shape, n, m, method)
+    for u in (torch.zeros(shape), torch.full(shape, U_LAST), torch.full(shape, 2.0 ** -24), boundary_uniforms(shape)):
+        y = lp.nm_prune(x, n, m, method=method, noise=u)
+        assert bool((kept_per_block(y, m) == n).all()), (u.view(-1)[:4], kept_per_block(y, m))
+    y = lp.nm_prune(torch.ones(1, 4), 2, 4, noise=torch.full((1, 1, 1), U_LAST))
+    assert y.tolist() == [[0.0, 2.0, 0.0, 2.0]]
+
+
+def test_systematic_boundaries_are_strict():
+    """A point exactly on a cumulative boundary belongs to the next entry (counts use ``u < F``)."""
+    ones = torch.ones(1, 4)  # p = 1/2 each: boundaries at 0.5, 1, 1.5
+    assert lp.nm_prune(ones, 2, 4, noise=torch.full((1, 1, 1), 0.5)).tolist() == [[0.0, 2.0, 0.0, 2.0]]
+    assert lp.nm_prune(ones, 2, 4, noise=torch.zeros(1, 1, 1)).tolist() == [[2.0, 0.0, 2.0, 0.0]]
+    # approx: u·S equal to the running sum after entry 0 -> entry 1 (target < run is strict)
+    y = lp.nm_prune(ones, 2, 4, method="mvue_approx", noise=torch.tensor([[[0.25, 0.0]]]))
+    assert (y != 0).tolist() == [[True, True, False, False]]
+
+
+@pytest.mark.parametrize("dtype", RANGE_DTYPES)
+@pytest.mark.parametrize("n,m,method", [(1, 2, "mvue"), (2, 4, "mvue"), (2, 4, "mvue_approx")])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_full_range_structure_and_expectation(dtype, n, m, method, data):
+    """Any finite block of any dtype: finite output, at most N kept (exactly N when more are non-zero),
+    and E[x̂] = x whenever an unbiased N:M estimate is representable (Σ|x|/N <= the dtype's max)."""
+    x = data.draw(full_range_values(dtype, min_size=m, max_size=m)).reshape(1, m)
+    G = 64
+    k = 1 if method == "mvue" else n
+    u = (torch.arange(G, dtype=torch.float32) + 0.5) / G
+    U = u[:, None] if k == 1 else torch.cartesian_prod(u, u)
+    xb = x.expand(len(U), m).contiguous()
+    y = lp.nm_prune(xb, n, m, method=method, noise=U.view(-1, 1, k).contiguous())
+    assert y.dtype == dtype and bool(torch.isfinite(y).all())
+    # exactly N kept when more than N entries are non-zero, unless some are so far below the block max
+    # (ratio < 2^-100) that their share underflows: those may be dropped, never the others
+    a = x.double().abs()
+    nnz, significant = int((a > 0).sum()), int(((a > 0) & (a >= a.max() * 2.0 ** -100)).sum())
+    kept = kept_per_block(y, m)
+    assert bool((kept <= min(n, nnz)).all()) and bool((kept >= min(n, significant)).all()), kept
+    S = float(x.double().abs().sum())
+    big = torch.finfo(dtype).max
+    if S == 0 or S / n > big:
+        return
+    mean = (y.double() / S).mean(0)  # scaled: fp64 sums near the max would overflow
+    jumps = 4 if method == "mvue" else 16
+    assert torch.allclose(mean, x[0].double() / S, rtol=1e-5, atol=jumps / G), (x, mean * S)
+
+
+def test_overflow_is_clamped_and_wide_inputs_keep_their_precision():
+    h = torch.tensor([[40000.0, 40000.0]], dtype=torch.float16)  # Σ/N = 80000 > 65504: no unbiased 1:2 exists
+    y = lp.nm_prune(h, 1, 2, generator=torch.Generator().manual_seed(0))
+    assert sorted(y.abs().view(-1).tolist()) == [0.0, 65504.0]
+    big = torch.full((8, 4), 3e38)
+    for method in ("mvue", "mvue_approx"):
+        y = lp.nm_prune(big, 2, 4, method=method, generator=torch.Generator().manual_seed(0))
+        assert bool(torch.isfinite(y).all()) and bool((kept_per_block(y, 4) == 2).all()), method
+    # near the max but representable: exactly unbiased, nothing clamped
+    near = torch.tensor([[1e38, 2e38, 5e37, 1e37]])
+    mean = grid_mean(lambda xb, U: lp.nm_prune(xb, 2, 4, noise=U.view(-1, 1, 1, 1)), near, 1024)
+    assert torch.allclose(mean, near.double(), rtol=0, atol=4 * 3.6e38 / 1024)
+    for scale in (1e-300, 1e300):  # fp64 is computed in fp64: no zeros, no false non-finite error
+        x = torch.tensor([[1.0, 2.0, 3.0, 4.0]], dtype=torch.float64) * scale
+        mean = grid_mean(lambda xb, U: lp.nm_prune(xb, 2, 4, noise=U.view(-1, 1, 1, 1)), x / scale, 512)
+        y = lp.nm_prune(x, 2, 4, generator=torch.Generator().manual_seed(0))
+        assert y.dtype == torch.float64 and int((y != 0).sum()) == 2
+        assert torch.allclose(mean, (x / scale).double(), rtol=0, atol=4 * 10 / 512)
+    sub = torch.tensor([[1e-40, 2e-40, 3e-40, 4e-40]])  # fp32 subnormals: was 2 kept unscaled (biased)
+    mean = grid_mean(lambda xb, U: lp.nm_prune(xb, 2, 4, noise=U.view(-1, 1, 1, 1)), sub, 1024)
+    assert torch.allclose(mean, sub.double(), rtol=0, atol=4 * 1e-39 / 1024), mean

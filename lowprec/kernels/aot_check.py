@@ -16,13 +16,19 @@ def variants():
     from . import fused, intq, luq, nm
     from .common import NM_GPU_ELEMS, NM_METHOD_IDS
 
-    luq_sig = {"x_ptr": "*bf16", "out_ptr": "*bf16", "m_ptr": "*fp32", "amax_ptr": "*i32", "seed": "i32",
-               "n": "i32", "iters": "i32"}
-    nm_sig = {"x_ptr": "*fp32", "out_ptr": "*bf16", "flag_ptr": "*i32", "seed": "i32", "length": "i32",
-              "nblocks": "i32", "inner": "i32", "total": "i32"}
-    yield "luq", luq.luq_kernel, luq_sig, dict(L_MINUS_1=6, TRACK_AMAX=True, PACK=False, BLOCK=luq.GPU_BLOCK)
+    import torch
+
+    from .common import dtype_consts
+
+    bf16 = dtype_consts(torch.bfloat16)
+    luq_sig = {"x_ptr": "*bf16", "out_ptr": "*bf16", "m_ptr": "*fp32", "amax_ptr": "*i32", "noise_ptr": "*bf16",
+               "seed": "i32", "n": "i32", "iters": "i32"}
+    nm_sig = {"x_ptr": "*fp32", "out_ptr": "*bf16", "flag_ptr": "*i32", "noise_ptr": "*fp32", "seed": "i32",
+              "length": "i32", "nblocks": "i32", "inner": "i32", "total": "i32"}
+    yield "luq", luq.luq_kernel, luq_sig, dict(L_MINUS_1=6, TRACK_AMAX=True, PACK=False, BLOCK=luq.GPU_BLOCK,
+                                               HAS_NOISE=False, **bf16)
     yield "luq_pack", luq.luq_kernel, dict(luq_sig, out_ptr="*u8"), dict(L_MINUS_1=6, TRACK_AMAX=False, PACK=True,
-                                                                         BLOCK=luq.GPU_BLOCK)
+                                                                         BLOCK=luq.GPU_BLOCK, HAS_NOISE=False, **bf16)
     yield "luq_amax", luq.amax_kernel, {"x_ptr": "*fp32", "amax_ptr": "*i32", "n": "i32", "iters": "i32"}, dict(
         BLOCK=luq.AMAX_GPU_BLOCK)
     yield "luq_unpack", luq.unpack_kernel, {"codes_ptr": "*u8", "alpha_ptr": "*fp32", "out_ptr": "*fp16",
@@ -31,15 +37,17 @@ def variants():
                          (1, 4, "mvue_approx"), (2, 4, "mse"), (1, 4, "mse")]:
         k = {"mvue": 1, "mvue_approx": n, "mse": 1}[method]
         yield (f"nm_{method}{n}{m}", nm.nm_kernel, nm_sig,
-               dict(N=n, M=m, METHOD=NM_METHOD_IDS[method], K=k, BLOCK=NM_GPU_ELEMS // m))
+               dict(N=n, M=m, METHOD=NM_METHOD_IDS[method], K=k, BLOCK=NM_GPU_ELEMS // m, HAS_NOISE=False,
+                    DMAX=bf16["DMAX"]))
     for p in (1, 2):
-        sig = {"x_ptr": "*fp32", "out_ptr": "*bf16", "flag_ptr": "*i32", "m_ptr": "*i32", "seed": "i32",
-               "seed_luq": "i32", "length": "i32", "nblocks": "i32", "inner": "i32", "total": "i32"}
+        sig = {"x_ptr": "*fp32", "out_ptr": "*bf16", "flag_ptr": "*i32", "m_ptr": "*i32", "noise_ptr": "*fp32",
+               "noise_luq_ptr": "*fp32", "seed": "i32", "seed_luq": "i32", "length": "i32", "nblocks": "i32",
+               "inner": "i32", "total": "i32"}
         yield (f"nm_luq_pass{p}", fused.nm_luq_kernel, sig,
-               dict(N=2, M=4, METHOD=0, K=1, L_MINUS_1=6, PASS=p, BLOCK=NM_GPU_ELEMS // 4))
+               dict(N=2, M=4, METHOD=0, K=1, L_MINUS_1=6, PASS=p, BLOCK=NM_GPU_ELEMS // 4, HAS_NOISE=False, **bf16))
     yield "intq", intq.intq_kernel, {"x_ptr": "*fp16", "out_ptr": "*fp16", "s_ptr": "*fp32", "flag_ptr": "*i32",
                                       "row_len": "i32", "nchunks": "i32", "qlo": "fp32", "qhi": "fp32"}, dict(
-        BLOCK=intq.GPU_BLOCK)
+        BLOCK=intq.GPU_BLOCK, DMAX=dtype_consts(torch.float16)["DMAX"])
     yield "intq_stats", intq.stats_kernel, {"x_ptr": "*fp32", "part_ptr": "*fp32", "row_len": "i32",
                                              "nchunks": "i32"}, dict(BLOCK=intq.STATS_GPU_BLOCK)
 

@@ -11,6 +11,12 @@ by masked loads. All arithmetic mirrors :mod:`lowprec.nm` op for op (left-to-rig
 ``div_rn``), so given the same uniforms the output is bit-identical. Uniform of block
 ``(o, b, i)``, draw ``r``: ``tl.rand(seed, ((o*inner + i)*nblocks + b)*K + r)``, the flat index
 into the reference's ``noise`` of shape :func:`lowprec.nm.nm_noise_shape`.
+
+``noise=`` (tests): every kernel can also read its uniforms from a tensor laid out as the
+reference's ``noise`` (``HAS_NOISE``), so boundary uniforms (0, a level exactly, 1 - 2^-24) can be
+fed to both twins. Range handling mirrors the references: LUQ's ``α`` cut to the output dtype's
+normals (:func:`luq_alpha`), N:M blocks rescaled by ``2^-E`` (:func:`block_normalize`), outputs
+clamped to the dtype's largest finite value (``DMAX``).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from ..nm import check_nm
 from . import interpreter_enabled
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FP32_TINY = torch.finfo(torch.float32).tiny  # 2^-126: the kernels compute in fp32
 MAX_NUMEL = 2 ** 31 - 1  # kernels index with int32
 
 # Every launch: no a*b+c -> FMA contraction (the references round after each op).
@@ -59,6 +66,24 @@ def block_for(n: int, cuda: bool, gpu_block: int) -> int:
     return max(16, min(INTERP_BLOCK, triton.next_power_of_2(max(int(n), 1))))
 
 
+def dtype_consts(dtype: torch.dtype) -> dict:
+    """Constexprs of an output dtype: ``E_TINY`` (log2 of its smallest normal) and ``DMAX`` (largest finite)."""
+    from .._common import tiny_exponent
+
+    return {"E_TINY": tiny_exponent(dtype), "DMAX": torch.finfo(dtype).max}
+
+
+def noise_arg(noise: Tensor | None, shape, x: Tensor, who: str) -> tuple[Tensor, bool]:
+    """(pointer tensor, HAS_NOISE) for a kernel: the checked fp32 ``noise`` or a dummy (x itself)."""
+    if noise is None:
+        return x, False
+    shape = torch.Size(shape)
+    if not isinstance(noise, Tensor) or noise.shape != shape:
+        got = tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
+        raise ValueError(f"{who}: noise has shape {got}, expected {tuple(shape)}")
+    return noise.to(device=x.device, dtype=torch.float32).contiguous(), True
+
+
 def num_programs_cap(x: torch.Tensor) -> int:
     """Grid cap for grid-stride reductions (bounds the number of atomics on one address)."""
     if x.is_cuda:
@@ -85,6 +110,15 @@ def copysign(mag, x):
     return bits.to(tl.float32, bitcast=True)
 
 
+@triton.jit
+def draw(seed, noise_ptr, idx, mask, HAS_NOISE: tl.constexpr):
+    """The uniform at flat index ``idx``: ``tl.rand(seed, idx)``, or read from ``noise`` (tests)."""
+    if HAS_NOISE:
+        return tl.load(noise_ptr + idx, mask=mask, other=0.0)
+    else:
+        return tl.rand(seed, idx)
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _uniforms_kernel(out_ptr, seed, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -103,6 +137,17 @@ def uniforms(seed: int, shape, device="cpu") -> torch.Tensor:
         block = block_for(n, out.is_cuda, 1024)
         _uniforms_kernel[(triton.cdiv(n, block),)](out, seed, n, BLOCK=block)
     return out
+
+
+@triton.jit
+def load_f32(base_ptr, offs, mask):
+    """``base_ptr[offs]`` as fp32 (0 where masked). bf16 is widened by a bit shift (exact, as a GPU's
+    ``cvt``), because the interpreter's bf16 -> fp32 cast flushes bf16 subnormals to wrong values."""
+    if base_ptr.dtype.element_ty == tl.bfloat16:
+        bits = tl.load(base_ptr.to(tl.pointer_type(tl.uint16)) + offs, mask=mask, other=0)
+        return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -128,6 +173,16 @@ def cast_out(v, dtype: tl.constexpr):
 def nan_to_inf_abs(x):
     a = tl.abs(x)
     return tl.where(a == a, a, float("inf"))
+
+
+@triton.jit
+def luq_alpha(m_raw, L_MINUS_1: tl.constexpr, E_TINY: tl.constexpr, DMAX: tl.constexpr):
+    """(ok, m, α) from the loaded max, as lowprec.luq.luq_scale: m clamped to DMAX, α = m·2^-j with
+    j = min(L-1, max(0, floor(log2 m) - E_TINY)); ok = 0 < m_raw < inf (else the output is zeros)."""
+    ok = (m_raw > 0) & (m_raw < float("inf"))
+    m = tl.minimum(m_raw, DMAX)
+    j = tl.minimum(tl.maximum(floor_log2(m) - E_TINY, 0), L_MINUS_1)
+    return ok, m, m * pow2(-j)
 
 
 @triton.jit
@@ -176,7 +231,7 @@ def _mvue_probs(a, N: tl.constexpr, M: tl.constexpr):
             free = free + tl.where(capped[j], 0.0, a[j])
             cnt = cnt + capped[j].to(tl.float32)
         budget = N - cnt
-        c_scale = tl.math.div_rn(budget, tl.where(free > 0.0, free, 1.0))
+        c_scale = tl.math.div_rn(budget, tl.maximum(free, N * 1.1754943508222875e-38))  # N·FP32_TINY
         shares = ()
         new_capped = ()
         for j in tl.static_range(M):
@@ -192,24 +247,34 @@ def _mvue_probs(a, N: tl.constexpr, M: tl.constexpr):
 
 @triton.jit
 def _systematic(p, u, N: tl.constexpr, M: tl.constexpr):
-    """Keep mask of systematic sampling (points u, u+1, ..., u+N-1 on [0, N)); mirrors lowprec.nm._systematic."""
-    keep = ()
-    lo = tl.zeros_like(u)
-    below_lo = tl.zeros_like(u)
+    """Keep mask of systematic sampling (capped kept, the rest counted as I + [u < F]); mirrors lowprec.nm._systematic."""
+    capped = ()
+    n_open = tl.zeros_like(u) + N
     for j in tl.static_range(M):
-        if j < M - 1:
-            hi = lo + p[j]
-        else:
-            hi = tl.zeros_like(u) + N
-        below_hi = tl.minimum(tl.maximum(tl.math.ceil(hi - u), 0.0), N)
-        keep = keep + (below_hi > below_lo,)
-        lo = hi
+        capped = capped + (p[j] >= 1.0,)
+        n_open = n_open - capped[j].to(tl.float32)
+    keep = ()
+    whole = tl.zeros_like(u)
+    frac = tl.zeros_like(u)
+    below_lo = tl.zeros_like(u)
+    opened = u != u  # all False: an open entry (0 < p < 1) at or before j
+    for j in tl.static_range(M):
+        opened = opened | ((p[j] > 0.0) & (capped[j] == 0))
+        closes = opened  # ... and none after j
+        for k in tl.static_range(j + 1, M):
+            closes = closes & ((p[k] <= 0.0) | capped[k])
+        t = frac + tl.where(capped[j], 0.0, p[j])
+        carry = tl.math.floor(t)
+        whole = whole + carry
+        frac = t - carry
+        below_hi = tl.where(closes, n_open, tl.minimum(whole + (u < frac).to(tl.float32), n_open))
+        keep = keep + (capped[j] | (below_hi > below_lo),)
         below_lo = below_hi
     return keep
 
 
 @triton.jit
-def _approx_draw(a, seed, noise_base, N: tl.constexpr, M: tl.constexpr):
+def _approx_draw(a, seed, noise_ptr, noise_base, valid, N: tl.constexpr, M: tl.constexpr, HAS_NOISE: tl.constexpr):
     """N sequential draws prop. to |x| without replacement + exact inclusion probs; mirrors lowprec.nm._approx_draw."""
     S = _colsum(a, M)
     keep = ()
@@ -219,7 +284,7 @@ def _approx_draw(a, seed, noise_base, N: tl.constexpr, M: tl.constexpr):
         w = ()
         for j in tl.static_range(M):
             w = w + (tl.where(keep[j], 0.0, a[j]),)
-        target = tl.rand(seed, noise_base + r) * _colsum(w, M)
+        target = draw(seed, noise_ptr, noise_base + r, valid, HAS_NOISE) * _colsum(w, M)
         run = tl.zeros_like(S)
         chosen = a[0] < 0.0
         new_keep = ()
@@ -237,7 +302,16 @@ def _approx_draw(a, seed, noise_base, N: tl.constexpr, M: tl.constexpr):
     else:
         rest = ()
         for j in tl.static_range(M):
-            rest = rest + (tl.math.div_rn(t[j], S - a[j]),)
+            others = tl.zeros_like(S)
+            first_k = True
+            for k in tl.static_range(M):
+                if k != j:
+                    if first_k:
+                        others = a[k]
+                        first_k = False
+                    else:
+                        others = others + a[k]
+            rest = rest + (tl.math.div_rn(t[j], others),)
         p = ()
         for i in tl.static_range(M):
             acc = tl.zeros_like(S)
@@ -269,8 +343,23 @@ def _mse_keep(a, N: tl.constexpr, M: tl.constexpr):
 
 
 @triton.jit
-def nm_block(x_ptr, flag_ptr, seed, g, length, nblocks, inner, total,
-                N: tl.constexpr, M: tl.constexpr, METHOD: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr):
+def block_normalize(a, M: tl.constexpr):
+    """a·2^-E, E = floor(log2 max a) clamped to [-126, 126]; mirrors lowprec.nm.block_normalize."""
+    bmax = a[0]
+    for j in tl.static_range(1, M):
+        bmax = tl.maximum(bmax, a[j])
+    e = tl.minimum(tl.maximum(floor_log2(tl.maximum(bmax, 1.1754943508222875e-38)), -126), 126)
+    scale = pow2(-e)
+    out = ()
+    for j in tl.static_range(M):
+        out = out + (a[j] * scale,)
+    return out
+
+
+@triton.jit
+def nm_block(x_ptr, flag_ptr, noise_ptr, seed, g, length, nblocks, inner, total,
+             N: tl.constexpr, M: tl.constexpr, METHOD: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr,
+             HAS_NOISE: tl.constexpr, DMAX: tl.constexpr):
     """Pruned values (fp32, one vector per column), column masks and element offsets of blocks ``g``."""
     valid = g < total
     i = g % inner
@@ -286,7 +375,7 @@ def nm_block(x_ptr, flag_ptr, seed, g, length, nblocks, inner, total,
     bad = tl.zeros((BLOCK,), dtype=tl.int32)
     for j in tl.static_range(M):
         mj = valid & (b * M + j < length)
-        xj = tl.load(x_ptr + base + j * inner, mask=mj, other=0.0).to(tl.float32)
+        xj = load_f32(x_ptr, base + j * inner, mj)
         aj = tl.abs(xj)
         xs = xs + (xj,)
         a = a + (aj,)
@@ -303,14 +392,19 @@ def nm_block(x_ptr, flag_ptr, seed, g, length, nblocks, inner, total,
             q = q + (tl.where(keep[j], xs[j], 0.0),)
     else:
         noise_base = ((o * inner + i) * nblocks + b) * K
+        a_s = block_normalize(a, M)
         if METHOD == 0:
-            p = _mvue_probs(a, N, M)
-            keep = _systematic(p, tl.rand(seed, noise_base), N, M)
+            p = _mvue_probs(a_s, N, M)
+            keep = _systematic(p, draw(seed, noise_ptr, noise_base, valid, HAS_NOISE), N, M)
         else:
-            keep, p = _approx_draw(a, seed, noise_base, N, M)
+            keep0, p = _approx_draw(a_s, seed, noise_ptr, noise_base, valid, N, M, HAS_NOISE)
+            keep = ()
+            for j in tl.static_range(M):
+                keep = keep + (keep0[j] & (p[j] > 0.0),)
         sparse_enough = nnz <= N
         for j in tl.static_range(M):
             qj = tl.where(keep[j], tl.math.div_rn(xs[j], tl.where(keep[j], p[j], 1.0)), 0.0)
+            qj = tl.minimum(tl.maximum(qj, -DMAX), DMAX)
             q = q + (tl.where(sparse_enough, xs[j], qj),)
     return q, masks, offs
 

@@ -17,23 +17,24 @@ import triton.language as tl
 from torch import Tensor
 
 from .._common import check_float
-from ..intq import SAWB_COEFFS, check_bits, check_int_quant_args, int_qmax, mse_clip
-from .common import LAUNCH_OPTS, block_for, cast_out, check_launchable
+from ..intq import SAWB_COEFFS, check_bits, check_clip, check_int_quant_args, int_qmax, int_step, mse_clip
+from .common import LAUNCH_OPTS, block_for, cast_out, check_launchable, dtype_consts, load_f32
 
 GPU_BLOCK = 1024  # untuned (no GPU in the session that wrote this)
 STATS_GPU_BLOCK = 4096
 
 
 @triton.jit
-def intq_kernel(x_ptr, out_ptr, s_ptr, flag_ptr, row_len, nchunks, qlo, qhi, BLOCK: tl.constexpr):
+def intq_kernel(x_ptr, out_ptr, s_ptr, flag_ptr, row_len, nchunks, qlo, qhi, BLOCK: tl.constexpr, DMAX: tl.constexpr):
     pid = tl.program_id(0)
     row = pid // nchunks
     offs = (pid % nchunks) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < row_len
     ptr = row * row_len + offs
-    x = tl.load(x_ptr + ptr, mask=mask, other=0.0).to(tl.float32)
+    x = load_f32(x_ptr, ptr, mask)
     s = tl.load(s_ptr + row)
     q = tl.minimum(tl.maximum(tl.math.floor(tl.math.div_rn(x, s) + 0.5), qlo), qhi) * s
+    q = tl.minimum(tl.maximum(q, -DMAX), DMAX)  # a clip above the dtype's range: largest finite, not inf
     tl.store(out_ptr + ptr, cast_out(q, out_ptr.dtype.element_ty), mask=mask)
     bad = tl.max(tl.where(tl.abs(x) < float("inf"), 0, 1), 0)
     tl.atomic_max(flag_ptr, bad, mask=bad > 0)
@@ -45,7 +46,7 @@ def stats_kernel(x_ptr, part_ptr, row_len, nchunks, BLOCK: tl.constexpr):
     row = pid // nchunks
     offs = (pid % nchunks) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < row_len
-    x = tl.load(x_ptr + row * row_len + offs, mask=mask, other=0.0).to(tl.float32)
+    x = load_f32(x_ptr, row * row_len + offs, mask)
     a = tl.abs(x)
     tl.store(part_ptr + pid * 4 + 0, tl.sum(x * x, 0))
     tl.store(part_ptr + pid * 4 + 1, tl.sum(a, 0))
@@ -109,22 +110,20 @@ def int_quant(x: Tensor, bits: int = 4, *, signed: bool | None = None, per_chann
             signed = not nonneg
     qmax = int_qmax(bits, signed)
     if clip is not None:
-        c = torch.as_tensor(clip, dtype=torch.float32, device=x.device).reshape(-1, 1)
-        if c.shape[0] not in (1, rows):
-            raise ValueError(f"int_quant: {c.shape[0]} clip values for {rows} row(s)")
+        c = check_clip(clip, rows, x.device, torch.float32)
     elif clip_method == "max":
         c = st["amax"].reshape(-1, 1)
     elif clip_method == "mse" or bits not in SAWB_COEFFS:
         c = mse_clip(x, bits, per_channel=per_channel, signed=signed)
     else:
         c = _sawb(st, bits)
-    s = torch.where(c > 0, c / qmax, torch.ones_like(c)).expand(rows, 1).contiguous()
+    s = int_step(c, qmax).expand(rows, 1).contiguous()
     out = torch.empty_like(r)
     flag = torch.zeros(1, dtype=torch.int32, device=x.device)
     block = block_for(row_len, r.is_cuda, GPU_BLOCK)
     nchunks = triton.cdiv(row_len, block)
     intq_kernel[(rows * nchunks,)](r, out, s, flag, row_len, nchunks, float(-qmax if signed else 0), float(qmax),
-                                   BLOCK=block, **LAUNCH_OPTS)
+                                   BLOCK=block, DMAX=dtype_consts(x.dtype)["DMAX"], **LAUNCH_OPTS)
     if st is None and bool(flag.item()):
         raise ValueError("int_quant: input has NaN/Inf elements")
     return out.view(x.shape)

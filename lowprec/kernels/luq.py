@@ -5,7 +5,8 @@ program on the fp32 bits, or ``torch.linalg.vector_norm(x, inf)`` with ``amax="t
 (2) quantize with ``u = tl.rand(seed, i)`` for element ``i`` of the flattened (contiguous) input.
 With ``max_abs`` given (LUQ's in-hindsight max) it is one pass, which also returns the current
 ``max|x|`` for the next step's estimate. ``m`` stays on the device: no host sync unless a
-non-finite check must raise.
+non-finite check must raise. ``α`` is derived from ``m`` on the device as the reference's
+:func:`lowprec.luq.luq_alpha` does (``common.luq_alpha``).
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._common import check_float, check_nonfinite_mode, nonfinite_guard
-from ..luq import luq_levels
+from .._common import check_float, check_nonfinite_mode, check_scalar, nonfinite_guard
+from ..luq import luq_alpha, luq_levels
 from . import draw_seed
 from ..packing import MAX_PACKED_LEVELS
-from .common import (LAUNCH_OPTS, block_for, cast_out, check_launchable, copysign, luq_elem, nan_to_inf_abs,
-                     num_programs_cap, pow2)
+from .common import (LAUNCH_OPTS, block_for, cast_out, check_launchable, copysign, draw, dtype_consts, load_f32,
+                     luq_alpha as luq_alpha_dev, luq_elem, nan_to_inf_abs, noise_arg, num_programs_cap, pow2)
 
 GPU_BLOCK = 1024  # untuned (no GPU in the session that wrote this); elementwise, 4 warps
 GPU_WARPS = 4
@@ -35,7 +36,7 @@ def amax_kernel(x_ptr, amax_ptr, n, iters, BLOCK: tl.constexpr):
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for it in range(iters):
         offs = (pid + it * nprog) * BLOCK + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+        x = load_f32(x_ptr, offs, offs < n)
         acc = tl.maximum(acc, nan_to_inf_abs(x))
     # non-negative floats order like their int32 bit patterns: an integer atomic max is exact
     tl.atomic_max(amax_ptr, tl.max(acc, 0).to(tl.int32, bitcast=True))
@@ -49,13 +50,13 @@ def _code(x, k):
 
 
 @triton.jit(do_not_specialize=["seed"])
-def luq_kernel(x_ptr, out_ptr, m_ptr, amax_ptr, seed, n, iters, L_MINUS_1: tl.constexpr,
-               TRACK_AMAX: tl.constexpr, PACK: tl.constexpr, BLOCK: tl.constexpr):
+def luq_kernel(x_ptr, out_ptr, m_ptr, amax_ptr, noise_ptr, seed, n, iters, L_MINUS_1: tl.constexpr,
+               TRACK_AMAX: tl.constexpr, PACK: tl.constexpr, BLOCK: tl.constexpr, HAS_NOISE: tl.constexpr,
+               E_TINY: tl.constexpr, DMAX: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    m = tl.load(m_ptr)
-    alpha = m * (0.5 ** L_MINUS_1)  # = torch.ldexp(m, -(L-1)): a multiply by an exact power of two
-    ok = (m > 0) & (m < float("inf"))  # m = 0 -> zeros; non-finite m (nonfinite='skip') -> zeros
+    # m = 0 -> zeros; non-finite m (nonfinite='skip') -> zeros
+    ok, m, alpha = luq_alpha_dev(tl.load(m_ptr), L_MINUS_1, E_TINY, DMAX)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for it in range(iters):
         start = (pid + it * nprog) * BLOCK
@@ -63,10 +64,10 @@ def luq_kernel(x_ptr, out_ptr, m_ptr, amax_ptr, seed, n, iters, L_MINUS_1: tl.co
             p = start + tl.arange(0, BLOCK)  # byte index: elements 2p (low nibble), 2p+1 (high)
             i0 = 2 * p
             i1 = i0 + 1
-            x0 = tl.load(x_ptr + i0, mask=i0 < n, other=0.0).to(tl.float32)
-            x1 = tl.load(x_ptr + i1, mask=i1 < n, other=0.0).to(tl.float32)
-            _, k0 = luq_elem(x0, tl.rand(seed, i0), m, alpha)
-            _, k1 = luq_elem(x1, tl.rand(seed, i1), m, alpha)
+            x0 = load_f32(x_ptr, i0, i0 < n)
+            x1 = load_f32(x_ptr, i1, i1 < n)
+            _, k0 = luq_elem(x0, draw(seed, noise_ptr, i0, i0 < n, HAS_NOISE), m, alpha)
+            _, k1 = luq_elem(x1, draw(seed, noise_ptr, i1, i1 < n, HAS_NOISE), m, alpha)
             c0 = tl.where(ok, _code(x0, k0), 0)
             c1 = tl.where(ok, _code(x1, k1), 0)  # a masked lane (x1 = 0) gives code 0
             tl.store(out_ptr + p, (c0 | (c1 << 4)).to(tl.uint8), mask=i0 < n)
@@ -75,8 +76,8 @@ def luq_kernel(x_ptr, out_ptr, m_ptr, amax_ptr, seed, n, iters, L_MINUS_1: tl.co
         else:
             offs = start + tl.arange(0, BLOCK)
             mask = offs < n
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            mag, _ = luq_elem(x, tl.rand(seed, offs), m, alpha)
+            x = load_f32(x_ptr, offs, mask)
+            mag, _ = luq_elem(x, draw(seed, noise_ptr, offs, mask, HAS_NOISE), m, alpha)
             q = tl.where(ok, copysign(mag, x), 0.0)
             tl.store(out_ptr + offs, cast_out(q, out_ptr.dtype.element_ty), mask=mask)
             if TRACK_AMAX:
@@ -121,18 +122,20 @@ def amax(x: Tensor, impl: str = "triton") -> Tensor:
     return buf.view(torch.float32).reshape(())
 
 
-def _prepare(x: Tensor, bits, levels, nonfinite, who):
+def _prepare(x: Tensor, bits, levels, max_abs, nonfinite, who):
     check_float(x, who)
     check_nonfinite_mode(nonfinite)
-    L = luq_levels(bits, levels)
+    L = luq_levels(bits, levels)  # at most 127 levels: 2^-(L-1) is a normal fp32
+    if max_abs is not None:
+        check_scalar(max_abs, "max_abs", who, positive=False)
     check_launchable(x, who)
-    if L - 1 > 126:
-        raise ValueError(f"{who}: the kernel supports at most 127 levels, got {L} (use backend='reference')")
     return L
 
 
-def _run(x: Tensor, L: int, max_abs, seed, generator, nonfinite, pack: bool, amax_impl: str, who: str):
+def _run(x: Tensor, L: int, max_abs, seed, generator, noise, nonfinite, pack: bool, amax_impl: str, who: str):
     xc = x.detach().contiguous().view(-1)
+    nz, has_noise = noise_arg(noise, x.shape, xc, who)
+    nz = nz.view(-1)
     n = xc.numel()
     track = max_abs is not None
     if track:
@@ -141,14 +144,15 @@ def _run(x: Tensor, L: int, max_abs, seed, generator, nonfinite, pack: bool, ama
     else:
         m = amax(xc, amax_impl).reshape(1)
         cur = m
-    if seed is None:
+    if seed is None and not has_noise:
         seed = draw_seed(generator)
     nitems = triton.cdiv(n, 2) if pack else n
     out = torch.empty(nitems, dtype=torch.uint8, device=x.device) if pack else torch.empty_like(xc)
     block = block_for(nitems, xc.is_cuda, GPU_BLOCK)
     grid, iters = _grid(nitems, block, xc)
-    luq_kernel[(grid,)](xc, out, m, cur, int(seed), n, iters, L_MINUS_1=L - 1, TRACK_AMAX=track, PACK=pack,
-                        BLOCK=block, num_warps=GPU_WARPS, **LAUNCH_OPTS)
+    luq_kernel[(grid,)](xc, out, m, cur, nz, int(seed or 0), n, iters, L_MINUS_1=L - 1, TRACK_AMAX=track, PACK=pack,
+                        BLOCK=block, HAS_NOISE=has_noise, **dtype_consts(x.dtype), num_warps=GPU_WARPS,
+                        **LAUNCH_OPTS)
     cur = cur.view(torch.float32).reshape(()) if track else cur.reshape(())
     # With the max computed here, nonfinite='skip' already gave zeros on the device (no sync).
     if (track or nonfinite == "raise") and nonfinite_guard(x, cur, nonfinite, who):
@@ -157,37 +161,38 @@ def _run(x: Tensor, L: int, max_abs, seed, generator, nonfinite, pack: bool, ama
 
 
 def luq(x: Tensor, bits: int = 4, *, levels: int | None = None, max_abs=None, seed: int | None = None,
-        generator: torch.Generator | None = None, nonfinite: str = "raise", return_amax: bool = False,
-        amax_impl: str = "triton"):
-    """Kernel twin of :func:`lowprec.luq.luq`: same arguments (``seed`` instead of ``noise``).
+        generator: torch.Generator | None = None, noise: Tensor | None = None, nonfinite: str = "raise",
+        return_amax: bool = False, amax_impl: str = "triton"):
+    """Kernel twin of :func:`lowprec.luq.luq`: same arguments, plus ``seed``.
 
     ``seed=None`` draws one from ``generator`` (torch's global RNG when None). The uniforms are
-    ``lowprec.kernels.common.uniforms(seed, x.shape)``. ``return_amax``: also return the current
-    ``max|x|`` (fp32 0-d, on the device) -- with ``max_abs`` given, from the same single pass.
+    ``lowprec.kernels.common.uniforms(seed, x.shape)``, or ``noise`` when given (tests).
+    ``return_amax``: also return the current ``max|x|`` (fp32 0-d, on the device) -- with
+    ``max_abs`` given, from the same single pass.
     """
-    L = _prepare(x, bits, levels, nonfinite, "luq")
+    L = _prepare(x, bits, levels, max_abs, nonfinite, "luq")
     if x.numel() == 0:
         out, cur = x.clone(), torch.zeros((), device=x.device)
     else:
-        out, _, cur = _run(x, L, max_abs, seed, generator, nonfinite, False, amax_impl, "luq")
+        out, _, cur = _run(x, L, max_abs, seed, generator, noise, nonfinite, False, amax_impl, "luq")
         out = out.view(x.shape)
     return (out, cur) if return_amax else out
 
 
 def luq_pack(x: Tensor, bits: int = 4, *, levels: int | None = None, max_abs=None, seed: int | None = None,
-             generator: torch.Generator | None = None, nonfinite: str = "raise",
+             generator: torch.Generator | None = None, noise: Tensor | None = None, nonfinite: str = "raise",
              amax_impl: str = "triton") -> tuple[Tensor, Tensor]:
     """LUQ straight to the packed format: ``(codes uint8[ceil(numel/2)], alpha fp32 0-d)``.
 
     Decodes (``luq_unpack``) to exactly ``luq(x, ..., seed=seed)`` in fp32. Needs ``L <= 7``.
     """
-    L = _prepare(x, bits, levels, nonfinite, "luq_pack")
+    L = _prepare(x, bits, levels, max_abs, nonfinite, "luq_pack")
     if L > MAX_PACKED_LEVELS:
         raise ValueError(f"luq_pack: {L} levels + zero + sign do not fit a 4-bit code (at most {MAX_PACKED_LEVELS})")
     if x.numel() == 0:
         return torch.empty(0, dtype=torch.uint8, device=x.device), torch.zeros((), device=x.device)
-    codes, m, _ = _run(x, L, max_abs, seed, generator, nonfinite, True, amax_impl, "luq_pack")
-    return codes, torch.ldexp(m, torch.tensor(-(L - 1), device=x.device))
+    codes, m, _ = _run(x, L, max_abs, seed, generator, noise, nonfinite, True, amax_impl, "luq_pack")
+    return codes, luq_alpha(torch.clamp(m, max=torch.finfo(x.dtype).max), L, x.dtype)
 
 
 def luq_unpack(codes: Tensor, alpha, shape, dtype: torch.dtype = torch.float32) -> Tensor:
