@@ -24,6 +24,7 @@ checkpoint write, between summary and index row) instead of by timing; LOWPREC_T
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import pickle
@@ -133,6 +134,9 @@ class Progress:
     last: dict[str, float] | None = None  # {"top1", "top5"} of the last evaluated epoch
     elapsed: float = 0.0               # training seconds before this process started
     resumed: bool = False
+    # {component: state} of other run-time components, plain containers/tensors only (e.g.
+    # "adapt": lowprec.adapt.Controller.state_dict()); checkpoints without it load as {}
+    extra: dict = dataclasses.field(default_factory=dict)
 
 
 def save_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -146,7 +150,7 @@ def save_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
             "scheduler": {"step": progress.step}, "epoch": progress.epoch,
             "skipped": progress.skipped, "best_top1": progress.best, "last": progress.last,
             "rng": rngs, "layer_state": layer_state(model),
-            "elapsed": elapsed, "key": key, "names": names,
+            "elapsed": elapsed, "key": key, "names": names, "extra": progress.extra,
         }, path)
 
 
@@ -214,4 +218,5 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Opti
         print(f"resume: checkpoint from {len(rngs)} ranks, now {d.world}: RNG reseeded",
               file=sys.stderr)
     return Progress(epoch=ck["epoch"], step=ck["scheduler"]["step"], skipped=ck["skipped"],
-                    best=ck["best_top1"], last=ck["last"], elapsed=ck["elapsed"], resumed=True)
+                    best=ck["best_top1"], last=ck["last"], elapsed=ck["elapsed"], resumed=True,
+                    extra=ck.get("extra") or {})

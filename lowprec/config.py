@@ -30,10 +30,15 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 BASELINE_MODES = ("auto", "skip", "require")
 CONVERT_OPTIONS = ("skip", "weight_nm", "weight_nm_every", "weight_nm_transposable")
+ADAPT_POLICIES = ("none", "smp", "fallback", "late_hp")  # lowprec.adapt
 
 # Trainer options that change what is trained (and so must match between a run and its baseline).
 IDENTITY_TRAINER = ("epochs", "fnt_epochs", "batch_size", "seed", "bf16", "max_steps",
-                    "limit_batches", "skip_nonfinite")
+                    "limit_batches", "skip_nonfinite", "fnt_steps")
+# Options added after run indexes existed: left out of the identity while at these defaults, so
+# the keys (and baselines) of runs made before them stay valid.
+IDENTITY_NEW_DEFAULTS = {"trainer": {"fnt_steps": 0}, "optim": {"clip_grad": 0.0},
+                         "sched": {"warmup_steps": 0}}
 # The identity's trainer fields that are also index columns (readable, and indexed for lookup).
 MATCH_TRAINER = ("epochs", "fnt_epochs", "seed", "batch_size")
 
@@ -59,8 +64,9 @@ def register_resolvers() -> None:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """conf/optim. Weight decay applies to weights (tensors with ndim > 1), not to biases or
-    normalization parameters."""
+    """conf/optim. Weight decay applies to weights (tensors with ndim > 1), not to biases,
+    normalization parameters or embeddings (lowprec.train.make_optimizer). clip_grad: the global
+    gradient norm is clipped to it before each step (0: off)."""
     name: str = "sgd"
     lr: float = 0.1
     momentum: float = 0.9          # sgd
@@ -68,9 +74,13 @@ class OptimConfig:
     weight_decay: float = 5e-4
     betas: tuple[float, float] = (0.9, 0.999)  # adamw
     eps: float = 1e-8              # adamw
+    clip_grad: float = 0.0         # max global L2 norm of the gradient; 0: no clipping
 
     def __post_init__(self):
         _choice("optim.name", self.name, OPTIMIZERS)
+        if isinstance(self.clip_grad, bool) or not isinstance(self.clip_grad, (int, float)) \
+                or not self.clip_grad >= 0:
+            raise ValueError(f"optim.clip_grad={self.clip_grad!r}: expected a number >= 0 (0: off)")
         _positive("optim.lr", self.lr)
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise ValueError(f"optim: weight_decay={self.weight_decay} must be >= 0 and "
@@ -84,9 +94,11 @@ class OptimConfig:
 class SchedConfig:
     """conf/sched: the learning-rate factor per optimizer step of the low-precision epochs.
     cosine: to lr*min_lr_ratio; step: times gamma at each milestone (fractions of the epochs);
-    constant. Linear warmup from 0 over warmup_epochs for all three."""
+    constant. Linear warmup from 0 over warmup_epochs, or over warmup_steps optimizer steps (for
+    a step budget, trainer.max_steps), for all three."""
     name: str = "cosine"
     warmup_epochs: float = 0.0
+    warmup_steps: int = 0
     min_lr_ratio: float = 0.0                    # cosine
     milestones: tuple[float, ...] = (0.5, 0.75)  # step
     gamma: float = 0.1                           # step
@@ -97,6 +109,12 @@ class SchedConfig:
         if self.warmup_epochs < 0 or not 0 <= self.min_lr_ratio <= 1 or not 0 < self.gamma <= 1:
             raise ValueError(f"sched: warmup_epochs={self.warmup_epochs} must be >= 0, min_lr_ratio="
                              f"{self.min_lr_ratio} in [0, 1], gamma={self.gamma} in (0, 1]")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) \
+                or self.warmup_steps < 0:
+            raise ValueError(f"sched.warmup_steps={self.warmup_steps!r}: expected an integer >= 0")
+        if self.warmup_steps and self.warmup_epochs:
+            raise ValueError(f"sched.warmup_steps={self.warmup_steps} and sched.warmup_epochs="
+                             f"{self.warmup_epochs}: set one of them")
         if any(not 0 < m < 1 for m in self.milestones):
             raise ValueError(f"sched.milestones={list(self.milestones)}: fractions of the epochs, "
                              "each in (0, 1)")
@@ -119,11 +137,24 @@ class TrainConfig:
     resume: bool = False
     baseline: str = "auto"        # auto | skip | require
     stats_every: int = 0          # steps between per-layer gradient statistics; 0: off
-    max_steps: int = 0            # stop after this many optimizer steps (smoke tests); 0: off
+    max_steps: int = 0            # step budget: train this many optimizer steps (the LR schedule
+                                  # spans them; epochs are then not used); 0: train `epochs`
+    fnt_steps: int = 0            # with max_steps: FNT steps after them (grad=fp32, LUQ's FNT)
+    eval_every: int = 0           # optimizer steps between evaluations (also at epoch ends and at
+                                  # the end); 0: at epoch ends only
     limit_batches: int = 0        # at most this many train and eval batches per epoch; 0: off
     skip_nonfinite: bool = False  # skip steps with a non-finite loss/grad instead of failing
     max_skip_frac: float = 0.01   # a run that skips more than this fraction of its steps: diverged
     threads: int = 0              # torch CPU threads (torch.set_num_threads); 0: torch's default
+    # Noise monitor and adaptive precision (lowprec.adapt; not in the identity: a fixed and an
+    # adaptive run share their fp32 baseline, and the monitor does not change training)
+    noise_every: int = 0          # steps between noise-to-signal measurements r; 0: off
+    adapt: str = "none"           # none | smp | fallback | late_hp
+    adapt_tau: float = 3 ** 0.5   # act when r stays below this
+    adapt_patience: int = 3       # ... for this many consecutive measurements
+    adapt_max_samples: int = 16   # smp: SMP count cap
+    adapt_fallback: str = "fp32"  # fallback / late_hp: the grad recipe switched to
+    adapt_r: str = "exact"        # which r the controller reads: exact | two_draw
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
 
@@ -135,13 +166,27 @@ class TrainConfig:
         if isinstance(self.max_skip_frac, bool) or not isinstance(self.max_skip_frac, (int, float)) \
                 or not 0 <= self.max_skip_frac <= 1:
             raise ValueError(f"trainer.max_skip_frac={self.max_skip_frac!r}: expected a number in [0, 1]")
+        _choice("trainer.adapt", self.adapt, ADAPT_POLICIES)
+        _choice("trainer.adapt_r", self.adapt_r, ("exact", "two_draw"))
+        _positive("trainer.adapt_tau", self.adapt_tau)
+        if self.adapt != "none" and not self.noise_every:
+            raise ValueError(f"trainer.adapt={self.adapt} needs trainer.noise_every > 0 (it acts on measured r)")
+        for k in ("adapt_patience", "adapt_max_samples"):
+            if isinstance(getattr(self, k), bool) or not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
+                raise ValueError(f"trainer.{k}={getattr(self, k)!r}: expected an integer >= 1")
         for k in ("epochs", "fnt_epochs", "workers", "checkpoint_every", "stats_every",
-                  "max_steps", "limit_batches", "threads"):
+                  "max_steps", "limit_batches", "threads", "fnt_steps", "eval_every", "noise_every"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"trainer.{k}={v!r}: expected an integer >= 0")
         if self.epochs + self.fnt_epochs < 1:
             raise ValueError("trainer.epochs + trainer.fnt_epochs must be >= 1")
+        if self.fnt_steps and not self.max_steps:
+            raise ValueError(f"trainer.fnt_steps={self.fnt_steps} needs a step budget "
+                             "(trainer.max_steps > 0); with epochs use trainer.fnt_epochs")
+        if self.max_steps and self.fnt_epochs:
+            raise ValueError(f"trainer.fnt_epochs={self.fnt_epochs} with trainer.max_steps="
+                             f"{self.max_steps}: a step budget takes trainer.fnt_steps")
         _positive("trainer.batch_size", self.batch_size)
         _positive("trainer.eval_batch_size", self.eval_batch_size)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -213,8 +258,14 @@ def experiment_identity(c: dict[str, Any]) -> dict[str, Any]:
     """The identity of a resolved config (a plain dict, as OmegaConf.to_container gives)."""
     conv = c.get("convert") or {}
     nm = conv.get("weight_nm")
-    return {"model": c["model"], "data": c["data"], "optim": c["optim"], "sched": c["sched"],
-            "trainer": {k: c["trainer"].get(k) for k in IDENTITY_TRAINER},
+
+    def known(group, d):  # drop the newer options at their defaults (IDENTITY_NEW_DEFAULTS)
+        new = IDENTITY_NEW_DEFAULTS[group]
+        return {k: v for k, v in d.items() if not (k in new and v in (None, new[k]))}
+
+    return {"model": c["model"], "data": c["data"], "optim": known("optim", c["optim"]),
+            "sched": known("sched", c["sched"]),
+            "trainer": known("trainer", {k: c["trainer"].get(k) for k in IDENTITY_TRAINER}),
             "weight_nm": [None if nm is None else list(nm), conv.get("weight_nm_every")]
             + ([bool(conv.get("weight_nm_transposable", True))] if nm else [])}
 

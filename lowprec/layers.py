@@ -51,6 +51,16 @@ Statistics (`stats_every=k > 0`): every k-th backward of a layer appends one rec
 max|δ|; `state_update_*` for scalar entries of the update state, e.g. LUQ's in-hindsight max).
 `lowprec.convert.collect_stats(model)` averages and clears them. With stats_every=0 backward does no extra work.
 
+Noise monitor (lowprec.noise, driven by lowprec.adapt): `arm_noise(generator)` makes the next
+backward that computes a weight gradient also compute the exact one (one more update GEMM with
+exact δ) and a second, independent estimate ĝ₂ (the recipe's update draws again, SMP count
+included, then the update GEMM); `pop_noise()` returns the four sums of `noise.noise_terms`. ĝ₂
+takes its randomness from `generator` and a copy of the update state as it was when armed, so the
+training draws (torch's global RNG, the live estimator state) and hence training are the same as
+with the monitor off; unarmed, backward only tests one attribute. A layer applied several times in
+one step measures its first backward. `update_macs` counts the update-GEMM multiply-accumulates
+(weight elements × tokens) of the backwards since `pop_update_macs()` (lowprec.adapt's cost).
+
 Layers are made by `lowprec.convert.convert()` (a class swap of an existing nn.Linear / nn.Conv2d:
 the module object, its Parameters, buffers and hooks are kept; state_dict keys are unchanged) or
 `QLinear.from_linear` / `QConv2d.from_conv`. Run-time state that is not in state_dict (estimator
@@ -60,6 +70,7 @@ state, weight mask and its schedule) goes through `lp_state_dict()` / `load_lp_s
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any, Callable
 
 import torch
@@ -69,6 +80,7 @@ from torch.autograd.function import once_differentiable
 
 from .estimators import SMP
 from .hadamard import block_rht, random_signs
+from .noise import noise_terms
 from .recipes import fwd_recipe, grad_recipe
 from .stats import compare
 from .weight_nm import check_weight_nm, format_weight_nm, nm_weight_mask
@@ -205,6 +217,9 @@ class _QMixin:
         self._lp_bwd_calls = 0
         self._lp_stats: list[dict[str, float]] = []
         self._lp_orig_class = orig_class
+        self._lp_noise_arm: dict[str, Any] | None = None
+        self._lp_noise_rec: dict[str, float] | None = None
+        self.update_macs = 0
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", fwd={recipe_name(self.fwd_recipe)}, grad={recipe_name(self.grad_recipe)}"
@@ -252,6 +267,26 @@ class _QMixin:
         recs, self._lp_stats = self._lp_stats, []
         return recs
 
+    # ---- noise monitor (module docstring)
+    def arm_noise(self, generator: torch.Generator) -> None:
+        """Measure the weight-gradient noise in the next backward; the extra draw uses `generator`."""
+        self._lp_noise_arm = {"generator": generator, "state": copy.deepcopy(self.lp_state["update"])}
+        self._lp_noise_rec = None
+
+    @property
+    def noise_armed(self) -> bool:
+        return self._lp_noise_arm is not None
+
+    def pop_noise(self) -> dict[str, float] | None:
+        """The noise sums of the armed backward (None if none ran); disarms and clears."""
+        rec, self._lp_noise_rec, self._lp_noise_arm = self._lp_noise_rec, None, None
+        return rec
+
+    def pop_update_macs(self) -> int:
+        """Update-GEMM multiply-accumulates since the last call; resets the count."""
+        n, self.update_macs = self.update_macs, 0
+        return n
+
     def restore_class(self) -> None:
         """Turn this layer back into the class it was converted from, in place (inverse of the
         class swap: Parameters, persistent buffers and hooks are kept)."""
@@ -259,7 +294,8 @@ class _QMixin:
         if hasattr(self, "weight_mask"):
             del self.weight_mask  # nn.Module.__delattr__ unregisters the buffer
         for attr in ("fwd_recipe", "grad_recipe", "lp_state", "weight_nm", "weight_nm_every", "_lp_nm_calls",
-                     "stats_every", "_lp_bwd_calls", "_lp_stats", "_lp_orig_class"):
+                     "stats_every", "_lp_bwd_calls", "_lp_stats", "_lp_orig_class", "_lp_noise_arm",
+                     "_lp_noise_rec", "update_macs"):
             self.__dict__.pop(attr, None)
         self.__class__ = orig
 
@@ -292,19 +328,21 @@ class _QMixin:
         return w.detach()
 
     # ---- backward helpers
-    def _estimate(self, est, delta, state, to2d, from2d):
+    def _estimate(self, est, delta, state, to2d, from2d, generator=None):
         if getattr(est, "elementwise", True):
-            return est(delta, state=state)
-        return from2d(est(to2d(delta), state=state))
+            return est(delta, state=state, generator=generator)
+        return from2d(est(to2d(delta), state=state, generator=generator))
 
-    def _update_draws(self, delta, samples: int, to2d, from2d):
-        """(first draw, SMP mean) of the update estimator; the state rules are estimators.SMP's."""
+    def _update_draws(self, delta, samples: int, to2d, from2d, *, generator=None, state=None):
+        """(first draw, SMP mean) of the update estimator; the state rules are estimators.SMP's.
+        `state` None: the live update state."""
         est = self.grad_recipe.update
 
         def draw(x, *, generator=None, state=None):
-            return self._estimate(est, x, state, to2d, from2d)
+            return self._estimate(est, x, state, to2d, from2d, generator)
 
-        return SMP(draw, samples).draws(delta, state=self.lp_state["update"])
+        st = self.lp_state["update"] if state is None else state
+        return SMP(draw, samples).draws(delta, generator=generator, state=st)
 
     def _route(self, delta, need_b: bool, need_u: bool, to2d, from2d):
         """Return (δ_b, δ_u); either may be `delta` itself (exact), both may be the same object."""
@@ -335,9 +373,10 @@ class _QMixin:
         g = self.grad_recipe
         return getattr(g, "act_upd", None) is not None or getattr(g, "update_rht", None) is not None
 
-    def _update_operands(self, ctx, delta, d_u, a2_of, to2d, from2d):
+    def _update_operands(self, ctx, delta, d_u, a2_of, to2d, from2d, *, generator=None, state=None):
         """(δ_u [C_out, T'], a_u [T', K], ones [T', 1] or None, δ_u in δ's layout for statistics)
-        of the update GEMM when act_upd or update_rht is set. ``a2_of(t)``: t as the [T, K] operand."""
+        of the update GEMM when act_upd or update_rht is set. ``a2_of(t)``: t as the [T, K] operand.
+        ``generator``/``state``: the noise monitor's extra draw (None: torch's RNG, the live state)."""
         g = self.grad_recipe
         a_src = ctx.saved_tensors[3] if g.act_upd is not None else ctx.saved_tensors[0]
         a2 = a2_of(a_src)
@@ -346,10 +385,11 @@ class _QMixin:
             d_u2 = to2d(d_u)
             unrotated = d_u
         else:
-            s = random_signs(g.update_rht, device=delta.device)
+            s = random_signs(g.update_rht, device=delta.device, generator=generator)
             d2 = block_rht(to2d(delta), s, -1)
             if g.update is not None:  # d2 is already the [C_out, tokens] view the estimator expects
-                d2 = SMP(g.update, int(g.samples)).draws(d2, state=self.lp_state["update"])[1]
+                st = self.lp_state["update"] if state is None else state
+                d2 = SMP(g.update, int(g.samples)).draws(d2, generator=generator, state=st)[1]
             d_u2 = d2
             a2 = block_rht(a2, s, 0)
             tokens = to2d(delta).shape[1]
@@ -357,8 +397,26 @@ class _QMixin:
 
             def unrotated():
                 return from2d(block_rht(d_u2, s, -1, inverse=True)[:, :tokens])
-        a_u = a2 if g.act_upd is None else g.act_upd(a2)
+        a_u = a2 if g.act_upd is None else g.act_upd(a2, generator=generator)
         return d_u2, a_u, ones, unrotated
+
+    def _record_noise(self, ctx, delta, gw_hat, gemm, a2_of, to2d, from2d) -> None:
+        """The armed measurement: g = gemm(exact δ), ĝ₂ = a fresh estimate (module docstring)."""
+        arm, self._lp_noise_arm = self._lp_noise_arm, None
+        g = self.grad_recipe
+        if g.update is None and not self._custom_update():  # exact update GEMM: no noise
+            self._lp_noise_rec = noise_terms(gw_hat, gw_hat, gw_hat)
+            return
+        gen, st = arm["generator"], copy.deepcopy(arm["state"])
+        d_u = delta
+        if g.update is not None and g.update_rht is None:
+            d_u = self._update_draws(delta, int(g.samples), to2d, from2d, generator=gen, state=st)[1]
+        if self._custom_update():
+            d_u2, a_u, _, _ = self._update_operands(ctx, delta, d_u, a2_of, to2d, from2d, generator=gen, state=st)
+            gw2 = d_u2.mm(a_u).reshape(gw_hat.shape)
+        else:
+            gw2 = gemm(d_u)
+        self._lp_noise_rec = noise_terms(gemm(delta), gw_hat, gw2)
 
     def _stats_due(self) -> bool:
         # only called when stats_every > 0
@@ -443,6 +501,11 @@ class _QLinearFn(torch.autograd.Function):
                 gw = du2.t().mm(a2)
             if need_b:
                 gb = du2.sum(0)
+        if need_w:
+            layer.update_macs += w.numel() * a2.shape[0]
+            if layer.noise_armed:
+                layer._record_noise(ctx, delta, gw, lambda d: d.reshape(-1, out).t().mm(a2),
+                                    lambda t: t.reshape(-1, inp), to2d, from2d)
         if layer.stats_every and layer._stats_due():
             layer._record_stats(delta, d_b, d_u, need_x, need_u, gw,
                                 lambda: delta.reshape(-1, out).t().mm(a2))
@@ -465,6 +528,14 @@ class QLinear(_QMixin, nn.Linear):
 
 
 # ----------------------------------------------------------------------------- conv2d
+
+
+def _im2col_of(w, conv):
+    """t -> the im2col matrix [tokens, C_in·kh·kw] of the convolution with weight w, args `conv`."""
+    def im2col(t):
+        cols = F.unfold(t, w.shape[2:], dilation=conv[2], padding=conv[1], stride=conv[0])
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return im2col
 
 
 class _QConv2dFn(torch.autograd.Function):
@@ -505,11 +576,7 @@ class _QConv2dFn(torch.autograd.Function):
             if need_x:
                 gx = cb(d_b, a, w_b, None, *conv, [True, False, False])[0]
 
-            def im2col(t):
-                cols = F.unfold(t, w.shape[2:], dilation=conv[2], padding=conv[1], stride=conv[0])
-                return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-
-            d_u2, a_u, ones, unrot = layer._update_operands(ctx, delta, d_u, im2col, to2d, from2d)
+            d_u2, a_u, ones, unrot = layer._update_operands(ctx, delta, d_u, _im2col_of(w, conv), to2d, from2d)
             gw = d_u2.mm(a_u).reshape(w.shape) if need_w else None
             if need_b:
                 gb = d_u2.sum(1) if ones is None else d_u2.mm(ones).squeeze(1)
@@ -521,6 +588,11 @@ class _QConv2dFn(torch.autograd.Function):
         else:  # different δ (or W) per GEMM: two half calls (~1.3x one fused call on CPU)
             gx = cb(d_b, a, w_b, None, *conv, [True, False, False])[0]
             _, gw, gb = cb(d_u, a, w, bias_sizes, *conv, [False, need_w, need_b])
+        if need_w:
+            layer.update_macs += w.numel() * n * h * wd_
+            if layer.noise_armed:
+                layer._record_noise(ctx, delta, gw, lambda d: cb(d, a, w, None, *conv, [False, True, False])[1],
+                                    _im2col_of(w, conv), to2d, from2d)
         if layer.stats_every and layer._stats_due():
             layer._record_stats(delta, d_b, d_u, need_x, need_u, gw,
                                 lambda: cb(delta, a, w, None, *conv, [False, True, False])[1])

@@ -2,8 +2,18 @@
 
 `train` reads top to bottom: set up (data, model, one `convert(...)` call — the only place
 quantization appears — optimizer, loaders), resume, epochs (the low-precision ones, then the FNT
-ones), save. `train_and_record` adds summary.json and the run-index row. The configuration
-objects live in config.py, DDP set-up in distributed.py, checkpoints and RNG in checkpoint.py.
+ones), save. `train_and_record` adds summary.json and the run-index row.
+
+Length: `trainer.epochs` (+ `fnt_epochs`), or a step budget `trainer.max_steps` (+ `fnt_steps`):
+then exactly that many optimizer steps are taken, passes over the data ("epochs") repeat as
+needed, and the LR schedule (warm-up, cosine, step milestones) spans max_steps instead of
+epochs × steps per epoch. Evaluation at every epoch end, every `trainer.eval_every` steps, and at
+the end.
+
+Metric (top-1, or validation loss for a language model), degradation and summary.json: lowprec/summary.py.
+
+The configuration objects live in config.py, DDP set-up in distributed.py, checkpoints and RNG
+in checkpoint.py.
 
 Reproducibility: everything is seeded from trainer.seed; the data order of epoch e comes from a
 sampler seeded with seed+e (DistributedSampler, also with one process), and a checkpoint
@@ -18,6 +28,7 @@ in DDP after convert(); only rank 0 evaluates, logs, checkpoints and writes the 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import sys
@@ -33,6 +44,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from . import runs
+from .adapt import Controller
 from ._common import NonFiniteError
 from .checkpoint import (Progress, atomic_write_text, kill_point, load_checkpoint,
                          save_checkpoint, seed_everything, weights_hash)
@@ -40,6 +52,7 @@ from .config import Experiment, OptimConfig, SchedConfig
 from .convert import collect_stats, convert, set_recipes
 from .distributed import Dist, all_true, broadcast, mean_over_ranks, setup_distributed
 from .logging import JsonlLogger, Logger, MultiLogger, make_wandb
+from .summary import LN2, baseline_quality, describe, summarize, summary_lines  # noqa: F401
 
 FNT_GRAD = "fp32"  # FNT epochs: exact δ
 
@@ -69,10 +82,12 @@ def train(exp: Experiment, datasets=None, *, dist: Dist | None = None,
     prog = Progress()
     if t.resume and r.ckpt_path.exists():
         def resumed_inside_fnt(epoch):
-            if epoch > t.epochs:
+            # step budget: checkpoints are at epoch ends (step = epoch · spe) or at the end
+            if (epoch * r.spe > t.max_steps) if t.max_steps else epoch > t.epochs:
                 enter_fnt(r.core, exp)
         prog = load_checkpoint(r.ckpt_path, model=r.core, optimizer=r.opt, key=exp.key,
                                names=exp.names, d=d, before_layer_state=resumed_inside_fnt)
+        r.adapt.load_state_dict(prog.extra.get("adapt"))  # after the layer state (adapt.py)
     logger = _start_logging(exp, r.report, prog, d)
     model = r.core
     if d.world > 1:  # wrap AFTER convert: DDP must see the converted modules' parameters
@@ -80,28 +95,37 @@ def train(exp: Experiment, datasets=None, *, dist: Dist | None = None,
             r.core, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     model.train()
     t0 = time.time()
-    for epoch in range(prog.epoch, r.total_epochs):
-        if t.max_steps and prog.step >= t.max_steps:
+    budget = t.max_steps + t.fnt_steps if t.max_steps else 0
+    for epoch in itertools.count(prog.epoch):
+        if (prog.step >= budget) if budget else epoch >= r.total_epochs:
             break
-        if epoch == t.epochs:
+        if epoch == t.epochs and not budget:
             enter_fnt(r.core, exp)
         _end_epoch(exp, r, prog, _train_epoch(exp, r, model, prog, epoch, logger, d), logger, d)
         kill_point("epoch_logged")
         prog.epoch = epoch + 1
-        stop = prog.epoch == r.total_epochs or bool(t.max_steps and prog.step >= t.max_steps)
+        stop = (prog.step >= budget) if budget else prog.epoch == r.total_epochs
         if stop or (t.checkpoint_every and prog.epoch % t.checkpoint_every == 0):
+            prog.extra["adapt"] = r.adapt.state_dict()
             save_checkpoint(r.ckpt_path, model=r.core, optimizer=r.opt, progress=prog,
                             elapsed=prog.elapsed + time.time() - t0, key=exp.key,
                             names=exp.names, d=d)
     prog.last, prog.best = broadcast((prog.last, prog.best), d)  # only rank 0 evaluated
     if prog.last is None:  # nothing trained (max_steps=... already reached at the checkpoint)
         raise ValueError("no epoch was run: nothing to report")
+    lm = r.ds.task == "lm"
     result = {"final_top1": prog.last["top1"], "final_top5": prog.last["top5"],
-              "best_top1": prog.best, "steps": prog.step, "skipped_steps": prog.skipped,
+              "best_top1": prog.best, "task": r.ds.task, "num_classes": r.ds.num_classes,
+              "metric": "val_loss" if lm else "top1", "val_loss": prog.last.get("val_loss"),
+              "best_val_loss": prog.last.get("best_val_loss"),
+              "bits_per_char": prog.last["val_loss"] / LN2 if lm and "val_loss" in prog.last else None,
+              "max_steps": t.max_steps, "fnt_steps": t.fnt_steps,
+              "steps": prog.step, "skipped_steps": prog.skipped,
               "wall_time": prog.elapsed + time.time() - t0, "weights_sha256": weights_hash(r.core),
               "world_size": d.world, "device": str(d.device),
               "converted_layers": r.report.num_converted,
-              "status": run_status(prog.skipped, prog.step, t.max_skip_frac)}
+              "status": run_status(prog.skipped, prog.step, t.max_skip_frac),
+              **r.adapt.summary()}
     if d.main and prog.skipped:
         print(f"skipped {prog.skipped} of {prog.step} steps ({100 * prog.skipped / prog.step:.1f}%, "
               f"non-finite loss or gradient; trainer.max_skip_frac={t.max_skip_frac}): "
@@ -135,6 +159,8 @@ class _Run:
     spe: int                   # optimizer steps per epoch
     total_epochs: int
     ckpt_path: Path
+    evaluated: tuple[int, dict] | None = None  # (step, metrics) of the latest evaluation
+    adapt: Any = None          # lowprec.adapt.Controller: noise monitor, adaptive precision, cost
 
 
 def _set_up(exp: Experiment, datasets, d: Dist) -> _Run:
@@ -151,6 +177,7 @@ def _set_up(exp: Experiment, datasets, d: Dist) -> _Run:
     if t.batch_size % d.world:
         raise ValueError(f"trainer.batch_size={t.batch_size} is not divisible by {d.world} ranks")
     ds = datasets if datasets is not None else build_datasets(exp.data)
+    check_task(exp, ds)
     seed_everything(t.seed)
     model = build_model(exp.model, num_classes=ds.num_classes, in_channels=ds.in_channels,
                         image_size=ds.image_size).to(dev)
@@ -169,7 +196,8 @@ def _set_up(exp: Experiment, datasets, d: Dist) -> _Run:
                 test_loader=test_loader, per_rank=per_rank, drop_last=drop_last,
                 spe=min(n_batches, t.limit_batches) if t.limit_batches else n_batches,
                 total_epochs=t.epochs + t.fnt_epochs,
-                ckpt_path=exp.run_dir / "checkpoints" / "last.pt")
+                ckpt_path=exp.run_dir / "checkpoints" / "last.pt",
+                adapt=Controller.from_trainer(t, model, rank=d.rank))
 
 
 def _start_logging(exp: Experiment, report, prog: Progress, d: Dist) -> Logger:
@@ -190,9 +218,34 @@ def _start_logging(exp: Experiment, report, prog: Progress, d: Dist) -> Logger:
     return logger
 
 
+def check_task(exp: Experiment, ds) -> None:
+    """A language model needs text data and an image model image data (one ValueError line)."""
+    lm_model, lm_data = exp.model.source == "lm", ds.task == "lm"
+    if lm_model != lm_data:
+        raise ValueError(
+            f"model={exp.names['model']} (source {exp.model.source!r}) does not fit "
+            f"data={exp.names['data']} (task {ds.task!r}): "
+            + ("a language model needs data=shakespeare_char or data=text data.path=FILE"
+               if lm_model else "text data needs a language model (model=chargpt)"))
+
+
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Parameters without weight decay: biases and norm parameters (ndim <= 1), nn.Embedding
+    weights, and what the model names in `no_weight_decay()` (chargpt: its one-hot token
+    embedding, an nn.Linear on one-hot inputs)."""
+    names = {n for n, p in model.named_parameters() if p.ndim <= 1}
+    for mn, m in model.named_modules():
+        if isinstance(m, nn.Embedding):
+            names |= {f"{mn}.{pn}" if mn else pn for pn, _ in m.named_parameters(recurse=False)}
+    extra = getattr(model, "no_weight_decay", None)
+    return names | (set(extra()) if callable(extra) else set())
+
+
 def make_optimizer(model: nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    skip = no_decay_names(model)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if n not in skip]
+    no_decay = [p for n, p in params if n in skip]
     groups = [{"params": decay, "weight_decay": o.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     if o.name == "sgd":
@@ -204,13 +257,14 @@ def make_optimizer(model: nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
 
 
 def lr_factor(s: SchedConfig, step: int, *, steps_per_epoch: int, epochs: int,
-              fnt_epochs: int) -> float:
-    """LR multiplier at optimizer step `step` (0-based). The low-precision epochs follow `s`;
-    FNT epochs ramp linearly from the final factor up to 1 over the first half, then linearly
-    down to 0 (LUQ's fine-tuning schedule)."""
-    main = epochs * steps_per_epoch
+              fnt_epochs: int, max_steps: int = 0, fnt_steps: int = 0) -> float:
+    """LR multiplier at optimizer step `step` (0-based). The low-precision phase (epochs ×
+    steps_per_epoch steps, or max_steps when > 0) follows `s`; the FNT phase (fnt_epochs ×
+    steps_per_epoch, or fnt_steps) ramps linearly from the final factor up to 1 over its first
+    half, then linearly down to 0 (LUQ's fine-tuning schedule)."""
+    main = max_steps or epochs * steps_per_epoch
     if step >= main:
-        total = fnt_epochs * steps_per_epoch
+        total = fnt_steps if max_steps else fnt_epochs * steps_per_epoch
         half = total / 2
         i = step - main
         end = _main_factor(s, main, main, steps_per_epoch)
@@ -221,7 +275,7 @@ def lr_factor(s: SchedConfig, step: int, *, steps_per_epoch: int, epochs: int,
 
 
 def _main_factor(s: SchedConfig, step: int, main: int, spe: int) -> float:
-    warm = round(s.warmup_epochs * spe)
+    warm = s.warmup_steps or round(s.warmup_epochs * spe)
     if step < warm:
         return (step + 1) / warm
     if s.name == "constant":
@@ -235,7 +289,8 @@ def _main_factor(s: SchedConfig, step: int, main: int, spe: int) -> float:
 def _set_lr(opt: torch.optim.Optimizer, exp: Experiment, step: int, spe: int) -> float:
     t = exp.trainer
     lr = t.optim.lr * lr_factor(t.sched, step, steps_per_epoch=spe, epochs=t.epochs,
-                                fnt_epochs=t.fnt_epochs)
+                                fnt_epochs=t.fnt_epochs, max_steps=t.max_steps,
+                                fnt_steps=t.fnt_steps)
     for g in opt.param_groups:
         g["lr"] = lr
     return lr
@@ -255,13 +310,15 @@ class _Epoch:
     lr: float = 0.0
     time: float = 0.0
     stat_sum: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict)
+    since_sum: float = 0.0     # train loss summed since the last step evaluation
+    since_n: int = 0
 
 
 def _train_epoch(exp: Experiment, r: _Run, model: nn.Module, prog: Progress, epoch: int,
                  logger: Logger, d: Dist) -> _Epoch:
     t, dev = exp.trainer, d.device
-    ep = _Epoch(epoch=epoch, phase="train" if epoch < t.epochs else "fnt",
-                loss_sum=torch.zeros((), device=dev))
+    ep = _Epoch(epoch=epoch, phase=_phase(t, epoch, prog.step), loss_sum=torch.zeros((), device=dev))
+    budget = t.max_steps + t.fnt_steps if t.max_steps else 0
     r.sampler.set_epoch(epoch)
     loader = DataLoader(r.ds.train, batch_size=r.per_rank, sampler=r.sampler,
                         num_workers=t.workers, drop_last=r.drop_last,
@@ -274,18 +331,28 @@ def _train_epoch(exp: Experiment, r: _Run, model: nn.Module, prog: Progress, epo
                    desc=f"epoch {epoch + 1}/{r.total_epochs} {ep.phase}", dynamic_ncols=True)
     te = time.time()
     for i, (x, y) in enumerate(loader):
-        if i >= r.spe or (t.max_steps and prog.step >= t.max_steps):
+        if i >= r.spe or (budget and prog.step >= budget):
             break
+        if t.fnt_steps and prog.step == t.max_steps:  # the step budget's FNT phase starts
+            enter_fnt(r.core, exp)
+            ep.phase = "fnt"
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         ep.lr = _set_lr(r.opt, exp, prog.step, r.spe)
+        r.adapt.before_step(prog.step)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=t.bf16):
             loss = F.cross_entropy(model(x).float(), y)
-        if _step(loss, r, prog, d, t.skip_nonfinite):
+        if _step(loss, r, prog, d, t.skip_nonfinite, t.optim.clip_grad):
             ep.loss_sum += loss.detach()
             ep.n_steps += 1
+            ep.since_sum += loss.item() if t.eval_every else 0.0
+            ep.since_n += 1
         else:
             prog.skipped += 1
         prog.step += 1
+        for rec in r.adapt.after_step(prog.step, d, epoch=ep.epoch + 1, phase=ep.phase):
+            logger.log_metrics(rec, prog.step)
+        if t.eval_every and prog.step % t.eval_every == 0:
+            _eval_step(exp, r, prog, ep, logger, d)
         ep.images += x.shape[0] * d.world
         kill_point(f"step{prog.step}")
         if t.stats_every and prog.step % t.stats_every == 0:
@@ -299,9 +366,17 @@ def _train_epoch(exp: Experiment, r: _Run, model: nn.Module, prog: Progress, epo
     return ep
 
 
-def _step(loss: torch.Tensor, r: _Run, prog: Progress, d: Dist, skip_nonfinite: bool) -> bool:
-    """Backward and optimizer step; False when the step is skipped for a non-finite loss, δ or
-    gradient (trainer.skip_nonfinite; otherwise such a step raises)."""
+def _phase(t, epoch: int, step: int) -> str:
+    if t.max_steps:
+        return "train" if step < t.max_steps else "fnt"
+    return "train" if epoch < t.epochs else "fnt"
+
+
+def _step(loss: torch.Tensor, r: _Run, prog: Progress, d: Dist, skip_nonfinite: bool,
+          clip_grad: float = 0.0) -> bool:
+    """Backward, gradient-norm clipping (optim.clip_grad > 0) and optimizer step; False when the
+    step is skipped for a non-finite loss, δ or gradient (trainer.skip_nonfinite; otherwise such
+    a step raises)."""
     if not _finite(loss, d, skip_nonfinite):
         if not skip_nonfinite:
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {prog.step}; "
@@ -309,6 +384,8 @@ def _step(loss: torch.Tensor, r: _Run, prog: Progress, d: Dist, skip_nonfinite: 
         return False
     r.opt.zero_grad(set_to_none=True)
     if _backward(loss, skip_nonfinite) and _grads_finite(r.core, skip_nonfinite):
+        if clip_grad:
+            torch.nn.utils.clip_grad_norm_(r.core.parameters(), clip_grad)
         r.opt.step()
         return True
     return False
@@ -359,88 +436,87 @@ def _end_epoch(exp: Experiment, r: _Run, prog: Progress, ep: _Epoch, logger: Log
     train_loss = mean_over_ranks(train_loss, d)  # as the gradient is
     if not d.main:
         return
-    top1, top5 = evaluate(r.core, r.test_loader, device=d.device, bf16=exp.trainer.bf16,
-                          limit=exp.trainer.limit_batches)
-    prog.best = max(prog.best, top1)
-    prog.last = {"top1": top1, "top5": top5}
-    rec = {"epoch": ep.epoch + 1, "phase": ep.phase, "train_loss": train_loss, "top1": top1,
-           "top5": top5, "lr": ep.lr, "epoch_time": ep.time,
+    m = _evaluated(exp, r, prog, d)
+    top1, top5 = m["top1"], m["top5"]
+    rec = {"epoch": ep.epoch + 1, "phase": ep.phase, "train_loss": train_loss, **m,
+           "lr": ep.lr, "epoch_time": ep.time,
            "img_per_s": ep.images / max(ep.time, 1e-9), "skipped_steps": prog.skipped}
     if ep.stat_sum:
         rec["layer_stats"] = {l: {k: sum(v) / len(v) for k, v in s.items()}
                               for l, s in ep.stat_sum.items()}
     logger.log_metrics(rec, prog.step)
-    print(f"epoch {ep.epoch + 1}/{r.total_epochs} {ep.phase:5s} loss {train_loss:.4f} "
-          f"top1 {top1:6.2f} top5 {top5:6.2f} lr {ep.lr:.4g} {ep.time:5.1f}s "
-          f"{rec['img_per_s']:.0f} img/s", flush=True)
+    t = exp.trainer
+    where = (f"step {prog.step}/{t.max_steps + t.fnt_steps}" if t.max_steps
+             else f"epoch {ep.epoch + 1}/{r.total_epochs}")
+    print(f"{where} {ep.phase:5s} loss {train_loss:.4f} {_metric_text(m)} lr {ep.lr:.4g} "
+          f"{ep.time:5.1f}s {rec['img_per_s']:.0f} samples/s", flush=True)
+
+
+def _metric_text(m: dict) -> str:
+    if "bits_per_char" in m:
+        return f"val loss {m['val_loss']:.4f} ({m['bits_per_char']:.3f} bpc) top1 {m['top1']:6.2f}"
+    return f"top1 {m['top1']:6.2f} top5 {m['top5']:6.2f}"
+
+
+def _evaluated(exp: Experiment, r: _Run, prog: Progress, d: Dist) -> dict:
+    """Rank 0: evaluate at this step (once per step) and update prog.best / prog.last."""
+    if r.evaluated is not None and r.evaluated[0] == prog.step:
+        return r.evaluated[1]
+    m = evaluate(r.core, r.test_loader, device=d.device, bf16=exp.trainer.bf16,
+                 limit=exp.trainer.limit_batches)
+    if r.ds.task == "lm":
+        m["bits_per_char"] = m["val_loss"] / LN2
+    prev = (prog.last or {}).get("best_val_loss")
+    prog.best = max(prog.best, m["top1"])
+    prog.last = {"top1": m["top1"], "top5": m["top5"], "val_loss": m["val_loss"],
+                 "best_val_loss": m["val_loss"] if prev is None else min(prev, m["val_loss"])}
+    r.evaluated = (prog.step, m)
+    return m
+
+
+def _eval_step(exp: Experiment, r: _Run, prog: Progress, ep: _Epoch, logger: Logger,
+               d: Dist) -> None:
+    """Every trainer.eval_every steps: evaluate and log (record with "eval": "step"; the train
+    loss is the mean since the previous step evaluation)."""
+    train_loss = mean_over_ranks(ep.since_sum / ep.since_n if ep.since_n else float("nan"), d)
+    ep.since_sum, ep.since_n = 0.0, 0
+    if not d.main:
+        return
+    m = _evaluated(exp, r, prog, d)
+    logger.log_metrics({"eval": "step", "epoch": ep.epoch + 1, "phase": ep.phase,
+                        "train_loss": train_loss, **m, "lr": ep.lr,
+                        "skipped_steps": prog.skipped}, prog.step)
+    t = exp.trainer
+    print(f"step {prog.step}/{t.max_steps + t.fnt_steps if t.max_steps else '-'} {ep.phase:5s} "
+          f"loss {train_loss:.4f} {_metric_text(m)} lr {ep.lr:.4g}", flush=True)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, *, device, bf16: bool, limit: int) -> tuple[float, float]:
-    """(top-1 %, top-5 %) on `loader` (top-k with k = min(5, classes)); leaves `model` in
-    train mode."""
+def evaluate(model: nn.Module, loader, *, device, bf16: bool, limit: int) -> dict[str, float]:
+    """{"top1", "top5" (%), "val_loss" (mean cross-entropy in nats per prediction)} on `loader`
+    (top-k with k = min(5, classes); a language model's [B, V, T] logits count every position
+    as one prediction); leaves `model` in train mode."""
     model.eval()
     n = c1 = c5 = 0
+    loss_sum = 0.0
     for i, (x, y) in enumerate(loader):
         if limit and i >= limit:
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model(x)
+        loss_sum += F.cross_entropy(out.float(), y, reduction="sum").item()
         top = out.float().topk(min(5, out.shape[1]), dim=1).indices
         hit = top == y[:, None]
         c1 += hit[:, 0].sum().item()
         c5 += hit.any(dim=1).sum().item()
         n += y.numel()
     model.train()
-    return 100.0 * c1 / max(n, 1), 100.0 * c5 / max(n, 1)
+    return {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1),
+            "val_loss": loss_sum / max(n, 1)}
 
 
 # ----------------------------------------------------------------------------- summary + index
-
-
-def describe(obj) -> Any:
-    """A recipe / estimator as plain data: class, name, and scalar fields (bits, levels, n, m, ...)."""
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if isinstance(obj, (tuple, list)):
-        return [describe(o) for o in obj]
-    if dataclasses.is_dataclass(obj):
-        out = {"type": type(obj).__name__}
-        for prop in ("name", "num_levels"):  # derived values, e.g. LUQ levels=None -> 7
-            if hasattr(obj, prop):
-                out[prop] = getattr(obj, prop)
-        for f in dataclasses.fields(obj):
-            out[f.name] = describe(getattr(obj, f.name))
-        return out
-    return repr(obj)
-
-
-def summarize(exp: Experiment, result: dict[str, Any], baseline: dict[str, Any] | None,
-              baseline_status: str) -> dict[str, Any]:
-    """summary.json content. degradation = baseline top-1 - final top-1 (points; > 0: worse).
-    `name`, `identity` and `key` are the experiment's (config.Experiment)."""
-    t = exp.trainer
-    if exp.is_baseline:
-        base_top1, baseline_status, base_dir = result["final_top1"], "self", str(exp.run_dir)
-    elif baseline is not None:
-        base_top1, base_dir = baseline["final_top1"], baseline["run_dir"]
-    else:
-        base_top1 = base_dir = None
-    return {
-        **{k: exp.names[k] for k in ("model", "data", "fwd", "grad")},
-        "name": exp.name, "identity": exp.identity,
-        "epochs": t.epochs, "fnt_epochs": t.fnt_epochs, "seed": t.seed,
-        "batch_size": t.batch_size, "is_baseline": exp.is_baseline, "key": exp.key,
-        **result,
-        "baseline_top1": base_top1,
-        "degradation": None if base_top1 is None else base_top1 - result["final_top1"],
-        "baseline": baseline_status if base_top1 is not None else "no baseline",
-        "baseline_run": base_dir,
-        "grad_recipe": describe(exp.grad), "fwd_recipe": describe(exp.fwd),
-        "convert": {k: describe(v) for k, v in exp.convert.items()},
-        "run_dir": str(exp.run_dir),
-    }
 
 
 def train_and_record(exp: Experiment, datasets=None, *, baseline: dict[str, Any] | None = None,

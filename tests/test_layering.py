@@ -24,11 +24,12 @@ LAYERS: list[tuple[str, ...]] = [
     ("kernels", "kernels.*"),  # Triton twins
     ("dispatch",),
     ("estimators",),
-    ("stats",),
+    ("stats", "noise"),  # noise: the noise-to-signal ratio r (pure math on tensors)
     ("recipes",),
     ("layers",),
     ("convert",),
-    ("data", "models", "chargpt", "text_data", "runs", "logging", "config", "distributed", "checkpoint", "provenance"),
+    ("data", "models", "chargpt", "text_data", "runs", "logging", "config", "distributed", "checkpoint", "provenance",
+     "summary", "adapt"),
     ("tables", "train", "table_md"),
 ]
 

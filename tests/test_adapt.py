@@ -1,0 +1,163 @@
+"""The adaptive-precision controller (lowprec.adapt): it acts on a crafted layer whose r is below
+τ and not on one above; the events, metrics records and the update-MAC cost of a tiny LM run are
+exactly the expected ones; a run killed mid-way and resumed records the same events and ends
+with the same weights; a checkpoint carries the controller state."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from torch import nn
+
+from lowprec import config
+from lowprec import train as T
+from lowprec.adapt import Controller, lowp_factor, signature
+from lowprec.convert import convert
+from lowprec.recipes import grad_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "tests" / "data" / "sample.txt"
+
+
+def _crafted(signal: bool):
+    """One Linear whose weight gradient is g = Σ_t δ_t a_tᵀ with δ_t = v for every token and
+    a_t = ±w: balanced signs make g = 0 exactly (r = 0 < τ); all + make g = T·v wᵀ, far above the
+    noise of 64 independent LUQ draws (r ≫ τ)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 4))
+    convert(m, grad="luq4", skip=None)
+    w = torch.randn(8, generator=torch.Generator().manual_seed(1))
+    v = torch.randn(4, generator=torch.Generator().manual_seed(2))
+    s = torch.ones(64) if signal else torch.tensor([1.0, -1.0]).repeat(32)
+    return m, s[:, None] * w, v.expand(64, 4).contiguous()
+
+
+def _run(ctl, m, x, delta, steps):
+    recs = []
+    for i in range(steps):
+        ctl.before_step(i)
+        m.zero_grad(set_to_none=True)
+        m(x).backward(delta)
+        recs += ctl.after_step(i + 1, epoch=1, phase="train")
+    return recs
+
+
+@pytest.mark.parametrize("policy", ["smp", "fallback", "late_hp"])
+def test_controller_acts_below_tau_only(policy):
+    for signal in (False, True):
+        m, x, delta = _crafted(signal)
+        ctl = Controller(m, noise_every=1, policy=policy, patience=2, max_samples=4)
+        recs = _run(ctl, m, x, delta, 6)
+        noise = [r for r in recs if "noise/0/r" in r]
+        assert len(noise) == 6
+        if signal:
+            assert all(r["noise/0/r"] > 10 * math.sqrt(3) for r in noise)
+            assert ctl.events == [] and m[0].grad_recipe.name == "luq4"
+            continue
+        # r = 0 while LUQ runs; a layer switched to exact δ has no noise: r = inf
+        assert [r["noise/0/r"] for r in noise] == [0.0] * 6 if policy == "smp" else [0.0] * 2 + [math.inf] * 4
+        layer = "global" if policy == "late_hp" else "0"
+        ev = ctl.events
+        if policy == "smp":  # doubled after 2 and 4 measurements, then capped at 4
+            assert [(e["step"], e["samples"]) for e in ev] == [(2, 2), (4, 4)]
+            assert m[0].grad_recipe.samples == 4 and m[0].grad_recipe.update == grad_recipe("luq4").update
+        else:  # switched once, after 2 measurements, then left alone
+            assert [(e["step"], e["layer"]) for e in ev] == [(2, layer)]
+            assert m[0].grad_recipe == grad_recipe("fp32")
+            assert (ctl.late_hp_step == 2) == (policy == "late_hp")
+        assert all(e["r"] == 0.0 for e in ev)
+        logged = [r for r in recs if r.get("event") == "adapt"]
+        assert [(r["layer"], r["step"], r[f"adapt/{layer}/r"]) for r in logged] == \
+            [(e["layer"], e["step"], e["r"]) for e in ev]
+
+
+def test_monitor_off_arms_nothing_and_options_are_checked():
+    m, x, delta = _crafted(False)
+    ctl = Controller(m)
+    assert _run(ctl, m, x, delta, 3) == [] and ctl.summary()["lowp_fraction"] == 1.0
+    with pytest.raises(ValueError, match="noise_every"):
+        Controller(m, policy="smp")
+    with pytest.raises(ValueError, match="trainer.adapt_fallback='nope'"):
+        Controller(m, noise_every=1, policy="fallback", fallback="nope")
+    assert lowp_factor(grad_recipe("luq4_smp2")) == 2 and lowp_factor(grad_recipe("mvue24_bwd")) == 0
+    assert signature({"adapt": "none", "adapt_tau": 9}) == {"policy": "none"}
+
+
+def _exp(run_dir, *ov):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "model=chargpt", "data=text", f"data.path={SAMPLE}", "model.kwargs.n_embd=16",
+            "model.kwargs.n_head=1", "model.kwargs.block_size=16", "data.val_windows=16",
+            "trainer.batch_size=4", "trainer.limit_batches=4", "trainer.max_steps=8", "trainer.eval_every=0",
+            "sched.warmup_steps=2", "trainer.threads=1", "logger=none", "grad=luq4", "trainer.device=cpu",
+            "trainer.noise_every=2", "trainer.adapt=smp", "trainer.adapt_tau=1e9", "trainer.adapt_patience=1",
+            "trainer.adapt_max_samples=8", *ov])
+    GlobalHydra.instance().clear()
+    return config.experiment_from_cfg(cfg, names={"model": "chargpt", "data": "text", "fwd": "fp32",
+                                                  "grad": "luq4"}, run_dir=run_dir)
+
+
+def _records(exp):
+    return [json.loads(x) for x in (exp.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_events_cost_and_resume_on_a_tiny_lm(tmp_path, monkeypatch):
+    """τ huge and patience 1: every measurement (steps 2, 4, 6, 8) doubles every layer's SMP
+    count up to 8, so steps 1-2 run 1 draw, 3-4 two, 5-6 four, 7-8 eight: lowp_fraction =
+    (2·1 + 2·2 + 2·4 + 2·8) / 8 = 3.75 exactly, whatever the layer sizes. The update MACs are
+    Σ_layers weight elements × tokens (4 windows × 16) × 8 steps. Then the same run killed at
+    step 7 (checkpoint after epoch 1 = step 4) and resumed: same events, same weights."""
+    exp = _exp(tmp_path / "a")
+    s = T.train(exp)
+    assert s["lowp_fraction"] == 3.75 and s["steps"] == 8
+    layers = s["adapt_layers"]
+    assert len(layers) == s["converted_layers"] == 8  # chargpt: 4 Linears per block, 2 blocks
+    assert all(v["samples"] == 8 and not v["fallback"] for v in layers.values())
+    model_macs = sum(p.numel() for n, p in _weights(exp).items() if n.rsplit(".", 1)[0] in layers)
+    assert s["update_macs"] == model_macs * 4 * 16 * 8
+    ev = s["adapt_events"]
+    assert [(e["step"], e["samples"]) for e in ev] == [(st, k) for st, k in ((2, 2), (4, 4), (6, 8))
+                                                       for _ in layers]
+    recs = _records(exp)
+    noise = [r for r in recs if "noise/global/r" in r]
+    assert [r["step"] for r in noise] == [2, 4, 6, 8]
+    assert all(f"noise/{n}/r" in r and f"noise/{n}/r2" in r for r in noise for n in layers)
+    logged = [(r["step"], r["layer"], r["r"]) for r in recs if r.get("event") == "adapt"]
+    assert logged == [(e["step"], e["layer"], e["r"]) for e in ev]
+    assert s["adapt"] == {"policy": "smp", "tau": 1e9, "patience": 1, "r": "exact", "every": 2,
+                          "max_samples": 8}
+
+    # kill (a planted error) at step 7, resume from the step-4 checkpoint in the same directory
+    b = _exp(tmp_path / "b")
+    monkeypatch.setenv("LOWPREC_TEST_RAISE_AT", "step7")
+    with pytest.raises(ValueError, match="planted"):
+        T.train(b)
+    monkeypatch.delenv("LOWPREC_TEST_RAISE_AT")
+    ck = torch.load(b.run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert ck["scheduler"]["step"] == 4 and len(ck["extra"]["adapt"]["events"]) == 2 * len(layers)
+    s2 = T.train(_exp(tmp_path / "b", "trainer.resume=true"))
+    for k in ("adapt_events", "adapt_layers", "lowp_fraction", "update_macs", "weights_sha256", "val_loss"):
+        assert s2[k] == s[k], k
+    strip = [{k: v for k, v in r.items() if k not in ("epoch_time", "img_per_s")} for r in _records(b)]
+    assert strip == [{k: v for k, v in r.items() if k not in ("epoch_time", "img_per_s")} for r in recs]
+
+
+def _weights(exp):
+    from lowprec.models import build_model
+
+    m = build_model(exp.model, num_classes=100, in_channels=1, image_size=16)
+    return {n: p for n, p in m.named_parameters() if n.endswith("weight") and p.ndim == 2}
+
+
+def test_monitor_does_not_change_training(tmp_path):
+    """noise_every on (adapt=none) trains the same weights as off."""
+    a = T.train(_exp(tmp_path / "on", "trainer.adapt=none", "trainer.max_steps=4"))
+    b = T.train(_exp(tmp_path / "off", "trainer.adapt=none", "trainer.noise_every=0", "trainer.max_steps=4"))
+    assert a["weights_sha256"] == b["weights_sha256"] and a["lowp_fraction"] == b["lowp_fraction"] == 1.0
