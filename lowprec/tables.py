@@ -20,6 +20,12 @@ Per row, over its seeds s (the newest run per seed):
                run's `num_classes` from its summary; older summaries: the dataset's class count);
   verdict of "A worse than B": the difference of their mean degradations against
                2 standard errors, 2·sqrt(s_A²/n_A + s_B²/n_B); one seed: no verdict.
+
+Language-model tables (runs whose summary has metric "val_loss", conf/experiment/small/lm_*):
+the row value is the final validation loss L (nats), degradation(s) = L_row(s) − L_fp32(s)
+(paired: same seed = same init and data order; > 0: worse), the same mean ± std and 2-s.e.
+verdicts; diverged = L not finite or ≥ ln V (no better than uniform guessing over the V
+characters). Rows are grouped by δ route (`route_of`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from . import runs
+from .adapt import signature
 from .config import experiment_identity, register_resolvers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,9 +46,13 @@ CONF = REPO / "conf"
 PAPER_NUMBERS = CONF / "paper_numbers.yaml"
 SCALES = ("small", "full")
 # Rows listed first in tables and sweeps (the baseline first, then the paper's order).
-ORDER = ("fp32", "w24_fp32", "radix4", "fp4_rdn", "int4_sr", "luq4", "luq4_smp2", "luq4_fnt1",
-         "luq4_fnt2", "luq4_fnt3", "mse12", "mse24", "mvue12", "mvue24", "mvue24_approx",
-         "mvue24_luq4", "w24_mvue12", "w24_mvue24")
+NM_METHODS = ("mse12", "mse24", "mvue12", "mvue24", "mvue24_approx")
+# δ routes of the N:M recipes (lowprec.recipes): the name's suffix; no suffix = the update route.
+ROUTE_SUFFIXES = {"": "update", "_bwd": "backward", "_both": "both"}
+ORDER = ("fp32", "w24_fp32", "radix4", "fp4_rdn", "int4_sr", "luq4", "luq4_smp2", "luq3",
+         "luq4_fnt1", "luq4_fnt2", "luq4_fnt3", "mse12", "mse24", "mvue12", "mvue24",
+         "mvue24_approx", "mvue24_luq4", "w24_mvue12", "w24_mvue24",
+         *(m + suf for suf in ("_bwd", "_both") for m in NM_METHODS))
 # Class counts of the datasets whose summaries predate the `num_classes` field.
 LEGACY_NUM_CLASSES = {"digits": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100,
                       "imagenet": 1000}
@@ -83,6 +94,7 @@ class RowSpec:
     out_root: str
     index: str
     identity: dict | None = None  # lowprec.config.experiment_identity of the composed row
+    adapt: dict | None = None     # lowprec.adapt.signature: a fixed and an adaptive row differ here only
 
     @property
     def label(self) -> str:
@@ -109,7 +121,7 @@ def compose_row(experiment: str, overrides: list[str] = ()) -> RowSpec:
                    grad=ch["grad"], epochs=int(cfg.trainer.epochs),
                    fnt_epochs=int(cfg.trainer.fnt_epochs), batch_size=int(cfg.trainer.batch_size),
                    weight_nm=None if nm is None else tuple(nm), out_root=str(cfg.out_root),
-                   index=str(cfg.index), identity=experiment_identity(c))
+                   index=str(cfg.index), identity=experiment_identity(c), adapt=signature(c["trainer"]))
 
 
 def summary_of(r: dict) -> dict:
@@ -126,6 +138,8 @@ def _without_seed(identity: dict) -> dict:
 def is_run_of(spec: RowSpec, r: dict) -> bool:
     """Is index row `r` a run of table row `spec`? (module docstring)"""
     s = summary_of(r)
+    if (s.get("adapt") or {"policy": "none"}) != (spec.adapt or {"policy": "none"}):
+        return False
     if s.get("identity") is not None and spec.identity is not None:
         return ((r["fwd"], r["grad"]) == (spec.fwd, spec.grad)
                 and _without_seed(s["identity"]) == _without_seed(spec.identity))
@@ -152,9 +166,36 @@ def num_classes(r: dict) -> int:
     return int(n) if n is not None else LEGACY_NUM_CLASSES[r["data"]]
 
 
+def metric_of(r: dict) -> str:
+    """"val_loss" for a language-model run, "top1" otherwise (older summaries: top1)."""
+    return summary_of(r).get("metric") or "top1"
+
+
+def value(r: dict) -> float | None:
+    """A run's final metric: validation loss (nats) for an LM run, else top-1 (%)."""
+    return summary_of(r).get("val_loss") if metric_of(r) == "val_loss" else r["final_top1"]
+
+
 def diverged(r: dict) -> bool:
-    """Final top-1 within 1 point of chance (100 / num_classes %)."""
+    """Final top-1 within 1 point of chance (100 / num_classes %); for an LM run, validation
+    loss not finite or ≥ ln V (no better than uniform guessing)."""
+    if metric_of(r) == "val_loss":
+        v = value(r)
+        return v is None or not math.isfinite(v) or v >= math.log(num_classes(r))
     return r["final_top1"] is not None and r["final_top1"] <= 100 / num_classes(r) + 1
+
+
+def route_of(label: str) -> str:
+    """The δ route a row's method uses: "update" / "backward" / "both" for the N:M recipes
+    (and "update" for mvue24_luq4's N:M part), "quantizer" for a quantizer feeding both GEMMs,
+    "baseline" for fp32 (an fwd4_ prefix is ignored)."""
+    m = label.split("fwd4_", 1)[-1]
+    if m.endswith("fp32"):
+        return "baseline"
+    for suf in ("_bwd", "_both"):
+        if m.endswith(suf) and m[: -len(suf)] in NM_METHODS:
+            return ROUTE_SUFFIXES[suf]
+    return "update" if m in NM_METHODS or m == "mvue24_luq4" else "quantizer"
 
 
 # ----------------------------------------------------------------------------- paper numbers
@@ -232,13 +273,23 @@ def epoch_values(r: dict, key: str) -> list[float]:
     return [x[key] for x in epoch_records(r) if key in x]
 
 
-def epoch_records(r: dict) -> list[dict]:
-    """The end-of-epoch records (with `epoch` and `top1`) of a run's metrics.jsonl."""
+def _records(r: dict) -> list[dict]:
     p = Path(r["run_dir"]) / "metrics.jsonl"
     if not p.exists():
         return []
-    recs = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
-    return [x for x in recs if "epoch" in x and "top1" in x]
+    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+
+
+def epoch_records(r: dict) -> list[dict]:
+    """The end-of-epoch records (with `epoch` and `top1`; not the every-k-steps ones) of a run's
+    metrics.jsonl."""
+    return [x for x in _records(r) if "epoch" in x and "top1" in x and x.get("eval") != "step"]
+
+
+def val_curve(r: dict) -> list[tuple[int, float]]:
+    """(step, validation loss) of every evaluation of a run, one per step, in step order."""
+    by_step = {x["step"]: x["val_loss"] for x in _records(r) if "val_loss" in x and "step" in x}
+    return sorted(by_step.items())
 
 
 def table_rows(specs, found) -> list[dict]:
@@ -248,8 +299,11 @@ def table_rows(specs, found) -> list[dict]:
         by_seed = {r["seed"]: r for r in found[s.label]}  # newest per seed wins (oldest first)
         top1 = [r["final_top1"] for r in by_seed.values()]
         bl = base_label(specs, s)
-        base = {r["seed"]: r["final_top1"] for r in found.get(bl, [])} if bl else {}
-        deg = [base[sd] - r["final_top1"] for sd, r in by_seed.items() if sd in base]
+        base = {r["seed"]: value(r) for r in found.get(bl, [])} if bl else {}
+        lm = any(metric_of(r) == "val_loss" for r in [*by_seed.values(), *found.get(bl, [])])
+        vals = {sd: value(r) for sd, r in by_seed.items()}
+        deg = [(vals[sd] - base[sd]) if lm else (base[sd] - vals[sd]) for sd in vals
+               if sd in base and vals[sd] is not None and base[sd] is not None]
         own = [r["degradation"] for r in by_seed.values() if r["degradation"] is not None]
         wall = [r["wall_time"] for r in by_seed.values() if r["wall_time"] is not None]
         curves = [epoch_values(r, "top1") for r in by_seed.values()]
@@ -259,31 +313,45 @@ def table_rows(specs, found) -> list[dict]:
                         best=mean_std([max(c) for c in curves if c]), loss=mean_std(losses),
                         own_deg=mean_std(own), wall=mean_std(wall), base=bl,
                         runs=[by_seed[k] for k in sorted(by_seed)],
-                        diverged=sum(1 for r in by_seed.values() if diverged(r))))
+                        diverged=sum(1 for r in by_seed.values() if diverged(r)),
+                        metric="val_loss" if lm else "top1",
+                        val=mean_std([v for v in vals.values()]) if lm else (None, None),
+                        bpc=mean_std([summary_of(r).get("bits_per_char") for r in by_seed.values()]),
+                        deg_seeds=deg))
     return out
 
 
 # ----------------------------------------------------------------------------- claim checks
 
 
-def verdict(worse, better, claim: str) -> str:
-    """Is `worse`'s degradation larger than `better`'s beyond seed noise? (module docstring)"""
+def two_se(t) -> float | None:
+    """2 standard errors of a row's mean degradation (None with fewer than two seeds)."""
+    m, sd = t["deg"]
+    return None if sd is None else 2 * sd / math.sqrt(len(t["deg_seeds"]) or len(t["seeds"]))
+
+
+def verdict(worse, better, claim: str, p: int = 2) -> str:
+    """Is `worse`'s degradation larger than `better`'s beyond seed noise? (module docstring)
+    `p`: decimals (2 for top-1 points, 4 for nats)."""
     (mw, sw), nw = worse["deg"], len(worse["seeds"])
     (mb, sb), nb = better["deg"], len(better["seeds"])
     diff = mw - mb
     if sw is None or sb is None:
-        return f"{claim}? one seed only, no noise estimate (difference {diff:+.2f})"
+        return f"{claim}? one seed only, no noise estimate (difference {diff:+.{p}f})"
     noise = 2 * math.sqrt(sw ** 2 / nw + sb ** 2 / nb)
     if diff > noise:
-        return f"{claim}: shown (difference {diff:+.2f} > 2 s.e. {noise:.2f})"
+        return f"{claim}: shown (difference {diff:+.{p}f} > 2 s.e. {noise:.{p}f})"
     if diff < -noise:
-        return f"{claim}: the OPPOSITE is shown at this scale (difference {diff:+.2f}, 2 s.e. {noise:.2f})"
-    return f"{claim}: NOT shown at this scale (difference {diff:+.2f} within 2 s.e. {noise:.2f})"
+        return (f"{claim}: the OPPOSITE is shown at this scale (difference {diff:+.{p}f}, "
+                f"2 s.e. {noise:.{p}f})")
+    return f"{claim}: NOT shown at this scale (difference {diff:+.{p}f} within 2 s.e. {noise:.{p}f})"
 
 
 def checks(trs) -> list[str]:
     """One markdown bullet per paper claim the table's rows can test."""
     by = {t["spec"].label: t for t in trs if t["top1"][0] is not None and t["deg"][0] is not None}
+    if any(t.get("metric") == "val_loss" for t in by.values()):
+        return lm_checks(by)
     out = []
 
     def d(lbl):
@@ -320,4 +388,58 @@ def checks(trs) -> list[str]:
         if f in by and "luq4" in by:
             out.append(f"- {f} {d(f):+.2f} vs luq4 {d('luq4'):+.2f} (both vs the fp32 row) → "
                        + verdict(by["luq4"], by[f], "FNT recovers accuracy"))
+    return out
+
+
+# ----------------------------------------------------------------------------- LM claims
+
+# (worse, better, claim) pairs: "A is worse (higher Δ val loss) than B", the papers' claims
+# carried over to the LM workload; fwd4_ rows get the same pairs within their own prefix.
+LM_CLAIMS = (
+    ("fp4_rdn", "luq4", "biased FP4 (round-to-nearest) worse than LUQ"),
+    ("int4_sr", "luq4", "INT4-SR worse than LUQ"),
+    ("radix4", "luq4", "Ultra-low (radix-4) worse than LUQ"),
+    ("luq4", "luq4_smp2", "SMP-2 improves on LUQ"),
+    ("luq3", "luq4", "3-bit LUQ worse than 4-bit"),
+    *((f"mse{nm}{suf}", f"mvue{nm}{suf}", f"MSE mask worse than MVUE ({nm[0]}:{nm[1]}, "
+       f"{ROUTE_SUFFIXES[suf]} route)") for suf in ROUTE_SUFFIXES for nm in ("12", "24")),
+    *((f"mvue24_approx{suf}", f"mvue24{suf}", f"approximate 2:4 MVUE worse than exact "
+       f"({ROUTE_SUFFIXES[suf]} route)") for suf in ROUTE_SUFFIXES),
+    *((f"mvue12{suf}", f"mvue24{suf}", f"MVUE 1:2 worse than 2:4 ({ROUTE_SUFFIXES[suf]} route; "
+       "the MVUE paper: 1:2 is usually enough)") for suf in ROUTE_SUFFIXES),
+    *((f"mvue24{suf}", "mvue24", f"MVUE 2:4 on the {ROUTE_SUFFIXES[suf]} route worse than on "
+       "the update route") for suf in ("_bwd", "_both")),
+    ("mvue24_luq4", "mvue24", "MVUE 2:4 + LUQ-4 (backward) worse than MVUE 2:4 alone"),
+    ("luq4_fnt", "luq4", "FNT does not recover (LUQ+FNT worse than LUQ)"),
+)
+# Rows whose own Δ against fp32 is a paper claim ("≈ baseline" or "small degradation").
+LM_VS_BASELINE = ("luq4", "luq4_smp2", "mvue24", "mvue12", "mvue24_approx", "mvue24_luq4")
+
+
+def lm_checks(by: dict) -> list[str]:
+    """The LM claims (LM_CLAIMS) that the rows present can test, with 2-s.e. verdicts (nats);
+    then whether each LM_VS_BASELINE row's Δ differs from 0 beyond 2 s.e."""
+    out = []
+    prefixes = sorted({lbl[: len(lbl) - len(lbl.split("fwd4_", 1)[-1])] for lbl in by})
+
+    def fnt_label(prefix):
+        return next((l for l in by if l.startswith(prefix + "luq4_fnt")), None)
+
+    for pre in prefixes:
+        for w, b, claim in LM_CLAIMS:
+            w = fnt_label(pre) if w == "luq4_fnt" else pre + w
+            if w in by and pre + b in by:
+                out.append(f"- {w} Δ {by[w]['deg'][0]:+.4f}, {pre + b} Δ {by[pre + b]['deg'][0]:+.4f}"
+                           " nats → " + verdict(by[w], by[pre + b], claim + (
+                               " (fwd int4)" if pre else ""), p=4))
+    for lbl in [l for l in by if l.split("fwd4_", 1)[-1] in LM_VS_BASELINE] + [
+            l for l in by if l.startswith("fwd4_") and l.endswith("fp32")]:
+        t = by[lbl]
+        m, e = t["deg"][0], two_se(t)
+        if e is None:
+            out.append(f"- {lbl}: Δ {m:+.4f} nats, one seed (no noise estimate)")
+            continue
+        word = ("worse than fp32 beyond noise" if m > e else "better than fp32 beyond noise"
+                if m < -e else "within noise of fp32")
+        out.append(f"- {lbl}: Δ {m:+.4f} ± {e:.4f} (2 s.e.) nats → {word}")
     return out

@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lowprec import table_md, tables
+from lowprec import adapt_table, table_md, tables
 
 
 def main(argv=None) -> int:
@@ -49,6 +49,8 @@ def main(argv=None) -> int:
                           notes=Path(a.notes))
         if not a.no_plot:
             table_md.plot(table, a.scale, trs, out / f"{name}.png")
+        if table == "adapt_table":  # lowp_fraction, decisions, and the r-vs-gap figure
+            adapt_table.write(trs, out / f"{name}.md", None if a.no_plot else out / f"{name}_r_gap.png")
         print(f"wrote {out / name}.md ({sum(len(t['seeds']) for t in trs)} runs)")
     return 0
 

@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("convert",),
     ("data", "models", "chargpt", "text_data", "runs", "logging", "config", "distributed", "checkpoint", "provenance",
      "summary", "adapt"),
-    ("tables", "train", "table_md"),
+    ("tables", "train", "table_md", "adapt_table"),
 ]
 
 
