@@ -112,6 +112,12 @@ class CharGPT(nn.Module):
             for proj in (b.attn.c_proj, b.mlp.c_proj):
                 nn.init.normal_(proj.weight, 0.0, 0.02 / math.sqrt(2 * n_layer))
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names the optimizer must not decay beyond biases and norms (lowprec.train.
+        make_optimizer): the token embedding, a Linear weight only in form (minGPT's rule: no
+        decay on embeddings; wpe, an nn.Embedding, is excluded by its type)."""
+        return {"wte.weight"}
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         if idx.dim() != 2 or idx.dtype != torch.long:
             raise ValueError(f"CharGPT expects int64 token ids [B, T], got {idx.dtype} {tuple(idx.shape)}")

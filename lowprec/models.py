@@ -56,7 +56,11 @@ MODEL_SOURCES = ("cifar", "torchvision", "timm", "lm")  # lm: lowprec.chargpt (d
 CIFAR_RESNETS = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9, "resnet110": 18}  # blocks/stage
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2")
 _CIFAR_KWARGS = ("width", "shortcut", "zero_init_residual")
-TRAIN_DEFAULT_KEYS = ("sgd_lr", "adamw_lr", "warmup_epochs")
+TRAIN_DEFAULT_KEYS = ("sgd_lr", "adamw_lr", "warmup_epochs",
+                      # read by conf/optim (clip_grad, adamw_weight_decay), conf/sched
+                      # (warmup_steps) and conf/trainer (batch_size, max_steps, eval_every)
+                      "warmup_steps", "adamw_weight_decay", "clip_grad", "batch_size", "max_steps",
+                      "eval_every")
 _TV_KWARGS = {"resnet18": ("small_stem", "zero_init_residual"), "resnet34": ("small_stem", "zero_init_residual"),
               "resnet50": ("small_stem", "zero_init_residual"),
               "mobilenet_v2": ("small_stem", "zero_init_residual", "width_mult", "dropout")}

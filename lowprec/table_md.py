@@ -37,7 +37,14 @@ def note(notes: Path, *parts: str) -> str | None:
     return re.sub(r"\A\s*<!--.*?-->\s*", "", p.read_text(), flags=re.S).strip()
 
 
+def is_lm(table: str, trs) -> bool:
+    """A language-model table: its runs report validation loss (or, with no runs yet, its name)."""
+    return any(t["metric"] == "val_loss" for t in trs) or table.startswith("lm_")
+
+
 def write_md(table, scale, specs, trs, idx, path: Path, overrides=(), notes: Path = NOTES):
+    if is_lm(table, trs):
+        return write_lm_md(table, scale, specs, trs, idx, path, overrides, notes)
     head = note(notes, scale, f"{table}.note.md") or note(notes, scale, "_scale.md") or ""
     L = [f"# {table} ({scale} scale)\n", head + "\n"]
     best_col = table in BEST_COLUMN
@@ -74,12 +81,20 @@ def write_md(table, scale, specs, trs, idx, path: Path, overrides=(), notes: Pat
                  f"the fp32 row it is compared with above (the paper's convention). The runner also "
                  f"matched it with an fp32 run of the same total length and schedule "
                  f"(trainer.baseline=auto): degradation vs that run {fmt(*t['own_deg'])} points.")
+    _tail(L, table, scale, trs, idx, overrides, notes)
+    path.write_text("\n".join(L) + "\n")
+
+
+def _tail(L, table, scale, trs, idx, overrides, notes):
+    """Findings, claim checks and provenance (commands, commit, wall time)."""
     findings = note(notes, scale, f"{table}.findings.md")
     if findings:
         L.append("\n## What it shows\n\n" + findings)
     L.append("\n## Checks of the papers' claims (computed from the table)\n")
     L.extend(T.checks(trs) or ["(not enough rows finished)"])
     cmds = launches(Path(idx).parent, table, scale)
+    done = {c["started"] for c in cmds if c.get("wall_s") is not None}
+    cmds = [c for c in cmds if c.get("wall_s") is not None or c.get("started") not in done]
     L.append("\n## How this was made\n")
     for c in cmds:
         env = " ".join(f"{k}={v}" for k, v in c.get("env", {}).items())
@@ -92,11 +107,58 @@ def write_md(table, scale, specs, trs, idx, path: Path, overrides=(), notes: Pat
     walls = [t["wall"][0] * len(t["seeds"]) for t in trs if t["wall"][0] is not None]
     if walls:
         L.append(f"- training wall time, all runs of this table: {sum(walls) / 60:.1f} min")
+    for c in cmds:
+        if c.get("wall_s") is not None:
+            L.append(f"- measured wall time of `{c['command']}` (started {c['started']}): "
+                     f"{c['wall_s'] / 60:.1f} min on this machine"
+                     + (f", {c['jobs']} jobs in parallel" if c.get("jobs") else ""))
+
+
+def write_lm_md(table, scale, specs, trs, idx, path: Path, overrides=(), notes: Path = NOTES):
+    """A language-model table: validation loss, bits/char and paired Δ val loss vs fp32."""
+    head = note(notes, scale, f"{table}.note.md") or note(notes, scale, "_scale.md") or ""
+    L = [f"# {table} ({scale} scale)\n", head + "\n"]
+    paper = T.paper_numbers()
+    L.append("| row | δ route | fwd | grad | FNT steps | seeds | val loss, nats (mean ± std) | "
+             "bits/char | Δ val loss vs fp32, nats (mean ± std) | 2 s.e. of Δ | char top-1 % | "
+             "paper claim |")
+    L.append("|---" * 12 + "|")
+    for t in trs:
+        s = t["spec"]
+        method = s.label.split("fwd4_", 1)[-1]
+        for suf in ("_bwd", "_both"):
+            method = method[: -len(suf)] if method.endswith(suf) else method
+        method = method.split("_fnt")[0] + ("_fnt1" if "_fnt" in method else "")
+        claim = paper["mvue_claim"].get(method) or paper["luq_claim"].get(method, "")
+        base = t["base"] == s.label
+        deg = "0 (baseline)" if base else fmt(*t["deg"], p=4)
+        e = None if base else T.two_se(t)
+        fnt = (s.identity or {}).get("trainer", {}).get("fnt_steps") or 0
+        L.append(f"| {s.label} | {T.route_of(s.label)} | {s.fwd} | {s.grad} | {fnt} | "
+                 f"{','.join(map(str, t['seeds'])) or 'none'} | {fmt(*t['val'], p=4)} | "
+                 f"{fmt(t['bpc'][0], None, 3)} | {deg} | {'—' if e is None else f'{e:.4f}'} | "
+                 f"{fmt(*t['top1'])} | {claim} |")
+    L.append("\nVal loss: mean cross-entropy (nats per character) of the final model on the fixed "
+             "validation windows; bits/char = val loss / ln 2. Δ = val loss(row) − val loss(fp32) "
+             "for the same seed (same init and data order; > 0: worse), then mean ± sample std "
+             "(n−1) over seeds; 2 s.e. = 2·std/√n. Char top-1: next-character accuracy. Route: "
+             "where the estimate of δ goes (README, methods table): update = update GEMM only, "
+             "blocks along tokens; backward = backward GEMM only, blocks along output channels; "
+             "both = one draw feeds both GEMMs; quantizer = one quantized δ feeds both GEMMs."
+             + (" Diverged runs (val loss ≥ ln V): "
+                + ", ".join(f"{t['spec'].label} ({t['diverged']})" for t in trs if t["diverged"])
+                if any(t["diverged"] for t in trs) else ""))
+    _tail(L, table, scale, trs, idx, overrides, notes)
+    L.append(f"- figures: `{path.stem}.png` (validation-loss curves, one panel per route) and "
+             f"`{path.stem}_delta.png` (Δ val loss per row, error bars 2 s.e.)")
     path.write_text("\n".join(L) + "\n")
 
 
 def plot(table, scale, trs, path: Path):
-    """Test top-1 and train loss per epoch, mean over seeds, one line per row."""
+    """Test top-1 and train loss per epoch, mean over seeds, one line per row (an LM table:
+    plot_lm)."""
+    if is_lm(table, trs):
+        return plot_lm(table, scale, trs, path)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -125,4 +187,61 @@ def plot(table, scale, trs, path: Path):
     fig.suptitle(f"{table} ({scale}): mean over seeds", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+ROUTE_PANELS = ("quantizer", "update", "backward", "both")
+
+
+def plot_lm(table, scale, trs, path: Path):
+    """<path>: validation loss vs step (mean over seeds), one panel per δ route, fp32 in each;
+    <stem>_delta.png: Δ val loss vs fp32 per row with 2-s.e. error bars."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [p for p in ROUTE_PANELS if any(T.route_of(t["spec"].label) == p for t in trs)]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.6 * max(1, len(panels)), 4.4),
+                             sharey=True, squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for i, t in enumerate(trs):
+            route = T.route_of(t["spec"].label)
+            if route not in (panel, "baseline"):
+                continue
+            curves = [c for c in (T.val_curve(r) for r in t["runs"]) if c]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            steps = [curves[0][j][0] for j in range(n)]
+            mean = [statistics.fmean(c[j][1] for c in curves) for j in range(n)]
+            ax.plot(steps, mean, "--" if route == "baseline" else "-", color=f"C{i % 10}",
+                    marker=".", label=f"{t['spec'].label} (n={len(curves)})")
+        ax.set_title(f"route: {panel}", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("validation loss (nats)")
+    fig.suptitle(f"{table} ({scale}): validation loss, mean over seeds", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+    rows = [t for t in trs if t["deg"][0] is not None and t["base"] != t["spec"].label]
+    fig, ax = plt.subplots(figsize=(max(6, 0.42 * len(rows) + 2), 4.4))
+    colors = {p: f"C{i}" for i, p in enumerate(ROUTE_PANELS)}
+    for i, t in enumerate(rows):
+        e = T.two_se(t)
+        ax.bar(i, t["deg"][0], yerr=0 if e is None else e, capsize=3,
+               color=colors.get(T.route_of(t["spec"].label), "C7"))
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(range(len(rows)), [t["spec"].label for t in rows], rotation=70, fontsize=7,
+                  ha="right")
+    ax.set_ylabel("Δ val loss vs fp32 (nats), ± 2 s.e.")
+    ax.legend(handles=[matplotlib.patches.Patch(color=c, label=p) for p, c in colors.items()
+                       if any(T.route_of(t["spec"].label) == p for t in rows)], fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_title(f"{table} ({scale}): paired Δ val loss (same seed)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path.with_name(path.stem + "_delta.png"), dpi=100)
     plt.close(fig)

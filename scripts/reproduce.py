@@ -4,6 +4,7 @@
     python scripts/reproduce.py mvue_table --scale small            # runs it (seeds 0,1)
     python scripts/reproduce.py luq_table --scale full --seeds 0,1,2 --dry-run
     python scripts/reproduce.py luq_table --scale full -- hydra/launcher=slurm hydra.launcher.partition=gpu
+    python scripts/reproduce.py lm_table --seeds 0,1,2 --jobs 2      # two processes in parallel
 
 Everything after `--` is passed to run.py as Hydra overrides.
 
@@ -16,6 +17,12 @@ shared bases). The command is
 its fp32 baseline (trainer.baseline=auto). --skip-done drops rows whose runs for every requested
 seed are already in the index (e.g. the fp32 row shared by two tables). Each launch is appended to
 <out_root>/commands.jsonl (command, git commit, time) for make_tables.py.
+
+--jobs N (N > 1) runs N multirun processes side by side, in two phases: first the fp32/fp32
+rows, their seeds split over the N processes (so no later job trains a baseline twice), then the
+other rows dealt round-robin to the N processes, each over every seed. Each process writes its
+output to <out_root>/reproduce_<table>_<phase>_<i>.log. The launch log gets a second record at the
+end with the measured wall time (`wall_s`), which make_tables.py prints.
 
 Small scale sets OMP_NUM_THREADS=1 unless it is set: on the shared 2-core machine a training step
 was 10-20x slower with two threads. W&B: WANDB_MODE defaults to offline.
@@ -41,6 +48,41 @@ def build_command(table: str, scale: str, seeds: list[int], extra: list[str],
             f"experiment={','.join(rows)}", *extra]
 
 
+def plan(table: str, scale: str, seeds: list[int], extra: list[str], rows: list[str],
+         jobs: int) -> list[list[list[str]]]:
+    """Phases of parallel commands (--jobs): [[fp32 rows, seeds split], [other rows, dealt]]."""
+    if jobs <= 1:
+        return [[build_command(table, scale, seeds, extra, rows)]]
+    specs = {r: tables.compose_row(r, extra) for r in rows}
+    base = [r for r in rows if (specs[r].grad, specs[r].fwd) == ("fp32", "fp32")
+            and not specs[r].fnt_epochs]
+    rest = [r for r in rows if r not in base]
+    phases = []
+    if base:
+        phases.append([build_command(table, scale, seeds[i::jobs], extra, base)
+                       for i in range(min(jobs, len(seeds)))])
+    if rest:
+        phases.append([build_command(table, scale, seeds, extra, rest[i::jobs])
+                       for i in range(min(jobs, len(rest)))])
+    return phases
+
+
+def _run_parallel(phases, env, logdir, table) -> int:
+    rc = 0
+    for k, cmds in enumerate(phases):
+        procs = []
+        for i, cmd in enumerate(cmds):
+            log = logdir / f"reproduce_{table}_{k}_{i}.log"
+            print(f"phase {k} job {i}: {shlex.join(cmd)}  > {log}", flush=True)
+            f = open(log, "w")
+            procs.append((subprocess.Popen([sys.executable, *cmd[1:]], cwd=tables.REPO, env=env,
+                                           stdout=f, stderr=subprocess.STDOUT), f))
+        for p, f in procs:
+            rc = p.wait() or rc
+            f.close()
+    return rc
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,6 +92,8 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
     p.add_argument("--skip-done", action="store_true",
                    help="leave out rows already in the index for every requested seed")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="processes in parallel (fp32 rows first); use trainer.threads=1 rows")
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
@@ -75,8 +119,14 @@ def main(argv=None) -> int:
         if not rows:
             print("nothing to run", file=sys.stderr)
             return 0
-    cmd = build_command(a.table, a.scale, seeds, a.extra, rows)
-    print(shlex.join(cmd), flush=True)
+    phases = plan(a.table, a.scale, seeds, a.extra, rows, a.jobs)
+    cmd = phases[0][0]
+    if a.jobs <= 1:
+        print(shlex.join(cmd), flush=True)
+    else:
+        for k, cmds in enumerate(phases):
+            for c in cmds:
+                print(f"phase {k}: {shlex.join(c)}", flush=True)
     if a.dry_run:
         return 0
     env = dict(os.environ)
@@ -84,12 +134,24 @@ def main(argv=None) -> int:
     if a.scale == "small":
         env.setdefault("OMP_NUM_THREADS", "1")
     spec = tables.compose_row(rows[0], a.extra)
-    rec = {"table": a.table, "scale": a.scale, "seeds": seeds, "command": shlex.join(cmd),
+    me = ["python", "scripts/reproduce.py", *argv]
+    rec = {"table": a.table, "scale": a.scale, "seeds": seeds,
+           "command": shlex.join(cmd if a.jobs <= 1 else me),
            "commit": git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "env": {k: env[k] for k in ("OMP_NUM_THREADS", "WANDB_MODE") if k in env}}
-    log_launch(tables.REPO / spec.out_root, rec)
-    cmd[0] = sys.executable
-    return subprocess.call(cmd, cwd=tables.REPO, env=env)
+    if a.jobs > 1:
+        rec["jobs"], rec["commands"] = a.jobs, [shlex.join(c) for ph in phases for c in ph]
+    out_root = tables.REPO / spec.out_root
+    log_launch(out_root, rec)
+    t0 = time.time()
+    if a.jobs <= 1:
+        cmd[0] = sys.executable
+        rc = subprocess.call(cmd, cwd=tables.REPO, env=env)
+    else:
+        rc = _run_parallel(phases, env, out_root, a.table)
+    log_launch(out_root, {**rec, "wall_s": time.time() - t0, "rc": rc,
+                          "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    return rc
 
 
 if __name__ == "__main__":

@@ -105,7 +105,9 @@ def test_yaml_builds_forward_backward():
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    spec = instantiate(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model" / "chargpt.yaml"))
+    node = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model" / "chargpt.yaml")
+    node.pop("defaults")  # Hydra's defaults list (data/optim overrides), not a ModelSpec field
+    spec = instantiate(node)
     assert spec.source == "lm" and spec.kwargs == {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64,
                                                    "dropout": 0.0}
     m = build_model(spec, num_classes=84, in_channels=1, image_size=64)

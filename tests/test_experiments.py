@@ -68,14 +68,36 @@ def test_experiment_composes_and_instantiates(name, tmp_path):
             assert exp.grad.identity
         else:
             assert choices["grad"] in label, (label, choices["grad"])
-        if "_fnt" in label:
-            assert exp.trainer.fnt_epochs == int(label.rsplit("_fnt", 1)[1])
-        else:
-            assert exp.trainer.fnt_epochs == 0
+        fnt = exp.trainer.fnt_steps if exp.trainer.max_steps else exp.trainer.fnt_epochs
+        assert fnt == (int(label.rsplit("_fnt", 1)[1]) if "_fnt" in label else 0)
         assert (exp.convert.get("weight_nm") is not None) == ("w24" in label)
-    if name.startswith("small/"):
+        if name.startswith("small/lm_"):
+            assert (exp.fwd.name == "int4") == label.startswith("fwd4_")
+    if name.startswith("small/") and exp.model.name == "chargpt":
+        # the LM tables (and tables built on _base_lm): chargpt at its defaults on Shakespeare,
+        # a step budget, one thread per job
+        assert exp.data.name == "shakespeare_char"
+        assert exp.trainer.optim.name == "adamw" and exp.trainer.max_steps > 0
+        assert exp.trainer.threads == 1 and cfg.logger.mode == "disabled"
+    elif name.startswith("small/"):
         assert exp.data.name == "fashion_mnist" and exp.model.name == "resnet20"
         assert cfg.logger.mode == "disabled"
+
+
+def test_lm_tables_cover_every_method_and_route_with_one_setting():
+    rows = {r.rsplit("/", 1)[1] for r in X.rows("small", "lm_table")}
+    nm = {m + suf for m in X.NM_METHODS for suf in X.ROUTE_SUFFIXES}
+    assert rows == {"fp32", "luq4", "luq4_smp2", "luq3", "fp4_rdn", "radix4", "int4_sr",
+                    "mvue24_luq4"} | nm
+    specs = [X.compose_row(f"small/lm_table/{r}") for r in sorted(rows)]
+    # nothing tuned per method: every row has the fp32 row's identity (seed aside)
+    assert len({json.dumps(X._without_seed(s.identity), sort_keys=True) for s in specs}) == 1
+    assert {X.route_of(r) for r in rows} == {"baseline", "quantizer", "update", "backward", "both"}
+    f = {r.rsplit("/", 1)[1] for r in X.rows("small", "lm_fwd4_table")}
+    assert {"fp32", "fwd4_fp32", "fwd4_luq4", "fwd4_luq4_smp2", "fwd4_fp4_rdn"} <= f
+    assert any(r.startswith("fwd4_luq4_fnt") for r in f)
+    a, b = X.compose_row("small/lm_fwd4_table/fp32"), X.compose_row("small/lm_table/fp32")
+    assert a.identity == b.identity  # one fp32 row, its runs shared by both LM tables
 
 
 def test_small_tables_share_the_fp32_row():

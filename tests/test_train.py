@@ -21,6 +21,7 @@ from lowprec import train as T
 from lowprec.logging import JsonlLogger, Logger, LoggerConfig, make_wandb, resolve_mode
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+SAMPLE = Path(__file__).resolve().parent / "data" / "sample.txt"
 
 
 def _options():
@@ -62,7 +63,9 @@ def test_every_config_file_composes(hydra_conf, group, option):
             cfg = compose("config", overrides=[f"{group}={option}"], return_hydra_config=True)
             assert cfg.hydra.launcher._target_
         return
-    cfg = compose("config", overrides=[f"{group}={option}"], return_hydra_config=True)
+    # data=text has no default file (data.path is required): the shipped sample stands in.
+    extra = [f"data.path={SAMPLE}"] if (group, option) == ("data", "text") else []
+    cfg = compose("config", overrides=[f"{group}={option}", *extra], return_hydra_config=True)
     names = dict(cfg.hydra.runtime.choices)
     assert names[group] == option
     del cfg.hydra
@@ -146,6 +149,80 @@ def test_fnt_ramps_from_final_lr_to_base_then_to_zero():
     assert fnt[10] == pytest.approx(1.0)      # base LR after T/2
     assert fnt[15] == pytest.approx(0.5)
     assert fnt[-1] == pytest.approx(0.1) and all(a > b for a, b in zip(fnt[10:], fnt[11:]))
+
+
+def test_step_budget_schedule_spans_max_steps_then_fnt_steps():
+    s = config.SchedConfig("cosine", warmup_steps=10)
+    f = [T.lr_factor(s, i, steps_per_epoch=7, epochs=99, fnt_epochs=0, max_steps=50, fnt_steps=20)
+         for i in range(70)]
+    assert f[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])  # warm-up over steps
+    assert f[10] == pytest.approx(1.0)
+    assert f[30] == pytest.approx(0.5)       # halfway through the 40 cosine steps
+    assert f[49] > 0 and f[50] == pytest.approx(0.0)  # cosine ends at max_steps, not at epochs
+    assert f[60] == pytest.approx(1.0) and f[69] == pytest.approx(0.1)  # FNT over fnt_steps
+    # without a budget, the same schedule spans epochs x steps per epoch
+    g = [T.lr_factor(s, i, steps_per_epoch=10, epochs=5, fnt_epochs=0) for i in range(50)]
+    assert g[30] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("ov, msg", [
+    ({"fnt_steps": 5}, "trainer.fnt_steps"),
+    ({"max_steps": 5, "fnt_epochs": 1}, "trainer.fnt_epochs"),
+    ({"eval_every": -1}, "trainer.eval_every"),
+])
+def test_step_budget_options_are_checked(ov, msg):
+    with pytest.raises(ValueError, match=msg):
+        config.TrainConfig(**ov)
+    with pytest.raises(ValueError, match="optim.clip_grad"):
+        config.OptimConfig(clip_grad=-1.0)
+    with pytest.raises(ValueError, match="set one of them"):
+        config.SchedConfig(warmup_epochs=1, warmup_steps=5)
+
+
+def test_new_options_at_their_defaults_keep_the_old_keys(hydra_conf):
+    """fnt_steps, clip_grad and warmup_steps came after run indexes existed: at their defaults
+    they are left out of the identity (old runs keep finding their baselines); set, they count."""
+    def ident(*ov):
+        return config.experiment_from_cfg(compose("config", overrides=list(ov)), names={},
+                                          run_dir="x").identity
+
+    i = ident()
+    assert "clip_grad" not in i["optim"] and "warmup_steps" not in i["sched"]
+    assert "fnt_steps" not in i["trainer"]
+    assert ident("optim.clip_grad=1.0")["optim"]["clip_grad"] == 1.0
+    assert ident("trainer.max_steps=9", "trainer.fnt_steps=3")["trainer"]["fnt_steps"] == 3
+    assert ident("sched.warmup_steps=4")["sched"]["warmup_steps"] == 4
+
+
+def test_chargpt_defaults_are_the_small_lm_setting(hydra_conf):
+    """model=chargpt brings its data, optimizer and step budget (issue 10's small setting);
+    the command line still wins."""
+    cfg = compose("config", overrides=["model=chargpt"], return_hydra_config=True)
+    ch = cfg.hydra.runtime.choices
+    assert (ch["data"], ch["optim"]) == ("shakespeare_char", "adamw")
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.clip_grad) == (3e-3, 0.1, 1.0)
+    assert (cfg.trainer.batch_size, cfg.trainer.max_steps, cfg.sched.warmup_steps) == (16, 2000, 100)
+    assert cfg.sched.name == "cosine" and cfg.data.block_size == 64
+    cfg = compose("config", overrides=["model=chargpt", "optim=sgd", "data=text",
+                                       f"data.path={SAMPLE}", "trainer.max_steps=7"],
+                  return_hydra_config=True)
+    assert (cfg.hydra.runtime.choices["optim"], cfg.hydra.runtime.choices["data"]) == ("sgd", "text")
+    assert cfg.trainer.max_steps == 7 and cfg.optim.lr == 0.1
+
+
+def test_weight_decay_skips_chargpt_embeddings_and_norms():
+    """Today's rule (ndim <= 1: biases, LayerNorm) plus embeddings: wpe (an nn.Embedding) by its
+    type, wte (a Linear on one-hot inputs) by the model's no_weight_decay()."""
+    from lowprec.chargpt import CharGPT
+
+    m = CharGPT(12, n_layer=1, n_head=2, n_embd=8, block_size=8)
+    opt = T.make_optimizer(m, config.OptimConfig("adamw", lr=1e-3, weight_decay=0.1))
+    wd = {n: g["weight_decay"] for g in opt.param_groups for p in g["params"]
+          for n, q in m.named_parameters() if q is p}
+    assert wd["wte.weight"] == wd["wpe.weight"] == wd["ln_f.weight"] == 0.0
+    assert wd["blocks.0.attn.c_attn.bias"] == wd["blocks.0.ln_1.weight"] == 0.0
+    assert wd["blocks.0.attn.c_attn.weight"] == wd["lm_head.weight"] == 0.1
+    assert len(wd) == len(list(m.parameters()))
 
 
 def test_weight_decay_only_on_weights():
