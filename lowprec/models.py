@@ -58,8 +58,8 @@ TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2")
 _CIFAR_KWARGS = ("width", "shortcut", "zero_init_residual")
 TRAIN_DEFAULT_KEYS = ("sgd_lr", "adamw_lr", "warmup_epochs",
                       # read by conf/optim (clip_grad, adamw_weight_decay), conf/sched
-                      # (warmup_steps) and conf/trainer (batch_size, max_steps, eval_every)
-                      "warmup_steps", "adamw_weight_decay", "clip_grad", "batch_size", "max_steps",
+                      # (warmup_steps) and conf/trainer (epochs, batch_size, max_steps, eval_every)
+                      "warmup_steps", "adamw_weight_decay", "clip_grad", "epochs", "batch_size", "max_steps",
                       "eval_every")
 _TV_KWARGS = {"resnet18": ("small_stem", "zero_init_residual"), "resnet34": ("small_stem", "zero_init_residual"),
               "resnet50": ("small_stem", "zero_init_residual"),

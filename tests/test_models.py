@@ -34,7 +34,9 @@ def test_yaml_builds_forward_backward(path, no_network):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    spec = instantiate(OmegaConf.load(path))
+    node = OmegaConf.load(path)
+    node.pop("defaults", None)  # a defaults list (e.g. vit_tiny's optimizer) is Hydra's, not the spec's
+    spec = instantiate(node)
     assert isinstance(spec, ModelSpec) and type(spec.kwargs) is dict
     torch.manual_seed(0)
     model = build_model(spec, num_classes=10, in_channels=1, image_size=32)
@@ -197,6 +199,12 @@ def test_model_train_defaults_reach_the_composed_config_and_the_command_line_win
             c = resolved("model=resnet50", "optim=adamw")  # no adamw_lr in resnet50.yaml: AdamW's own
             assert c["optim"]["lr"] == 1e-3
             c = resolved()  # resnet20, the plain `python run.py`, keeps the groups' own values
-            assert (c["optim"]["lr"], c["sched"]["warmup_epochs"]) == (0.1, 0)
+            assert (c["optim"]["lr"], c["sched"]["warmup_epochs"], c["trainer"]["epochs"]) == (0.1, 0, 5)
+            # vit_tiny picks its optimizer and budget (conf/model/vit_tiny.yaml); the command line wins
+            vit = OmegaConf.load(os.path.join(ROOT, "conf", "model", "vit_tiny.yaml")).train_defaults
+            c = resolved("model=vit_tiny")
+            assert (c["optim"]["name"], c["optim"]["lr"], c["trainer"]["epochs"]) == ("adamw", vit.adamw_lr, vit.epochs)
+            c = resolved("model=vit_tiny", "optim=sgd", "trainer.epochs=5")
+            assert (c["optim"]["name"], c["optim"]["lr"], c["trainer"]["epochs"]) == ("sgd", 0.1, 5)
     finally:
         GlobalHydra.instance().clear()
