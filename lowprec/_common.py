@@ -120,6 +120,14 @@ def pow2(e: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return torch.ldexp(torch.ones_like(e, dtype=torch.float32), e.to(torch.int32))
 
 
+def floor_log2_normal(y: Tensor) -> Tensor:
+    """floor(log2(y)) for positive *normal* fp32/fp64 ``y``, read from the exponent field (int32);
+    the same as :func:`floor_log2` there, without ``frexp`` (which ``torch.compile`` cannot fuse)."""
+    if y.dtype == torch.float64:
+        return (((y.view(torch.int64) >> 52) & 0x7FF) - 1023).to(torch.int32)
+    return ((y.view(torch.int32) >> 23) & 0xFF) - 127
+
+
 def exact_pow2(e: Tensor, dtype: torch.dtype) -> Tensor:
     """2**e built from the exponent field, for integer ``e`` with ``2**e`` a normal of ``dtype``
     (fp32: [-126, 127]; fp64: [-1022, 1023]), as the kernels' ``pow2`` does."""

@@ -2,7 +2,8 @@
 
 ``backend``: ``"auto"`` uses the kernel for CUDA tensors when Triton is importable and the call is
 one the kernel covers (fp32/fp16/bf16, no ``noise=``, N:M with M <= 8, ...), else the reference;
-CPU tensors always get the reference under ``"auto"``. ``"reference"`` forces the reference.
+CPU tensors get the CPU twins under ``"auto"`` (:mod:`lowprec.kernels.cpu`: bit-identical to the
+references, fewer passes, optionally compiled). ``"reference"`` forces the readable reference.
 ``"triton"`` forces the kernel and raises ``RuntimeError`` when that cannot be met (no Triton; a
 CPU tensor without ``TRITON_INTERPRET=1``; ``noise=`` given, since the kernel draws its own
 uniforms; an unsupported dtype or configuration). ``backend=None`` reads the environment variable
@@ -30,6 +31,7 @@ from .fp4 import mxfp4 as mxfp4_reference
 from .fp4 import nvfp4 as nvfp4_reference
 from ._common import check_float, work_dtype
 from .intq import int_quant as int_quant_reference
+from .kernels import cpu as cpu_twins
 from .kernels import interpreter_enabled, triton_available
 from .luq import luq as luq_reference
 from .luq import luq_levels, luq_scale
@@ -75,6 +77,12 @@ def resolve(x: Tensor, backend: str | None = "auto", *, who: str = "lowprec", un
     return "triton"
 
 
+def _eager(x: Tensor, backend: str | None, reference, twin):
+    """The plain-PyTorch path for ``x``: the CPU twin (:mod:`lowprec.kernels.cpu`, bit-identical to the
+    reference, fewer passes) for CPU tensors under ``"auto"``; the readable reference otherwise."""
+    return twin if (not x.is_cuda and _requested(backend) == "auto") else reference
+
+
 def luq(x: Tensor, bits: int = 4, *, levels: int | None = None, max_abs=None,
         generator: torch.Generator | None = None, noise: Tensor | None = None, nonfinite: str = "raise",
         return_amax: bool = False, backend: str | None = "auto"):
@@ -90,7 +98,8 @@ def luq(x: Tensor, bits: int = 4, *, levels: int | None = None, max_abs=None,
         from .kernels import luq as k
         return k.luq(x, bits, levels=levels, max_abs=max_abs, generator=generator, nonfinite=nonfinite,
                      return_amax=return_amax)
-    out = luq_reference(x, bits, levels=levels, max_abs=max_abs, generator=generator, noise=noise,
+    out = _eager(x, backend, luq_reference, cpu_twins.luq)(
+        x, bits, levels=levels, max_abs=max_abs, generator=generator, noise=noise,
                         nonfinite=nonfinite)
     if not return_amax:
         return out
@@ -139,7 +148,8 @@ def nm_prune(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -1,
     if resolve(x, backend, who="nm_prune", unsupported=why) == "triton":
         from .kernels import nm as k
         return k.nm_prune(x, n, m, method=method, dim=dim, generator=generator, nonfinite=nonfinite)
-    return nm_prune_reference(x, n, m, method=method, dim=dim, generator=generator, noise=noise, nonfinite=nonfinite)
+    return _eager(x, backend, nm_prune_reference, cpu_twins.nm_prune)(
+        x, n, m, method=method, dim=dim, generator=generator, noise=noise, nonfinite=nonfinite)
 
 
 def int_quant(x: Tensor, bits: int = 4, *, signed: bool | None = None, per_channel: bool = False,
@@ -178,8 +188,10 @@ def nm_luq(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -1, bi
         from .kernels import fused as k
         return k.nm_luq(x, n, m, method=method, dim=dim, bits=bits, levels=levels, generator=generator,
                         nonfinite=nonfinite)
-    y = nm_prune_reference(x, n, m, method=method, dim=dim, generator=generator, nonfinite=nonfinite)
-    return luq_reference(y, bits, levels=levels, generator=generator, nonfinite=nonfinite)
+    y = _eager(x, backend, nm_prune_reference, cpu_twins.nm_prune)(x, n, m, method=method, dim=dim,
+                                                                   generator=generator, nonfinite=nonfinite)
+    return _eager(x, backend, luq_reference, cpu_twins.luq)(y, bits, levels=levels, generator=generator,
+                                                            nonfinite=nonfinite)
 
 
 def nvfp4(x: Tensor, *, dim: int = -1, rounding: str = "rtn", block_2d: bool = False,

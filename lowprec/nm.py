@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import (check_float, check_nonfinite_mode, clamp_finite, exact_pow2, floor_log2, nonfinite_guard,
+from ._common import (check_float, check_nonfinite_mode, exact_pow2, floor_log2_normal, nonfinite_guard,
                       tiny_exponent, uniforms, work_dtype)
 
 METHODS = ("mvue", "mvue_approx", "mse")
@@ -74,7 +74,7 @@ def check_nm(n, m, method: str = "mvue") -> None:
         raise ValueError(f"method='mvue_approx' is defined for N <= 2, got N={n} (use method='mvue')")
 
 
-def _blocks(x: Tensor, m: int, dim: int) -> tuple[Tensor, int]:
+def to_blocks(x: Tensor, m: int, dim: int) -> tuple[Tensor, int]:
     """x (working precision) moved so ``dim`` is last, zero-padded to a multiple of m, as ``[..., nblocks, m]``."""
     xt = x.detach().to(work_dtype(x.dtype)).movedim(dim, -1)
     length = xt.shape[-1]
@@ -84,7 +84,7 @@ def _blocks(x: Tensor, m: int, dim: int) -> tuple[Tensor, int]:
     return xt.reshape(*xt.shape[:-1], -1, m), length
 
 
-def _unblock(blocks: Tensor, x: Tensor, length: int, dim: int) -> Tensor:
+def from_blocks(blocks: Tensor, x: Tensor, length: int, dim: int) -> Tensor:
     out = blocks.reshape(*blocks.shape[:-2], -1)[..., :length]
     return out.movedim(-1, dim).to(x.dtype)
 
@@ -111,7 +111,7 @@ def block_normalize(a: Tensor) -> Tensor:
     exponents of ``a.dtype``: exact, and the largest entry lands in [1, 2) (see module docstring)."""
     emin = tiny_exponent(a.dtype)
     bmax = torch.clamp(a.amax(-1, keepdim=True), min=torch.finfo(a.dtype).tiny)
-    e = torch.clamp(floor_log2(bmax), emin, -emin)
+    e = torch.clamp(floor_log2_normal(bmax), emin, -emin)
     return a * exact_pow2(-e, a.dtype)
 
 
@@ -226,15 +226,23 @@ def nm_prune(
         raise ValueError(f"nm_prune: dim={dim} out of range for a {x.dim()}-d tensor")
     if x.numel() == 0 or n == m:
         return x.clone()
-    blocks, length = _blocks(x, m, dim)
+    blocks, length = to_blocks(x, m, dim)
     a = blocks.abs()
     if nonfinite_guard(x, a.amax(), nonfinite, "nm_prune"):
         return torch.zeros_like(x)
     if method == "mse":
-        return _unblock(torch.where(_mse_mask(a, n), blocks, torch.zeros_like(blocks)), x, length, dim)
+        return from_blocks(torch.where(_mse_mask(a, n), blocks, torch.zeros_like(blocks)), x, length, dim)
 
     k = 1 if method == "mvue" else n
     u = uniforms((*blocks.shape[:-1], k), x.device, generator, noise, "nm_prune")
+    return from_blocks(nm_core(blocks, u, n, method, torch.finfo(x.dtype).max), x, length, dim)
+
+
+def nm_core(blocks: Tensor, u: Tensor, n: int, method: str, big: float) -> Tensor:
+    """The unbiased methods on finite blocks ``[..., M]`` (working precision) with uniforms
+    ``[..., K]``: the pruned blocks, kept values clamped to ``±big`` (the output dtype's largest
+    finite value). Tensor operations only (no host reads), so it can be compiled as one graph."""
+    a = blocks.abs()
     a_s = block_normalize(a)
     if method == "mvue":
         p = mvue_probs(a_s, n)
@@ -245,8 +253,7 @@ def nm_prune(
     sparse_enough = (a > 0).sum(-1, keepdim=True) <= n
     p_safe = torch.where(keep, p, torch.ones_like(p))
     out = torch.where(keep, blocks / p_safe, torch.zeros_like(blocks))
-    out = torch.where(sparse_enough, blocks, clamp_finite(out, x.dtype))
-    return _unblock(out, x, length, dim)
+    return torch.where(sparse_enough, blocks, torch.clamp(out, -big, big))
 
 
 def nm_variance(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -1) -> Tensor | None:
@@ -256,7 +263,7 @@ def nm_variance(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -
         return None
     if x.numel() == 0 or n == m:
         return torch.zeros((), dtype=torch.float64, device=x.device)
-    blocks, _ = _blocks(x, m, dim)
+    blocks, _ = to_blocks(x, m, dim)
     a = blocks.abs()
     a_s = block_normalize(a)
     if method == "mvue":

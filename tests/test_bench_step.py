@@ -1,0 +1,46 @@
+"""scripts/bench_step.py --quick: every path (each grad recipe on both workloads, each estimator, our
+implementations and the public algorithms' renditions) runs; nothing is asserted about times."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lowprec.recipes import GRAD_NAMES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quick_runs_every_path(tmp_path):
+    out = tmp_path / "bench.md"
+    r = subprocess.run([sys.executable, "scripts/bench_step.py", "--quick", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    text = out.read_text()
+    assert "error:" not in text and "bit-identical" in text
+    assert "torch thread(s)" in text and "load average" in text and "busiest processes" in text
+    for wl in ("resnet20 on digits", "chargpt"):
+        section = text.split(wl, 1)[1].split("###", 1)[0]
+        for recipe in GRAD_NAMES:
+            if recipe != "fp32":
+                assert f"| {recipe} | eager |" in section, (wl, recipe)
+    for est in ("luq4", "mvue12", "mvue24", "mvue24_approx"):
+        assert text.count(f"| {est} | [") == 2, est
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    """No GPU in CI: the GPU check's three parts run on the CPU at toy sizes and the report is assembled."""
+    out = tmp_path / "gpu.md"
+    r = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    text = out.read_text()
+    for part in ("## GPU tests", "## Kernels vs copy bandwidth", "## Training step ratios"):
+        assert part in text and "-> exit 0" in text.split(part, 1)[1].split("##", 1)[0], part
+    for recipe in ("luq4", "mvue24", "mvue24_luq4", "fwd:int4"):
+        assert f"| {recipe} | eager |" in text
+    r = subprocess.run(["bash", "scripts/gpu_check.sh", "--bogus"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error:")
