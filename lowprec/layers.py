@@ -6,21 +6,19 @@ A layer computes three GEMMs (spec/algorithms.md):
     backward  g = Wᵀ δ_b       δ_b = grad.backward(δ)   (exact δ when None)
     update    ∂C/∂W = δ_u aᵀ   δ_u = mean of grad.samples draws of grad.update(δ)  (SMP)
 
-Routing rules (one place: `_QMixin._route`):
-- `grad.shared` (backward == update, e.g. LUQ): the FIRST update draw is δ_b, so one quantized δ
-  feeds both GEMMs; with samples == 1 the conv backward is one fused `convolution_backward` call.
-- Estimators with `elementwise == False` (N:M) get δ as a 2-D [C_out, tokens] matrix
-  (conv: permute(1,0,2,3).reshape(C, -1); linear: reshape(-1, out).t()); the result is mapped back.
-- Each layer owns `lp_state = {"backward": {}, "update": {}}`, passed as `state=` to the estimator
-  of that slot (a shared recipe uses the "update" slot only). SMP is `estimators.SMP.draws`: draws
-  2..s get a copy of the update state as it was before draw 1, so a stateful estimator (LUQ
-  in-hindsight max) advances its state once per step and every draw uses the same scale.
+The backward side (which estimate of δ feeds which GEMM, SMP, the update-GEMM operands, the noise
+monitor's extra draw, the statistics records) is lowprec.backward, pure functions of the recipe, the
+layer's state and tensors; its docstring carries that math. Here: the modules, their autograd
+Functions and their state.
+- Each layer owns `lp_state = {"backward": {}, "update": {}}`, the estimators' state per slot.
+- With samples == 1 and one δ for both GEMMs (`grad.shared`) the conv backward is one fused
+  `convolution_backward` call; different δ (or W) per GEMM: two half calls.
+- The forward GEMM's operands (quantized, masked, cast to the autocast dtype) are lowprec.forward's.
 - Bias gradient comes from δ_u (it is part of the update GEMM). Straight-through estimator: the
   gradients w.r.t. the unquantized W and a are those w.r.t. the quantized ones; the backward GEMMs
   see the quantized (and N:M-masked) W and the quantized a, which is what is saved for backward.
-- dtype: under torch.autocast the layer casts the (already quantized) operands to the autocast
-  dtype itself and runs the GEMMs, estimators and backward GEMMs in that dtype; gradients are
-  returned in the dtypes of x, W, b.
+- dtype: under torch.autocast the GEMMs, estimators and backward GEMMs run in the autocast dtype;
+  gradients are returned in the dtypes of x, W, b.
 
 Operand slots (issue 11): the six operands are fwd.weight / fwd.act (forward GEMM), grad.backward /
 grad.weight_bwd (δ and W in the backward GEMM), grad.update / grad.act_upd (δ and a in the update
@@ -30,11 +28,10 @@ by the recipe: W as [C_out, K] (K = C_in·kh·kw; forward reduction dim -1, back
 as [tokens, K] in the update GEMM (conv: the im2col matrix, so blocks along tokens are exact; groups
 must be 1), δ as [C_out, tokens]. `weight_bwd` re-quantizes the high-precision (masked) W and
 `act_upd` the high-precision a, not their forward-quantized copies (both saved for backward only
-when the slot is set; zero-preserving quantizers keep pruned weights pruned). `update_rht = n`
-draws n random signs per backward from torch's RNG and rotates both update-GEMM operands along
-tokens (lowprec.hadamard.block_rht) before quantizing them; the bias gradient is then δ̂ᵤ·(R 1),
-the update GEMM with an all-ones activation column (unbiased, no extra draw). With the new slots
-None the layers run exactly the code paths they ran before.
+when the slot is set; zero-preserving quantizers keep pruned weights pruned). `update_rht = n`:
+the layer draws n random signs per backward from torch's RNG (`random_signs`, after δ_b) and
+lowprec.backward rotates both update-GEMM operands with them. With the new slots None the layers
+run exactly the code paths they ran before.
 
 Weight N:M masks (`weight_nm=(N, M)`, spec §4.5; transposable by default; the search is
 lowprec.weight_nm): magnitude top-N in every block of M consecutive weights along the flattened
@@ -45,19 +42,15 @@ backward GEMM use `W ⊙ mask` (quantized after masking when a weight quantizer 
 gradient is dense (straight-through), so pruned weights keep learning and can re-enter at the next
 recompute. The mask is a non-persistent buffer: state_dict keys are unchanged by `convert()`.
 
-Statistics (`stats_every=k > 0`): every k-th backward of a layer appends one record (see
-`_record_stats`; keys `rel_error`, `cosine`, `zero_frac`, `nnz_in` for δ_u vs δ; `bwd_*` for δ_b vs
-δ when δ_b is a separate estimate; `gw_*` for the weight gradient vs the exact one; `absmax` =
-max|δ|; `state_update_*` for scalar entries of the update state, e.g. LUQ's in-hindsight max).
+Statistics (`stats_every=k > 0`): every k-th backward of a layer appends one record
+(`backward.stats_record`: δ_u, δ_b and the weight gradient vs exact, max|δ|, scalar update state).
 `lowprec.convert.collect_stats(model)` averages and clears them. With stats_every=0 backward does no extra work.
 
 Noise monitor (lowprec.noise, driven by lowprec.adapt): `arm_noise(generator)` makes the next
-backward that computes a weight gradient also compute the exact one (one more update GEMM with
-exact δ) and a second, independent estimate ĝ₂ (the recipe's update draws again, SMP count
-included, then the update GEMM); `pop_noise()` returns the four sums of `noise.noise_terms`. ĝ₂
-takes its randomness from `generator` and a copy of the update state as it was when armed, so the
-training draws (torch's global RNG, the live estimator state) and hence training are the same as
-with the monitor off; unarmed, backward only tests one attribute. A layer applied several times in
+backward that computes a weight gradient also compute the exact one and a second, independent
+estimate (`backward.noise_record`) from `generator` and a copy of the update state as it was when
+armed, so training is the same as with the monitor off; `pop_noise()` returns the four sums of
+`noise.noise_terms`. Unarmed, backward only tests one attribute. A layer applied several times in
 one step measures its first backward. `update_macs` counts the update-GEMM multiply-accumulates
 (weight elements × tokens) of the backwards since `pop_update_macs()` (lowprec.adapt's cost).
 
@@ -69,20 +62,18 @@ state, weight mask and its schedule) goes through `lp_state_dict()` / `load_lp_s
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .estimators import SMP
-from .hadamard import block_rht, random_signs
-from .noise import noise_terms
+from .backward import custom_update, im2col_of, noise_record, route, stats_record, update_operands
+from .forward import forward_weight, no_autocast, prep_forward, quant_weight
+from .hadamard import random_signs
 from .recipes import fwd_recipe, grad_recipe
-from .stats import compare
 from .weight_nm import check_weight_nm, format_weight_nm, nm_weight_mask
 
 __all__ = ["QLinear", "QConv2d", "resolve_fwd", "resolve_grad", "recipe_name"]
@@ -124,56 +115,6 @@ def recipe_name(recipe) -> str:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    dev = x.device.type
-    if x.is_floating_point() and torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return None
-
-
-def _no_autocast(x: torch.Tensor, active: bool):
-    return torch.autocast(device_type=x.device.type, enabled=False) if active else contextlib.nullcontext()
-
-
-def quant_weight(est, w):
-    """``est(W)``; a block estimator (``elementwise == False``) sees W as ``[C_out, K]``."""
-    if getattr(est, "elementwise", True):
-        return est(w)
-    return est(w.reshape(w.shape[0], -1)).reshape(w.shape)
-
-
-def quant_act(est, x, conv: bool):
-    """``est(a)`` for the forward GEMM; a block estimator sees a as ``[tokens, C_in]`` (conv: channels last)."""
-    if getattr(est, "elementwise", True):
-        return est(x)
-    if conv:
-        n, c, h, w = x.shape
-        return est(x.permute(0, 2, 3, 1).reshape(-1, c)).reshape(n, h, w, c).permute(0, 3, 1, 2)
-    return est(x.reshape(-1, x.shape[-1])).reshape(x.shape)
-
-
-def _prep_forward(layer, x, weight, bias, mask):
-    """Quantize/mask W and a, cast to the autocast dtype if one is active.
-    Returns (a, w, b, cast, hp): hp = (high-precision W, a) for the backward slots that need them."""
-    fwd, g = layer.fwd_recipe, layer.grad_recipe
-    conv = isinstance(layer, nn.Conv2d)
-    w_hp = w = weight if mask is None else weight * mask
-    if fwd.weight is not None:
-        w = quant_weight(fwd.weight, w)
-        if mask is not None:  # a quantizer must not revive pruned weights
-            w = w * mask
-    a = x if fwd.act is None else quant_act(fwd.act, x, conv)
-    cdt = _autocast_dtype(x)
-    b = bias
-    if cdt is not None:
-        a, w = a.to(cdt), w.to(cdt)
-        b = None if b is None else b.to(cdt)
-    # (no copy when the forward slot is empty: the saved operand is then the high-precision one)
-    w_hp = None if getattr(g, "weight_bwd", None) is None else (w if fwd.weight is None else w_hp.detach().to(w.dtype))
-    a_hp = None if getattr(g, "act_upd", None) is None else (a if fwd.act is None else x.detach().to(a.dtype))
-    return a, w, b, cdt is not None, (w_hp, a_hp)
-
-
 def _cast(g, dtype):
     return g if g is None or g.dtype == dtype else g.to(dtype)
 
@@ -186,14 +127,6 @@ def _to_device(obj, dev):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_device(v, dev) for v in obj)
     return obj
-
-
-def _scalar(v) -> float | None:
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return float(v)
-    if isinstance(v, torch.Tensor) and v.numel() == 1 and v.dtype != torch.bool:
-        return float(v)
-    return None
 
 
 # ----------------------------------------------------------------------------- module mixin
@@ -320,123 +253,47 @@ class _QMixin:
         if self.weight_nm is not None:
             mask = self.weight_mask if self.weight_mask is not None else nm_weight_mask(self.weight, *self.weight_nm)
         with torch.no_grad():
-            w = self.weight if mask is None else self.weight * mask
-            if self.fwd_recipe.weight is not None:
-                w = quant_weight(self.fwd_recipe.weight, w)
-                if mask is not None:
-                    w = w * mask
+            w = forward_weight(self.fwd_recipe, self.weight, mask)[1]
         return w.detach()
 
-    # ---- backward helpers
-    def _estimate(self, est, delta, state, to2d, from2d, generator=None):
-        if getattr(est, "elementwise", True):
-            return est(delta, state=state, generator=generator)
-        return from2d(est(to2d(delta), state=state, generator=generator))
-
-    def _update_draws(self, delta, samples: int, to2d, from2d, *, generator=None, state=None):
-        """(first draw, SMP mean) of the update estimator; the state rules are estimators.SMP's.
-        `state` None: the live update state."""
-        est = self.grad_recipe.update
-
-        def draw(x, *, generator=None, state=None):
-            return self._estimate(est, x, state, to2d, from2d, generator)
-
-        st = self.lp_state["update"] if state is None else state
-        return SMP(draw, samples).draws(delta, generator=generator, state=st)
-
-    def _route(self, delta, need_b: bool, need_u: bool, to2d, from2d):
-        """Return (δ_b, δ_u); either may be `delta` itself (exact), both may be the same object."""
-        g = self.grad_recipe
-        d_b = d_u = delta
-        s = int(g.samples)
-        if g.shared and g.update is not None:
-            if not (need_b or need_u):
-                return d_b, d_u
-            # without an update GEMM only the first draw is needed: no extra draws, no extra RNG use
-            first, mean = self._update_draws(delta, s if need_u else 1, to2d, from2d)
-            d_b = first
-            if need_u:
-                d_u = mean
-            return d_b, d_u
-        if need_b and g.backward is not None:
-            d_b = self._estimate(g.backward, delta, self.lp_state["backward"], to2d, from2d)
-        if need_u and g.update is not None:
-            d_u = self._update_draws(delta, s, to2d, from2d)[1]
-        return d_b, d_u
-
+    # ---- backward helpers (the computation: lowprec.backward)
     def _backward_weight(self, ctx, w):
         """W for the backward GEMM: the saved one, or grad.weight_bwd of the high-precision W."""
         est = getattr(self.grad_recipe, "weight_bwd", None)
         return w if est is None else quant_weight(est, ctx.saved_tensors[2])
 
-    def _custom_update(self) -> bool:
-        g = self.grad_recipe
-        return getattr(g, "act_upd", None) is not None or getattr(g, "update_rht", None) is not None
+    def _update_act(self, ctx, a2_of):
+        """The update GEMM's [T, K] activation operand: of the high-precision a when act_upd is set."""
+        return a2_of(ctx.saved_tensors[3] if self.grad_recipe.act_upd is not None else ctx.saved_tensors[0])
 
-    def _update_operands(self, ctx, delta, d_u, a2_of, to2d, from2d, *, generator=None, state=None):
-        """(δ_u [C_out, T'], a_u [T', K], ones [T', 1] or None, δ_u in δ's layout for statistics)
-        of the update GEMM when act_upd or update_rht is set. ``a2_of(t)``: t as the [T, K] operand.
-        ``generator``/``state``: the noise monitor's extra draw (None: torch's RNG, the live state)."""
-        g = self.grad_recipe
-        a_src = ctx.saved_tensors[3] if g.act_upd is not None else ctx.saved_tensors[0]
-        a2 = a2_of(a_src)
-        ones = None
-        if g.update_rht is None:
-            d_u2 = to2d(d_u)
-            unrotated = d_u
-        else:
-            s = random_signs(g.update_rht, device=delta.device, generator=generator)
-            d2 = block_rht(to2d(delta), s, -1)
-            if g.update is not None:  # d2 is already the [C_out, tokens] view the estimator expects
-                st = self.lp_state["update"] if state is None else state
-                d2 = SMP(g.update, int(g.samples)).draws(d2, generator=generator, state=st)[1]
-            d_u2 = d2
-            a2 = block_rht(a2, s, 0)
-            tokens = to2d(delta).shape[1]
-            ones = block_rht(torch.ones(tokens, 1, dtype=a2.dtype, device=a2.device), s, 0)
+    def _rht_signs(self, device, generator=None):
+        """This backward's RHT signs (None without update_rht); drawn here, the one call site."""
+        n = self.grad_recipe.update_rht
+        return None if n is None else random_signs(n, device=device, generator=generator)
 
-            def unrotated():
-                return from2d(block_rht(d_u2, s, -1, inverse=True)[:, :tokens])
-        a_u = a2 if g.act_upd is None else g.act_upd(a2, generator=generator)
-        return d_u2, a_u, ones, unrotated
+    def _update_operands(self, ctx, delta, d_u, a2_of, to2d, from2d):
+        """backward.update_operands with the saved activation, fresh signs and the live update state."""
+        a2 = self._update_act(ctx, a2_of)
+        return update_operands(self.grad_recipe, delta, d_u, a2, self._rht_signs(delta.device), to2d, from2d,
+                               state=self.lp_state["update"])
 
     def _record_noise(self, ctx, delta, gw_hat, gemm, a2_of, to2d, from2d) -> None:
-        """The armed measurement: g = gemm(exact δ), ĝ₂ = a fresh estimate (module docstring)."""
+        """The armed measurement (backward.noise_record); disarms."""
         arm, self._lp_noise_arm = self._lp_noise_arm, None
-        g = self.grad_recipe
-        if g.update is None and not self._custom_update():  # exact update GEMM: no noise
-            self._lp_noise_rec = noise_terms(gw_hat, gw_hat, gw_hat)
-            return
-        gen, st = arm["generator"], copy.deepcopy(arm["state"])
-        d_u = delta
-        if g.update is not None and g.update_rht is None:
-            d_u = self._update_draws(delta, int(g.samples), to2d, from2d, generator=gen, state=st)[1]
-        if self._custom_update():
-            d_u2, a_u, _, _ = self._update_operands(ctx, delta, d_u, a2_of, to2d, from2d, generator=gen, state=st)
-            gw2 = d_u2.mm(a_u).reshape(gw_hat.shape)
-        else:
-            gw2 = gemm(d_u)
-        self._lp_noise_rec = noise_terms(gemm(delta), gw_hat, gw2)
+        g, gen = self.grad_recipe, arm["generator"]
+        a2 = signs = None
+        if custom_update(g):
+            a2, signs = self._update_act(ctx, a2_of), self._rht_signs(delta.device, gen)
+        self._lp_noise_rec = noise_record(g, delta, gw_hat, gemm, a2, signs, to2d, from2d,
+                                          state=copy.deepcopy(arm["state"]), generator=gen)
 
     def _stats_due(self) -> bool:
         # only called when stats_every > 0
         self._lp_bwd_calls += 1
         return self._lp_bwd_calls % self.stats_every == 0
 
-    def _record_stats(self, delta, d_b, d_u, need_b, need_u, gw_hat, exact_gw: Callable[[], torch.Tensor]):
-        d = delta.float()
-        rec: dict[str, float] = {"absmax": float(d.abs().max())}
-        if need_u:
-            rec.update({k: float(v) for k, v in compare(d, d_u.float()).items()})
-            if gw_hat is not None and d_u is not delta:
-                rec.update({f"gw_{k}": float(v) for k, v in compare(exact_gw().float(), gw_hat.float()).items()})
-        if need_b and d_b is not delta and d_b is not d_u:
-            rec.update({f"bwd_{k}": float(v) for k, v in compare(d, d_b.float()).items()})
-        for k, v in self.lp_state["update"].items():
-            f = _scalar(v)
-            if f is not None:
-                rec[f"state_update_{k}"] = f
-        self._lp_stats.append(rec)
+    def _record_stats(self, delta, d_b, d_u, need_b, need_u, gw_hat, exact_gw) -> None:
+        self._lp_stats.append(stats_record(delta, d_b, d_u, need_b, need_u, gw_hat, exact_gw, self.lp_state["update"]))
 
 
 # ----------------------------------------------------------------------------- linear
@@ -460,8 +317,8 @@ def _unsave(ctx, grad_out):
 class _QLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layer, mask):
-        a, w, b, cast, hp = _prep_forward(layer, x, weight, bias, mask)
-        with _no_autocast(x, cast):
+        a, w, b, cast, hp = prep_forward(layer.fwd_recipe, layer.grad_recipe, x, weight, bias, mask, conv=False)
+        with no_autocast(x, cast):
             z = F.linear(a, w, b)
         _save(ctx, layer, a, w, x, weight, bias, hp)
         return z
@@ -480,9 +337,9 @@ class _QLinearFn(torch.autograd.Function):
         def from2d(t):
             return t.t().reshape(shape)
 
-        custom = need_u and layer._custom_update()
+        custom = need_u and custom_update(layer.grad_recipe)
         rht = custom and layer.grad_recipe.update_rht is not None
-        d_b, d_u = layer._route(delta, need_x, need_u and not rht, to2d, from2d)
+        d_b, d_u = route(layer.grad_recipe, layer.lp_state, delta, need_x, need_u and not rht, to2d, from2d)
         gx = gw = gb = None
         if need_x:
             gx = d_b.reshape(-1, out).mm(layer._backward_weight(ctx, w)).reshape(a.shape)
@@ -530,19 +387,11 @@ class QLinear(_QMixin, nn.Linear):
 # ----------------------------------------------------------------------------- conv2d
 
 
-def _im2col_of(w, conv):
-    """t -> the im2col matrix [tokens, C_in·kh·kw] of the convolution with weight w, args `conv`."""
-    def im2col(t):
-        cols = F.unfold(t, w.shape[2:], dilation=conv[2], padding=conv[1], stride=conv[0])
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    return im2col
-
-
 class _QConv2dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layer, mask, stride, padding, dilation, groups):
-        a, w, b, cast, hp = _prep_forward(layer, x, weight, bias, mask)
-        with _no_autocast(x, cast):
+        a, w, b, cast, hp = prep_forward(layer.fwd_recipe, layer.grad_recipe, x, weight, bias, mask, conv=True)
+        with no_autocast(x, cast):
             z = F.conv2d(a, w, b, stride, padding, dilation, groups)
         _save(ctx, layer, a, w, x, weight, bias, hp)
         ctx.conv = (list(stride), list(padding), list(dilation), False, [0, 0], groups)
@@ -561,9 +410,9 @@ class _QConv2dFn(torch.autograd.Function):
         def from2d(t):
             return t.reshape(c, n, h, wd_).permute(1, 0, 2, 3)
 
-        custom = need_u and layer._custom_update()
+        custom = need_u and custom_update(layer.grad_recipe)
         rht = custom and layer.grad_recipe.update_rht is not None
-        d_b, d_u = layer._route(delta, need_x, need_u and not rht, to2d, from2d)
+        d_b, d_u = route(layer.grad_recipe, layer.lp_state, delta, need_x, need_u and not rht, to2d, from2d)
         conv = ctx.conv
         bias_sizes = [c] if ctx.dtypes[2] is not None else None
         cb = torch.ops.aten.convolution_backward
@@ -576,7 +425,7 @@ class _QConv2dFn(torch.autograd.Function):
             if need_x:
                 gx = cb(d_b, a, w_b, None, *conv, [True, False, False])[0]
 
-            d_u2, a_u, ones, unrot = layer._update_operands(ctx, delta, d_u, _im2col_of(w, conv), to2d, from2d)
+            d_u2, a_u, ones, unrot = layer._update_operands(ctx, delta, d_u, im2col_of(w, conv), to2d, from2d)
             gw = d_u2.mm(a_u).reshape(w.shape) if need_w else None
             if need_b:
                 gb = d_u2.sum(1) if ones is None else d_u2.mm(ones).squeeze(1)
@@ -592,7 +441,7 @@ class _QConv2dFn(torch.autograd.Function):
             layer.update_macs += w.numel() * n * h * wd_
             if layer.noise_armed:
                 layer._record_noise(ctx, delta, gw, lambda d: cb(d, a, w, None, *conv, [False, True, False])[1],
-                                    _im2col_of(w, conv), to2d, from2d)
+                                    im2col_of(w, conv), to2d, from2d)
         if layer.stats_every and layer._stats_due():
             layer._record_stats(delta, d_b, d_u, need_x, need_u, gw,
                                 lambda: cb(delta, a, w, None, *conv, [False, True, False])[1])

@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("estimators",),
     ("stats", "noise"),  # noise: the noise-to-signal ratio r (pure math on tensors)
     ("recipes",),
+    ("forward", "backward"),  # a layer's GEMM operands and δ routing (pure functions)
     ("layers",),
     ("convert",),
     ("data", "models", "chargpt", "text_data", "runs", "logging", "config", "distributed", "checkpoint", "provenance",

@@ -1,0 +1,174 @@
+"""The backward side of a QLinear / QConv2d as pure functions of the recipe, the state and tensors.
+
+A layer's backward computes two GEMMs from the incoming gradient δ (spec/algorithms.md):
+
+    backward  g = Wᵀ δ_b       δ_b = grad.backward(δ)   (exact δ when None)
+    update    ∂C/∂W = δ_u aᵀ   δ_u = mean of grad.samples draws of grad.update(δ)  (SMP)
+
+Routing rules (one place: `route`):
+- `grad.shared` (backward == update, e.g. LUQ): the FIRST update draw is δ_b, so one quantized δ
+  feeds both GEMMs; without an update GEMM only that first draw is made (no extra RNG use).
+- Estimators with `elementwise == False` (N:M, block formats) get δ as a 2-D [C_out, tokens] matrix
+  through the layer's `to2d` (conv: permute(1,0,2,3).reshape(C, -1); linear: reshape(-1, out).t());
+  `from2d` maps the result back.
+- State: the layer's `lp_state = {"backward": {}, "update": {}}`; each slot's dict is passed as
+  `state=` to the estimator of that slot (a shared recipe uses the "update" slot only). SMP is
+  `estimators.SMP.draws`: draws 2..s get a copy of the update state as it was before draw 1, so a
+  stateful estimator (LUQ in-hindsight max) advances its state once per step and every draw uses
+  the same scale.
+
+Update-GEMM operands (`update_operands`, used when `grad.act_upd` or `grad.update_rht` is set,
+`custom_update`): δ_u as [C_out, T] and a as [T, K] (linear: a.reshape(-1, in); conv: the im2col
+matrix, `im2col_of`, so blocks along tokens are exact). `act_upd` quantizes the high-precision a
+(the caller passes it). `update_rht = n` rotates both operands along tokens with the block random
+Hadamard transform R of lowprec.hadamard (signs drawn by the caller, fresh each backward): with R
+orthogonal, (δ R)(Rᵀ a) = δ a, so the rotation changes only the quantization noise; δ is rotated
+before `grad.update` quantizes it (SMP draws included). The bias gradient is δ̂ᵤ·(R 1), the update
+GEMM with an all-ones activation column: unbiased, no extra draw.
+
+Noise monitor (`noise_record`, lowprec.noise): for an armed backward, the exact weight gradient
+g = gemm(δ) and a second, independent estimate ĝ₂ (the recipe's update draws again, SMP count and
+update-operand quantization included) from the monitor's own generator and a copy of the update
+state taken when armed, so the training draws (torch's global RNG, the live state) are untouched;
+returns `noise.noise_terms(g, ĝ, ĝ₂)`. An exact update GEMM (no update estimator, no custom
+operands) has no noise: terms of (ĝ, ĝ, ĝ).
+
+Statistics (`stats_record`): `rel_error`, `cosine`, `zero_frac`, `nnz_in` for δ_u vs δ; `bwd_*`
+for δ_b vs δ when δ_b is a separate estimate; `gw_*` for the weight gradient vs the exact one;
+`absmax` = max|δ|; `state_update_*` for scalar entries of the update state (e.g. LUQ's max).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .estimators import SMP
+from .hadamard import block_rht
+from .noise import noise_terms
+from .stats import compare
+
+__all__ = ["estimate", "update_draws", "route", "custom_update", "im2col_of", "update_operands", "noise_record",
+           "stats_record"]
+
+
+def estimate(est, delta, state, to2d, from2d, generator=None):
+    """``est(δ)``; a block estimator (``elementwise == False``) sees δ as ``to2d(δ)``."""
+    if getattr(est, "elementwise", True):
+        return est(delta, state=state, generator=generator)
+    return from2d(est(to2d(delta), state=state, generator=generator))
+
+
+def update_draws(g, delta, samples: int, to2d, from2d, state, generator=None):
+    """(first draw, SMP mean) of ``g.update``; the state rules are estimators.SMP's."""
+    est = g.update
+
+    def draw(x, *, generator=None, state=None):
+        return estimate(est, x, state, to2d, from2d, generator)
+
+    return SMP(draw, samples).draws(delta, generator=generator, state=state)
+
+
+def route(g, lp_state, delta, need_b: bool, need_u: bool, to2d, from2d):
+    """(δ_b, δ_u) of recipe ``g`` with the layer's ``lp_state``; either may be ``delta`` itself
+    (exact), both may be the same object."""
+    d_b = d_u = delta
+    s = int(g.samples)
+    if g.shared and g.update is not None:
+        if not (need_b or need_u):
+            return d_b, d_u
+        # without an update GEMM only the first draw is needed: no extra draws, no extra RNG use
+        first, mean = update_draws(g, delta, s if need_u else 1, to2d, from2d, lp_state["update"])
+        d_b = first
+        if need_u:
+            d_u = mean
+        return d_b, d_u
+    if need_b and g.backward is not None:
+        d_b = estimate(g.backward, delta, lp_state["backward"], to2d, from2d)
+    if need_u and g.update is not None:
+        d_u = update_draws(g, delta, s, to2d, from2d, lp_state["update"])[1]
+    return d_b, d_u
+
+
+def custom_update(g) -> bool:
+    """Whether the update GEMM needs `update_operands` (act_upd or update_rht set)."""
+    return getattr(g, "act_upd", None) is not None or getattr(g, "update_rht", None) is not None
+
+
+def im2col_of(w, conv):
+    """t -> the im2col matrix [tokens, C_in·kh·kw] of the convolution with weight w, args `conv`
+    (stride, padding, dilation, ...: the layout of aten.convolution_backward's arguments)."""
+    def im2col(t):
+        cols = F.unfold(t, w.shape[2:], dilation=conv[2], padding=conv[1], stride=conv[0])
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return im2col
+
+
+def update_operands(g, delta, d_u, a2, signs, to2d, from2d, *, state, generator=None):
+    """(δ_u [C_out, T'], a_u [T', K], ones [T', 1] or None, δ_u in δ's layout for statistics) of the
+    update GEMM of recipe ``g`` (module docstring). ``a2``: the activation as the [T, K] operand
+    (high-precision when act_upd is set); ``signs``: the RHT signs (None without update_rht);
+    ``state``/``generator``: the update state and the RNG of the draws (None: torch's RNG)."""
+    ones = None
+    if g.update_rht is None:
+        d_u2 = to2d(d_u)
+        unrotated = d_u
+    else:
+        d2 = block_rht(to2d(delta), signs, -1)
+        if g.update is not None:  # d2 is already the [C_out, tokens] view the estimator expects
+            d2 = SMP(g.update, int(g.samples)).draws(d2, generator=generator, state=state)[1]
+        d_u2 = d2
+        a2 = block_rht(a2, signs, 0)
+        tokens = to2d(delta).shape[1]
+        ones = block_rht(torch.ones(tokens, 1, dtype=a2.dtype, device=a2.device), signs, 0)
+
+        def unrotated():
+            return from2d(block_rht(d_u2, signs, -1, inverse=True)[:, :tokens])
+    a_u = a2 if g.act_upd is None else g.act_upd(a2, generator=generator)
+    return d_u2, a_u, ones, unrotated
+
+
+def noise_record(g, delta, gw_hat, gemm: Callable[[torch.Tensor], torch.Tensor], a2, signs, to2d, from2d, *,
+                 state, generator) -> dict[str, float]:
+    """The noise sums of one armed backward (module docstring): ``gemm(d)`` is the update GEMM
+    with δ-estimate d; ``a2``/``signs`` as for `update_operands` (used only when `custom_update`);
+    ``state``: a copy of the update state taken when armed (consumed)."""
+    if g.update is None and not custom_update(g):  # exact update GEMM: no noise
+        return noise_terms(gw_hat, gw_hat, gw_hat)
+    d_u = delta
+    if g.update is not None and g.update_rht is None:
+        d_u = update_draws(g, delta, int(g.samples), to2d, from2d, state, generator)[1]
+    if custom_update(g):
+        d_u2, a_u, _, _ = update_operands(g, delta, d_u, a2, signs, to2d, from2d, state=state, generator=generator)
+        gw2 = d_u2.mm(a_u).reshape(gw_hat.shape)
+    else:
+        gw2 = gemm(d_u)
+    return noise_terms(gemm(delta), gw_hat, gw2)
+
+
+def _scalar(v) -> float | None:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and v.dtype != torch.bool:
+        return float(v)
+    return None
+
+
+def stats_record(delta, d_b, d_u, need_b: bool, need_u: bool, gw_hat, exact_gw: Callable[[], torch.Tensor],
+                 update_state: dict[str, Any]) -> dict[str, float]:
+    """One statistics record (module docstring); ``exact_gw()`` computes the exact weight gradient."""
+    d = delta.float()
+    rec: dict[str, float] = {"absmax": float(d.abs().max())}
+    if need_u:
+        rec.update({k: float(v) for k, v in compare(d, d_u.float()).items()})
+        if gw_hat is not None and d_u is not delta:
+            rec.update({f"gw_{k}": float(v) for k, v in compare(exact_gw().float(), gw_hat.float()).items()})
+    if need_b and d_b is not delta and d_b is not d_u:
+        rec.update({f"bwd_{k}": float(v) for k, v in compare(d, d_b.float()).items()})
+    for k, v in update_state.items():
+        f = _scalar(v)
+        if f is not None:
+            rec[f"state_update_{k}"] = f
+    return rec
