@@ -125,7 +125,7 @@ def write_lm_md(table, scale, specs, trs, idx, path: Path, overrides=(), notes: 
     L.append("|---" * 12 + "|")
     for t in trs:
         s = t["spec"]
-        method = s.label.split("fwd4_", 1)[-1]
+        method = s.label[len(T.fwd_prefix(s.label)):]
         for suf in ("_bwd", "_both"):
             method = method[: -len(suf)] if method.endswith(suf) else method
         method = method.split("_fnt")[0] + ("_fnt1" if "_fnt" in method else "")

@@ -50,6 +50,7 @@ NM_METHODS = ("mse12", "mse24", "mvue12", "mvue24", "mvue24_approx")
 # δ routes of the N:M recipes (lowprec.recipes): the name's suffix; no suffix = the update route.
 ROUTE_SUFFIXES = {"": "update", "_bwd": "backward", "_both": "both"}
 ORDER = ("fp32", "w24_fp32", "radix4", "fp4_rdn", "int4_sr", "luq4", "luq4_smp2", "luq3",
+         "luq4_b16", "luq4_b32", "nvfp4_rtn", "nvfp4_sr", "mxfp4_rtn", "mxfp4_sr", "nvfp4_sr_rht",
          "luq4_fnt1", "luq4_fnt2", "luq4_fnt3", "mse12", "mse24", "mvue12", "mvue24",
          "mvue24_approx", "mvue24_luq4", "w24_mvue12", "w24_mvue24",
          *(m + suf for suf in ("_bwd", "_both") for m in NM_METHODS))
@@ -188,8 +189,8 @@ def diverged(r: dict) -> bool:
 def route_of(label: str) -> str:
     """The δ route a row's method uses: "update" / "backward" / "both" for the N:M recipes
     (and "update" for mvue24_luq4's N:M part), "quantizer" for a quantizer feeding both GEMMs,
-    "baseline" for fp32 (an fwd4_ prefix is ignored)."""
-    m = label.split("fwd4_", 1)[-1]
+    "baseline" for fp32 (an FWD_PREFIXES prefix is ignored)."""
+    m = label[len(fwd_prefix(label)):]
     if m.endswith("fp32"):
         return "baseline"
     for suf in ("_bwd", "_both"):
@@ -394,7 +395,7 @@ def checks(trs) -> list[str]:
 # ----------------------------------------------------------------------------- LM claims
 
 # (worse, better, claim) pairs: "A is worse (higher Δ val loss) than B", the papers' claims
-# carried over to the LM workload; fwd4_ rows get the same pairs within their own prefix.
+# carried over to the LM workload; rows with a FWD_PREFIXES prefix get the same pairs within it.
 LM_CLAIMS = (
     ("fp4_rdn", "luq4", "biased FP4 (round-to-nearest) worse than LUQ"),
     ("int4_sr", "luq4", "INT4-SR worse than LUQ"),
@@ -411,16 +412,36 @@ LM_CLAIMS = (
        "the update route") for suf in ("_bwd", "_both")),
     ("mvue24_luq4", "mvue24", "MVUE 2:4 + LUQ-4 (backward) worse than MVUE 2:4 alone"),
     ("luq4_fnt", "luq4", "FNT does not recover (LUQ+FNT worse than LUQ)"),
+    # formats_table (issue 11): scaling granularity, rounding, block format, RHT, LUQ vs hardware
+    ("luq4", "luq4_b16", "per-tensor scaling worse than per-block (LUQ-4 vs LUQ-4, 16-blocks)"),
+    ("fp4_rdn", "nvfp4_rtn", "per-tensor scaling worse than per-block (FP4 round-to-nearest vs "
+     "NVFP4-RTN)"),
+    ("nvfp4_rtn", "nvfp4_sr", "RTN worse than SR (NVFP4)"),
+    ("mxfp4_rtn", "mxfp4_sr", "RTN worse than SR (MXFP4)"),
+    ("mxfp4_sr", "nvfp4_sr", "MXFP4 (E8M0 per 32) worse than NVFP4 (E4M3 per 16), both SR"),
+    ("nvfp4_sr", "nvfp4_sr_rht", "RHT improves NVFP4-SR"),
+    ("luq4", "nvfp4_sr", "per-tensor LUQ-4 worse than the hardware format NVFP4-SR"),
 )
+# Row-name prefixes of rows with a low-precision forward (their claims are checked within the
+# prefix): lm_fwd4_table's INT4 forward, formats_table's NVFP4 forward.
+FWD_PREFIXES = {"fwd4_": " (fwd int4)", "fwdnv_": " (fwd nvfp4)"}
+
+
+def fwd_prefix(label: str) -> str:
+    """The FWD_PREFIXES entry a row label starts with ("" if none)."""
+    return next((p for p in FWD_PREFIXES if label.startswith(p)), "")
+
+
 # Rows whose own Δ against fp32 is a paper claim ("≈ baseline" or "small degradation").
-LM_VS_BASELINE = ("luq4", "luq4_smp2", "mvue24", "mvue12", "mvue24_approx", "mvue24_luq4")
+LM_VS_BASELINE = ("luq4", "luq4_smp2", "mvue24", "mvue12", "mvue24_approx", "mvue24_luq4",
+                  "luq4_b16", "nvfp4_rtn", "nvfp4_sr", "mxfp4_rtn", "mxfp4_sr", "nvfp4_sr_rht")
 
 
 def lm_checks(by: dict) -> list[str]:
     """The LM claims (LM_CLAIMS) that the rows present can test, with 2-s.e. verdicts (nats);
     then whether each LM_VS_BASELINE row's Δ differs from 0 beyond 2 s.e."""
     out = []
-    prefixes = sorted({lbl[: len(lbl) - len(lbl.split("fwd4_", 1)[-1])] for lbl in by})
+    prefixes = sorted({fwd_prefix(lbl) for lbl in by})
 
     def fnt_label(prefix):
         return next((l for l in by if l.startswith(prefix + "luq4_fnt")), None)
@@ -430,10 +451,10 @@ def lm_checks(by: dict) -> list[str]:
             w = fnt_label(pre) if w == "luq4_fnt" else pre + w
             if w in by and pre + b in by:
                 out.append(f"- {w} Δ {by[w]['deg'][0]:+.4f}, {pre + b} Δ {by[pre + b]['deg'][0]:+.4f}"
-                           " nats → " + verdict(by[w], by[pre + b], claim + (
-                               " (fwd int4)" if pre else ""), p=4))
-    for lbl in [l for l in by if l.split("fwd4_", 1)[-1] in LM_VS_BASELINE] + [
-            l for l in by if l.startswith("fwd4_") and l.endswith("fp32")]:
+                           " nats → " + verdict(by[w], by[pre + b],
+                                                 claim + FWD_PREFIXES.get(pre, ""), p=4))
+    for lbl in [l for l in by if l[len(fwd_prefix(l)):] in LM_VS_BASELINE] + [
+            l for l in by if fwd_prefix(l) and l.endswith("fp32")]:
         t = by[lbl]
         m, e = t["deg"][0], two_se(t)
         if e is None:

@@ -100,6 +100,34 @@ def test_lm_tables_cover_every_method_and_route_with_one_setting():
     assert a.identity == b.identity  # one fp32 row, its runs shared by both LM tables
 
 
+def test_formats_table_shares_the_lm_setting_and_checks_its_claims():
+    rows = {r.rsplit("/", 1)[1] for r in X.rows("small", "formats_table")}
+    part1 = {"fp32", "luq4", "luq4_b16", "fp4_rdn", "nvfp4_rtn", "nvfp4_sr", "mxfp4_rtn",
+             "mxfp4_sr", "nvfp4_sr_rht"}
+    assert part1 <= rows and all(r in part1 or r.startswith("fwdnv_") for r in rows)
+    specs = {r: X.compose_row(f"small/formats_table/{r}") for r in sorted(rows)}
+    # one setting: every row has the fp32 row's identity apart from seed and recipes
+    def setting(s):
+        return json.dumps({k: v for k, v in X._without_seed(s.identity).items()
+                           if k not in ("grad", "fwd")}, sort_keys=True)
+    assert len({setting(s) for s in specs.values()}) == 1
+    assert all((s.fwd == "nvfp4") == r.startswith("fwdnv_") for r, s in specs.items())
+    for r in ("fp32", "luq4", "fp4_rdn"):  # lm_table's rows, so their runs are shared
+        assert specs[r].identity == X.compose_row(f"small/lm_table/{r}").identity
+    # the declared claims fire, within the fwd-nvfp4 prefix too, with the pairs' own numbers
+    def row(m, sd):
+        return {"deg": (m, sd), "seeds": [0, 1, 2], "deg_seeds": [m] * 3}
+    by = {"luq4": row(0.2, 0.01), "luq4_b16": row(0.1, 0.01), "nvfp4_sr": row(0.1, 0.01),
+          "nvfp4_rtn": row(0.1, 0.01), "fwdnv_nvfp4_rtn": row(0.3, 0.01),
+          "fwdnv_nvfp4_sr": row(0.3, 0.01)}
+    out = "\n".join(X.lm_checks(by))
+    assert "per-tensor scaling worse than per-block (LUQ-4 vs LUQ-4, 16-blocks): shown" in out
+    assert "RTN worse than SR (NVFP4): NOT shown" in out
+    assert "RTN worse than SR (NVFP4) (fwd nvfp4): NOT shown" in out
+    assert "per-tensor LUQ-4 worse than the hardware format NVFP4-SR: shown" in out
+    assert X.route_of("fwdnv_fp32") == "baseline" and X.route_of("fwdnv_nvfp4_sr") == "quantizer"
+
+
 def test_small_tables_share_the_fp32_row():
     a, b = X.compose_row("small/mvue_table/fp32"), X.compose_row("small/luq_table/fp32")
     assert (a.model, a.data, a.epochs, a.batch_size, a.grad, a.fwd) == (
