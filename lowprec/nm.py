@@ -109,10 +109,17 @@ def _colsum(cols) -> Tensor:
 def block_normalize(a: Tensor) -> Tensor:
     """Blocks ``a = |x|`` ``[..., M]`` times ``2^-E``, ``E = floor(log2 max)`` clamped to the normal
     exponents of ``a.dtype``: exact, and the largest entry lands in [1, 2) (see module docstring)."""
-    emin = tiny_exponent(a.dtype)
-    bmax = torch.clamp(a.amax(-1, keepdim=True), min=torch.finfo(a.dtype).tiny)
-    e = torch.clamp(floor_log2_normal(bmax), emin, -emin)
-    return a * exact_pow2(-e, a.dtype)
+    return torch.stack(_normalize_cols(a.unbind(-1)), dim=-1)
+
+
+def _normalize_cols(cols) -> list[Tensor]:
+    bmax = cols[0]
+    for c in cols[1:]:
+        bmax = torch.maximum(bmax, c)
+    emin = tiny_exponent(bmax.dtype)
+    e = torch.clamp(floor_log2_normal(torch.clamp(bmax, min=torch.finfo(bmax.dtype).tiny)), emin, -emin)
+    scale = exact_pow2(-e, bmax.dtype)
+    return [c * scale for c in cols]
 
 
 def mvue_probs(a: Tensor, n: int) -> Tensor:
@@ -123,27 +130,33 @@ def mvue_probs(a: Tensor, n: int) -> Tensor:
     budget proportionally to the rest; at most N-1 entries can be capped, so N rounds suffice.
     Only meaningful for blocks with more than N non-zeros (others are kept unchanged).
     """
-    cols = a.unbind(-1)
+    return torch.stack(_probs_cols(a.unbind(-1), n), dim=-1)
+
+
+# The block functions below take and return lists of M column tensors (one entry of every block
+# each): nm_core hands them contiguous columns, so every operation is a contiguous pass.
+
+
+def _probs_cols(cols, n: int) -> list[Tensor]:
     capped = [torch.zeros_like(c, dtype=torch.bool) for c in cols]
-    floor = n * torch.finfo(a.dtype).tiny
+    floor = n * torch.finfo(cols[0].dtype).tiny
     for _ in range(n + 1):
         free = _colsum([torch.where(k, torch.zeros_like(c), c) for c, k in zip(cols, capped)])
-        budget = n - _colsum([k.to(a.dtype) for k in capped])
+        budget = n - _colsum([k.to(c.dtype) for k, c in zip(capped, cols)])
         c_scale = budget / torch.clamp(free, min=floor)
         shares = [c * c_scale for c in cols]
         capped = [k | (s >= 1.0) for k, s in zip(capped, shares)]
-    p = [torch.where(k, torch.ones_like(s), torch.clamp(s, max=1.0)) for k, s in zip(capped, shares)]
-    return torch.stack(p, dim=-1)
+    return [torch.where(k, torch.ones_like(s), torch.clamp(s, max=1.0)) for k, s in zip(capped, shares)]
 
 
-def _systematic(p: Tensor, u: Tensor, n: int) -> Tensor:
-    """Keep mask from systematic sampling of probabilities ``p`` [..., M] with uniforms ``u`` [..., 1]
-    (capped entries kept, the rest counted as ``I + [u < F]``; see the module docstring)."""
-    cols = p.unbind(-1)
-    u = u[..., 0]
+def _systematic(p_cols, u: Tensor, n: int) -> list[Tensor]:
+    """Keep masks from systematic sampling of the probabilities ``p_cols`` with one uniform ``u`` per
+    block (capped entries kept, the rest counted as ``I + [u < F]``; see the module docstring)."""
+    cols = p_cols
+    dtype = cols[0].dtype
     capped = [pj >= 1.0 for pj in cols]
     open_ = [(pj > 0) & ~c for pj, c in zip(cols, capped)]  # entries the points can land on
-    n_open = n - _colsum([c.to(p.dtype) for c in capped])
+    n_open = n - _colsum([c.to(dtype) for c in capped])
     # closes[j]: an open entry at or before j and none after it, so the count at j's upper end is
     # n_open exactly (no open entry at all: every share underflowed, nothing but the capped is kept)
     closes, seen = [None] * len(cols), torch.zeros_like(u, dtype=torch.bool)
@@ -154,26 +167,27 @@ def _systematic(p: Tensor, u: Tensor, n: int) -> Tensor:
     for j in range(len(cols)):
         opened = opened | open_[j]
         closes[j] = closes[j] & opened
-    whole, frac, below_lo = torch.zeros_like(u), torch.zeros_like(u), torch.zeros_like(u)
+    whole, frac, below_lo = (torch.zeros_like(cols[0]) for _ in range(3))
     keep = []
     for j, pj in enumerate(cols):
         t = frac + torch.where(capped[j], torch.zeros_like(pj), pj)
         carry = torch.floor(t)
         whole, frac = whole + carry, t - carry
-        below_hi = torch.where(closes[j], n_open, torch.minimum(whole + (u < frac).to(p.dtype), n_open))
+        below_hi = torch.where(closes[j], n_open, torch.minimum(whole + (u < frac).to(dtype), n_open))
         keep.append(capped[j] | (below_hi > below_lo))
         below_lo = below_hi
-    return torch.stack(keep, dim=-1)
+    return keep
 
 
-def _approx_draw(a: Tensor, u: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """Sequential draw of N indices ∝ |x| without replacement: (keep mask, exact inclusion probs)."""
-    cols = list(a.unbind(-1))
+def _approx_draw(cols, u_cols, n: int) -> tuple[list[Tensor], list[Tensor]]:
+    """Sequential draw of N indices ∝ |x| without replacement (one uniform column per draw):
+    (keep masks, exact inclusion probabilities)."""
+    cols = list(cols)
     S = _colsum(cols)
     keep = [torch.zeros_like(c, dtype=torch.bool) for c in cols]
     for r in range(n):
         w = [torch.where(k, torch.zeros_like(c), c) for c, k in zip(cols, keep)]
-        target = u[..., r] * _colsum(w)
+        target = u_cols[r] * _colsum(w)
         run = torch.zeros_like(S)
         chosen = torch.zeros_like(S, dtype=torch.bool)
         for j, wj in enumerate(w):
@@ -189,7 +203,7 @@ def _approx_draw(a: Tensor, u: Tensor, n: int) -> tuple[Tensor, Tensor]:
         # below |x_j|·2^-24 (a gradient block [1, 1e-8, 1e-8, 0] would get p = inf)
         rest = [t[j] / _colsum([cols[k] for k in range(len(cols)) if k != j]) for j in range(len(cols))]
         p = [t[i] + cols[i] * _colsum([rest[j] for j in range(len(cols)) if j != i]) for i in range(len(cols))]
-    return torch.stack(keep, dim=-1), torch.stack(p, dim=-1)
+    return keep, p
 
 
 def _mse_mask(a: Tensor, n: int) -> Tensor:
@@ -242,18 +256,21 @@ def nm_core(blocks: Tensor, u: Tensor, n: int, method: str, big: float) -> Tenso
     """The unbiased methods on finite blocks ``[..., M]`` (working precision) with uniforms
     ``[..., K]``: the pruned blocks, kept values clamped to ``±big`` (the output dtype's largest
     finite value). Tensor operations only (no host reads), so it can be compiled as one graph."""
-    a = blocks.abs()
-    a_s = block_normalize(a)
+    xs = list(blocks.movedim(-1, 0).contiguous().unbind(0))  # M contiguous columns
+    a = [c.abs() for c in xs]
+    a_s = _normalize_cols(a)
     if method == "mvue":
-        p = mvue_probs(a_s, n)
-        keep = _systematic(p, u, n)
+        p = _probs_cols(a_s, n)
+        keep = _systematic(p, u[..., 0], n)
     else:
-        keep, p = _approx_draw(a_s, u, n)
-        keep = keep & (p > 0)
-    sparse_enough = (a > 0).sum(-1, keepdim=True) <= n
-    p_safe = torch.where(keep, p, torch.ones_like(p))
-    out = torch.where(keep, blocks / p_safe, torch.zeros_like(blocks))
-    return torch.where(sparse_enough, blocks, torch.clamp(out, -big, big))
+        keep, p = _approx_draw(a_s, list(u.movedim(-1, 0).contiguous().unbind(0)), n)
+        keep = [k & (pj > 0) for k, pj in zip(keep, p)]
+    sparse_enough = _colsum([(c > 0).to(torch.int32) for c in a]) <= n
+    out = []
+    for xj, kj, pj in zip(xs, keep, p):
+        q = torch.where(kj, xj / torch.where(kj, pj, torch.ones_like(pj)), torch.zeros_like(xj))
+        out.append(torch.where(sparse_enough, xj, torch.clamp(q, -big, big)))
+    return torch.stack(out, dim=-1)
 
 
 def nm_variance(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -1) -> Tensor | None:
@@ -269,7 +286,8 @@ def nm_variance(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -
     if method == "mvue":
         p = mvue_probs(a_s, n)
     else:
-        _, p = _approx_draw(a_s, torch.zeros((*a.shape[:-1], n), device=a.device), n)
+        cols = a_s.unbind(-1)
+        p = torch.stack(_approx_draw(cols, [torch.zeros_like(cols[0])] * n, n)[1], dim=-1)
     a, p = a.double(), p.double()
     var = torch.where(a > 0, a * a * (1 / torch.where(p > 0, p, torch.ones_like(p)) - 1), torch.zeros_like(a))
     var = torch.where((a > 0).sum(-1, keepdim=True) <= n, torch.zeros_like(var), var)
