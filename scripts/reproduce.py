@@ -14,7 +14,8 @@ shared bases). The command is
     python run.py -m trainer.seed=<seeds> experiment=<row>,<row>,...  [extra overrides]
 
 (seed is the outer loop: all rows of seed 0 finish before seed 1 starts). Every job finds or trains
-its fp32 baseline (trainer.baseline=auto). --skip-done drops rows whose runs for every requested
+its fp32 baseline (trainer.baseline=auto). --rows a,b runs only those rows of the table (e.g. rows that another table's launch is still
+running). --skip-done drops rows whose runs for every requested
 seed are already in the index (e.g. the fp32 row shared by two tables). Each launch is appended to
 <out_root>/commands.jsonl (command, git commit, time) for make_tables.py.
 
@@ -92,6 +93,8 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
     p.add_argument("--skip-done", action="store_true",
                    help="leave out rows already in the index for every requested seed")
+    p.add_argument("--rows", default=None,
+                   help="comma list of row names (file stems) to run, a subset of the table's")
     p.add_argument("--jobs", type=int, default=1,
                    help="processes in parallel (fp32 rows first); use trainer.threads=1 rows")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -105,6 +108,15 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if a.rows is not None:
+        want = a.rows.split(",")
+        names = {r.rsplit("/", 1)[1]: r for r in rows}
+        bad = [w for w in want if w not in names]
+        if bad:
+            print(f"error: --rows {','.join(bad)}: not rows of {a.table} (have "
+                  f"{','.join(names)})", file=sys.stderr)
+            return 2
+        rows = [names[w] for w in want]
     if a.skip_done:
         keep = []
         for r in rows:

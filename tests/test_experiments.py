@@ -148,6 +148,15 @@ def test_reproduce_dry_run_prints_the_multirun_command(capsys):
     assert "full/luq_table/resnet50_imagenet_luq4_fnt3" in out and out.endswith(" hydra/launcher=slurm")
 
 
+def test_reproduce_rows_runs_a_subset_and_refuses_unknown_rows(capsys):
+    reproduce = _script("reproduce")
+    assert reproduce.main(["mvue_table", "--seeds", "0", "--rows", "mvue24,fp32", "--dry-run"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out == "python run.py -m trainer.seed=0 experiment=small/mvue_table/mvue24,small/mvue_table/fp32"
+    assert reproduce.main(["mvue_table", "--rows", "mvue24,nope", "--dry-run"]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
 def _fake_run(tmp_path, spec, seed, top1, base_top1):
     d = tmp_path / "runs" / f"{spec.label}_s{seed}"
     d.mkdir(parents=True)
