@@ -112,15 +112,20 @@ def e4m3_round(t: Tensor, up: bool = False) -> Tensor:
 # ----------------------------------------------------------------------------- block layout
 
 
-def block_view(x: Tensor, dim: int, size: int, rows: int = 1):
-    """``(blocks [n_blocks, rows*size] fp32, unview)``; ``unview(b)`` maps a tensor of the blocks'
-    shape back to ``x``'s shape (padding dropped). See the module docstring for the layout."""
+def block_dims(x: Tensor, dim: int) -> tuple[int, int, int]:
+    """``x`` seen as ``[outer, length, inner]`` with blocks along ``length`` (= ``x.shape[dim]``)."""
     if x.dim() == 0:
         raise ValueError("block formats: a 0-d tensor has no dimension to form blocks along")
     if not -x.dim() <= dim < x.dim():
         raise ValueError(f"dim={dim} out of range for a {x.dim()}-d tensor")
     d = dim % x.dim()
-    outer, length, inner = math.prod(x.shape[:d]), x.shape[d], math.prod(x.shape[d + 1:])
+    return math.prod(x.shape[:d]), x.shape[d], math.prod(x.shape[d + 1:])
+
+
+def block_view(x: Tensor, dim: int, size: int, rows: int = 1):
+    """``(blocks [n_blocks, rows*size] fp32, unview)``; ``unview(b)`` maps a tensor of the blocks'
+    shape back to ``x``'s shape (padding dropped). See the module docstring for the layout."""
+    outer, length, inner = block_dims(x, dim)
     po, pl = -outer % rows, -length % size
     x3 = x.detach().float().reshape(outer, length, inner)
     if po or pl:

@@ -84,6 +84,16 @@ def luq_scale(x: Tensor, bits: int = 4, *, levels: int | None = None, max_abs=No
     return m, luq_alpha(m, L, x.dtype)
 
 
+def check_luq_args(x: Tensor, bits: int, levels: int | None, max_abs, nonfinite: str) -> int:
+    """The argument checks every LUQ implementation makes; returns the number of levels."""
+    check_float(x, "luq")
+    check_nonfinite_mode(nonfinite)
+    L = luq_levels(bits, levels)
+    if max_abs is not None:
+        check_scalar(max_abs, "max_abs", "luq", positive=False)
+    return L
+
+
 def luq(
     x: Tensor,
     bits: int = 4,
@@ -102,11 +112,7 @@ def luq(
     ``generator``. ``nonfinite``: 'raise' (ValueError) or 'skip' (return zeros: this gradient
     contributes nothing).
     """
-    check_float(x, "luq")
-    check_nonfinite_mode(nonfinite)
-    L = luq_levels(bits, levels)
-    if max_abs is not None:
-        check_scalar(max_abs, "max_abs", "luq", positive=False)
+    L = check_luq_args(x, bits, levels, max_abs, nonfinite)
     if x.numel() == 0:
         return x.clone()
     wt = work_dtype(x.dtype)

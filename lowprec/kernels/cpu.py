@@ -32,8 +32,8 @@ import warnings
 import torch
 from torch import Tensor
 
-from .._common import check_float, check_nonfinite_mode, check_scalar, nonfinite_guard, uniforms, work_dtype
-from ..luq import luq_alpha, luq_levels
+from .._common import check_float, check_nonfinite_mode, nonfinite_guard, uniforms, work_dtype
+from ..luq import check_luq_args, luq_alpha, luq_levels
 from ..nm import check_nm, from_blocks, nm_core, to_blocks
 
 COMPILE_ENV = "LOWPREC_CPU_COMPILE"
@@ -119,11 +119,7 @@ def luq_core(x: Tensor, u: Tensor, m: Tensor, alpha: Tensor) -> Tensor:
 def luq(x: Tensor, bits: int = 4, *, levels: int | None = None, max_abs=None, generator: torch.Generator | None = None,
         noise: Tensor | None = None, nonfinite: str = "raise") -> Tensor:
     """CPU twin of :func:`lowprec.luq.luq` (same arguments, same result)."""
-    check_float(x, "luq")
-    check_nonfinite_mode(nonfinite)
-    L = luq_levels(bits, levels)
-    if max_abs is not None:
-        check_scalar(max_abs, "max_abs", "luq", positive=False)
+    L = check_luq_args(x, bits, levels, max_abs, nonfinite)
     if x.numel() == 0:
         return x.clone()
     wt = work_dtype(x.dtype)

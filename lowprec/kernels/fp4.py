@@ -17,7 +17,6 @@ needs the same). Non-finite inputs set a flag (atomic max): 'raise' checks it on
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
@@ -25,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._common import check_float, check_nonfinite_mode, nonfinite_guard
-from ..fp4 import E8M0_EMAX, E8M0_EMIN, FP32_MAX, MXFP4_BLOCK, NVFP4_BLOCK, check_block, check_rounding
+from ..fp4 import E8M0_EMAX, E8M0_EMIN, FP32_MAX, MXFP4_BLOCK, NVFP4_BLOCK, block_dims, check_block, check_rounding
 from ..luq import luq_levels
 from . import draw_seed
 from .common import LAUNCH_OPTS, block_for, cast_out, check_launchable, copysign, floor_log2, luq_elem, pow2
@@ -122,12 +121,7 @@ def _layout(x: Tensor, dim: int, size: int, rows: int):
     if rows > 1:
         outer, length, inner = x.shape[0], x.numel() // x.shape[0], 1
     else:
-        if x.dim() == 0:
-            raise ValueError("block formats: a 0-d tensor has no dimension to form blocks along")
-        if not -x.dim() <= dim < x.dim():
-            raise ValueError(f"dim={dim} out of range for a {x.dim()}-d tensor")
-        d = dim % x.dim()
-        outer, length, inner = math.prod(x.shape[:d]), x.shape[d], math.prod(x.shape[d + 1:])
+        outer, length, inner = block_dims(x, dim)
     nob, nb = triton.cdiv(outer, rows), triton.cdiv(length, size)
     return outer, length, inner, nb, nob * nb * inner
 
