@@ -17,7 +17,6 @@ needs the same). Non-finite inputs set a flag (atomic max): 'raise' checks it on
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
