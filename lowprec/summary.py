@@ -111,17 +111,20 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
     out = [f"== {s['model']} on {s['data']}, fwd={s['fwd']} grad={s['grad']}, {length}, "
            f"seed {s['seed']}"]
     deg = s.get("degradation")
+    # An fp32 run is its own baseline: its 0 is stored for the index, but nothing was compared.
+    shown = None if s["baseline"] == "self" else deg
+    cmp = "(this run is the fp32 baseline)" if s["baseline"] == "self" else None
     if lm:
         def nats(v):
             return "   n/a" if v is None else f"{v:.4f} nats ({v / LN2:.3f} bits/char)"
         out += [f"val loss       {nats(s.get('val_loss'))}   (top-1 {pct(s['final_top1']).strip()})",
                 f"fp32 baseline  {nats(s.get('baseline_val_loss'))}   ({base})",
-                f"degradation    {'n/a' if deg is None else f'{deg:+.4f} nats'}   "
-                "(val loss - baseline)"]
+                f"degradation    {'n/a' if shown is None else f'{shown:+.4f} nats'}   "
+                f"{cmp or '(val loss - baseline)'}"]
     else:
         best = "" if s.get("best_top1") is None else f"   (best {s['best_top1']:.2f}%)"
         out += [f"top-1          {pct(s['final_top1'])}{best}",
                 f"fp32 baseline  {pct(s['baseline_top1'])}   ({base})",
-                f"degradation    {'n/a' if deg is None else f'{deg:+.2f} points'}   "
-                "(baseline - top-1)"]
+                f"degradation    {'n/a' if shown is None else f'{shown:+.2f} points'}   "
+                f"{cmp or '(baseline - top-1)'}"]
     return out + [f"run dir        {s['run_dir']}"]

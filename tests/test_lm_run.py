@@ -143,6 +143,14 @@ def test_no_baseline_no_degradation():
         assert "n/a" in deg and "+" not in deg.split("(")[0]
 
 
+def test_fp32_run_prints_no_degradation_against_itself():
+    for metric in ("top1", "val_loss"):
+        s = dict(T.summarize(_exp(), _result(metric=metric, val_loss=1.0, num_classes=10), None, "skipped"),
+                 baseline="self", degradation=0.0)
+        deg = next(l for l in T.summary_lines(s) if l.startswith("degradation"))
+        assert "n/a" in deg and "this run is the fp32 baseline" in deg and "+0.00" not in deg
+
+
 # ----------------------------------------------------------------------------- make_tables
 
 
