@@ -65,7 +65,7 @@ def register_resolvers() -> None:
 @dataclass(frozen=True)
 class OptimConfig:
     """conf/optim. Weight decay applies to weights (tensors with ndim > 1), not to biases,
-    normalization parameters or embeddings (lowprec.train.make_optimizer). clip_grad: the global
+    normalization parameters or embeddings (lowprec.optim.make_optimizer). clip_grad: the global
     gradient norm is clipped to it before each step (0: off)."""
     name: str = "sgd"
     lr: float = 0.1

@@ -48,10 +48,11 @@ from .adapt import Controller
 from ._common import NonFiniteError
 from .checkpoint import (Progress, atomic_write_text, kill_point, load_checkpoint,
                          save_checkpoint, seed_everything, weights_hash)
-from .config import Experiment, OptimConfig, SchedConfig
+from .config import Experiment
 from .convert import collect_stats, convert, set_recipes
 from .distributed import Dist, all_true, broadcast, mean_over_ranks, setup_distributed
 from .logging import JsonlLogger, Logger, MultiLogger, make_wandb
+from .optim import lr_factor, make_optimizer
 from .summary import LN2, baseline_quality, describe, summarize, summary_lines  # noqa: F401
 
 FNT_GRAD = "fp32"  # FNT epochs: exact δ
@@ -227,63 +228,6 @@ def check_task(exp: Experiment, ds) -> None:
             f"data={exp.names['data']} (task {ds.task!r}): "
             + ("a language model needs data=shakespeare_char or data=text data.path=FILE"
                if lm_model else "text data needs a language model (model=chargpt)"))
-
-
-def no_decay_names(model: nn.Module) -> set[str]:
-    """Parameters without weight decay: biases and norm parameters (ndim <= 1), nn.Embedding
-    weights, and what the model names in `no_weight_decay()` (chargpt: its one-hot token
-    embedding, an nn.Linear on one-hot inputs)."""
-    names = {n for n, p in model.named_parameters() if p.ndim <= 1}
-    for mn, m in model.named_modules():
-        if isinstance(m, nn.Embedding):
-            names |= {f"{mn}.{pn}" if mn else pn for pn, _ in m.named_parameters(recurse=False)}
-    extra = getattr(model, "no_weight_decay", None)
-    return names | (set(extra()) if callable(extra) else set())
-
-
-def make_optimizer(model: nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
-    skip = no_decay_names(model)
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in params if n not in skip]
-    no_decay = [p for n, p in params if n in skip]
-    groups = [{"params": decay, "weight_decay": o.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
-    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
-
-
-# ----------------------------------------------------------------------------- learning rate
-
-
-def lr_factor(s: SchedConfig, step: int, *, steps_per_epoch: int, epochs: int,
-              fnt_epochs: int, max_steps: int = 0, fnt_steps: int = 0) -> float:
-    """LR multiplier at optimizer step `step` (0-based). The low-precision phase (epochs ×
-    steps_per_epoch steps, or max_steps when > 0) follows `s`; the FNT phase (fnt_epochs ×
-    steps_per_epoch, or fnt_steps) ramps linearly from the final factor up to 1 over its first
-    half, then linearly down to 0 (LUQ's fine-tuning schedule)."""
-    main = max_steps or epochs * steps_per_epoch
-    if step >= main:
-        total = fnt_steps if max_steps else fnt_epochs * steps_per_epoch
-        half = total / 2
-        i = step - main
-        end = _main_factor(s, main, main, steps_per_epoch)
-        if i < half:
-            return end + (1 - end) * i / half
-        return max(0.0, 1 - (i - half) / (total - half))
-    return _main_factor(s, step, main, steps_per_epoch)
-
-
-def _main_factor(s: SchedConfig, step: int, main: int, spe: int) -> float:
-    warm = s.warmup_steps or round(s.warmup_epochs * spe)
-    if step < warm:
-        return (step + 1) / warm
-    if s.name == "constant":
-        return 1.0
-    if s.name == "step":
-        return s.gamma ** sum(step >= m * main for m in s.milestones)
-    progress = min(1.0, (step - warm) / max(1, main - warm))
-    return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _set_lr(opt: torch.optim.Optimizer, exp: Experiment, step: int, spe: int) -> float:

@@ -99,7 +99,7 @@ def capture(experiment: str, steps: int, layers: tuple[str, ...], overrides=()) 
     from lowprec.config import OptimConfig, SchedConfig
     from lowprec.data import build_datasets
     from lowprec.models import build_model
-    from lowprec.train import lr_factor, make_optimizer
+    from lowprec.optim import lr_factor, make_optimizer
 
     register_resolvers()
     GlobalHydra.instance().clear()

@@ -19,6 +19,7 @@ from hydra.core.global_hydra import GlobalHydra
 from lowprec import checkpoint, config, runs
 from lowprec import train as T
 from lowprec.logging import JsonlLogger, Logger, LoggerConfig, make_wandb, resolve_mode
+from lowprec.optim import lr_factor, make_optimizer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SAMPLE = Path(__file__).resolve().parent / "data" / "sample.txt"
@@ -122,7 +123,7 @@ def test_bad_runner_options_are_value_errors(hydra_conf, ov, msg):
 
 
 def _lrs(sched, epochs=4, fnt=0, spe=10):
-    return [T.lr_factor(sched, s, steps_per_epoch=spe, epochs=epochs, fnt_epochs=fnt)
+    return [lr_factor(sched, s, steps_per_epoch=spe, epochs=epochs, fnt_epochs=fnt)
             for s in range((epochs + fnt) * spe)]
 
 
@@ -153,7 +154,7 @@ def test_fnt_ramps_from_final_lr_to_base_then_to_zero():
 
 def test_step_budget_schedule_spans_max_steps_then_fnt_steps():
     s = config.SchedConfig("cosine", warmup_steps=10)
-    f = [T.lr_factor(s, i, steps_per_epoch=7, epochs=99, fnt_epochs=0, max_steps=50, fnt_steps=20)
+    f = [lr_factor(s, i, steps_per_epoch=7, epochs=99, fnt_epochs=0, max_steps=50, fnt_steps=20)
          for i in range(70)]
     assert f[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])  # warm-up over steps
     assert f[10] == pytest.approx(1.0)
@@ -161,7 +162,7 @@ def test_step_budget_schedule_spans_max_steps_then_fnt_steps():
     assert f[49] > 0 and f[50] == pytest.approx(0.0)  # cosine ends at max_steps, not at epochs
     assert f[60] == pytest.approx(1.0) and f[69] == pytest.approx(0.1)  # FNT over fnt_steps
     # without a budget, the same schedule spans epochs x steps per epoch
-    g = [T.lr_factor(s, i, steps_per_epoch=10, epochs=5, fnt_epochs=0) for i in range(50)]
+    g = [lr_factor(s, i, steps_per_epoch=10, epochs=5, fnt_epochs=0) for i in range(50)]
     assert g[30] == pytest.approx(0.5)
 
 
@@ -216,7 +217,7 @@ def test_weight_decay_skips_chargpt_embeddings_and_norms():
     from lowprec.chargpt import CharGPT
 
     m = CharGPT(12, n_layer=1, n_head=2, n_embd=8, block_size=8)
-    opt = T.make_optimizer(m, config.OptimConfig("adamw", lr=1e-3, weight_decay=0.1))
+    opt = make_optimizer(m, config.OptimConfig("adamw", lr=1e-3, weight_decay=0.1))
     wd = {n: g["weight_decay"] for g in opt.param_groups for p in g["params"]
           for n, q in m.named_parameters() if q is p}
     assert wd["wte.weight"] == wd["wpe.weight"] == wd["ln_f.weight"] == 0.0
@@ -227,12 +228,12 @@ def test_weight_decay_skips_chargpt_embeddings_and_norms():
 
 def test_weight_decay_only_on_weights():
     m = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Linear(2, 2))
-    opt = T.make_optimizer(m, config.OptimConfig(weight_decay=1e-3, nesterov=True))
+    opt = make_optimizer(m, config.OptimConfig(weight_decay=1e-3, nesterov=True))
     wd = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     assert wd[id(m[0].weight)] == wd[id(m[2].weight)] == 1e-3
     assert wd[id(m[0].bias)] == wd[id(m[1].weight)] == wd[id(m[2].bias)] == 0.0
     assert opt.param_groups[0]["nesterov"] is True
-    assert isinstance(T.make_optimizer(m, config.OptimConfig("adamw", lr=1e-3)), torch.optim.AdamW)
+    assert isinstance(make_optimizer(m, config.OptimConfig("adamw", lr=1e-3)), torch.optim.AdamW)
 
 
 # ----------------------------------------------------------------------------- index
