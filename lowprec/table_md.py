@@ -148,6 +148,13 @@ def write_lm_md(table, scale, specs, trs, idx, path: Path, overrides=(), notes: 
              + (" Diverged runs (val loss ≥ ln V): "
                 + ", ".join(f"{t['spec'].label} ({t['diverged']})" for t in trs if t["diverged"])
                 if any(t["diverged"] for t in trs) else ""))
+    for t in trs:
+        fnt = ((t["spec"].identity or {}).get("trainer", {}).get("fnt_steps") or 0)
+        if fnt and t["own_deg"][0] is not None:
+            L.append(f"\n{t['spec'].label}: the FNT row trains {fnt} steps more than the fp32 row it "
+                     "is compared with above (the paper's convention). The runner also matched it "
+                     "with an fp32 run of the same total length and schedule (trainer.baseline=auto):"
+                     f" Δ val loss vs that run {fmt(*t['own_deg'], p=4)} nats.")
     _tail(L, table, scale, trs, idx, overrides, notes)
     L.append(f"- figures: `{path.stem}.png` (validation-loss curves, one panel per route) and "
              f"`{path.stem}_delta.png` (Δ val loss per row, error bars 2 s.e.)")
@@ -204,10 +211,9 @@ def plot_lm(table, scale, trs, path: Path):
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.6 * max(1, len(panels)), 4.4),
                              sharey=True, squeeze=False)
     for ax, panel in zip(axes[0], panels):
-        for i, t in enumerate(trs):
+        shown = [t for t in trs if T.route_of(t["spec"].label) in (panel, "baseline")]
+        for i, t in enumerate(shown):  # colours per panel: no two lines of a panel share one
             route = T.route_of(t["spec"].label)
-            if route not in (panel, "baseline"):
-                continue
             curves = [c for c in (T.val_curve(r) for r in t["runs"]) if c]
             if not curves:
                 continue
@@ -218,7 +224,6 @@ def plot_lm(table, scale, trs, path: Path):
                     marker=".", label=f"{t['spec'].label} (n={len(curves)})")
         ax.set_title(f"route: {panel}", fontsize=9)
         ax.set_xlabel("step")
-        ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     axes[0][0].set_ylabel("validation loss (nats)")

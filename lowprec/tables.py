@@ -411,7 +411,7 @@ LM_CLAIMS = (
     *((f"mvue24{suf}", "mvue24", f"MVUE 2:4 on the {ROUTE_SUFFIXES[suf]} route worse than on "
        "the update route") for suf in ("_bwd", "_both")),
     ("mvue24_luq4", "mvue24", "MVUE 2:4 + LUQ-4 (backward) worse than MVUE 2:4 alone"),
-    ("luq4_fnt", "luq4", "FNT does not recover (LUQ+FNT worse than LUQ)"),
+    ("luq4", "luq4_fnt", "FNT recovers accuracy (LUQ worse than LUQ + FNT, both vs the fp32 row)"),
     # formats_table (issue 11): scaling granularity, rounding, block format, RHT, LUQ vs hardware
     ("luq4", "luq4_b16", "per-tensor scaling worse than per-block (LUQ-4 vs LUQ-4, 16-blocks)"),
     ("fp4_rdn", "nvfp4_rtn", "per-tensor scaling worse than per-block (FP4 round-to-nearest vs "
@@ -448,10 +448,10 @@ def lm_checks(by: dict) -> list[str]:
 
     for pre in prefixes:
         for w, b, claim in LM_CLAIMS:
-            w = fnt_label(pre) if w == "luq4_fnt" else pre + w
-            if w in by and pre + b in by:
-                out.append(f"- {w} Δ {by[w]['deg'][0]:+.4f}, {pre + b} Δ {by[pre + b]['deg'][0]:+.4f}"
-                           " nats → " + verdict(by[w], by[pre + b],
+            w, b = (fnt_label(pre) if x == "luq4_fnt" else pre + x for x in (w, b))
+            if w in by and b in by:
+                out.append(f"- {w} Δ {by[w]['deg'][0]:+.4f}, {b} Δ {by[b]['deg'][0]:+.4f}"
+                           " nats → " + verdict(by[w], by[b],
                                                  claim + FWD_PREFIXES.get(pre, ""), p=4))
     for lbl in [l for l in by if l[len(fwd_prefix(l)):] in LM_VS_BASELINE] + [
             l for l in by if fwd_prefix(l) and l.endswith("fp32")]:
