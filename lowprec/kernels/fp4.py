@@ -26,7 +26,8 @@ from .._common import check_float, check_nonfinite_mode, nonfinite_guard
 from ..fp4 import E8M0_EMAX, E8M0_EMIN, FP32_MAX, MXFP4_BLOCK, NVFP4_BLOCK, block_dims, check_block, check_rounding
 from ..luq import luq_levels
 from . import draw_seed
-from .common import LAUNCH_OPTS, block_for, cast_out, check_launchable, copysign, floor_log2, luq_elem, pow2
+from .common import (LAUNCH_OPTS, block_for, cast_out, check_launchable, copysign, floor_log2, load_f32, luq_elem,
+                     pow2)
 from .luq import amax as tensor_amax
 
 FORMATS = {"nvfp4": 0, "mxfp4": 1, "block_luq": 2}
@@ -84,7 +85,7 @@ def block_fp4_kernel(x_ptr, out_ptr, amax_ptr, flag_ptr, seed, outer, length, in
     ln = b[:, None] * SIZE + (k % SIZE)[None, :]
     mask = valid[:, None] & (o < outer) & (ln < length)
     offs = (o * length + ln) * inner + i[:, None]
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = load_f32(x_ptr, offs, mask)
     a = tl.abs(x)
     bad = tl.max(tl.max(tl.where(a < float("inf"), 0, 1), 1), 0)  # NaN or Inf anywhere in the tile
     tl.atomic_max(flag_ptr, bad, mask=bad > 0)
