@@ -6,17 +6,18 @@ shakespeare_char, batch 16 x 64 tokens) a plain, unconverted fp32 model and the 
 to the recipe (same initial weights, same fixed batch) take forward + backward + optimizer steps in
 one process, one thread, alternating (ABBA order, so drift hits both alike); the ratio is the median
 recipe step over the median fp32 step. The estimators' CPU path is the automatic one (the CPU twins,
-:mod:`lowprec.kernels.cpu`); ``--modes`` adds the readable references (``LOWPREC_BACKEND=reference``,
-what issue 9 measured) and the compiled twins (``LOWPREC_CPU_COMPILE=1``) for the main recipes, with
-the compile warm-up measured (first step minus a steady step).
+:mod:`lowprec.kernels.cpu`, as C: :mod:`lowprec.kernels.native`); ``--modes`` adds the twins' torch
+cores (``LOWPREC_CPU_NATIVE=0``: what runs without a C compiler) and the readable references
+(``LOWPREC_BACKEND=reference``, what issue 9 measured) for the main recipes. The first native step's
+extra time (the one-off C build, ~1 s, or loading the cached library) is the warm-up column.
 
 Per call: each estimator on [4096, 1024] and [256, 12544] log-normal tensors (random signs), median of
-``--calls``: the reference, the CPU twin (eager; compiled with ``--modes compiled``) and a plain-PyTorch
+``--calls``: the reference, the CPU twin (C; its torch core with ``--modes torch``) and a plain-PyTorch
 rendering of the published algorithm of the public implementation (written here from the papers'
 descriptions, credited at each function; no code copied).
 
     python scripts/bench_step.py --quick     # < 1 min: every path runs once on tiny inputs (CI)
-    python scripts/bench_step.py --modes eager,reference,compiled --out results/bench_step_cpu.md
+    python scripts/bench_step.py --modes native,torch,reference --out results/bench_step_cpu.md
     python scripts/bench_step.py --device cuda --workloads resnet50,chargpt_gpu \
         --recipes luq4,mvue24,mvue24_luq4,fwd:int4 --no-estimators   # the GPU check (scripts/gpu_check.sh)
 
@@ -45,6 +46,7 @@ import torch.nn.functional as F
 from lowprec.convert import convert
 from lowprec.data import DataSpec, build_datasets
 from lowprec.kernels import cpu as cpu_twins
+from lowprec.kernels import native
 from lowprec.luq import luq as luq_reference
 from lowprec.models import ModelSpec, build_model
 from lowprec.nm import nm_noise_shape
@@ -168,7 +170,8 @@ def median_time(fn, calls: int) -> float:
 
 
 class Mode:
-    """Estimator CPU path for a block of measurements: 'eager' (twins), 'reference', 'compiled'."""
+    """Estimator CPU path for a block of measurements: 'native' (the C twins, the default), 'torch' (the
+    twins' torch cores, what runs without a C compiler), 'reference' (the readable references)."""
 
     def __init__(self, name: str):
         self.name = name
@@ -179,7 +182,7 @@ class Mode:
             os.environ["LOWPREC_BACKEND"] = "reference"
         if self.name == "auto":  # CUDA: whatever the dispatcher picks (the Triton kernels)
             return self
-        cpu_twins.set_compile(self.name == "compiled")
+        native.set_enabled(self.name == "native")
         return self
 
     def __exit__(self, *exc):
@@ -189,7 +192,7 @@ class Mode:
             os.environ.pop("LOWPREC_BACKEND", None)
         else:
             os.environ["LOWPREC_BACKEND"] = self.env
-        cpu_twins.set_compile(None)
+        native.set_enabled(None)
 
 
 # ----------------------------------------------------------------------------- step ratios
@@ -297,7 +300,7 @@ def ratio_rows(wl: str, recipes, modes, steps: int, warmup: int, quick: bool, de
     rows = [f"### {desc}", "", "| recipe | CPU path | fp32 step | recipe step | ratio | target | warm-up |",
             "|---|---|---:|---:|---:|---:|---:|"]
     for mode in modes if device == "cpu" else ["auto"]:
-        for r in recipes if mode in ("eager", "auto") else [r for r in recipes if r in MAIN_RECIPES]:
+        for r in recipes if mode in ("native", "auto") else [r for r in recipes if r in MAIN_RECIPES]:
             with Mode(mode):
                 try:
                     t0 = time.perf_counter()
@@ -314,7 +317,7 @@ def ratio_rows(wl: str, recipes, modes, steps: int, warmup: int, quick: bool, de
                             fn()
                             acc.append(time.perf_counter() - t)
                     mb, mr = statistics.median(tb), statistics.median(tr)
-                    warm = f"{first - mr:.1f} s" if mode == "compiled" else ""
+                    warm = f"{first - mr:.2f} s" if mode == "native" else ""
                     rows.append(f"| {r} | {mode} | {mb * 1e3:.1f} ms | {mr * 1e3:.1f} ms | {mr / mb:.2f}x | "
                                 f"{TARGETS.get(r, '')}{'x' if r in TARGETS else ''} | {warm} |")
                 except Exception as e:  # noqa: BLE001 - one failing recipe must not hide the others
@@ -339,7 +342,7 @@ def estimator_rows(shapes, modes, calls: int) -> list[str]:
         "mvue24_approx": (lambda x: nm_reference(x, 2, 4, method="mvue_approx"),
                           lambda x: cpu_twins.nm_prune(x, 2, 4, method="mvue_approx"), public_mvue24_approx),
     }
-    rows = ["| estimator | shape | reference | CPU twin (eager) | CPU twin (compiled) | public algorithm | "
+    rows = ["| estimator | shape | reference | CPU twin (C) | CPU twin (torch core) | public algorithm | "
             "best lowprec vs public |", "|---|---|---:|---:|---:|---:|---:|"]
     for shape in shapes:
         x = lognormal(shape)
@@ -347,9 +350,8 @@ def estimator_rows(shapes, modes, calls: int) -> list[str]:
             t_ref = median_time(lambda: ref(x), calls)
             t_twin = median_time(lambda: twin(x), calls)
             t_comp = None
-            if "compiled" in modes:
-                with Mode("compiled"):
-                    twin(x)  # compile (or load the cached artifact)
+            if "torch" in modes:
+                with Mode("torch"):
                     t_comp = median_time(lambda: twin(x), calls)
             t_pub = median_time(lambda: public(x), calls)
             best = min(t for t in (t_ref, t_twin, t_comp) if t is not None)
@@ -380,7 +382,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workloads", default="resnet20,chargpt")
     p.add_argument("--recipes", default=",".join(r for r in GRAD_NAMES if r != "fp32"))
-    p.add_argument("--modes", default="eager", help="comma list of eager, reference, compiled")
+    p.add_argument("--modes", default="native", help="comma list of native, torch, reference")
     p.add_argument("--steps", type=int, default=None, help="timed step pairs per recipe (default 20; quick 1)")
     p.add_argument("--calls", type=int, default=None, help="calls per estimator timing (default 15; quick 1)")
     p.add_argument("--out", type=Path, default=None, help="markdown output (default results/bench_step_cpu.md; "
@@ -393,8 +395,8 @@ def main(argv=None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     modes = args.modes.split(",")
-    if set(modes) - {"eager", "reference", "compiled"}:
-        p.error(f"--modes: unknown {sorted(set(modes) - {'eager', 'reference', 'compiled'})}")
+    if set(modes) - {"native", "torch", "reference"}:
+        p.error(f"--modes: unknown {sorted(set(modes) - {'native', 'torch', 'reference'})}")
     steps = args.steps or (1 if args.quick else 20)
     calls = args.calls or (1 if args.quick else 15)
     shapes = ((64, 256), (16, 784)) if args.quick else SHAPES
@@ -402,7 +404,7 @@ def main(argv=None) -> int:
 
     cmd = "python scripts/bench_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
     gpu = [f"- device: {torch.cuda.get_device_name()} (bf16 autocast; estimators on the Triton kernels)"] \
-        if args.device == "cuda" else [f"- CPU path: {cpu_twins.compile_status()} unless the row says otherwise"]
+        if args.device == "cuda" else [f"- CPU path: {native.status()} unless the row says otherwise"]
     head = [f"# {'GPU' if args.device == 'cuda' else 'CPU'} estimator overhead (issue 9)", "",
             f"Command: `{cmd.strip()}`", "", *machine(), *gpu, ""]
     print("\n".join(head), flush=True)

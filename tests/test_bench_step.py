@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_quick_runs_every_path(tmp_path):
     out = tmp_path / "bench.md"
-    r = subprocess.run([sys.executable, "scripts/bench_step.py", "--quick", "--out", str(out)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "scripts/bench_step.py", "--quick", "--modes", "native,torch,reference",
+                        "--out", str(out)], cwd=ROOT,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     text = out.read_text()
@@ -25,7 +26,10 @@ def test_quick_runs_every_path(tmp_path):
         section = text.split(wl, 1)[1].split("###", 1)[0]
         for recipe in GRAD_NAMES:
             if recipe != "fp32":
-                assert f"| {recipe} | eager |" in section, (wl, recipe)
+                assert f"| {recipe} | native |" in section, (wl, recipe)
+        for recipe in ("luq4", "mvue12", "mvue24", "mvue24_approx", "mvue24_luq4"):
+            for mode in ("torch", "reference"):
+                assert f"| {recipe} | {mode} |" in section, (wl, recipe, mode)
     for est in ("luq4", "mvue12", "mvue24", "mvue24_approx"):
         assert text.count(f"| {est} | [") == 2, est
 
@@ -41,6 +45,6 @@ def test_gpu_check_dry_run(tmp_path):
     for part in ("## GPU tests", "## Kernels vs copy bandwidth", "## Training step ratios"):
         assert part in text and "-> exit 0" in text.split(part, 1)[1].split("##", 1)[0], part
     for recipe in ("luq4", "mvue24", "mvue24_luq4", "fwd:int4"):
-        assert f"| {recipe} | eager |" in text
+        assert f"| {recipe} | native |" in text
     r = subprocess.run(["bash", "scripts/gpu_check.sh", "--bogus"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error:")

@@ -1,102 +1,84 @@
-"""CPU twins of the references: the same results, bit for bit given the same uniforms, in fewer passes.
+"""CPU twins of the references: the same results, bit for bit given the same uniforms, in one pass.
 
 The references (:mod:`lowprec.luq`, :mod:`lowprec.nm`) are written to be read; on a CPU their cost is
-the number of passes over the tensor, not the arithmetic (``luq`` ran ~25 full-size temporaries, an
-N:M call ~500 small operations). The twins here keep the host work (argument checks, the one
-non-finite/all-zero test on a CPU scalar, which is not a device sync) outside a pure-tensor *core*:
+the number of passes over the tensor and ``torch.rand``, not the arithmetic (``luq`` ran ~25
+full-size temporaries, an N:M call ~500 small operations). The twins keep the host work (argument
+checks, the one non-finite/all-zero test on a CPU scalar, which is not a device sync) here and run
+a *core* per call:
 
-- :func:`luq_core`: LUQ of every element with ``2^e`` read from the exponent field
-  (``clamp(y, 1)`` with its mantissa bits cleared) instead of ``frexp``/``ldexp``, and the two
+- the C twins of :mod:`lowprec.kernels.native` (one pass, any strided layout, uniforms drawn in the
+  pass) for fp32 work (fp32, fp16 and bf16 inputs) when a C compiler is found;
+- else the torch cores below: :func:`luq_core`, LUQ with ``2^e`` read from the exponent field
+  (``clamp(y, 1)`` with its mantissa bits cleared) instead of ``frexp``/``ldexp`` and the two
   stochastic decisions folded into one count: with ``r = (|x| - l)/l`` (negative below α, where
-  ``l = α``), ``|Q(x)| = l·([u < y] + [u < r])``, because ``u < 1 <= y`` above α. Same operations
-  on the same operands as the reference, so the same floats: ~12 passes instead of ~25.
-- :func:`lowprec.nm.nm_core` (the reference's own N:M core, imported, not copied).
+  ``l = α``), ``|Q(x)| = l·([u < y] + [u < r])``, because ``u < 1 <= y`` above α (same operations on
+  the same operands as the reference, so the same floats); and :func:`lowprec.nm.nm_core`, the
+  reference's own N:M core.
 
-Both cores are tensor operations only, so ``torch.compile`` (inductor's C++ backend) can fuse each
-into one loop. Compiling is opt-in: ``LOWPREC_CPU_COMPILE=1`` (or :func:`set_compile`). The first
-call per core and dtype compiles (measured in ``scripts/bench_step.py``: tens of seconds, far less
-once inductor's on-disk cache is warm), then the estimators run in a few passes. Compilation needs
-a C++ compiler; when there is none, or compiling fails, the eager core runs instead (one warning,
-:func:`compile_status` says why), so the results never depend on it. Inductor compiles with
-``-ffp-contract=off`` and without unsafe-math flags, so the compiled cores are bit-identical to the
-eager ones (``tests/test_estimators_fast.py`` checks both against the references).
+Randomness: one seed per call from ``generator`` (None: torch's global RNG, so ``torch.manual_seed``
+reproduces a run), and uniforms ``U(key, i)`` from a counter-based hash of it (:func:`uniforms`; the
+definition is in :mod:`lowprec.kernels.native`), ``i`` the position in the reference's ``noise=``
+layout. The C twin and the torch fallback draw the same numbers, so a run's results do not depend on
+whether a compiler was found; they differ from the references' ``torch.rand`` draws (same
+distribution), as the Triton kernels' do. Given :func:`uniforms` as ``noise=``, the references
+reproduce the twins exactly.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import shutil
-import warnings
-
 import torch
 from torch import Tensor
 
-from .._common import check_float, check_nonfinite_mode, nonfinite_guard, uniforms, work_dtype
+from .._common import check_float, check_nonfinite_mode, nonfinite_guard, uniforms as given_uniforms, work_dtype
 from ..luq import check_luq_args, luq_alpha, luq_levels
-from ..nm import check_nm, from_blocks, nm_core, to_blocks
+from ..nm import check_nm, from_blocks, nm_core, nm_noise_shape, to_blocks
+from . import draw_seed, native
 
-COMPILE_ENV = "LOWPREC_CPU_COMPILE"
 _EXP_MASK = {torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000)}
-
-_state = {"enabled": None, "failed": None, "compiled": {}}
-
-
-def set_compile(enabled: bool | None) -> None:
-    """Turn the compiled cores on or off for this process (None: read ``$LOWPREC_CPU_COMPILE``);
-    forgets compiled cores and an earlier compile failure (the next call tries again)."""
-    _state["enabled"] = enabled
-    _state["failed"] = None
-    _state["compiled"].clear()
+_GOLDEN = 0x9E3779B97F4A7C15
+_MASK64 = (1 << 64) - 1
 
 
-def compile_enabled() -> bool:
-    if _state["enabled"] is not None:
-        return bool(_state["enabled"])
-    v = os.environ.get(COMPILE_ENV, "0").strip().lower()
-    if v not in ("0", "1", "true", "false", "yes", "no", "on", "off", ""):
-        raise ValueError(f"{COMPILE_ENV}={v!r}: expected 0 or 1")
-    return v in ("1", "true", "yes", "on")
+def _mix64(z: int) -> int:
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
 
 
-def compile_status() -> str:
-    """One line: whether the cores run compiled, and if not, why."""
-    if not compile_enabled():
-        return f"eager (set {COMPILE_ENV}=1 to compile)"
-    if _state["failed"]:
-        return f"eager (compile failed: {_state['failed']})"
-    return "compiled (torch.compile, inductor C++)"
+def key_of(seed: int) -> int:
+    """The 64-bit hash key of a per-call seed."""
+    return _mix64(seed & _MASK64)
 
 
-def _core(fn):
-    """``fn`` compiled once (dynamic shapes) when enabled and possible, else ``fn`` itself."""
-    if not compile_enabled() or _state["failed"]:
-        return fn
-    c = _state["compiled"].get(fn)
-    if c is None:
-        if shutil.which(os.environ.get("CXX", "g++")) is None and shutil.which("c++") is None:
-            _fail("no C++ compiler found")
-            return fn
-        logging.getLogger("torch._inductor").setLevel(logging.ERROR)
-        c = _state["compiled"][fn] = torch.compile(fn, dynamic=True, fullgraph=True)
-    return c
+def _i64(v: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits (torch integer ops wrap around)."""
+    return v - (1 << 64) if v >= 1 << 63 else v
 
 
-def _fail(why: str) -> None:
-    _state["failed"] = why
-    warnings.warn(f"lowprec CPU estimators: torch.compile unavailable ({why}); running the eager cores",
-                  RuntimeWarning, stacklevel=3)
+def _srl(z: Tensor, k: int) -> Tensor:
+    """Logical right shift of int64 bits (torch's ``>>`` is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
 
 
-def _run(fn, *args):
-    f = _core(fn)
-    if f is fn:
-        return fn(*args)
-    try:
-        return f(*args)
-    except Exception as e:  # noqa: BLE001 - any compile/runtime failure of inductor: fall back, once
-        _fail(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-        return fn(*args)
+def uniforms(seed: int, shape) -> Tensor:
+    """The uniforms the twins draw for ``seed`` in C order of ``shape`` (fp32, in [0, 1 - 2^-24]):
+    ``U(key, i)`` of :mod:`lowprec.kernels.native`, here with torch int64 ops (wrapping products)."""
+    shape = torch.Size(shape)
+    z = torch.arange(1, shape.numel() + 1, dtype=torch.int64) * _i64(_GOLDEN) + _i64(key_of(seed))
+    z = (z ^ _srl(z, 30)) * _i64(0xBF58476D1CE4E5B9)
+    z = (z ^ _srl(z, 27)) * _i64(0x94D049BB133111EB)
+    z = z ^ _srl(z, 31)
+    return (_srl(z, 40).to(torch.float32) * 2.0 ** -24).reshape(shape)
+
+
+def _dense(t: Tensor) -> Tensor:
+    """``t`` itself when its memory is one dense block (so ``empty_like`` keeps its strides), else a copy."""
+    expect = 1
+    for size, st in sorted((d for d in zip(t.shape, t.stride()) if d[0] != 1), key=lambda d: d[1]):
+        if st != expect:
+            return t.contiguous()
+        expect *= size
+    return t
 
 
 def _absmax(x: Tensor) -> Tensor:
@@ -116,14 +98,21 @@ def luq_core(x: Tensor, u: Tensor, m: Tensor, alpha: Tensor) -> Tensor:
     return torch.copysign(lo * count, x)
 
 
+def _draw(generator, noise: Tensor | None, shape, who: str) -> tuple[Tensor | None, int]:
+    """(the given uniforms, contiguous, or None; the per-call seed, drawn only when none were given)."""
+    if noise is not None:
+        return given_uniforms(shape, "cpu", None, noise, who).contiguous(), 0
+    return None, draw_seed(generator)
+
+
 def luq(x: Tensor, bits: int = 4, *, levels: int | None = None, max_abs=None, generator: torch.Generator | None = None,
         noise: Tensor | None = None, nonfinite: str = "raise") -> Tensor:
-    """CPU twin of :func:`lowprec.luq.luq` (same arguments, same result)."""
+    """CPU twin of :func:`lowprec.luq.luq` (same arguments; the same result given ``noise``)."""
     L = check_luq_args(x, bits, levels, max_abs, nonfinite)
     if x.numel() == 0:
         return x.clone()
     wt = work_dtype(x.dtype)
-    xw = x.detach().to(wt)
+    xw = _dense(x.detach().to(wt))
     amax = _absmax(xw)
     if nonfinite_guard(x, amax, nonfinite, "luq"):
         return torch.zeros_like(x)
@@ -131,8 +120,14 @@ def luq(x: Tensor, bits: int = 4, *, levels: int | None = None, max_abs=None, ge
     m = torch.clamp(m, max=torch.finfo(x.dtype).max)
     if not bool(m > 0):
         return torch.zeros_like(x)
-    u = uniforms(x.shape, x.device, generator, noise, "luq")
-    return _run(luq_core, xw, u, m, luq_alpha(m, L, x.dtype)).to(x.dtype)
+    alpha = luq_alpha(m, L, x.dtype)
+    u, seed = _draw(generator, noise, x.shape, "luq")
+    lib = native.library() if wt == torch.float32 and x.device.type == "cpu" else None
+    if lib is not None:
+        out = native.run_luq(lib, xw, u, key_of(seed), float(m), float(alpha))
+    else:
+        out = luq_core(xw, uniforms(seed, x.shape) if u is None else u, m, alpha)
+    return out.to(x.dtype)
 
 
 def nm_prune(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -1,
@@ -145,9 +140,23 @@ def nm_prune(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -1,
         from ..nm import nm_prune as reference
 
         return reference(x, n, m, method=method, dim=dim, generator=generator, noise=noise, nonfinite=nonfinite)
+    wt = work_dtype(x.dtype)
+    ushape = nm_noise_shape(x.shape, n, m, method, dim)
+    big = torch.finfo(x.dtype).max
+    xt = x.detach().movedim(dim, -1)
+    lib = None
+    if wt == torch.float32 and m <= native.MAX_M and xt.shape[-1] % m == 0 and x.device.type == "cpu":
+        lib = native.library()
+    if lib is not None:  # blocks read and written in place, in any layout
+        xw = _dense(xt.to(wt))
+        if nonfinite_guard(x, _absmax(xw), nonfinite, "nm_prune"):
+            return torch.zeros_like(x)
+        u, seed = _draw(generator, noise, ushape, "nm_prune")
+        out = native.run_nm(lib, xw, u, key_of(seed), n, m, method == "mvue_approx", big)
+        return out.movedim(-1, dim).to(x.dtype)
     blocks, length = to_blocks(x, m, dim)
     if nonfinite_guard(x, _absmax(blocks), nonfinite, "nm_prune"):
         return torch.zeros_like(x)
-    k = 1 if method == "mvue" else n
-    u = uniforms((*blocks.shape[:-1], k), x.device, generator, noise, "nm_prune")
-    return from_blocks(_run(nm_core, blocks, u, n, method, torch.finfo(x.dtype).max), x, length, dim)
+    u, seed = _draw(generator, noise, ushape, "nm_prune")
+    u = uniforms(seed, ushape) if u is None else u
+    return from_blocks(nm_core(blocks, u, n, method, big), x, length, dim)

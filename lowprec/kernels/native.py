@@ -1,0 +1,217 @@
+"""The C twins of the CPU cores (``cpu_native.c``): built once per machine with the system C compiler,
+loaded with ctypes, used by :mod:`lowprec.kernels.cpu` when available.
+
+Why C: on a CPU an estimator's cost is its passes over δ and its random numbers. ``torch.rand``
+costs ~3 ns per fp32 draw on one core, more than the whole estimator may cost (issue 9's budget for
+a ResNet-20 step is ~5 ns per δ element), and an N:M block's ~150 scalar operations do not
+vectorize as torch operations or under ``torch.compile`` (strided block columns). The C twins make
+one pass over δ, read and write it in place in any strided layout (no transposes), draw their
+uniforms from a counter-based hash (below), and skip the water-filling rounds that cannot change
+anything (a round that caps no new entry would repeat itself bit for bit).
+
+Bit-exactness: each C function mirrors the torch core of :mod:`lowprec.kernels.cpu` operation for
+operation in fp32 (IEEE division, no FMA contraction: ``-ffp-contract=off``, no fast-math, sums left
+to right), so given the same uniforms the outputs equal the references' (``tests/test_native.py``).
+
+Uniforms: ``U(key, i)`` = the top 24 bits of ``splitmix64(key + (i+1)·0x9E3779B97F4A7C15)`` times
+``2^-24`` (torch.rand's fp32 grid), ``i`` the uniform's index in the reference's ``noise=`` layout,
+``key = splitmix64(seed)`` with ``seed`` drawn from torch's generator per call
+(:func:`lowprec.kernels.draw_seed`). SplitMix64 passes BigCrush; :func:`lowprec.kernels.cpu.uniforms`
+computes the same numbers with torch integer ops, so the torch fallback draws exactly what the C
+twin draws and a run's numbers do not depend on whether a compiler was found.
+
+Build: ``$CC`` (else ``cc``/``gcc``) with ``-O3 -march=native -ffp-contract=off`` and OpenMP when the
+compiler takes ``-fopenmp`` (threads: ``torch.get_num_threads()``; every element's result is the same
+whatever the thread count), into ``$LOWPREC_CACHE_DIR`` (default ``~/.cache/lowprec``) under a name
+hashing the source, the compiler, the flags and the CPU's flags (``-march=native`` code must not run
+on another CPU), written to a temporary file and renamed (concurrent processes are safe). About a
+second, once. ``LOWPREC_CPU_NATIVE=0`` turns the C twins off; without a compiler, or when the build
+fails, one warning and the torch cores run instead (:func:`status` says why).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+ENV = "LOWPREC_CPU_NATIVE"
+CACHE_ENV = "LOWPREC_CACHE_DIR"
+SOURCE = Path(__file__).with_name("cpu_native.c")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC", "-std=c99"]
+MAX_M = 8
+
+_state: dict = {"lib": None, "failed": None, "enabled": None}
+_I64x3 = ctypes.c_int64 * 3
+
+
+def set_enabled(enabled: bool | None) -> None:
+    """Use the C twins (True), the torch cores (False), or what ``$LOWPREC_CPU_NATIVE`` says (None);
+    forgets the loaded library and an earlier failure (the next call builds or loads it again)."""
+    _state.update(enabled=enabled, lib=None, failed=None)
+
+
+def enabled() -> bool:
+    if _state["enabled"] is not None:
+        return bool(_state["enabled"])
+    v = os.environ.get(ENV, "1").strip().lower()
+    if v not in ("0", "1", "true", "false", "yes", "no", "on", "off", ""):
+        raise ValueError(f"{ENV}={v!r}: expected 0 or 1")
+    return v not in ("0", "false", "no", "off")
+
+
+def status() -> str:
+    """One line: whether the estimators' CPU cores run as C, and if not, why."""
+    if not enabled():
+        return f"torch cores ({ENV}=0)"
+    lib = library()
+    return f"C twins ({_state['path']})" if lib is not None else f"torch cores (C twins unavailable: {_state['failed']})"
+
+
+def _compiler() -> str | None:
+    for c in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if c and shutil.which(c):
+            return shutil.which(c)
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(cc: str) -> Path:
+    src = SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    cache = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lowprec") / "native"
+    errors = []
+    for omp in (["-fopenmp"], []):
+        flags = FLAGS + omp
+        tag = hashlib.sha256(b"\0".join([src, cc.encode(), version.encode(), " ".join(flags).encode(),
+                                         platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:20]
+        path = cache / f"lowprec_cpu_{tag}.so"
+        if path.exists():
+            return path
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        try:
+            r = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
+            if r.returncode == 0:
+                os.replace(tmp, path)
+                return path
+            errors.append((r.stderr or r.stdout).strip().splitlines()[-1:] or ["failed"])
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError(f"{cc} failed: {errors[-1][0][:200]}")
+
+
+def library():
+    """The loaded C library, or None (disabled, or not buildable: one warning per process)."""
+    if not enabled() or _state["failed"]:
+        return None
+    if _state["lib"] is None:
+        try:
+            cc = _compiler()
+            if cc is None:
+                raise RuntimeError("no C compiler found (set CC)")
+            path = _build(cc)
+            lib = ctypes.CDLL(str(path))
+            p, i64p = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
+            lib.lp_uniforms.argtypes = [ctypes.c_uint64, ctypes.c_int64, p]
+            lib.lp_uniforms.restype = None
+            lib.lp_luq_f32.argtypes = [p, p, p, ctypes.c_uint64, i64p, i64p, i64p, ctypes.c_float, ctypes.c_float,
+                                       ctypes.c_int]
+            lib.lp_luq_f32.restype = None
+            lib.lp_nm_f32.argtypes = [p, p, p, ctypes.c_uint64, i64p, i64p, i64p, ctypes.c_int64, ctypes.c_int,
+                                      ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int]
+            lib.lp_nm_f32.restype = ctypes.c_int
+            _state["lib"], _state["path"] = lib, path.name
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            _state["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            warnings.warn(f"lowprec CPU estimators: C twins unavailable ({_state['failed']}); running the torch cores",
+                          RuntimeWarning, stacklevel=2)
+            return None
+    return _state["lib"]
+
+
+def nest(t: Tensor, m: int):
+    """``t``'s blocks of ``m`` along its last dim as three loops (outermost first) of (count, x offset
+    step, uniform-index step in blocks), and the element step inside a block; None when the layout
+    needs more than three loops (the caller copies ``t`` to contiguous first). The uniform index is
+    the block's position in C order of ``t``'s logical shape, as the references lay out ``noise=``."""
+    shape, stride = t.shape, t.stride()
+    nb = shape[-1] // m
+    dims, ustep = [(nb, stride[-1] * m, 1)], nb
+    for size, s in zip(reversed(shape[:-1]), reversed(stride[:-1])):
+        dims.append((size, s, ustep))
+        ustep *= size
+    dims = sorted((d for d in dims if d[0] != 1), key=lambda d: -abs(d[1]))
+    merged: list[tuple[int, int, int]] = []
+    for d in dims:  # an outer loop that continues the inner one exactly folds into it
+        if merged and merged[-1][1] == d[1] * d[0] and merged[-1][2] == d[2] * d[0]:
+            o = merged.pop()
+            d = (o[0] * d[0], d[1], d[2])
+        merged.append(d)
+    if len(merged) > 3:
+        return None
+    merged = [(1, 0, 0)] * (3 - len(merged)) + merged
+    return tuple(zip(*merged)), stride[-1]
+
+
+def _nested(t: Tensor, m: int):
+    loops = nest(t, m)
+    if loops is None:
+        t = t.contiguous()
+        loops = nest(t, m)
+    return t, loops
+
+
+def _ptr(t: Tensor | None):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def run_luq(lib, x: Tensor, u: Tensor | None, key: int, m: float, alpha: float) -> Tensor:
+    """LUQ of fp32 ``x`` (finite, dense) into a tensor with ``x``'s strides (a contiguous one when they need
+    more than three loops); ``u``: contiguous uniforms in ``x``'s logical order, or None to draw them from ``key``."""
+    x, ((size, xs, us), _) = _nested(x, 1)
+    out = torch.empty_like(x)
+    lib.lp_luq_f32(_ptr(x), _ptr(out), _ptr(u), key, _I64x3(*size), _I64x3(*xs), _I64x3(*us), m, alpha, _threads())
+    return out
+
+
+def run_nm(lib, blocks: Tensor, u: Tensor | None, key: int, n: int, m: int, approx: bool, big: float) -> Tensor:
+    """N:M of fp32 ``blocks`` (finite, dense, last dim a multiple of m) into a tensor with its strides."""
+    blocks, ((size, xs, us), es) = _nested(blocks, m)
+    out = torch.empty_like(blocks)
+    rc = lib.lp_nm_f32(_ptr(blocks), _ptr(out), _ptr(u), key, _I64x3(*size), _I64x3(*xs), _I64x3(*us), es, n, m,
+                       int(approx), big, _threads())
+    if rc != 0:
+        raise ValueError(f"lp_nm_f32: unsupported n={n}, m={m}")
+    return out
+
+
+def fill_uniforms(lib, key: int, shape) -> Tensor:
+    """The C twin's uniforms ``U(key, i)`` for ``i`` in C order of ``shape`` (tests compare them with torch's)."""
+    out = torch.empty(shape, dtype=torch.float32)
+    lib.lp_uniforms(key, out.numel(), _ptr(out))
+    return out
