@@ -10,7 +10,10 @@ Routing rules (one place: `route`):
   feeds both GEMMs; without an update GEMM only that first draw is made (no extra RNG use).
 - Estimators with `elementwise == False` (N:M, block formats) get δ as a 2-D [C_out, tokens] matrix
   through the layer's `to2d` (conv: permute(1,0,2,3).reshape(C, -1); linear: reshape(-1, out).t());
-  `from2d` maps the result back.
+  `from2d` maps the result back. Those that declare `token_views` (N:M: blocks along the flattened
+  tokens, whatever the view's shape) get `to2d(δ, view=True)` instead, a view without a copy
+  (conv: [C_out, N, H·W]; linear: the transposed [C_out, tokens]), and return their result in its
+  layout, so δ̂ comes back in δ's own memory order.
 - State: the layer's `lp_state = {"backward": {}, "update": {}}`; each slot's dict is passed as
   `state=` to the estimator of that slot (a shared recipe uses the "update" slot only). SMP is
   `estimators.SMP.draws`: draws 2..s get a copy of the update state as it was before draw 1, so a
@@ -55,10 +58,11 @@ __all__ = ["estimate", "update_draws", "route", "custom_update", "im2col_of", "u
 
 
 def estimate(est, delta, state, to2d, from2d, generator=None):
-    """``est(δ)``; a block estimator (``elementwise == False``) sees δ as ``to2d(δ)``."""
+    """``est(δ)``; a block estimator (``elementwise == False``) sees δ as ``to2d(δ)`` (a view when it
+    takes ``token_views``)."""
     if getattr(est, "elementwise", True):
         return est(delta, state=state, generator=generator)
-    return from2d(est(to2d(delta), state=state, generator=generator))
+    return from2d(est(to2d(delta, view=getattr(est, "token_views", False)), state=state, generator=generator))
 
 
 def update_draws(g, delta, samples: int, to2d, from2d, state, generator=None):

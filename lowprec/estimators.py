@@ -6,7 +6,9 @@ An estimator maps a tensor δ to an estimate δ̂ of the same shape and dtype (:
   (None: torch's global RNG); ``state`` is the caller's per-layer dict for estimators that carry
   something from step to step (LUQ's in-hindsight max), None when there is nothing to carry.
 - ``name``, ``unbiased`` (``E[δ̂] = δ``), ``elementwise`` (False when the result depends on the
-  layout, as N:M blocks do: layers present δ as ``[C_out, tokens]``).
+  layout, as N:M blocks do: layers present δ as ``[C_out, tokens]``); optionally ``token_views``
+  (True: δ may come as a view ``[C_out, *token dims]``, e.g. a convolution's ``[C_out, N, H·W]``,
+  and the estimator acts as on its ``[C_out, tokens]`` reshape; layers then skip that copy).
 - ``expected_variance(x)``: the closed-form total variance ``Σ Var[δ̂_i]`` (fp64 0-d), or None.
 
 Composition: :class:`Chain` applies estimators in order with independent draws (a composition of
@@ -140,6 +142,7 @@ class NMPrune:
             raise ValueError(f"dim={self.dim!r}: expected an integer")
 
     elementwise = False
+    token_views = True
 
     @property
     def unbiased(self) -> bool:
@@ -150,6 +153,9 @@ class NMPrune:
         return f"{self.method}{self.n}{self.m}"
 
     def __call__(self, x: Tensor, *, generator=None, state: dict | None = None, noise=None) -> Tensor:
+        if x.dim() > 2 and self.dim % x.dim() == x.dim() - 1 and x.shape[-1] % self.m:
+            # a token view whose last dim would split blocks: blocks run along the flattened tokens
+            return self(x.reshape(x.shape[0], -1), generator=generator, noise=noise).view(x.shape)
         return dispatch.nm_prune(x, self.n, self.m, method=self.method, dim=self.dim, generator=generator,
                                  noise=noise, nonfinite=self.nonfinite, backend=None)
 
@@ -407,6 +413,10 @@ class Chain:
     def elementwise(self) -> bool:
         return all(s.elementwise for s in self.steps)
 
+    @property
+    def token_views(self) -> bool:
+        return all(s.elementwise or getattr(s, "token_views", False) for s in self.steps)
+
     def __call__(self, x: Tensor, *, generator=None, state: dict | None = None) -> Tensor:
         if dispatch.fuses_nm_luq(x) and self._fusable:
             nm, q = self.steps
@@ -453,6 +463,10 @@ class SMP:
     @property
     def elementwise(self) -> bool:
         return self.est.elementwise
+
+    @property
+    def token_views(self) -> bool:
+        return getattr(self.est, "token_views", False)
 
     def draws(self, x: Tensor, *, generator=None, state: dict | None = None) -> tuple[Tensor, Tensor]:
         """``(first draw, mean of all draws)``: a layer that shares δ̂ between its two GEMMs feeds

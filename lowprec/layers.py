@@ -331,8 +331,9 @@ class _QLinearFn(torch.autograd.Function):
         out, inp = w.shape
         shape = delta.shape
 
-        def to2d(t):
-            return t.reshape(-1, out).t().contiguous()
+        def to2d(t, view=False):
+            t = t.reshape(-1, out).t()
+            return t if view else t.contiguous()
 
         def from2d(t):
             return t.t().reshape(shape)
@@ -404,8 +405,9 @@ class _QConv2dFn(torch.autograd.Function):
         need_u = need_w or need_b
         n, c, h, wd_ = delta.shape
 
-        def to2d(t):
-            return t.permute(1, 0, 2, 3).reshape(c, -1)
+        def to2d(t, view=False):
+            t = t.permute(1, 0, 2, 3)
+            return t.reshape(c, n, h * wd_) if view else t.reshape(c, -1)
 
         def from2d(t):
             return t.reshape(c, n, h, wd_).permute(1, 0, 2, 3)

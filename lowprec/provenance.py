@@ -1,4 +1,4 @@
-"""Where a result came from: the git commit of the code, and the launch log of a table's runs.
+"""Where a result came from: the git commit of the code, the machine, and the launch log of a table's runs.
 
 `git_commit` is the HEAD commit, with `-dirty` when lowprec/, conf/ or run.py (what a run executes)
 differ from it. The launch log is `<out_root>/commands.jsonl`, one JSON object per launch
@@ -9,11 +9,23 @@ by scripts/make_tables.py.
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_LOG = "commands.jsonl"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one), for the machine line of a benchmark."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def git_commit(root: str | Path = REPO) -> str:

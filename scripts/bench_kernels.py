@@ -1,7 +1,8 @@
-"""Benchmark the estimators: reference eager vs reference under torch.compile vs the Triton kernel.
+"""Benchmark the estimators: reference eager vs reference under torch.compile vs the Triton kernel
+(and, on a CPU, the CPU twin the dispatcher runs there: kernels/cpu.py).
 
-Not a test. For each estimator (luq4, mvue12, mvue24, mvue24_approx, mse24, int4 fwd, and the fused
-mvue24_luq4 composite) and size,
+Not a test. For each estimator (luq4, mvue12, mvue24, mvue24_approx, mse24, int4 fwd, the fused
+mvue24_luq4 composite, and the block FP4 formats nvfp4_rtn/sr, mxfp4_rtn/sr, luq4_b16) and size,
 times each implementation (GPU: CUDA events; CPU: perf_counter; warmup, then the median of
 --repeat) and prints a markdown table: time, effective GB/s, speed-up over the eager reference,
 and on a GPU the fraction of the device-to-device copy bandwidth (``x.clone()`` measured in the
@@ -37,8 +38,11 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+from lowprec import fp4  # noqa: E402
 from lowprec.dispatch import resolve  # noqa: E402
 from lowprec.intq import int_quant  # noqa: E402
+from lowprec.kernels import cpu as cpu_twins  # noqa: E402
+from lowprec.kernels import native  # noqa: E402
 from lowprec.kernels import interpreter_enabled, triton_available  # noqa: E402
 from lowprec.luq import luq  # noqa: E402
 from lowprec.nm import nm_prune  # noqa: E402
@@ -55,6 +59,19 @@ ESTIMATORS = {
     "mse24": (lambda x: nm_prune(x, 2, 4, method="mse"), lambda k: (lambda x: k.nm.nm_prune(x, 2, 4, method="mse")), 30),
     "int4": (lambda x: int_quant(x, 4), lambda k: (lambda x: k.intq.int_quant(x, 4)), 12),
     "mvue24_luq4": (lambda x: luq(nm_prune(x, 2, 4)), lambda k: (lambda x: k.fused.nm_luq(x, 2, 4)), 50),
+    "nvfp4_rtn": (lambda x: fp4.nvfp4(x), lambda k: (lambda x: k.fp4.nvfp4(x)), 20),
+    "nvfp4_sr": (lambda x: fp4.nvfp4(x, rounding="sr"), lambda k: (lambda x: k.fp4.nvfp4(x, rounding="sr")), 20),
+    "mxfp4_rtn": (lambda x: fp4.mxfp4(x), lambda k: (lambda x: k.fp4.mxfp4(x)), 20),
+    "mxfp4_sr": (lambda x: fp4.mxfp4(x, rounding="sr"), lambda k: (lambda x: k.fp4.mxfp4(x, rounding="sr")), 20),
+    "luq4_b16": (lambda x: fp4.block_luq(x), lambda k: (lambda x: k.fp4.block_luq(x)), 20),
+}
+# the CPU twins (what the dispatcher runs for CPU tensors; the others run their reference there)
+CPU_TWINS = {
+    "luq4": lambda x: cpu_twins.luq(x, 4),
+    "mvue12": lambda x: cpu_twins.nm_prune(x, 1, 2),
+    "mvue24": lambda x: cpu_twins.nm_prune(x, 2, 4),
+    "mvue24_approx": lambda x: cpu_twins.nm_prune(x, 2, 4, method="mvue_approx"),
+    "mvue24_luq4": lambda x: cpu_twins.luq(cpu_twins.nm_prune(x, 2, 4)),
 }
 
 
@@ -102,6 +119,7 @@ def bench_estimators(args, device: str, dtype: torch.dtype) -> tuple[list[str], 
     if not use_kernel:
         notes.append(f"kernel column skipped: {why}")
     if use_kernel:
+        import lowprec.kernels.fp4
         import lowprec.kernels.fused
         import lowprec.kernels.intq
         import lowprec.kernels.luq
@@ -131,6 +149,8 @@ def bench_estimators(args, device: str, dtype: torch.dtype) -> tuple[list[str], 
                     impls.append(("ref compile", compiled[name]))
             else:
                 notes.append(f"{name} {fmt_size(size)}: reference skipped (needs ~{mem * size * 4 / 2**30:.0f} GiB)")
+            if not cuda and name in CPU_TWINS:
+                impls.append(("cpu twin", CPU_TWINS[name]))
             if use_kernel and 3 * size * esize < 0.8 * free and (cuda or size <= args.interpret_max):
                 impls.append(("triton" + ("" if cuda else " (interp)"), kfac(kmods)))
             if not impls:
@@ -169,6 +189,8 @@ def bench_training(args, device: str) -> tuple[list[str], list[str]]:
         return [], [f"training step skipped: {type(e).__name__}: {e}"]
     # What the estimators will run here (LOWPREC_BACKEND honoured), from the dispatcher itself.
     backend = {"triton": "triton kernels", "reference": "reference"}[resolve(torch.empty(0, device=device), None)]
+    if backend == "reference" and device == "cpu" and os.environ.get("LOWPREC_BACKEND", "auto") == "auto":
+        backend = f"CPU twins, {native.status()}"
     cuda = device == "cuda"
     arch, batch, res = ("resnet50", 64, 224) if cuda else ("resnet18", args.train_batch, 32)
     lines = [f"{arch}, batch {batch}, {res}x{res}, fp32, SGD(lr=0.01, momentum=0.9); estimator backend: {backend}", "",

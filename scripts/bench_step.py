@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from lowprec.kernels import cpu as cpu_twins
 from lowprec.kernels import native
 from lowprec.luq import luq as luq_reference
 from lowprec.models import ModelSpec, build_model
+from lowprec.provenance import cpu_model
 from lowprec.nm import nm_noise_shape
 from lowprec.nm import nm_prune as nm_reference
 from lowprec.recipes import GRAD_NAMES
@@ -137,14 +137,7 @@ def public_mvue24_approx(x: torch.Tensor) -> torch.Tensor:
 
 
 def machine() -> list[str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
     try:
         ps = subprocess.run(["ps", "-eo", "pcpu,comm", "--sort=-pcpu"], capture_output=True, text=True,

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import yaml
 
+from lowprec.provenance import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "conf" / "model"
 DEFAULT_OUT = ROOT / "results" / "models_default.md"
@@ -80,15 +82,7 @@ def run_model(model: str, out_root: Path, threads: int, extra: list[str]) -> dic
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}"
+    return f"{cpu_model()}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}"
 
 
 def defaults_of(cfg: dict) -> str:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import lowprec as lp
 from lowprec import dispatch
-from lowprec.kernels import cpu, draw_seed, native
+from lowprec.kernels import cpu, native
 from lowprec.luq import luq as luq_ref
 from lowprec.nm import nm_noise_shape
 from lowprec.nm import nm_prune as nm_ref
@@ -45,7 +45,7 @@ def test_luq_twin_bit_identical(dtype, bits, levels, max_abs):
     for u in (torch.rand(x.shape, generator=torch.Generator().manual_seed(1)), boundary_uniforms(x.shape)):
         same(cpu.luq(x, bits, levels=levels, max_abs=max_abs, noise=u),
              luq_ref(x, bits, levels=levels, max_abs=max_abs, noise=u))
-    u = cpu.uniforms(draw_seed(torch.Generator().manual_seed(5)), x.t().shape)
+    u = cpu.uniforms(cpu.draw_seed(torch.Generator().manual_seed(5)), x.t().shape)
     same(cpu.luq(x.t(), bits, levels=levels, generator=torch.Generator().manual_seed(5)),
          luq_ref(x.t(), bits, levels=levels, noise=u))
 
@@ -61,7 +61,7 @@ def test_nm_twin_bit_identical(dtype, n, m, method, dim):
     for u in us:
         same(cpu.nm_prune(x, n, m, method=method, dim=dim, noise=u), nm_ref(x, n, m, method=method, dim=dim, noise=u))
     if method != "mse":
-        u = cpu.uniforms(draw_seed(torch.Generator().manual_seed(7)), shape)
+        u = cpu.uniforms(cpu.draw_seed(torch.Generator().manual_seed(7)), shape)
         same(cpu.nm_prune(x, n, m, method=method, dim=dim, generator=torch.Generator().manual_seed(7)),
              nm_ref(x, n, m, method=method, dim=dim, noise=u))
 
@@ -103,7 +103,7 @@ def test_dispatch_takes_the_twin_on_cpu_under_auto(monkeypatch):
     monkeypatch.setattr(cpu, "nm_prune", lambda *a, **k: calls.append("nm") or real_nm(*a, **k))
     x = heavy_tailed((8, 16), seed=1)
     g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    seed = draw_seed(g())
+    seed = cpu.draw_seed(g())
     same(dispatch.luq(x, generator=g()), luq_ref(x, noise=cpu.uniforms(seed, x.shape)))
     same(dispatch.nm_prune(x, 2, 4, generator=g()), nm_ref(x, 2, 4, noise=cpu.uniforms(seed, (8, 4, 1))))
     assert calls == ["luq", "nm"]

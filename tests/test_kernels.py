@@ -18,7 +18,7 @@ import torch
 
 from lowprec import dispatch
 from lowprec.intq import int_quant, sawb_clip
-from lowprec.kernels import interpreter_enabled
+from lowprec.kernels import cpu, interpreter_enabled
 from lowprec.luq import luq, luq_variance
 from lowprec.nm import nm_noise_shape, nm_prune, nm_variance
 
@@ -329,9 +329,11 @@ def test_dispatch_cpu_auto_uses_reference(monkeypatch):
     monkeypatch.setattr(knm, "nm_prune", boom)
     monkeypatch.setattr(kintq, "int_quant", boom)
     assert dispatch.resolve(x, "auto") == "reference"
-    same(dispatch.luq(x, generator=torch.Generator().manual_seed(1)), luq(x, generator=torch.Generator().manual_seed(1)))
+    # the CPU twins (kernels/cpu.py), whose draws cpu.uniforms regenerates for the reference
+    seed = cpu.draw_seed(torch.Generator().manual_seed(1))
+    same(dispatch.luq(x, generator=torch.Generator().manual_seed(1)), luq(x, noise=cpu.uniforms(seed, x.shape)))
     same(dispatch.nm_prune(x.view(3, 100), 2, 4, generator=torch.Generator().manual_seed(1)),
-         nm_prune(x.view(3, 100), 2, 4, generator=torch.Generator().manual_seed(1)))
+         nm_prune(x.view(3, 100), 2, 4, noise=cpu.uniforms(seed, (3, 25, 1))))
     same(dispatch.int_quant(x), int_quant(x))
     out, cur = dispatch.luq(x, max_abs=2.0, return_amax=True)
     assert cur.item() == x.abs().max().item()

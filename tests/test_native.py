@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from lowprec.kernels import cpu, draw_seed, native
+from lowprec.kernels import cpu, native
 from lowprec.luq import luq as luq_ref
 from lowprec.nm import nm_noise_shape
 from lowprec.nm import nm_prune as nm_ref
@@ -85,7 +85,7 @@ def layouts(shape=(32, 8, 10, 12)):
 def test_luq_every_layout(name, x):
     g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
     y = cpu.luq(x, generator=g())
-    same(y, luq_ref(x, noise=cpu.uniforms(draw_seed(g()), x.shape)))
+    same(y, luq_ref(x, noise=cpu.uniforms(cpu.draw_seed(g()), x.shape)))
     same(y, torch_core(lambda: cpu.luq(x, generator=g())))
     u = boundary_uniforms(x.shape)
     same(cpu.luq(x, noise=u), luq_ref(x, noise=u))
@@ -99,7 +99,7 @@ def test_nm_every_layout(name, x, n, m, method):
     g = lambda: torch.Generator().manual_seed(2)  # noqa: E731
     shape = nm_noise_shape(x.shape, n, m, method)
     y = cpu.nm_prune(x, n, m, method=method, generator=g())
-    same(y, nm_ref(x, n, m, method=method, noise=cpu.uniforms(draw_seed(g()), shape)))
+    same(y, nm_ref(x, n, m, method=method, noise=cpu.uniforms(cpu.draw_seed(g()), shape)))
     same(y, torch_core(lambda: cpu.nm_prune(x, n, m, method=method, generator=g())))
     u = boundary_uniforms(shape)
     same(cpu.nm_prune(x, n, m, method=method, noise=u), nm_ref(x, n, m, method=method, noise=u))
@@ -163,7 +163,7 @@ def test_build_is_cached_and_a_failed_build_falls_back(monkeypatch, tmp_path):
         with pytest.warns(RuntimeWarning, match="C twins unavailable"):
             y = cpu.luq(x, generator=torch.Generator().manual_seed(0))
         assert native.library() is None and "unavailable" in native.status()
-        same(y, luq_ref(x, noise=cpu.uniforms(draw_seed(torch.Generator().manual_seed(0)), x.shape)))
+        same(y, luq_ref(x, noise=cpu.uniforms(cpu.draw_seed(torch.Generator().manual_seed(0)), x.shape)))
     finally:
         monkeypatch.undo()
         native.set_enabled(None)

@@ -182,3 +182,33 @@ def test_every_new_route_trains_chargpt_one_step(name):
     opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(before[k], p) for k, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("name", ["mvue24", "mvue12", "mvue24_approx", "mse24", "mvue24_both", "mvue24_luq4"])
+@pytest.mark.parametrize("layer_kind", ["linear", "conv 8x8", "conv 7x7"])
+def test_token_views_change_nothing(name, layer_kind, monkeypatch):
+    """N:M estimators take δ as a token view (conv [C_out, N, H·W], linear [C_out, T] transposed)
+    instead of a [C_out, tokens] copy: the same δ̂, also where H·W is not a multiple of M (7x7: the
+    estimator reshapes, blocks still run along all tokens). Conv gradients are bit-identical; a linear
+    layer's δ̂ now comes back contiguous, and the BLAS GEMM on the other layout may round its sums
+    differently (a wrong draw would be an O(1) difference, far outside the tolerance)."""
+    if layer_kind == "linear":
+        x, layer = heavy(6, 8, 24, seed=1), nn.Linear(24, 16)
+    else:
+        hw = 8 if layer_kind == "conv 8x8" else 7
+        x, layer = heavy(4, 6, hw, hw, seed=1), nn.Conv2d(6, 8, 3, padding=1)
+    grads = []
+    for views in (True, False):
+        monkeypatch.setattr(lp.NMPrune, "token_views", views)
+        q = copy.deepcopy(layer)
+        q = QLinear.from_linear(q, grad=name) if layer_kind == "linear" else QConv2d.from_conv(q, grad=name)
+        torch.manual_seed(SEED)
+        xx = x.detach().clone().requires_grad_(True)
+        y = q(xx)
+        y.backward(heavy(*y.shape, seed=2))
+        grads.append((xx.grad, q.weight.grad, q.bias.grad))
+    for a, b in zip(*grads):
+        if layer_kind == "linear":
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+        else:
+            assert torch.equal(a, b)

@@ -15,8 +15,8 @@ a *core* per call:
   the same operands as the reference, so the same floats); and :func:`lowprec.nm.nm_core`, the
   reference's own N:M core.
 
-Randomness: one seed per call from ``generator`` (None: torch's global RNG, so ``torch.manual_seed``
-reproduces a run), and uniforms ``U(key, i)`` from a counter-based hash of it (:func:`uniforms`; the
+Randomness: one seed per call from ``generator`` (:func:`draw_seed`; None: torch's global RNG, so
+``torch.manual_seed`` reproduces a run), and uniforms ``U(key, i)`` from a counter-based hash of it (:func:`uniforms`; the
 definition is in :mod:`lowprec.kernels.native`), ``i`` the position in the reference's ``noise=``
 layout. The C twin and the torch fallback draw the same numbers, so a run's results do not depend on
 whether a compiler was found; they differ from the references' ``torch.rand`` draws (same
@@ -30,9 +30,9 @@ import torch
 from torch import Tensor
 
 from .._common import check_float, check_nonfinite_mode, nonfinite_guard, uniforms as given_uniforms, work_dtype
-from ..luq import check_luq_args, luq_alpha, luq_levels
+from ..luq import check_luq_args, luq_alpha
 from ..nm import check_nm, from_blocks, nm_core, nm_noise_shape, to_blocks
-from . import draw_seed, native
+from . import native
 
 _EXP_MASK = {torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000)}
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -43,6 +43,13 @@ def _mix64(z: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return z ^ (z >> 31)
+
+
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """A per-call seed in ``[0, 2^62)`` from ``generator`` (None: torch's global CPU RNG). 62 bits, not the
+    Triton kernels' 31: a long run makes millions of calls, and two calls with one seed would share
+    their uniforms (with 31 bits, ~1000 such pairs in 2M calls; with 62, none to be expected)."""
+    return int(torch.randint(2 ** 62, (), generator=generator))
 
 
 def key_of(seed: int) -> int:

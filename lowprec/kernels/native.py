@@ -15,8 +15,8 @@ to right), so given the same uniforms the outputs equal the references' (``tests
 
 Uniforms: ``U(key, i)`` = the top 24 bits of ``splitmix64(key + (i+1)·0x9E3779B97F4A7C15)`` times
 ``2^-24`` (torch.rand's fp32 grid), ``i`` the uniform's index in the reference's ``noise=`` layout,
-``key = splitmix64(seed)`` with ``seed`` drawn from torch's generator per call
-(:func:`lowprec.kernels.draw_seed`). SplitMix64 passes BigCrush; :func:`lowprec.kernels.cpu.uniforms`
+``key = splitmix64(seed)`` with a 62-bit ``seed`` drawn from torch's generator per call
+(:func:`lowprec.kernels.cpu.draw_seed`). SplitMix64 passes BigCrush; :func:`lowprec.kernels.cpu.uniforms`
 computes the same numbers with torch integer ops, so the torch fallback draws exactly what the C
 twin draws and a run's numbers do not depend on whether a compiler was found.
 
