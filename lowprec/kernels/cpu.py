@@ -29,7 +29,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._common import check_float, check_nonfinite_mode, nonfinite_guard, uniforms as given_uniforms, work_dtype
+from .._common import check_float, check_nonfinite_mode, nonfinite_guard, tiny_exponent, work_dtype
+from .._common import uniforms as given_uniforms
 from ..luq import check_luq_args, luq_alpha
 from ..nm import check_nm, from_blocks, nm_core, nm_noise_shape, to_blocks
 from . import native
@@ -120,21 +121,22 @@ def luq(x: Tensor, bits: int = 4, *, levels: int | None = None, max_abs=None, ge
         return x.clone()
     wt = work_dtype(x.dtype)
     xw = _dense(x.detach().to(wt))
-    amax = _absmax(xw)
-    if nonfinite_guard(x, amax, nonfinite, "luq"):
+    u, seed = _draw(generator, noise, x.shape, "luq")
+    lib = native.library() if wt == torch.float32 and x.device.type == "cpu" else None
+    if lib is not None:  # max, checks, α and the quantization in C
+        top = None if max_abs is None else float(torch.as_tensor(max_abs).to(wt))
+        rc, out = native.run_luq(lib, xw, u, key_of(seed), top, torch.finfo(x.dtype).max, L, tiny_exponent(x.dtype))
+        if rc == 1 and nonfinite_guard(x, torch.tensor(float("nan")), nonfinite, "luq") or rc == 2:
+            return torch.zeros_like(x)
+        return out.to(x.dtype)
+    if nonfinite_guard(x, _absmax(xw), nonfinite, "luq"):
         return torch.zeros_like(x)
-    m = amax if max_abs is None else torch.as_tensor(max_abs, device=x.device).to(wt).reshape(())
+    m = _absmax(xw) if max_abs is None else torch.as_tensor(max_abs, device=x.device).to(wt).reshape(())
     m = torch.clamp(m, max=torch.finfo(x.dtype).max)
     if not bool(m > 0):
         return torch.zeros_like(x)
-    alpha = luq_alpha(m, L, x.dtype)
-    u, seed = _draw(generator, noise, x.shape, "luq")
-    lib = native.library() if wt == torch.float32 and x.device.type == "cpu" else None
-    if lib is not None:
-        out = native.run_luq(lib, xw, u, key_of(seed), float(m), float(alpha))
-    else:
-        out = luq_core(xw, uniforms(seed, x.shape) if u is None else u, m, alpha)
-    return out.to(x.dtype)
+    u = uniforms(seed, x.shape) if u is None else u
+    return luq_core(xw, u, m, luq_alpha(m, L, x.dtype)).to(x.dtype)
 
 
 def nm_prune(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -1,
@@ -154,16 +156,14 @@ def nm_prune(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -1,
     lib = None
     if wt == torch.float32 and m <= native.MAX_M and xt.shape[-1] % m == 0 and x.device.type == "cpu":
         lib = native.library()
-    if lib is not None:  # blocks read and written in place, in any layout
-        xw = _dense(xt.to(wt))
-        if nonfinite_guard(x, _absmax(xw), nonfinite, "nm_prune"):
+    u, seed = _draw(generator, noise, ushape, "nm_prune")
+    if lib is not None:  # blocks read and written in place, in any layout; the finite check in the pass
+        rc, out = native.run_nm(lib, _dense(xt.to(wt)), u, key_of(seed), n, m, method == "mvue_approx", big)
+        if rc == 1 and nonfinite_guard(x, torch.tensor(float("nan")), nonfinite, "nm_prune"):
             return torch.zeros_like(x)
-        u, seed = _draw(generator, noise, ushape, "nm_prune")
-        out = native.run_nm(lib, xw, u, key_of(seed), n, m, method == "mvue_approx", big)
         return out.movedim(-1, dim).to(x.dtype)
     blocks, length = to_blocks(x, m, dim)
     if nonfinite_guard(x, _absmax(blocks), nonfinite, "nm_prune"):
         return torch.zeros_like(x)
-    u, seed = _draw(generator, noise, ushape, "nm_prune")
     u = uniforms(seed, ushape) if u is None else u
     return from_blocks(nm_core(blocks, u, n, method, big), x, length, dim)

@@ -77,6 +77,53 @@ void lp_luq_f32(const float* x, float* out, const float* u, uint64_t key, const 
     }
 }
 
+/* cpu.luq in full: max|x| and the non-finite test (pass 1, skipped when max_abs >= 0 is given: then
+ * pass 2 tests), m = min(max|x| or max_abs, fmax), α = m·2^-j with j = clamp(floor(log2 m) - e_tiny,
+ * 0, L-1) (lowprec.luq.luq_alpha), pass 2 = lp_luq_f32. Returns 0, 1 (a NaN/Inf in x: out is
+ * garbage, the caller raises or zeros) or 2 (m = 0: out untouched, the caller returns zeros). */
+int lp_luq_auto_f32(const float* x, float* out, const float* u, uint64_t key, const int64_t* size, const int64_t* xs,
+                    const int64_t* us, float max_abs, float fmax, int L, int e_tiny, int nthreads) {
+    const int64_t n0 = size[0], n1 = size[1], n2 = size[2], s2 = xs[2];
+    float m = max_abs;
+    if (max_abs < 0.0f) { /* max|x| as the max of the magnitude bits: monotone, and NaN/Inf at the top */
+        uint32_t mb = 0;
+        for (int64_t i0 = 0; i0 < n0; i0++)
+            for (int64_t i1 = 0; i1 < n1; i1++) {
+                const float* xp = x + i0 * xs[0] + i1 * xs[1];
+                uint32_t rm = 0;
+                if (s2 == 1) {
+                    for (int64_t i = 0; i < n2; i++) {
+                        const uint32_t v = f_bits(xp[i]) & 0x7FFFFFFFu;
+                        rm = v > rm ? v : rm;
+                    }
+                } else {
+                    for (int64_t i = 0; i < n2; i++) {
+                        const uint32_t v = f_bits(xp[i * s2]) & 0x7FFFFFFFu;
+                        rm = v > rm ? v : rm;
+                    }
+                }
+                mb = rm > mb ? rm : mb;
+            }
+        if (mb >= 0x7F800000u) return 1;
+        m = bits_f(mb);
+    }
+    m = m < fmax ? m : fmax;
+    if (!(m > 0.0f)) return 2;
+    int e;
+    frexpf(m, &e);
+    int j = (e - 1) - e_tiny;
+    j = j < 0 ? 0 : (j > L - 1 ? L - 1 : j);
+    const float alpha = ldexpf(m, -j);
+    lp_luq_f32(x, out, u, key, size, xs, us, m, alpha, nthreads);
+    if (max_abs >= 0.0f) { /* the non-finite test pass 1 did not make */
+        for (int64_t i0 = 0; i0 < n0; i0++)
+            for (int64_t i1 = 0; i1 < n1; i1++)
+                for (int64_t i = 0; i < n2; i++)
+                    if (!(fabsf(x[i0 * xs[0] + i1 * xs[1] + i * s2]) <= 0x1.fffffep127f)) return 1;
+    }
+    return 0;
+}
+
 /* ------------------------------------------------------------------------------------------- N:M */
 
 #define MAXM 8
@@ -195,19 +242,21 @@ static inline void approx_keep(const float* s, const float* u, int n, int M, flo
 }
 
 /* lowprec.nm.nm_core for one block: kept entries x/p clamped to ±big, a block with at most n
- * non-zeros unchanged. */
-static inline void nm_block(const float* xp, float* op, int64_t es, const float* u, int n, int M, int approx,
-                            float big) {
+ * non-zeros unchanged. Returns 1 when the block holds a NaN/Inf (the caller discards the output). */
+static inline int nm_block(const float* xp, float* op, int64_t es, const float* u, int n, int M, int approx,
+                           float big) {
     float xv[MAXM], a[MAXM], s[MAXM], p[MAXM];
-    int keep[MAXM], nz = 0;
+    int keep[MAXM], nz = 0, bad = 0;
     for (int j = 0; j < M; j++) {
         xv[j] = xp[j * es];
         a[j] = fabsf(xv[j]);
         nz += a[j] > 0.0f;
+        bad |= !(a[j] <= 0x1.fffffep127f);
     }
+    if (bad) return 1;
     if (nz <= n) {
         for (int j = 0; j < M; j++) op[j * es] = xv[j];
-        return;
+        return 0;
     }
     normalize(a, s, M);
     if (approx)
@@ -218,6 +267,7 @@ static inline void nm_block(const float* xp, float* op, int64_t es, const float*
         float q = keep[j] ? xv[j] / p[j] : 0.0f;
         op[j * es] = q < -big ? -big : (q > big ? big : q);
     }
+    return 0;
 }
 
 /* ------------------------------------------------------------------ N:M, W blocks at once (SIMD) */
@@ -341,28 +391,46 @@ __attribute__((always_inline)) static inline void approx_keep_v(const vf* s, con
     for (int j = 0; j < M; j++) keep[j] &= p[j] > zero;
 }
 
-/* W consecutive blocks of the innermost loop: offsets off + l·step, uniforms from index b0 + l·ustep. */
-__attribute__((always_inline)) static inline void nm_blocks_v(const float* x, float* out, const float* u,
-                                                             uint64_t key, int64_t step, int64_t es, uint64_t b0,
-                                                             uint64_t ustep, float big, const int N_, const int M_,
-                                                             const int APPROX_) {
+/* W blocks: lane l's block at element offset off[l] (elements es apart), its uniforms at indices
+ * ui[l]·k + r. LANES says how the offsets run, so that the loads and stores vectorize: 1 when
+ * off[l] = off[0] + l (a transposed linear δ: each block element is one vector load), M when
+ * off[l] = off[0] + l·M with es = 1 (blocks back to back: a deinterleave with constant strides),
+ * 0 for anything else (a batch across a row end: a gather). Returns 1 when a NaN/Inf was read. */
+__attribute__((always_inline)) static inline int nm_blocks_v(const float* x, float* out, const float* u,
+                                                            uint64_t key, const int64_t* off, const uint64_t* ui,
+                                                            int64_t es, float big, const int N_, const int M_,
+                                                            const int APPROX_, const int LANES) {
     const int k = APPROX_ ? N_ : 1;
     float buf[MAXM][W] __attribute__((aligned(64)));
     float ubuf[MAXM][W] __attribute__((aligned(64)));
     vf xv[MAXM], a[MAXM], s[MAXM], p[MAXM], uv[MAXM];
     vi keep[MAXM];
-    for (int l = 0; l < W; l++)
-        for (int j = 0; j < M_; j++) buf[j][l] = x[l * step + j * es];
-    for (int l = 0; l < W; l++) {
-        const uint64_t b = (b0 + (uint64_t)l * ustep) * (uint64_t)k;
-        for (int r = 0; r < k; r++) ubuf[r][l] = u ? u[b + (uint64_t)r] : hash_u(key, b + (uint64_t)r);
+    const float* x0 = x + off[0];
+    if (LANES == 1) {
+        for (int j = 0; j < M_; j++) memcpy(&xv[j], x0 + j * es, sizeof(vf));
+    } else {
+        if (LANES == M_)
+            for (int l = 0; l < W; l++)
+                for (int j = 0; j < M_; j++) buf[j][l] = x0[l * M_ + j];
+        else
+            for (int l = 0; l < W; l++)
+                for (int j = 0; j < M_; j++) buf[j][l] = x[off[l] + j * es];
+        for (int j = 0; j < M_; j++) memcpy(&xv[j], buf[j], sizeof(vf));
+    }
+    if (u) {
+        for (int r = 0; r < k; r++)
+            for (int l = 0; l < W; l++) ubuf[r][l] = u[ui[l] * (uint64_t)k + (uint64_t)r];
+    } else {
+        for (int r = 0; r < k; r++)
+            for (int l = 0; l < W; l++) ubuf[r][l] = hash_u(key, ui[l] * (uint64_t)k + (uint64_t)r);
     }
     const vf zero = vsplat(0.0f), vbig = vsplat(big);
     vf nz = zero;
+    vi bad = (vi){0};
     for (int j = 0; j < M_; j++) {
-        memcpy(&xv[j], buf[j], sizeof(vf));
         a[j] = (vf)((vi)xv[j] & 0x7FFFFFFF);
         nz = nz + vcount(a[j] > zero);
+        bad |= ~(a[j] <= vsplat(0x1.fffffep127f));
     }
     for (int r = 0; r < k; r++) memcpy(&uv[r], ubuf[r], sizeof(vf));
     normalize_v(a, s, M_);
@@ -371,81 +439,144 @@ __attribute__((always_inline)) static inline void nm_blocks_v(const float* x, fl
     else
         mvue_keep_v(s, uv[0], N_, M_, p, keep);
     const vi sparse = nz <= vsplat((float)N_);
+    vf o[MAXM];
     for (int j = 0; j < M_; j++) {
         vf q = sel(keep[j], xv[j] / sel(keep[j], p[j], vsplat(1.0f)), zero);
         q = sel(q < -vbig, -vbig, sel(q > vbig, vbig, q));
-        const vf o = sel(sparse, xv[j], q);
-        memcpy(buf[j], &o, sizeof(vf));
+        o[j] = sel(sparse, xv[j], q);
     }
-    for (int l = 0; l < W; l++)
-        for (int j = 0; j < M_; j++) out[l * step + j * es] = buf[j][l];
+    float* o0 = out + off[0];
+    if (LANES == 1) {
+        for (int j = 0; j < M_; j++) memcpy(o0 + j * es, &o[j], sizeof(vf));
+    } else {
+        for (int j = 0; j < M_; j++) memcpy(buf[j], &o[j], sizeof(vf));
+        if (LANES == M_)
+            for (int l = 0; l < W; l++)
+                for (int j = 0; j < M_; j++) o0[l * M_ + j] = buf[j][l];
+        else
+            for (int l = 0; l < W; l++)
+                for (int j = 0; j < M_; j++) out[off[l] + j * es] = buf[j][l];
+    }
+    int any = 0;
+    for (int l = 0; l < W; l++) any |= bad[l];
+    return any != 0;
 }
 
-/* One row of the loop nest (its innermost loop), W blocks at a time, the tail block by block. */
-__attribute__((always_inline)) static inline void nm_row(const float* x, float* out, const float* u, uint64_t key,
+/* Blocks lo..hi-1 of the loop nest in iteration order (innermost fastest), W at a time across row
+ * ends (a convolution's H·W/M blocks per row can be fewer than W), the last < W one by one.
+ * Returns 1 when a NaN/Inf was read. */
+__attribute__((always_inline)) static inline int nm_span(const float* x, float* out, const float* u, uint64_t key,
                                                         const int64_t* size, const int64_t* xs, const int64_t* us,
-                                                        int64_t es, float big, int64_t row, const int N_,
-                                                        const int M_, const int APPROX_) {
-    const int64_t i0 = row / size[1], i1 = row % size[1], n2 = size[2];
-    const int64_t base = i0 * xs[0] + i1 * xs[1];
-    const uint64_t ub = (uint64_t)(i0 * us[0] + i1 * us[1]);
-    const int k = APPROX_ ? N_ : 1;
-    int64_t i2 = 0;
-    if (N_ < M_ && M_ <= MAXM)
-        for (; i2 + W <= n2; i2 += W)
-            nm_blocks_v(x + base + i2 * xs[2], out + base + i2 * xs[2], u, key, xs[2], es,
-                        ub + (uint64_t)(i2 * us[2]), (uint64_t)us[2], big, N_, M_, APPROX_);
-    for (; i2 < n2; i2++) {
-        const int64_t off = base + i2 * xs[2];
-        const uint64_t b = (ub + (uint64_t)(i2 * us[2])) * (uint64_t)k;
-        float ubl[MAXM];
-        for (int r = 0; r < k; r++) ubl[r] = u ? u[b + (uint64_t)r] : hash_u(key, b + (uint64_t)r);
-        nm_block(x + off, out + off, es, ubl, N_, M_, APPROX_, big);
+                                                        int64_t es, float big, int64_t lo, int64_t hi,
+                                                        const int N_, const int M_, const int APPROX_) {
+    int64_t i2 = lo % size[2], i1 = (lo / size[2]) % size[1], i0 = lo / size[2] / size[1];
+    int64_t off[W];
+    uint64_t ui[W];
+    int bad = 0;
+    for (int64_t b = lo; b < hi;) {
+        const int nl = hi - b >= W && N_ < M_ ? W : 1;
+        if (nl == W && i2 + W <= size[2]) { /* a batch inside one row: offsets in arithmetic progression */
+            const int64_t o0 = i0 * xs[0] + i1 * xs[1] + i2 * xs[2];
+            const uint64_t u0 = (uint64_t)(i0 * us[0] + i1 * us[1] + i2 * us[2]);
+            for (int l = 0; l < W; l++) {
+                off[l] = o0 + l * xs[2];
+                ui[l] = u0 + (uint64_t)(l * us[2]);
+            }
+            if (xs[2] == 1)
+                bad |= nm_blocks_v(x, out, u, key, off, ui, es, big, N_, M_, APPROX_, 1);
+            else if (xs[2] == M_ && es == 1)
+                bad |= nm_blocks_v(x, out, u, key, off, ui, es, big, N_, M_, APPROX_, M_);
+            else
+                bad |= nm_blocks_v(x, out, u, key, off, ui, es, big, N_, M_, APPROX_, 0);
+            i2 += W;
+        } else {
+            for (int l = 0; l < nl; l++) {
+                off[l] = i0 * xs[0] + i1 * xs[1] + i2 * xs[2];
+                ui[l] = (uint64_t)(i0 * us[0] + i1 * us[1] + i2 * us[2]);
+                if (++i2 == size[2]) {
+                    i2 = 0;
+                    if (++i1 == size[1]) {
+                        i1 = 0;
+                        ++i0;
+                    }
+                }
+            }
+            if (nl == W) {
+                bad |= nm_blocks_v(x, out, u, key, off, ui, es, big, N_, M_, APPROX_, 0);
+            } else {
+                const int k = APPROX_ ? N_ : 1;
+                float ubl[MAXM];
+                for (int r = 0; r < k; r++)
+                    ubl[r] = u ? u[ui[0] * (uint64_t)k + (uint64_t)r] : hash_u(key, ui[0] * (uint64_t)k + (uint64_t)r);
+                bad |= nm_block(x + off[0], out + off[0], es, ubl, N_, M_, APPROX_, big);
+            }
+        }
+        if (i2 == size[2]) {
+            i2 = 0;
+            if (++i1 == size[1]) {
+                i1 = 0;
+                ++i0;
+            }
+        }
+        b += nl;
     }
+    return bad;
 }
+
+#define CHUNK (W * 256) /* blocks per OpenMP work item */
 
 /* One function per specialization, so that N_, M_, APPROX_ are literals inside the OpenMP region
  * (an outlined parallel body does not see a caller's constants). */
 #define NM_SPECIAL(NAME, N_, M_, A_)                                                                        \
-    static void NAME(const float* x, float* out, const float* u, uint64_t key, const int64_t* size,         \
-                     const int64_t* xs, const int64_t* us, int64_t es, float big, int nthreads) {            \
-        const int64_t rows = size[0] * size[1];                                                              \
-        _Pragma("omp parallel for num_threads(nthreads) if (nthreads > 1 && rows * size[2] >= 16384)")     \
-        for (int64_t row = 0; row < rows; row++) nm_row(x, out, u, key, size, xs, us, es, big, row, N_, M_, A_); \
+    static int NAME(const float* x, float* out, const float* u, uint64_t key, const int64_t* size,          \
+                    const int64_t* xs, const int64_t* us, int64_t es, float big, int nthreads) {             \
+        const int64_t total = size[0] * size[1] * size[2], chunks = (total + CHUNK - 1) / CHUNK;            \
+        int bad = 0;                                                                                         \
+        _Pragma("omp parallel for num_threads(nthreads) if (nthreads > 1 && total >= 4096) reduction(|:bad)") \
+        for (int64_t c = 0; c < chunks; c++) {                                                               \
+            const int64_t lo = c * CHUNK, hi = lo + CHUNK < total ? lo + CHUNK : total;                      \
+            bad |= nm_span(x, out, u, key, size, xs, us, es, big, lo, hi, N_, M_, A_);                       \
+        }                                                                                                    \
+        return bad;                                                                                          \
     }
 NM_SPECIAL(nm_12, 1, 2, 0)
 NM_SPECIAL(nm_24, 2, 4, 0)
 NM_SPECIAL(nm_24a, 2, 4, 1)
 
-static void nm_generic(const float* x, float* out, const float* u, uint64_t key, const int64_t* size,
-                       const int64_t* xs, const int64_t* us, int64_t es, float big, int nthreads, int n, int m,
-                       int approx) {
-    const int64_t rows = size[0] * size[1];
-#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && rows * size[2] >= 16384)
-    for (int64_t row = 0; row < rows; row++) {
-        const int64_t i0 = row / size[1], i1 = row % size[1];
+static int nm_generic(const float* x, float* out, const float* u, uint64_t key, const int64_t* size,
+                      const int64_t* xs, const int64_t* us, int64_t es, float big, int nthreads, int n, int m,
+                      int approx) {
+    const int64_t total = size[0] * size[1] * size[2], chunks = (total + CHUNK - 1) / CHUNK;
+    int bad = 0;
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && total >= 4096) reduction(|:bad)
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t lo = c * CHUNK, hi = lo + CHUNK < total ? lo + CHUNK : total;
+        int64_t i2 = lo % size[2], i1 = (lo / size[2]) % size[1], i0 = lo / size[2] / size[1];
         const int k = approx ? n : 1;
-        for (int64_t i2 = 0; i2 < size[2]; i2++) {
+        for (int64_t b = lo; b < hi; b++) {
             const int64_t off = i0 * xs[0] + i1 * xs[1] + i2 * xs[2];
-            const uint64_t b = (uint64_t)(i0 * us[0] + i1 * us[1] + i2 * us[2]) * (uint64_t)k;
+            const uint64_t ub = (uint64_t)(i0 * us[0] + i1 * us[1] + i2 * us[2]) * (uint64_t)k;
             float ubl[MAXM];
-            for (int r = 0; r < k; r++) ubl[r] = u ? u[b + (uint64_t)r] : hash_u(key, b + (uint64_t)r);
-            nm_block(x + off, out + off, es, ubl, n, m, approx, big);
+            for (int r = 0; r < k; r++) ubl[r] = u ? u[ub + (uint64_t)r] : hash_u(key, ub + (uint64_t)r);
+            bad |= nm_block(x + off, out + off, es, ubl, n, m, approx, big);
+            if (++i2 == size[2]) {
+                i2 = 0;
+                if (++i1 == size[1]) {
+                    i1 = 0;
+                    ++i0;
+                }
+            }
         }
     }
+    return bad;
 }
 
-/* Returns 0, or -1 for an (n, m) it does not take (m > 8). */
+/* Returns 0, 1 when x holds a NaN/Inf (out is then garbage), or -1 for an (n, m) it does not take. */
 int lp_nm_f32(const float* x, float* out, const float* u, uint64_t key, const int64_t* size, const int64_t* xs,
               const int64_t* us, int64_t es, int n, int m, int approx, float big, int nthreads) {
     if (m < 1 || m > MAXM || n < 1 || n > m) return -1;
-    if (n == 1 && m == 2 && !approx)
-        nm_12(x, out, u, key, size, xs, us, es, big, nthreads);
-    else if (n == 2 && m == 4 && !approx)
-        nm_24(x, out, u, key, size, xs, us, es, big, nthreads);
-    else if (n == 2 && m == 4 && approx)
-        nm_24a(x, out, u, key, size, xs, us, es, big, nthreads);
-    else
-        nm_generic(x, out, u, key, size, xs, us, es, big, nthreads, n, m, approx);
-    return 0;
+    if (n == 1 && m == 2 && !approx) return nm_12(x, out, u, key, size, xs, us, es, big, nthreads);
+    if (n == 2 && m == 4 && !approx) return nm_24(x, out, u, key, size, xs, us, es, big, nthreads);
+    if (n == 2 && m == 4 && approx) return nm_24a(x, out, u, key, size, xs, us, es, big, nthreads);
+    return nm_generic(x, out, u, key, size, xs, us, es, big, nthreads, n, m, approx);
 }

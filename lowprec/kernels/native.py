@@ -32,6 +32,7 @@ fails, one warning and the torch cores run instead (:func:`status` says why).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -141,6 +142,9 @@ def library():
             lib.lp_nm_f32.argtypes = [p, p, p, ctypes.c_uint64, i64p, i64p, i64p, ctypes.c_int64, ctypes.c_int,
                                       ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int]
             lib.lp_nm_f32.restype = ctypes.c_int
+            lib.lp_luq_auto_f32.argtypes = [p, p, p, ctypes.c_uint64, i64p, i64p, i64p, ctypes.c_float,
+                                            ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+            lib.lp_luq_auto_f32.restype = ctypes.c_int
             _state["lib"], _state["path"] = lib, path.name
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             _state["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
@@ -155,7 +159,11 @@ def nest(t: Tensor, m: int):
     step, uniform-index step in blocks), and the element step inside a block; None when the layout
     needs more than three loops (the caller copies ``t`` to contiguous first). The uniform index is
     the block's position in C order of ``t``'s logical shape, as the references lay out ``noise=``."""
-    shape, stride = t.shape, t.stride()
+    return _nest(tuple(t.shape), t.stride(), m)
+
+
+@functools.lru_cache(maxsize=1024)  # a model has a few dozen (shape, layout) pairs; this runs every call
+def _nest(shape: tuple, stride: tuple, m: int):
     nb = shape[-1] // m
     dims, ustep = [(nb, stride[-1] * m, 1)], nb
     for size, s in zip(reversed(shape[:-1]), reversed(stride[:-1])):
@@ -179,7 +187,8 @@ def _nested(t: Tensor, m: int):
     if loops is None:
         t = t.contiguous()
         loops = nest(t, m)
-    return t, loops
+    (size, xs, us), es = loops
+    return t, (_I64x3(*size), _I64x3(*xs), _I64x3(*us)), es
 
 
 def _ptr(t: Tensor | None):
@@ -190,24 +199,30 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def run_luq(lib, x: Tensor, u: Tensor | None, key: int, m: float, alpha: float) -> Tensor:
-    """LUQ of fp32 ``x`` (finite, dense) into a tensor with ``x``'s strides (a contiguous one when they need
-    more than three loops); ``u``: contiguous uniforms in ``x``'s logical order, or None to draw them from ``key``."""
-    x, ((size, xs, us), _) = _nested(x, 1)
+def run_luq(lib, x: Tensor, u: Tensor | None, key: int, max_abs: float | None, fmax: float, levels: int,
+            e_tiny: int) -> tuple[int, Tensor]:
+    """``(status, out)``: LUQ of fp32 ``x`` (dense) as :func:`lowprec.kernels.cpu.luq` computes it, into a
+    tensor with ``x``'s strides (a contiguous one when they need more than three loops). ``u``:
+    contiguous uniforms in ``x``'s logical order, or None to draw them from ``key``; ``max_abs``: the
+    given top level (None: max|x|); ``fmax``/``e_tiny``: the input dtype's largest finite value and
+    smallest normal exponent. Status 0: done; 1: x holds a NaN/Inf; 2: the top level is 0."""
+    x, (size, xs, us), _ = _nested(x, 1)
     out = torch.empty_like(x)
-    lib.lp_luq_f32(_ptr(x), _ptr(out), _ptr(u), key, _I64x3(*size), _I64x3(*xs), _I64x3(*us), m, alpha, _threads())
-    return out
+    rc = lib.lp_luq_auto_f32(_ptr(x), _ptr(out), _ptr(u), key, size, xs, us, -1.0 if max_abs is None else max_abs,
+                             fmax, levels, e_tiny, _threads())
+    return rc, out
 
 
-def run_nm(lib, blocks: Tensor, u: Tensor | None, key: int, n: int, m: int, approx: bool, big: float) -> Tensor:
-    """N:M of fp32 ``blocks`` (finite, dense, last dim a multiple of m) into a tensor with its strides."""
-    blocks, ((size, xs, us), es) = _nested(blocks, m)
+def run_nm(lib, blocks: Tensor, u: Tensor | None, key: int, n: int, m: int, approx: bool,
+           big: float) -> tuple[int, Tensor]:
+    """``(status, out)``: N:M of fp32 ``blocks`` (dense, last dim a multiple of m) into a tensor with its
+    strides; status 1 when a NaN/Inf was read (``out`` is then not meaningful)."""
+    blocks, (size, xs, us), es = _nested(blocks, m)
     out = torch.empty_like(blocks)
-    rc = lib.lp_nm_f32(_ptr(blocks), _ptr(out), _ptr(u), key, _I64x3(*size), _I64x3(*xs), _I64x3(*us), es, n, m,
-                       int(approx), big, _threads())
-    if rc != 0:
+    rc = lib.lp_nm_f32(_ptr(blocks), _ptr(out), _ptr(u), key, size, xs, us, es, n, m, int(approx), big, _threads())
+    if rc < 0:
         raise ValueError(f"lp_nm_f32: unsupported n={n}, m={m}")
-    return out
+    return rc, out
 
 
 def fill_uniforms(lib, key: int, shape) -> Tensor:
