@@ -310,10 +310,16 @@ __attribute__((always_inline)) static inline void mvue_keep_v(const vf* s, vf u,
             ncap = ncap + vcount(capped[j]);
         }
         const vf cs = (vsplat((float)n) - ncap) / vmax(free_, floor_);
+        vi fresh = (vi){0};
         for (int j = 0; j < M; j++) {
             share[j] = s[j] * cs;
+            fresh |= (share[j] >= one) & ~capped[j];
             capped[j] |= share[j] >= one;
         }
+        /* no lane capped a new entry: every further round would repeat this one bit for bit */
+        int any = 0;
+        for (int l = 0; l < W; l++) any |= fresh[l];
+        if (!any) break;
     }
     vi open[MAXM], closes[MAXM], after = (vi){0}, opened = (vi){0};
     vf ncap2 = zero;
