@@ -292,6 +292,7 @@ def ratio_rows(wl: str, recipes, modes, steps: int, warmup: int, quick: bool, de
         base()
     rows = [f"### {desc}", "", "| recipe | CPU path | fp32 step | recipe step | ratio | target | warm-up |",
             "|---|---|---:|---:|---:|---:|---:|"]
+    verdicts: list[str] = []
     for mode in modes if device == "cpu" else ["auto"]:
         for r in recipes if mode in ("native", "auto") else [r for r in recipes if r in MAIN_RECIPES]:
             with Mode(mode):
@@ -313,9 +314,13 @@ def ratio_rows(wl: str, recipes, modes, steps: int, warmup: int, quick: bool, de
                     warm = f"{first - mr:.2f} s" if mode == "native" else ""
                     rows.append(f"| {r} | {mode} | {mb * 1e3:.1f} ms | {mr * 1e3:.1f} ms | {mr / mb:.2f}x | "
                                 f"{TARGETS.get(r, '')}{'x' if r in TARGETS else ''} | {warm} |")
+                    if r in TARGETS and mode in ("native", "auto"):
+                        verdicts.append(f"{r} {mr / mb:.3f}x {'met' if mr / mb <= TARGETS[r] else 'MISSED'}")
                 except Exception as e:  # noqa: BLE001 - one failing recipe must not hide the others
                     rows.append(f"| {r} | {mode} | | | error: {type(e).__name__}: {str(e).splitlines()[0][:120]} | | |")
             print(rows[-1], flush=True)
+    if verdicts:
+        rows += ["", "Targets on the automatic CPU path: " + "; ".join(verdicts) + "."]
     return rows + [""]
 
 

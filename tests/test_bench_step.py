@@ -30,6 +30,7 @@ def test_quick_runs_every_path(tmp_path):
         for recipe in ("luq4", "mvue12", "mvue24", "mvue24_approx", "mvue24_luq4"):
             for mode in ("torch", "reference"):
                 assert f"| {recipe} | {mode} |" in section, (wl, recipe, mode)
+        assert "Targets on the automatic CPU path: luq4 " in section and "mvue24_luq4 " in section
     for est in ("luq4", "mvue12", "mvue24", "mvue24_approx"):
         assert text.count(f"| {est} | [") == 2, est
 

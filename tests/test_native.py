@@ -91,6 +91,18 @@ def test_luq_every_layout(name, x):
     same(cpu.luq(x, noise=u), luq_ref(x, noise=u))
 
 
+@pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (3, 8)])
+@pytest.mark.parametrize("name,x", layouts(), ids=lambda v: v if isinstance(v, str) else "")
+def test_mse_every_layout(name, x, n, m):
+    """The biased keep-the-largest mask (deterministic), with ties at the block max."""
+    if x.shape[-1] % m:
+        pytest.skip("padded blocks run the reference")
+    x = x.clone()
+    x[..., 1::m] = -x[..., ::m]  # equal magnitudes inside every block: ties go to the lower index
+    same(cpu.nm_prune(x, n, m, method="mse"), nm_ref(x, n, m, method="mse"))
+    same(cpu.nm_prune(x, n, m, method="mse"), torch_core(lambda: cpu.nm_prune(x, n, m, method="mse")))
+
+
 @pytest.mark.parametrize("n,m,method", NM)
 @pytest.mark.parametrize("name,x", layouts(), ids=lambda v: v if isinstance(v, str) else "")
 def test_nm_every_layout(name, x, n, m, method):

@@ -141,11 +141,16 @@ def luq(x: Tensor, bits: int = 4, *, levels: int | None = None, max_abs=None, ge
 
 def nm_prune(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -1,
              generator: torch.Generator | None = None, noise: Tensor | None = None, nonfinite: str = "raise") -> Tensor:
-    """CPU twin of :func:`lowprec.nm.nm_prune` for the unbiased methods (mse: the reference)."""
+    """CPU twin of :func:`lowprec.nm.nm_prune` (mse: the C twin, else the reference)."""
     check_float(x, "nm_prune")
     check_nm(n, m, method)
     check_nonfinite_mode(nonfinite)
-    if method == "mse" or x.dim() == 0 or not -x.dim() <= dim < x.dim() or x.numel() == 0 or n == m:
+    if x.dim() == 0 or not -x.dim() <= dim < x.dim() or x.numel() == 0 or n == m:
+        from ..nm import nm_prune as reference
+
+        return reference(x, n, m, method=method, dim=dim, generator=generator, noise=noise, nonfinite=nonfinite)
+    if method == "mse":
+        return _mse(x, n, m, dim, generator, noise, nonfinite)
         from ..nm import nm_prune as reference
 
         return reference(x, n, m, method=method, dim=dim, generator=generator, noise=noise, nonfinite=nonfinite)
@@ -167,3 +172,19 @@ def nm_prune(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -1,
         return torch.zeros_like(x)
     u = uniforms(seed, ushape) if u is None else u
     return from_blocks(nm_core(blocks, u, n, method, big), x, length, dim)
+
+
+def _mse(x: Tensor, n: int, m: int, dim: int, generator, noise, nonfinite: str) -> Tensor:
+    """The biased MSE mask (keep the n largest |x|): C when it takes the layout, else the reference."""
+    xt = x.detach().movedim(dim, -1)
+    lib = None
+    if work_dtype(x.dtype) == torch.float32 and m <= native.MAX_M and xt.shape[-1] % m == 0:
+        lib = native.library()
+    if lib is None:
+        from ..nm import nm_prune as reference
+
+        return reference(x, n, m, method="mse", dim=dim, generator=generator, noise=noise, nonfinite=nonfinite)
+    rc, out = native.run_mse(lib, _dense(xt.to(torch.float32)), n, m)
+    if rc == 1 and nonfinite_guard(x, torch.tensor(float("nan")), nonfinite, "nm_prune"):
+        return torch.zeros_like(x)
+    return out.movedim(-1, dim).to(x.dtype)

@@ -577,6 +577,35 @@ static int nm_generic(const float* x, float* out, const float* u, uint64_t key, 
     return bad;
 }
 
+/* lowprec.nm._mse_mask for every block of the nest: keep the n largest |x| (ties: the lower index),
+ * the rest +0. Deterministic (no uniforms). Returns 1 when x holds a NaN/Inf. */
+int lp_mse_f32(const float* x, float* out, const int64_t* size, const int64_t* xs, int64_t es, int n, int m,
+               int nthreads) {
+    if (m < 1 || m > MAXM || n < 1 || n > m) return -1;
+    const int64_t rows = size[0] * size[1];
+    int bad = 0;
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && rows * size[2] >= 4096) reduction(|:bad)
+    for (int64_t row = 0; row < rows; row++) {
+        const int64_t base = (row / size[1]) * xs[0] + (row % size[1]) * xs[1];
+        for (int64_t i2 = 0; i2 < size[2]; i2++) {
+            const float* xp = x + base + i2 * xs[2];
+            float* op = out + base + i2 * xs[2];
+            float xv[MAXM], a[MAXM];
+            for (int j = 0; j < m; j++) {
+                xv[j] = xp[j * es];
+                a[j] = fabsf(xv[j]);
+                bad |= !(a[j] <= 0x1.fffffep127f);
+            }
+            for (int i = 0; i < m; i++) {
+                int rank = 0;
+                for (int j = 0; j < m; j++) rank += j != i && (a[j] > a[i] || (a[j] == a[i] && j < i));
+                op[i * es] = rank < n ? xv[i] : 0.0f;
+            }
+        }
+    }
+    return bad;
+}
+
 /* Returns 0, 1 when x holds a NaN/Inf (out is then garbage), or -1 for an (n, m) it does not take. */
 int lp_nm_f32(const float* x, float* out, const float* u, uint64_t key, const int64_t* size, const int64_t* xs,
               const int64_t* us, int64_t es, int n, int m, int approx, float big, int nthreads) {

@@ -145,6 +145,8 @@ def library():
             lib.lp_luq_auto_f32.argtypes = [p, p, p, ctypes.c_uint64, i64p, i64p, i64p, ctypes.c_float,
                                             ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int]
             lib.lp_luq_auto_f32.restype = ctypes.c_int
+            lib.lp_mse_f32.argtypes = [p, p, i64p, i64p, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+            lib.lp_mse_f32.restype = ctypes.c_int
             _state["lib"], _state["path"] = lib, path.name
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             _state["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
@@ -222,6 +224,16 @@ def run_nm(lib, blocks: Tensor, u: Tensor | None, key: int, n: int, m: int, appr
     rc = lib.lp_nm_f32(_ptr(blocks), _ptr(out), _ptr(u), key, size, xs, us, es, n, m, int(approx), big, _threads())
     if rc < 0:
         raise ValueError(f"lp_nm_f32: unsupported n={n}, m={m}")
+    return rc, out
+
+
+def run_mse(lib, blocks: Tensor, n: int, m: int) -> tuple[int, Tensor]:
+    """``(status, out)``: the MSE (keep the n largest) mask of fp32 ``blocks`` as in :func:`run_nm`."""
+    blocks, (size, xs, _), es = _nested(blocks, m)
+    out = torch.empty_like(blocks)
+    rc = lib.lp_mse_f32(_ptr(blocks), _ptr(out), size, xs, es, n, m, _threads())
+    if rc < 0:
+        raise ValueError(f"lp_mse_f32: unsupported n={n}, m={m}")
     return rc, out
 
 
