@@ -67,6 +67,16 @@ def _zero_variance(x: Tensor) -> Tensor:
     return torch.zeros((), dtype=torch.float64, device=x.device)
 
 
+class _Deterministic:
+    """What a deterministic, element-by-element rounding shares: biased, no variance."""
+
+    unbiased = False
+    elementwise = True
+
+    def expected_variance(self, x: Tensor) -> Tensor:
+        return _zero_variance(x)
+
+
 def _check_levels(levels) -> None:
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
         raise ValueError(f"levels={levels!r}: expected a positive integer")
@@ -167,7 +177,7 @@ class NMPrune:
 
 
 @dataclass(frozen=True)
-class IntQuant:
+class IntQuant(_Deterministic):
     """Callable forward INT quantizer (see :func:`lowprec.intq.int_quant`); deterministic."""
 
     bits: int = 4
@@ -180,9 +190,6 @@ class IntQuant:
         if self.clip_method not in CLIP_METHODS:
             raise ValueError(f"clip_method={self.clip_method!r}: expected one of {CLIP_METHODS}")
 
-    unbiased = False
-    elementwise = True
-
     @property
     def name(self) -> str:
         return f"int{self.bits}" + ("_pc" if self.per_channel else "")
@@ -191,15 +198,12 @@ class IntQuant:
         return dispatch.int_quant(x, self.bits, signed=self.signed, per_channel=self.per_channel,
                                   clip_method=self.clip_method, backend=None)
 
-    def expected_variance(self, x: Tensor) -> Tensor:
-        return _zero_variance(x)
-
 
 # ----------------------------------------------------------------------------- baselines (reference only)
 
 
 @dataclass(frozen=True)
-class Radix4:
+class Radix4(_Deterministic):
     """Radix-4 FP4 with log-domain round-to-nearest (see :func:`lowprec.baselines.radix4`)."""
 
     levels: int = 7
@@ -210,18 +214,13 @@ class Radix4:
         check_nonfinite_mode(self.nonfinite)
 
     name = "radix4"
-    unbiased = False
-    elementwise = True
 
     def __call__(self, x: Tensor, *, generator=None, state=None) -> Tensor:
         return radix4(x, levels=self.levels, nonfinite=self.nonfinite)
 
-    def expected_variance(self, x: Tensor) -> Tensor:
-        return _zero_variance(x)
-
 
 @dataclass(frozen=True)
-class FP4RDN:
+class FP4RDN(_Deterministic):
     """LUQ's grid with deterministic round-to-nearest (see :func:`lowprec.baselines.fp4_rdn`)."""
 
     bits: int = 4
@@ -233,14 +232,9 @@ class FP4RDN:
         check_nonfinite_mode(self.nonfinite)
 
     name = "fp4_rdn"
-    unbiased = False
-    elementwise = True
 
     def __call__(self, x: Tensor, *, generator=None, state=None) -> Tensor:
         return fp4_rdn(x, self.bits, levels=self.levels, nonfinite=self.nonfinite)
-
-    def expected_variance(self, x: Tensor) -> Tensor:
-        return _zero_variance(x)
 
 
 @dataclass(frozen=True)

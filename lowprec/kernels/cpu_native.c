@@ -191,6 +191,17 @@ static inline void mvue_keep(const float* s, float u, int n, int M, float* p, in
     }
 }
 
+/* v[0] + ... + v[M-1] without v[i], left to right from the first term (not from 0). */
+static inline float sum_except(const float* v, int M, int i) {
+    float o = 0.0f;
+    for (int j = 0, first = 1; j < M; j++) {
+        if (j == i) continue;
+        o = first ? v[j] : o + v[j];
+        first = 0;
+    }
+    return o;
+}
+
 /* lowprec.nm._approx_draw: n draws without replacement ∝ |x| (uniforms u[0..n-1]) and the exact
  * inclusion probabilities; an entry whose probability is not > 0 is not kept. */
 static inline void approx_keep(const float* s, const float* u, int n, int M, float* p, int* keep) {
@@ -217,26 +228,8 @@ static inline void approx_keep(const float* s, const float* u, int n, int M, flo
     if (n == 1) {
         for (int j = 0; j < M; j++) p[j] = t[j];
     } else {
-        for (int j = 0; j < M; j++) {
-            float o = 0.0f;
-            int first = 1;
-            for (int k = 0; k < M; k++) {
-                if (k == j) continue;
-                o = first ? s[k] : o + s[k];
-                first = 0;
-            }
-            rest[j] = t[j] / o;
-        }
-        for (int i = 0; i < M; i++) {
-            float o = 0.0f;
-            int first = 1;
-            for (int j = 0; j < M; j++) {
-                if (j == i) continue;
-                o = first ? rest[j] : o + rest[j];
-                first = 0;
-            }
-            p[i] = t[i] + s[i] * o;
-        }
+        for (int j = 0; j < M; j++) rest[j] = t[j] / sum_except(s, M, j);
+        for (int i = 0; i < M; i++) p[i] = t[i] + s[i] * sum_except(rest, M, i);
     }
     for (int j = 0; j < M; j++) keep[j] = keep[j] && p[j] > 0.0f;
 }
@@ -350,6 +343,16 @@ __attribute__((always_inline)) static inline void mvue_keep_v(const vf* s, vf u,
     }
 }
 
+__attribute__((always_inline)) static inline vf sum_except_v(const vf* v, const int M, const int i) {
+    vf o = vsplat(0.0f);
+    for (int j = 0, first = 1; j < M; j++) {
+        if (j == i) continue;
+        o = first ? v[j] : o + v[j];
+        first = 0;
+    }
+    return o;
+}
+
 __attribute__((always_inline)) static inline void approx_keep_v(const vf* s, const vf* u, const int n, const int M,
                                                                vf* p, vi* keep) {
     const vf zero = vsplat(0.0f);
@@ -375,24 +378,8 @@ __attribute__((always_inline)) static inline void approx_keep_v(const vf* s, con
     if (n == 1) {
         for (int j = 0; j < M; j++) p[j] = t[j];
     } else {
-        for (int j = 0; j < M; j++) {
-            vf o = zero;
-            for (int k = 0, first = 1; k < M; k++) {
-                if (k == j) continue;
-                o = first ? s[k] : o + s[k];
-                first = 0;
-            }
-            rest[j] = t[j] / o;
-        }
-        for (int i = 0; i < M; i++) {
-            vf o = zero;
-            for (int j = 0, first = 1; j < M; j++) {
-                if (j == i) continue;
-                o = first ? rest[j] : o + rest[j];
-                first = 0;
-            }
-            p[i] = t[i] + s[i] * o;
-        }
+        for (int j = 0; j < M; j++) rest[j] = t[j] / sum_except_v(s, M, j);
+        for (int i = 0; i < M; i++) p[i] = t[i] + s[i] * sum_except_v(rest, M, i);
     }
     for (int j = 0; j < M; j++) keep[j] &= p[j] > zero;
 }
@@ -577,33 +564,51 @@ static int nm_generic(const float* x, float* out, const float* u, uint64_t key, 
     return bad;
 }
 
-/* lowprec.nm._mse_mask for every block of the nest: keep the n largest |x| (ties: the lower index),
- * the rest +0. Deterministic (no uniforms). Returns 1 when x holds a NaN/Inf. */
+/* lowprec.nm._mse_mask for one block, branch-free (the comparisons are data: branches on them
+ * mispredict): keep the n largest |x| (ties: the lower index), the rest +0. Returns 1 on a NaN/Inf. */
+__attribute__((always_inline)) static inline int mse_block(const float* xp, float* op, int64_t es, const int n,
+                                                          const int M) {
+    float xv[MAXM], a[MAXM];
+    int bad = 0;
+    for (int j = 0; j < M; j++) {
+        xv[j] = xp[j * es];
+        a[j] = fabsf(xv[j]);
+        bad |= !(a[j] <= 0x1.fffffep127f);
+    }
+    for (int i = 0; i < M; i++) {
+        int rank = 0;
+        for (int j = 0; j < M; j++)
+            if (j != i) rank += (a[j] > a[i]) | ((a[j] == a[i]) & (j < i));
+        op[i * es] = bits_f(f_bits(xv[i]) & (uint32_t)-(rank < n));
+    }
+    return bad;
+}
+
+#define MSE_SPECIAL(NAME, N_, M_)                                                                           \
+    static int NAME(const float* x, float* out, const int64_t* size, const int64_t* xs, int64_t es,        \
+                    int n, int m, int nthreads) {                                                            \
+        const int nn = N_ ? N_ : n, mm = M_ ? M_ : m;                                                        \
+        const int64_t rows = size[0] * size[1];                                                              \
+        int bad = 0;                                                                                         \
+        _Pragma("omp parallel for num_threads(nthreads) if (nthreads > 1 && rows * size[2] >= 4096) reduction(|:bad)") \
+        for (int64_t row = 0; row < rows; row++) {                                                           \
+            const int64_t base = (row / size[1]) * xs[0] + (row % size[1]) * xs[1];                          \
+            for (int64_t i2 = 0; i2 < size[2]; i2++)                                                         \
+                bad |= mse_block(x + base + i2 * xs[2], out + base + i2 * xs[2], es, nn, mm);                \
+        }                                                                                                    \
+        return bad;                                                                                          \
+    }
+MSE_SPECIAL(mse_12, 1, 2)
+MSE_SPECIAL(mse_24, 2, 4)
+MSE_SPECIAL(mse_any, 0, 0)
+
+/* The MSE mask over the nest (deterministic: no uniforms). Returns 0, 1 on a NaN/Inf, -1 for bad (n, m). */
 int lp_mse_f32(const float* x, float* out, const int64_t* size, const int64_t* xs, int64_t es, int n, int m,
                int nthreads) {
     if (m < 1 || m > MAXM || n < 1 || n > m) return -1;
-    const int64_t rows = size[0] * size[1];
-    int bad = 0;
-#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && rows * size[2] >= 4096) reduction(|:bad)
-    for (int64_t row = 0; row < rows; row++) {
-        const int64_t base = (row / size[1]) * xs[0] + (row % size[1]) * xs[1];
-        for (int64_t i2 = 0; i2 < size[2]; i2++) {
-            const float* xp = x + base + i2 * xs[2];
-            float* op = out + base + i2 * xs[2];
-            float xv[MAXM], a[MAXM];
-            for (int j = 0; j < m; j++) {
-                xv[j] = xp[j * es];
-                a[j] = fabsf(xv[j]);
-                bad |= !(a[j] <= 0x1.fffffep127f);
-            }
-            for (int i = 0; i < m; i++) {
-                int rank = 0;
-                for (int j = 0; j < m; j++) rank += j != i && (a[j] > a[i] || (a[j] == a[i] && j < i));
-                op[i * es] = rank < n ? xv[i] : 0.0f;
-            }
-        }
-    }
-    return bad;
+    if (n == 1 && m == 2) return mse_12(x, out, size, xs, es, n, m, nthreads);
+    if (n == 2 && m == 4) return mse_24(x, out, size, xs, es, n, m, nthreads);
+    return mse_any(x, out, size, xs, es, n, m, nthreads);
 }
 
 /* Returns 0, 1 when x holds a NaN/Inf (out is then garbage), or -1 for an (n, m) it does not take. */
