@@ -278,6 +278,12 @@ static inline vf vsplat(float v) { return (vf){0} + v; }
 static inline vf vmin(vf a, vf b) { return sel(a < b, a, b); }
 static inline vf vmax(vf a, vf b) { return sel(a < b, b, a); }
 static inline vf vcount(vi m) { return __builtin_convertvector(-m, vf); } /* mask (-1/0) -> 1.0f/0.0f */
+static inline int vany(vi m) { /* any lane set: eight 64-bit ORs, not sixteen lane extractions */
+    uint64_t w[W / 2], o = 0;
+    memcpy(w, &m, sizeof(vi));
+    for (int i = 0; i < W / 2; i++) o |= w[i];
+    return o != 0;
+}
 
 __attribute__((always_inline)) static inline void normalize_v(const vf* a, vf* s, const int M) {
     vf bmax = a[0];
@@ -309,10 +315,7 @@ __attribute__((always_inline)) static inline void mvue_keep_v(const vf* s, vf u,
             fresh |= (share[j] >= one) & ~capped[j];
             capped[j] |= share[j] >= one;
         }
-        /* no lane capped a new entry: every further round would repeat this one bit for bit */
-        int any = 0;
-        for (int l = 0; l < W; l++) any |= fresh[l];
-        if (!any) break;
+        if (!vany(fresh)) break; /* no lane capped a new entry: further rounds would repeat this one bit for bit */
     }
     vi open[MAXM], closes[MAXM], after = (vi){0}, opened = (vi){0};
     vf ncap2 = zero;
@@ -450,9 +453,7 @@ __attribute__((always_inline)) static inline int nm_blocks_v(const float* x, flo
             for (int l = 0; l < W; l++)
                 for (int j = 0; j < M_; j++) out[off[l] + j * es] = buf[j][l];
     }
-    int any = 0;
-    for (int l = 0; l < W; l++) any |= bad[l];
-    return any != 0;
+    return vany(bad);
 }
 
 /* Blocks lo..hi-1 of the loop nest in iteration order (innermost fastest), W at a time across row
