@@ -198,17 +198,17 @@ def read_checkpoint(path: Path) -> dict:
 
 def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                     key: str, names: dict[str, str], d: Dist,
-                    before_layer_state: Callable[[int], Any] | None = None) -> Progress:
+                    before_layer_state: Callable[[int, int, dict], Any] | None = None) -> Progress:
     """Restore `path` into `model` and `optimizer` (and this rank's RNG state) and return the
-    progress. `before_layer_state(epoch)` runs after the weights are loaded and before the layer
-    state is (it may change the recipes, e.g. to enter FNT, which resets that state)."""
+    progress. `before_layer_state(epoch, step, extra)` runs after the weights are loaded and before
+    the layer state is (it may change the recipes, e.g. to enter FNT, which resets that state)."""
     ck = read_checkpoint(path)
     if ck["key"] != key or ck["names"] != names:
         raise ValueError(f"{path} was written by a different configuration "
                          f"({ck['names']}); use another hydra.run.dir or trainer.resume=false")
     model.load_state_dict(ck["model"])
     if before_layer_state is not None:
-        before_layer_state(ck["epoch"])
+        before_layer_state(ck["epoch"], ck["scheduler"]["step"], ck.get("extra") or {})
     load_layer_state(model, ck["layer_state"])
     optimizer.load_state_dict(ck["optimizer"])
     rngs = ck["rng"]

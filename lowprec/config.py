@@ -134,6 +134,8 @@ class TrainConfig:
     bf16: bool = False            # torch.autocast(bfloat16) for forward and loss
     deterministic: bool = True    # cudnn.deterministic; no effect on CPU
     checkpoint_every: int = 1     # epochs; 0: only at the end
+    checkpoint_steps: int = 200   # also every this many optimizer steps inside an epoch (a long
+                                  # epoch or a step budget loses at most this many); 0: off
     resume: bool = False
     baseline: str = "auto"        # auto | skip | require
     stats_every: int = 0          # steps between per-layer gradient statistics; 0: off
@@ -174,7 +176,7 @@ class TrainConfig:
         for k in ("adapt_patience", "adapt_max_samples"):
             if isinstance(getattr(self, k), bool) or not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
                 raise ValueError(f"trainer.{k}={getattr(self, k)!r}: expected an integer >= 1")
-        for k in ("epochs", "fnt_epochs", "workers", "checkpoint_every", "stats_every",
+        for k in ("epochs", "fnt_epochs", "workers", "checkpoint_every", "checkpoint_steps", "stats_every",
                   "max_steps", "limit_batches", "threads", "fnt_steps", "eval_every", "noise_every"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:

@@ -81,16 +81,16 @@ class Logger:
 class JsonlLogger(Logger):
     """metrics.jsonl: one JSON object per epoch, appended and flushed at once."""
 
-    def __init__(self, path: str | os.PathLike, *, keep_until_epoch: int | None = None):
+    def __init__(self, path: str | os.PathLike, *, keep_until_step: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if keep_until_epoch is not None:
-            self._truncate(keep_until_epoch)
+        if keep_until_step is not None:
+            self._truncate(keep_until_step)
         elif self.path.exists():
             self.path.unlink()  # a fresh (non-resumed) run starts a fresh file
 
-    def _truncate(self, epoch: int) -> None:
-        """On resume: drop records of epochs after the checkpoint (they are trained again)."""
+    def _truncate(self, step: int) -> None:
+        """On resume: drop the records of steps after the checkpoint's (they are trained again)."""
         if not self.path.exists():
             return
         kept = []
@@ -99,7 +99,7 @@ class JsonlLogger(Logger):
                 rec = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by the kill
                 continue
-            if rec.get("epoch", 0) <= epoch:
+            if rec.get("step", 0) <= step:
                 kept.append(line)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))

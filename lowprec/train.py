@@ -17,9 +17,11 @@ in checkpoint.py.
 
 Reproducibility: everything is seeded from trainer.seed; the data order of epoch e comes from a
 sampler seeded with seed+e (DistributedSampler, also with one process), and a checkpoint
-(checkpoint.py) written at epoch ends holds everything later steps depend on. A run killed at
-any point and restarted with trainer.resume=true in the same directory re-trains from the last
-checkpoint and ends with the same weights and the same top-1 as an uninterrupted run.
+(checkpoint.py) written at epoch ends and every trainer.checkpoint_steps steps inside an epoch
+(with the epoch's position and running sums; a resume skips the batches already taken in the
+same order) holds everything later steps depend on. A run killed at any point and restarted
+with trainer.resume=<run dir> re-trains from the last checkpoint and ends with the same weights,
+metrics and top-1 / validation loss as an uninterrupted run.
 
 DDP (torchrun): trainer.batch_size is the global batch (split over ranks); the model is wrapped
 in DDP after convert(); only rank 0 evaluates, logs, checkpoints and writes the index.
@@ -51,6 +53,7 @@ from .checkpoint import (Progress, atomic_write_text, kill_point, load_checkpoin
 from .config import Experiment
 from .convert import collect_stats, convert, set_recipes
 from .distributed import Dist, all_true, broadcast, mean_over_ranks, setup_distributed
+from .evaluation import evaluate
 from .logging import JsonlLogger, Logger, MultiLogger, make_wandb
 from .optim import lr_factor, make_optimizer
 from .summary import LN2, baseline_quality, describe, summarize, summary_lines  # noqa: F401
@@ -82,9 +85,10 @@ def train(exp: Experiment, datasets=None, *, dist: Dist | None = None,
     r = _set_up(exp, datasets, d)
     prog = Progress()
     if t.resume and r.ckpt_path.exists():
-        def resumed_inside_fnt(epoch):
-            # step budget: checkpoints are at epoch ends (step = epoch · spe) or at the end
-            if (epoch * r.spe > t.max_steps) if t.max_steps else epoch > t.epochs:
+        def resumed_inside_fnt(epoch, step, extra):
+            # FNT began at step max_steps (before that step) or at epoch `epochs` (before it)
+            mid = bool(extra.get("in_epoch"))
+            if (step > t.max_steps) if t.max_steps else (epoch > t.epochs or (epoch == t.epochs and mid)):
                 enter_fnt(r.core, exp)
         prog = load_checkpoint(r.ckpt_path, model=r.core, optimizer=r.opt, key=exp.key,
                                names=exp.names, d=d, before_layer_state=resumed_inside_fnt)
@@ -96,21 +100,26 @@ def train(exp: Experiment, datasets=None, *, dist: Dist | None = None,
             r.core, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     model.train()
     t0 = time.time()
+
+    def checkpoint(in_epoch: dict | None = None) -> None:
+        """last.pt: at an epoch end (in_epoch None) or inside one (its position and accumulators)."""
+        prog.extra.update(adapt=r.adapt.state_dict(), in_epoch=in_epoch)
+        save_checkpoint(r.ckpt_path, model=r.core, optimizer=r.opt, progress=prog,
+                        elapsed=prog.elapsed + time.time() - t0, key=exp.key, names=exp.names, d=d)
+
     budget = t.max_steps + t.fnt_steps if t.max_steps else 0
     for epoch in itertools.count(prog.epoch):
         if (prog.step >= budget) if budget else epoch >= r.total_epochs:
             break
-        if epoch == t.epochs and not budget:
+        mid = (prog.extra.get("in_epoch") or {}).get("epoch") == epoch  # resumed inside this epoch
+        if epoch == t.epochs and not budget and not mid:
             enter_fnt(r.core, exp)
-        _end_epoch(exp, r, prog, _train_epoch(exp, r, model, prog, epoch, logger, d), logger, d)
+        _end_epoch(exp, r, prog, _train_epoch(exp, r, model, prog, epoch, logger, d, checkpoint), logger, d)
         kill_point("epoch_logged")
         prog.epoch = epoch + 1
         stop = (prog.step >= budget) if budget else prog.epoch == r.total_epochs
         if stop or (t.checkpoint_every and prog.epoch % t.checkpoint_every == 0):
-            prog.extra["adapt"] = r.adapt.state_dict()
-            save_checkpoint(r.ckpt_path, model=r.core, optimizer=r.opt, progress=prog,
-                            elapsed=prog.elapsed + time.time() - t0, key=exp.key,
-                            names=exp.names, d=d)
+            checkpoint()
     prog.last, prog.best = broadcast((prog.last, prog.best), d)  # only rank 0 evaluated
     if prog.last is None:  # nothing trained (max_steps=... already reached at the checkpoint)
         raise ValueError("no epoch was run: nothing to report")
@@ -207,12 +216,12 @@ def _start_logging(exp: Experiment, report, prog: Progress, d: Dist) -> Logger:
         return Logger()
     print(report if len(str(report).splitlines()) <= 12 else str(report).splitlines()[0])
     if exp.trainer.resume:
-        print(f"resume: {'from epoch ' + str(prog.epoch) if prog.resumed else 'no checkpoint, from scratch'}"
+        print(f"resume: {f'from epoch {prog.epoch} (step {prog.step})' if prog.resumed else 'no checkpoint, from scratch'}"
               f" in {exp.run_dir}")
     n = exp.names
     logger = MultiLogger(
         JsonlLogger(exp.run_dir / "metrics.jsonl",
-                    keep_until_epoch=prog.epoch if prog.resumed else None),
+                    keep_until_step=prog.step if prog.resumed else None),
         make_wandb(exp.logger, run_dir=exp.run_dir,
                    name=f"{n['model']}-{n['data']}-{n['fwd']}-{n['grad']}-s{exp.trainer.seed}"))
     logger.log_config(exp.config)
@@ -259,9 +268,10 @@ class _Epoch:
 
 
 def _train_epoch(exp: Experiment, r: _Run, model: nn.Module, prog: Progress, epoch: int,
-                 logger: Logger, d: Dist) -> _Epoch:
+                 logger: Logger, d: Dist, checkpoint=None) -> _Epoch:
     t, dev = exp.trainer, d.device
     ep = _Epoch(epoch=epoch, phase=_phase(t, epoch, prog.step), loss_sum=torch.zeros((), device=dev))
+    done = _restore_epoch(ep, prog, dev)  # batches of this epoch a mid-epoch checkpoint had taken
     budget = t.max_steps + t.fnt_steps if t.max_steps else 0
     r.sampler.set_epoch(epoch)
     loader = DataLoader(r.ds.train, batch_size=r.per_rank, sampler=r.sampler,
@@ -273,10 +283,12 @@ def _train_epoch(exp: Experiment, r: _Run, model: nn.Module, prog: Progress, epo
         from tqdm import tqdm
         bar = tqdm(total=r.spe * t.batch_size, unit="img", unit_scale=True, leave=False,
                    desc=f"epoch {epoch + 1}/{r.total_epochs} {ep.phase}", dynamic_ncols=True)
-    te = time.time()
+    te = time.time() - ep.time
     for i, (x, y) in enumerate(loader):
         if i >= r.spe or (budget and prog.step >= budget):
             break
+        if i < done:  # the same sampler order (seeded by epoch): these were trained before the kill
+            continue
         if t.fnt_steps and prog.step == t.max_steps:  # the step budget's FNT phase starts
             enter_fnt(r.core, exp)
             ep.phase = "fnt"
@@ -301,6 +313,9 @@ def _train_epoch(exp: Experiment, r: _Run, model: nn.Module, prog: Progress, epo
         kill_point(f"step{prog.step}")
         if t.stats_every and prog.step % t.stats_every == 0:
             _collect_stats(r.core, ep, logger, prog.step)
+        if checkpoint is not None and t.checkpoint_steps and prog.step % t.checkpoint_steps == 0:
+            ep.time = time.time() - te
+            checkpoint(_epoch_state(ep, i + 1))
         if bar is not None:
             bar.update(x.shape[0] * d.world)
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{ep.lr:.3g}", refresh=False)
@@ -308,6 +323,25 @@ def _train_epoch(exp: Experiment, r: _Run, model: nn.Module, prog: Progress, epo
         bar.close()
     ep.time = time.time() - te
     return ep
+
+
+def _epoch_state(ep: _Epoch, batches: int) -> dict:
+    """What a mid-epoch checkpoint keeps of the epoch in progress (plain data)."""
+    return {"epoch": ep.epoch, "batches": batches, "phase": ep.phase, "loss_sum": float(ep.loss_sum),
+            "n_steps": ep.n_steps, "images": ep.images, "lr": ep.lr, "time": ep.time,
+            "stat_sum": ep.stat_sum, "since_sum": ep.since_sum, "since_n": ep.since_n}
+
+
+def _restore_epoch(ep: _Epoch, prog: Progress, dev) -> int:
+    """Refill `ep` from a mid-epoch checkpoint of this epoch (consumed once); the batches it had taken."""
+    st = prog.extra.get("in_epoch")
+    if not st or st["epoch"] != ep.epoch:
+        return 0
+    prog.extra["in_epoch"] = None
+    ep.loss_sum = torch.tensor(st["loss_sum"], dtype=torch.float32, device=dev)
+    for k in ("phase", "n_steps", "images", "lr", "time", "stat_sum", "since_sum", "since_n"):
+        setattr(ep, k, st[k])
+    return st["batches"]
 
 
 def _phase(t, epoch: int, step: int) -> str:
@@ -433,31 +467,6 @@ def _eval_step(exp: Experiment, r: _Run, prog: Progress, ep: _Epoch, logger: Log
     t = exp.trainer
     print(f"step {prog.step}/{t.max_steps + t.fnt_steps if t.max_steps else '-'} {ep.phase:5s} "
           f"loss {train_loss:.4f} {_metric_text(m)} lr {ep.lr:.4g}", flush=True)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, *, device, bf16: bool, limit: int) -> dict[str, float]:
-    """{"top1", "top5" (%), "val_loss" (mean cross-entropy in nats per prediction)} on `loader`
-    (top-k with k = min(5, classes); a language model's [B, V, T] logits count every position
-    as one prediction); leaves `model` in train mode."""
-    model.eval()
-    n = c1 = c5 = 0
-    loss_sum = 0.0
-    for i, (x, y) in enumerate(loader):
-        if limit and i >= limit:
-            break
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(x)
-        loss_sum += F.cross_entropy(out.float(), y, reduction="sum").item()
-        top = out.float().topk(min(5, out.shape[1]), dim=1).indices
-        hit = top == y[:, None]
-        c1 += hit[:, 0].sum().item()
-        c5 += hit.any(dim=1).sum().item()
-        n += y.numel()
-    model.train()
-    return {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1),
-            "val_loss": loss_sum / max(n, 1)}
 
 
 # ----------------------------------------------------------------------------- summary + index

@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("layers",),
     ("convert",),
     ("data", "models", "chargpt", "text_data", "runs", "logging", "config", "distributed", "checkpoint", "provenance",
-     "summary", "adapt", "optim"),
+     "summary", "adapt", "optim", "evaluation"),
     ("tables", "train", "table_md", "adapt_table"),
 ]
 

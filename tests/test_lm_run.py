@@ -207,3 +207,44 @@ def test_make_tables_on_lm_summaries(tmp_path):
     assert "measured wall time" in md and "30.0 min" in md
     assert (out / "lm_table.png").stat().st_size > 1000
     assert (out / "lm_table_delta.png").stat().st_size > 1000
+
+
+TIMING = ("epoch_time", "img_per_s", "samples_per_s", "wall_time", "eval_time")
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(x).items() if k not in TIMING}
+            for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_lm_run_killed_mid_epoch_resumes_exactly(tmp_path):
+    """A step-budget run lives inside one epoch (the sample has ~340 steps per epoch): checkpoints
+    every trainer.checkpoint_steps let a run killed at step 12 (inside training), at step 28 (inside
+    the FNT steps) or while writing its first checkpoint resume with trainer.resume=<run dir> and end
+    with the weights, summary and metrics.jsonl of an uninterrupted run."""
+    args = [*LM, "grad=luq4", "trainer.max_steps=20", "trainer.fnt_steps=10", "trainer.eval_every=5",
+            "trainer.checkpoint_steps=5", "trainer.baseline=skip"]
+    points = ["step12", "step28", "ckpt_write"]
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "run.py"), f"out_root={tmp_path / p}", *args],
+                              cwd=tmp_path, env={**_env(), **({"LOWPREC_TEST_KILL_AT": p} if p else {})},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for p in ["", *points]]
+    outs = [(p.communicate(timeout=300), p.returncode) for p in procs]
+    assert outs[0][1] == 0, outs[0][0][1][-2000:]
+    (straight,) = [Path(r["run_dir"]) for r in runs.rows(tmp_path / "runs.sqlite")]
+    want = json.loads((straight / "summary.json").read_text())
+    assert want["steps"] == 30 and want["status"] == "ok"
+    for point, ((_, err), rc) in zip(points, outs[1:]):
+        assert rc == -9, (point, rc, err[-2000:])
+        (d,) = [p for p in (tmp_path / point).glob("20*/*") if p.is_dir()]
+        r = subprocess.run([sys.executable, str(ROOT / "run.py"), f"out_root={tmp_path / point}", *args,
+                            f"trainer.resume={d}"], cwd=tmp_path, env=_env(), capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, (point, r.stdout[-2000:], r.stderr[-2000:])
+        if point != "ckpt_write":
+            assert "resume: from epoch 0 (step" in r.stdout, (point, r.stdout[-500:])
+        got = json.loads((d / "summary.json").read_text())
+        assert got["weights_sha256"] == want["weights_sha256"], point
+        assert (got["val_loss"], got["steps"]) == (want["val_loss"], 30), point
+        assert _records(d) == _records(straight), point

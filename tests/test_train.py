@@ -339,15 +339,15 @@ def test_rng_state_roundtrip():
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
 
 
-def test_jsonl_resume_drops_epochs_after_checkpoint(tmp_path):
+def test_jsonl_resume_drops_steps_after_checkpoint(tmp_path):
     path = tmp_path / "metrics.jsonl"
     lg = JsonlLogger(path)
     for e in (1, 2, 3):
-        lg.log_metrics({"epoch": e}, step=e)
+        lg.log_metrics({"epoch": e}, step=2 * e)
     with open(path, "a") as f:
         f.write('{"epoch": 4, "trunc')  # cut short by a kill
-    JsonlLogger(path, keep_until_epoch=2)
-    assert [l for l in path.read_text().splitlines()] == ['{"epoch": 1, "step": 1}', '{"epoch": 2, "step": 2}']
+    JsonlLogger(path, keep_until_step=5)  # a checkpoint at step 5, inside epoch 3
+    assert [l for l in path.read_text().splitlines()] == ['{"epoch": 1, "step": 2}', '{"epoch": 2, "step": 4}']
     JsonlLogger(path)  # a fresh run starts a fresh file
     assert not path.exists()
 
