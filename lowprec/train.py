@@ -52,7 +52,7 @@ from .checkpoint import (Progress, atomic_write_text, kill_point, load_checkpoin
                          save_checkpoint, seed_everything, weights_hash)
 from .config import Experiment
 from .convert import collect_stats, convert, set_recipes
-from .distributed import Dist, all_true, broadcast, mean_over_ranks, setup_distributed
+from .distributed import Dist, all_gather, all_true, broadcast, mean_over_ranks, setup_distributed
 from .evaluation import evaluate
 from .logging import JsonlLogger, Logger, MultiLogger, make_wandb
 from .optim import lr_factor, make_optimizer
@@ -271,7 +271,7 @@ def _train_epoch(exp: Experiment, r: _Run, model: nn.Module, prog: Progress, epo
                  logger: Logger, d: Dist, checkpoint=None) -> _Epoch:
     t, dev = exp.trainer, d.device
     ep = _Epoch(epoch=epoch, phase=_phase(t, epoch, prog.step), loss_sum=torch.zeros((), device=dev))
-    done = _restore_epoch(ep, prog, dev)  # batches of this epoch a mid-epoch checkpoint had taken
+    done = _restore_epoch(ep, prog, d)  # batches of this epoch a mid-epoch checkpoint had taken
     budget = t.max_steps + t.fnt_steps if t.max_steps else 0
     r.sampler.set_epoch(epoch)
     loader = DataLoader(r.ds.train, batch_size=r.per_rank, sampler=r.sampler,
@@ -315,7 +315,7 @@ def _train_epoch(exp: Experiment, r: _Run, model: nn.Module, prog: Progress, epo
             _collect_stats(r.core, ep, logger, prog.step)
         if checkpoint is not None and t.checkpoint_steps and prog.step % t.checkpoint_steps == 0:
             ep.time = time.time() - te
-            checkpoint(_epoch_state(ep, i + 1))
+            checkpoint(_epoch_state(ep, i + 1, d))
         if bar is not None:
             bar.update(x.shape[0] * d.world)
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{ep.lr:.3g}", refresh=False)
@@ -325,21 +325,24 @@ def _train_epoch(exp: Experiment, r: _Run, model: nn.Module, prog: Progress, epo
     return ep
 
 
-def _epoch_state(ep: _Epoch, batches: int) -> dict:
-    """What a mid-epoch checkpoint keeps of the epoch in progress (plain data)."""
-    return {"epoch": ep.epoch, "batches": batches, "phase": ep.phase, "loss_sum": float(ep.loss_sum),
-            "n_steps": ep.n_steps, "images": ep.images, "lr": ep.lr, "time": ep.time,
-            "stat_sum": ep.stat_sum, "since_sum": ep.since_sum, "since_n": ep.since_n}
+def _epoch_state(ep: _Epoch, batches: int, d: Dist) -> dict:
+    """What a mid-epoch checkpoint keeps of the epoch in progress (plain data; the loss sums of
+    every rank, which rank 0 writes)."""
+    return {"epoch": ep.epoch, "batches": batches, "phase": ep.phase, "n_steps": ep.n_steps,
+            "loss_sum": all_gather(float(ep.loss_sum), d), "since_sum": all_gather(ep.since_sum, d),
+            "images": ep.images, "lr": ep.lr, "time": ep.time, "stat_sum": ep.stat_sum, "since_n": ep.since_n}
 
 
-def _restore_epoch(ep: _Epoch, prog: Progress, dev) -> int:
+def _restore_epoch(ep: _Epoch, prog: Progress, d: Dist) -> int:
     """Refill `ep` from a mid-epoch checkpoint of this epoch (consumed once); the batches it had taken."""
     st = prog.extra.get("in_epoch")
     if not st or st["epoch"] != ep.epoch:
         return 0
     prog.extra["in_epoch"] = None
-    ep.loss_sum = torch.tensor(st["loss_sum"], dtype=torch.float32, device=dev)
-    for k in ("phase", "n_steps", "images", "lr", "time", "stat_sum", "since_sum", "since_n"):
+    rank = d.rank if len(st["loss_sum"]) == d.world else 0  # another world size: rank 0's sums
+    ep.loss_sum = torch.tensor(st["loss_sum"][rank], dtype=torch.float32, device=d.device)
+    ep.since_sum = st["since_sum"][rank]
+    for k in ("phase", "n_steps", "images", "lr", "time", "stat_sum", "since_n"):
         setattr(ep, k, st[k])
     return st["batches"]
 

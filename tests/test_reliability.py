@@ -312,3 +312,22 @@ def test_diverged_baseline_and_failed_run_are_named_recorded_and_never_baselines
     assert line.startswith("error: run (grad=luq4") and "failed" in line
     (row,) = index_rows(tmp_path / "fail" / "runs.sqlite")
     assert (row["grad"], row["status"]) == ("luq4", "failed")
+
+
+def test_kill9_inside_an_fnt_epoch_resumes_from_its_mid_epoch_checkpoint(tmp_path):
+    """trainer.checkpoint_steps=1: a checkpoint after every step, so a run killed inside its FNT epoch
+    resumes inside that epoch: FNT re-entered from the checkpoint, the
+    epoch's remaining batch, its sums and per-layer stats: the uninterrupted run's weights and metrics.
+    (2 steps per epoch; killed after step 4, before its checkpoint: the last one is step 3's.)"""
+    args = [*TINY, "grad=luq4", "grad.backward.hindsight=0.5", "trainer.epochs=1", "trainer.fnt_epochs=1",
+            "trainer.stats_every=1", "trainer.checkpoint_steps=1", "trainer.baseline=skip"]
+    (rc0, _, err0), (rc1, _, err1) = finish([start(tmp_path / "straight", *args),
+                                            start(tmp_path / "killed", *args, LOWPREC_TEST_KILL_AT="step4")])
+    assert rc0 == 0 and rc1 == -signal.SIGKILL, (err0[-2000:], err1[-2000:])
+    (straight,), (d,) = run_dirs(tmp_path / "straight"), run_dirs(tmp_path / "killed")
+    p = start(tmp_path / "killed", *args, f"trainer.resume={d}")
+    ((rc, out, err),) = finish([p])
+    assert rc == 0 and "resume: from epoch 1 (step 3)" in out, (out[-2000:], err[-2000:])
+    want, got = (json.loads((x / "summary.json").read_text()) for x in (straight, d))
+    assert got["weights_sha256"] == want["weights_sha256"] and got["final_top1"] == want["final_top1"]
+    assert metrics(d) == metrics(straight) and [r["phase"] for r in metrics(d)] == ["train", "fnt"]
