@@ -72,10 +72,13 @@ _COLUMNS = ("model", "data", "fwd", "grad", "epochs", "fnt_epochs", "seed", "bat
             "is_baseline", "key", "final_top1", "best_top1", "baseline_top1", "degradation",
             "wall_time")
 # Columns a summary may lack (older summaries): NULL then. `name` is the experiment's name and
-# `identity` its identity as JSON (lowprec.config.Experiment; `key` is the identity's hash).
-_OPTIONAL = ("name", "identity", "status")
+# `identity` its identity as JSON (lowprec.config.Experiment; `key` is the identity's hash);
+# `metric` says how to read `degradation`: top1 (points of top-1 below the baseline) or val_loss
+# (nats of validation loss above it, a language model's; `val_loss`/`baseline_val_loss` beside it).
+_OPTIONAL = ("name", "identity", "status", "metric", "val_loss", "baseline_val_loss")
 # Columns added after the first index files were written: connect() adds them to an old file.
-_ADDED = {"name": "TEXT", "identity": "TEXT", "status": "TEXT"}
+_ADDED = {"name": "TEXT", "identity": "TEXT", "status": "TEXT", "metric": "TEXT", "val_loss": "REAL",
+          "baseline_val_loss": "REAL"}
 
 
 def connect(path: str | os.PathLike) -> sqlite3.Connection:
@@ -130,6 +133,8 @@ def insert(path: str | os.PathLike, summary: dict[str, Any]) -> None:
     ident = summary.get("identity")
     row["identity"] = None if ident is None else json.dumps(ident, sort_keys=True, default=str)
     row["status"] = summary.get("status", "ok")
+    for c in ("metric", "val_loss", "baseline_val_loss"):
+        row[c] = summary.get(c)
     if row["status"] not in STATUSES:
         raise ValueError(f"summary status {row['status']!r}; expected one of {STATUSES}")
     row = {k: strict_json(v) for k, v in row.items()}

@@ -48,6 +48,8 @@ def test_lm_run_end_to_end(tmp_path):
     s = json.loads(rows[-1]["summary"])
     b = json.loads(rows[0]["summary"])
     assert s["metric"] == b["metric"] == "val_loss" and s["task"] == "lm"
+    assert (rows[-1]["metric"], rows[-1]["val_loss"], rows[-1]["baseline_val_loss"]) == \
+        ("val_loss", s["val_loss"], b["val_loss"])  # the index columns
     assert s["steps"] == 50 and s["max_steps"] == 50
     assert s["baseline_val_loss"] == b["val_loss"]
     assert s["degradation"] == pytest.approx(s["val_loss"] - b["val_loss"])

@@ -124,15 +124,18 @@ def test_failed_and_diverged_rows_are_never_baselines(tmp_path):
         runs.insert(idx, _summary(tmp_path / "d", "maybe"))
 
 
-def test_old_index_gets_the_status_column_and_its_rows_stay_baselines(tmp_path):
+def test_old_index_gets_the_new_columns_and_its_rows_stay_baselines(tmp_path):
     idx = tmp_path / "runs.sqlite"
     runs.insert(idx, _summary(tmp_path / "a"))
     con = sqlite3.connect(idx)
-    con.execute("ALTER TABLE runs DROP COLUMN status")  # as written before the column existed
+    for col in ("status", "metric", "val_loss", "baseline_val_loss"):  # as written before the columns
+        con.execute(f"ALTER TABLE runs DROP COLUMN {col}")
     con.commit()
     con.close()
     runs.check_index(idx)  # migrates
-    assert runs.rows(idx)[0]["status"] is None
+    assert all(runs.rows(idx)[0][c] is None for c in ("status", "metric", "val_loss", "baseline_val_loss"))
+    runs.insert(idx, {**_summary(tmp_path / "b"), "metric": "val_loss", "val_loss": 2.5, "baseline_val_loss": 2.4})
+    assert [(r["metric"], r["val_loss"], r["baseline_val_loss"]) for r in runs.rows(idx)][1] == ("val_loss", 2.5, 2.4)
     assert runs.find_baseline(idx, model="resnet20", data="digits", epochs=1, fnt_epochs=0,
                               seed=0, batch_size=32, key="k") is not None
 
