@@ -202,8 +202,8 @@ def nvfp4(x: Tensor, *, dim: int = -1, rounding: str = "rtn", block_2d: bool = F
     if resolve(x, backend, who="nvfp4", unsupported=why) == "triton":
         from .kernels import fp4 as k
         return k.nvfp4(x, dim=dim, rounding=rounding, block_2d=block_2d, generator=generator, nonfinite=nonfinite)
-    return nvfp4_reference(x, dim=dim, rounding=rounding, block_2d=block_2d, generator=generator, noise=noise,
-                           nonfinite=nonfinite)
+    return _eager(x, backend, nvfp4_reference, cpu_twins.nvfp4)(
+        x, dim=dim, rounding=rounding, block_2d=block_2d, generator=generator, noise=noise, nonfinite=nonfinite)
 
 
 def mxfp4(x: Tensor, *, dim: int = -1, rounding: str = "rtn", generator: torch.Generator | None = None,
@@ -213,7 +213,8 @@ def mxfp4(x: Tensor, *, dim: int = -1, rounding: str = "rtn", generator: torch.G
     if resolve(x, backend, who="mxfp4", unsupported=why) == "triton":
         from .kernels import fp4 as k
         return k.mxfp4(x, dim=dim, rounding=rounding, generator=generator, nonfinite=nonfinite)
-    return mxfp4_reference(x, dim=dim, rounding=rounding, generator=generator, noise=noise, nonfinite=nonfinite)
+    return _eager(x, backend, mxfp4_reference, cpu_twins.mxfp4)(
+        x, dim=dim, rounding=rounding, generator=generator, noise=noise, nonfinite=nonfinite)
 
 
 def block_luq(x: Tensor, bits: int = 4, *, block: int = 16, dim: int = -1, levels: int | None = None,
@@ -226,5 +227,5 @@ def block_luq(x: Tensor, bits: int = 4, *, block: int = 16, dim: int = -1, level
     if resolve(x, backend, who="block_luq", unsupported=why) == "triton":
         from .kernels import fp4 as k
         return k.block_luq(x, bits, block=block, dim=dim, levels=levels, generator=generator, nonfinite=nonfinite)
-    return block_luq_reference(x, bits, block=block, dim=dim, levels=levels, generator=generator, noise=noise,
-                               nonfinite=nonfinite)
+    return _eager(x, backend, block_luq_reference, cpu_twins.block_luq)(
+        x, bits, block=block, dim=dim, levels=levels, generator=generator, noise=noise, nonfinite=nonfinite)

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lowprec as lp
+from lowprec import dispatch
 from lowprec import layers as lpl
 from lowprec.convert import converted_layers
 from lowprec.fp4 import mxfp4, nvfp4
@@ -115,11 +116,11 @@ def test_nvfp4_sr_rht_linear_hand_computed():
     layer, x, delta = linear_case("nvfp4_sr_rht", tokens=45)
     torch.manual_seed(3)
     gx, gw, gb = run(layer, x, delta)
-    torch.manual_seed(3)  # the same draws in the layer's order: δ_b, signs, δ_u
+    torch.manual_seed(3)  # the same draws in the layer's order (δ_b, signs, δ_u), on the layer's path
     d2 = delta.t()
-    d_b = nvfp4(d2, dim=0, rounding="sr").t()
+    d_b = dispatch.nvfp4(d2, dim=0, rounding="sr").t()
     s = random_signs(16)
-    d_u = nvfp4(block_rht(d2, s, -1), dim=-1, rounding="sr")
+    d_u = dispatch.nvfp4(block_rht(d2, s, -1), dim=-1, rounding="sr")
     a_u = nvfp4(block_rht(x.detach(), s, 0), dim=0)
     assert torch.allclose(gx, d_b @ layer.weight.detach(), rtol=1e-5, atol=1e-5)
     assert torch.allclose(gw, d_u @ a_u, rtol=1e-5, atol=1e-5)

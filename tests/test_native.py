@@ -11,6 +11,7 @@ import shutil
 import pytest
 import torch
 
+from lowprec import fp4
 from lowprec.kernels import cpu, native
 from lowprec.luq import luq as luq_ref
 from lowprec.nm import nm_noise_shape
@@ -179,3 +180,48 @@ def test_build_is_cached_and_a_failed_build_falls_back(monkeypatch, tmp_path):
     finally:
         monkeypatch.undo()
         native.set_enabled(None)
+
+
+def _fp4_extremes(dtype):
+    x = grad_like((8, 64), seed=7)
+    x[0] *= 1e-30  # E4M3 subnormal / zero block scales
+    x[1] *= 1e30
+    x[2, :16] = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0] * 2)  # grid ties
+    x[3] = 1e-42  # fp32 subnormals
+    x[4, 5] = 1e6  # one outlier: the other blocks' NVFP4 scales underflow E4M3
+    return torch.where(torch.isfinite(x.to(dtype)), x, 0.0).to(dtype)
+
+
+FP4 = {  # name: (twin, reference given uniforms u, stochastic)
+    "nvfp4_rtn": (lambda x, d, **k: cpu.nvfp4(x, dim=d, **k), lambda x, d, u: fp4.nvfp4(x, dim=d), False),
+    "nvfp4_sr": (lambda x, d, **k: cpu.nvfp4(x, dim=d, rounding="sr", **k),
+                 lambda x, d, u: fp4.nvfp4(x, dim=d, rounding="sr", noise=u), True),
+    "nvfp4_2d_sr": (lambda x, d, **k: cpu.nvfp4(x, block_2d=True, rounding="sr", **k),
+                    lambda x, d, u: fp4.nvfp4(x, block_2d=True, rounding="sr", noise=u), True),
+    "nvfp4_2d_rtn": (lambda x, d, **k: cpu.nvfp4(x, block_2d=True, **k), lambda x, d, u: fp4.nvfp4(x, block_2d=True),
+                     False),
+    "mxfp4_rtn": (lambda x, d, **k: cpu.mxfp4(x, dim=d, **k), lambda x, d, u: fp4.mxfp4(x, dim=d), False),
+    "mxfp4_sr": (lambda x, d, **k: cpu.mxfp4(x, dim=d, rounding="sr", **k),
+                 lambda x, d, u: fp4.mxfp4(x, dim=d, rounding="sr", noise=u), True),
+    "luq4_b16": (lambda x, d, **k: cpu.block_luq(x, dim=d, **k), lambda x, d, u: fp4.block_luq(x, dim=d, noise=u), True),
+    "luq3_b32": (lambda x, d, **k: cpu.block_luq(x, 3, block=32, dim=d, **k),
+                 lambda x, d, u: fp4.block_luq(x, 3, block=32, dim=d, noise=u), True),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", list(FP4))
+def test_fp4_formats_bit_identical(case, dtype):
+    """The block formats' C twins against lowprec.fp4 given the twins' uniforms: tails in every
+    blocked dimension (37x45 along both dims, 3-D with inner > 1), extreme scales, boundary uniforms,
+    and the torch fallback (the reference fed the same hashed uniforms)."""
+    twin, ref, sr = FP4[case]
+    for x, d in ((grad_like((37, 45), 1, dtype), -1), (grad_like((37, 45), 2, dtype), 0),
+                 (grad_like((5, 7, 33), 3, dtype), 1), (_fp4_extremes(dtype), -1)):
+        g = lambda: torch.Generator().manual_seed(6)  # noqa: E731
+        y = twin(x, d, generator=g())
+        same(y, ref(x, d, cpu.uniforms(cpu.draw_seed(g()), x.shape)))
+        same(y, torch_core(lambda: twin(x, d, generator=g())))
+        if sr:
+            u = boundary_uniforms(x.shape)
+            same(twin(x, d, noise=u), ref(x, d, u))

@@ -31,7 +31,9 @@ from torch import Tensor
 
 from .._common import check_float, check_nonfinite_mode, nonfinite_guard, tiny_exponent, work_dtype
 from .._common import uniforms as given_uniforms
-from ..luq import check_luq_args, luq_alpha
+from .. import fp4
+from ..fp4 import block_dims, check_rounding
+from ..luq import check_luq_args, luq_alpha, luq_levels
 from ..nm import check_nm, from_blocks, nm_core, nm_noise_shape, to_blocks
 from . import native
 
@@ -188,3 +190,58 @@ def _mse(x: Tensor, n: int, m: int, dim: int, generator, noise, nonfinite: str) 
     if rc == 1 and nonfinite_guard(x, torch.tensor(float("nan")), nonfinite, "nm_prune"):
         return torch.zeros_like(x)
     return out.movedim(-1, dim).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- block FP4 (lowprec.fp4)
+
+
+def _fp4(fmt: str, reference, x: Tensor, *, dim: int, size: int, block_2d: bool, sr: bool, levels_minus_1: int,
+         generator, noise, nonfinite: str, ref_kwargs: dict) -> Tensor:
+    """The C twin of a block format, else its reference given the same (hashed) uniforms."""
+    check_float(x, fmt)
+    check_nonfinite_mode(nonfinite)
+    if x.numel() == 0:
+        return x.clone()
+    if block_2d:
+        outer, length, inner = x.shape[0], x.numel() // x.shape[0], 1
+    else:
+        outer, length, inner = block_dims(x, dim)
+    u, seed = _draw(generator, noise, x.shape, fmt) if sr else (None, 0)
+    lib = native.library() if x.dtype != torch.float64 and x.device.type == "cpu" else None
+    if lib is None:
+        if sr and u is None:
+            u = uniforms(seed, x.shape)
+        return reference(x, **ref_kwargs, noise=u if sr else None, nonfinite=nonfinite)
+    rc, out = native.run_fp4(lib, x.detach().float().contiguous(), u, key_of(seed), fmt, outer, length, inner,
+                             size, 16 if block_2d else 1, sr, levels_minus_1)
+    if rc == 1 and nonfinite_guard(x, torch.tensor(float("nan")), nonfinite, fmt):
+        return torch.zeros_like(x)
+    return out.view(x.shape).to(x.dtype)
+
+
+def nvfp4(x: Tensor, *, dim: int = -1, rounding: str = "rtn", block_2d: bool = False,
+          generator: torch.Generator | None = None, noise: Tensor | None = None, nonfinite: str = "raise") -> Tensor:
+    """CPU twin of :func:`lowprec.fp4.nvfp4`."""
+    check_rounding(rounding)
+    return _fp4("nvfp4", fp4.nvfp4, x, dim=dim, size=fp4.NVFP4_BLOCK, block_2d=block_2d, sr=rounding == "sr",
+                levels_minus_1=0, generator=generator, noise=noise, nonfinite=nonfinite,
+                ref_kwargs=dict(dim=dim, rounding=rounding, block_2d=block_2d))
+
+
+def mxfp4(x: Tensor, *, dim: int = -1, rounding: str = "rtn", generator: torch.Generator | None = None,
+          noise: Tensor | None = None, nonfinite: str = "raise") -> Tensor:
+    """CPU twin of :func:`lowprec.fp4.mxfp4`."""
+    check_rounding(rounding)
+    return _fp4("mxfp4", fp4.mxfp4, x, dim=dim, size=fp4.MXFP4_BLOCK, block_2d=False, sr=rounding == "sr",
+                levels_minus_1=0, generator=generator, noise=noise, nonfinite=nonfinite,
+                ref_kwargs=dict(dim=dim, rounding=rounding))
+
+
+def block_luq(x: Tensor, bits: int = 4, *, block: int = 16, dim: int = -1, levels: int | None = None,
+              generator: torch.Generator | None = None, noise: Tensor | None = None, nonfinite: str = "raise") -> Tensor:
+    """CPU twin of :func:`lowprec.fp4.block_luq`."""
+    fp4.check_block(block)
+    L = luq_levels(bits, levels)
+    return _fp4("block_luq", fp4.block_luq, x, dim=dim, size=block, block_2d=False, sr=True, levels_minus_1=L - 1,
+                generator=generator, noise=noise, nonfinite=nonfinite,
+                ref_kwargs=dict(bits=bits, block=block, dim=dim, levels=levels))

@@ -48,7 +48,8 @@ from torch import Tensor
 ENV = "LOWPREC_CPU_NATIVE"
 CACHE_ENV = "LOWPREC_CACHE_DIR"
 SOURCE = Path(__file__).with_name("cpu_native.c")
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC", "-std=c99"]
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC",
+         "-std=c99"]
 MAX_M = 8
 
 _state: dict = {"lib": None, "failed": None, "enabled": None}
@@ -147,6 +148,10 @@ def library():
             lib.lp_luq_auto_f32.restype = ctypes.c_int
             lib.lp_mse_f32.argtypes = [p, p, i64p, i64p, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
             lib.lp_mse_f32.restype = ctypes.c_int
+            lib.lp_fp4_f32.argtypes = [p, p, p, ctypes.c_uint64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                       ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                       ctypes.c_int]
+            lib.lp_fp4_f32.restype = ctypes.c_int
             _state["lib"], _state["path"] = lib, path.name
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             _state["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
@@ -234,6 +239,20 @@ def run_mse(lib, blocks: Tensor, n: int, m: int) -> tuple[int, Tensor]:
     rc = lib.lp_mse_f32(_ptr(blocks), _ptr(out), size, xs, es, n, m, _threads())
     if rc < 0:
         raise ValueError(f"lp_mse_f32: unsupported n={n}, m={m}")
+    return rc, out
+
+
+FP4_FORMATS = {"nvfp4": 0, "mxfp4": 1, "block_luq": 2}
+
+
+def run_fp4(lib, x: Tensor, u: Tensor | None, key: int, fmt: str, outer: int, length: int, inner: int,
+            size: int, rows: int = 1, sr: bool = False, levels_minus_1: int = 0) -> tuple[int, Tensor]:
+    """``(status, out)``: a block FP4 format of :mod:`lowprec.fp4` on fp32 ``x`` (contiguous, seen as
+    ``[outer, length, inner]``, blocks of ``size`` along length, ``rows`` > 1: 2-D tiles); status 1
+    when x holds a NaN/Inf. ``u``: contiguous uniforms of x's shape, or None to draw them from ``key``."""
+    out = torch.empty_like(x)
+    rc = lib.lp_fp4_f32(_ptr(x), _ptr(out), _ptr(u), key, outer, length, inner, size, rows, FP4_FORMATS[fmt],
+                        int(sr), levels_minus_1, _threads())
     return rc, out
 
 
