@@ -72,6 +72,12 @@ CPU_TWINS = {
     "mvue24": lambda x: cpu_twins.nm_prune(x, 2, 4),
     "mvue24_approx": lambda x: cpu_twins.nm_prune(x, 2, 4, method="mvue_approx"),
     "mvue24_luq4": lambda x: cpu_twins.luq(cpu_twins.nm_prune(x, 2, 4)),
+    "mse24": lambda x: cpu_twins.nm_prune(x, 2, 4, method="mse"),
+    "nvfp4_rtn": lambda x: cpu_twins.nvfp4(x),
+    "nvfp4_sr": lambda x: cpu_twins.nvfp4(x, rounding="sr"),
+    "mxfp4_rtn": lambda x: cpu_twins.mxfp4(x),
+    "mxfp4_sr": lambda x: cpu_twins.mxfp4(x, rounding="sr"),
+    "luq4_b16": lambda x: cpu_twins.block_luq(x),
 }
 
 
