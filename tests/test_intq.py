@@ -105,22 +105,35 @@ def test_bad_clip_is_one_line(bad):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("dtype", RANGE_DTYPES)
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data(), bits=st.integers(2, 8), method=st.sampled_from(["sawb", "max"]))
-def test_full_range_on_grid_and_finite(dtype, data, bits, method):
-    x = data.draw(full_range_values(dtype, min_size=2, max_size=12))
+def _check_full_range(x, dtype, bits, method):
     y = lp.int_quant(x, bits, signed=True, clip_method=method)
     assert y.dtype == dtype and bool(torch.isfinite(y).all())
     c = float(lp.sawb_clip(x, bits, signed=True) if method == "sawb" else x.double().abs().max())
     if c == 0 or not math.isfinite(c):
         return
-    step = c / int(2 ** (bits - 1) - 1)
-    ulp = torch.finfo(dtype).eps * c + torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    qmax = int(2 ** (bits - 1) - 1)
+    step = c / qmax
+    # the grid step s = c/qmax is a number of the working precision (fp64 for fp64, else fp32): below
+    # its normal range it is rounded to the subnormal spacing, and k·s (k <= qmax) carries k times that
+    sub = qmax * (2.0 ** -1075 if dtype == torch.float64 else 2.0 ** -150)
+    ulp = torch.finfo(dtype).eps * c + torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps + sub
     inside = x.double().abs() <= c
     err = (y.double() - x.double()).abs()[inside]
     assert bool((err <= step / 2 * (1 + 1e-6) + 2 * ulp).all()), (x, y, c)
     assert float(y.double().abs().max()) <= c * (1 + 1e-6) + ulp
+
+
+@pytest.mark.parametrize("dtype", RANGE_DTYPES)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), bits=st.integers(2, 8), method=st.sampled_from(["sawb", "max"]))
+def test_full_range_on_grid_and_finite(dtype, data, bits, method):
+    _check_full_range(data.draw(full_range_values(dtype, min_size=2, max_size=12)), dtype, bits, method)
+
+
+def test_subnormal_clip_grid():
+    """A clip at the bottom of fp32's normal range gives a subnormal step (hypothesis found it):
+    the top grid point exceeds the clip by the step's rounding times qmax, no more."""
+    _check_full_range(torch.tensor([-0.0, -1.1754944e-38]), torch.float32, 7, "sawb")
 
 
 def test_wide_and_narrow_extremes():
