@@ -1,14 +1,14 @@
 """CPU twins of the references: the same results, bit for bit given the same uniforms, in one pass.
 
-The references (:mod:`lowprec.luq`, :mod:`lowprec.nm`) are written to be read; on a CPU their cost is
-the number of passes over the tensor and ``torch.rand``, not the arithmetic (``luq`` ran ~25
-full-size temporaries, an N:M call ~500 small operations). The twins keep the host work (argument
-checks, the one non-finite/all-zero test on a CPU scalar, which is not a device sync) here and run
-a *core* per call:
+The references (:mod:`lowprec.luq`, :mod:`lowprec.nm`, :mod:`lowprec.fp4`) are written to be read;
+on a CPU their cost is the number of passes over the tensor and ``torch.rand``, not the arithmetic
+(``luq`` ran ~25 full-size temporaries, an N:M call ~500 small operations). The twins keep the
+argument checks here and run a *core* per call:
 
-- the C twins of :mod:`lowprec.kernels.native` (one pass, any strided layout, uniforms drawn in the
-  pass) for fp32 work (fp32, fp16 and bf16 inputs) when a C compiler is found;
-- else the torch cores below: :func:`luq_core`, LUQ with ``2^e`` read from the exponent field
+- the C twins of :mod:`lowprec.kernels.native` (LUQ, N:M MVUE / approximate MVUE / MSE, NVFP4,
+  MXFP4, block LUQ; one pass, any strided layout, uniforms drawn in the pass, the non-finite test
+  inside it) for fp32 work (fp32, fp16 and bf16 inputs) when a C compiler is found;
+- else the torch cores below (the block formats: their references, fed the same hashed uniforms): :func:`luq_core`, LUQ with ``2^e`` read from the exponent field
   (``clamp(y, 1)`` with its mantissa bits cleared) instead of ``frexp``/``ldexp`` and the two
   stochastic decisions folded into one count: with ``r = (|x| - l)/l`` (negative below α, where
   ``l = α``), ``|Q(x)| = l·([u < y] + [u < r])``, because ``u < 1 <= y`` above α (same operations on
@@ -16,9 +16,9 @@ a *core* per call:
   reference's own N:M core.
 
 Randomness: one seed per call from ``generator`` (:func:`draw_seed`; None: torch's global RNG, so
-``torch.manual_seed`` reproduces a run), and uniforms ``U(key, i)`` from a counter-based hash of it (:func:`uniforms`; the
-definition is in :mod:`lowprec.kernels.native`), ``i`` the position in the reference's ``noise=``
-layout. The C twin and the torch fallback draw the same numbers, so a run's results do not depend on
+``torch.manual_seed`` reproduces a run), and uniforms ``U(key, i)`` from a counter-based hash of it
+(:func:`uniforms`; the definition is in :mod:`lowprec.kernels.native`), ``i`` the position in the
+reference's ``noise=`` layout. The C twin and the torch fallback draw the same numbers, so a run's results do not depend on
 whether a compiler was found; they differ from the references' ``torch.rand`` draws (same
 distribution), as the Triton kernels' do. Given :func:`uniforms` as ``noise=``, the references
 reproduce the twins exactly.
