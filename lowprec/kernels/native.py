@@ -9,9 +9,12 @@ one pass over δ, read and write it in place in any strided layout (no transpose
 uniforms from a counter-based hash (below), and skip the water-filling rounds that cannot change
 anything (a round that caps no new entry would repeat itself bit for bit).
 
-Bit-exactness: each C function mirrors the torch core of :mod:`lowprec.kernels.cpu` operation for
-operation in fp32 (IEEE division, no FMA contraction: ``-ffp-contract=off``, no fast-math, sums left
-to right), so given the same uniforms the outputs equal the references' (``tests/test_native.py``).
+Bit-exactness: each C function (LUQ; N:M MVUE, approximate MVUE and MSE; NVFP4, MXFP4, block LUQ)
+mirrors its reference (through the torch core of :mod:`lowprec.kernels.cpu` where there is one)
+operation for operation in fp32: IEEE division, no FMA contraction (``-ffp-contract=off``), no
+fast-math, sums left to right; ``-fno-trapping-math`` only lets guarded divisions be vectorized (IEEE
+results unchanged, traps are masked anyway). So given the same uniforms the outputs equal the
+references' (``tests/test_native.py``).
 
 Uniforms: ``U(key, i)`` = the top 24 bits of ``splitmix64(key + (i+1)·0x9E3779B97F4A7C15)`` times
 ``2^-24`` (torch.rand's fp32 grid), ``i`` the uniform's index in the reference's ``noise=`` layout,
