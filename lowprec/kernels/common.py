@@ -218,6 +218,16 @@ def _colsum(cols, M: tl.constexpr):
 
 
 @triton.jit
+def _sum_except(cols, i: tl.constexpr, M: tl.constexpr):
+    """cols[0] + ... + cols[M-1] without cols[i], left to right from the first term (as lowprec.nm sums)."""
+    s = cols[1] if i == 0 else cols[0]
+    for j in tl.static_range(2 if i == 0 else 1, M):
+        if j != i:
+            s = s + cols[j]
+    return s
+
+
+@triton.jit
 def _mvue_probs(a, N: tl.constexpr, M: tl.constexpr):
     """Water-filling p_i = min(1, c|x_i|) with sum N; mirrors lowprec.nm.mvue_probs."""
     capped = ()
@@ -302,28 +312,10 @@ def _approx_draw(a, seed, noise_ptr, noise_base, valid, N: tl.constexpr, M: tl.c
     else:
         rest = ()
         for j in tl.static_range(M):
-            others = tl.zeros_like(S)
-            first_k = True
-            for k in tl.static_range(M):
-                if k != j:
-                    if first_k:
-                        others = a[k]
-                        first_k = False
-                    else:
-                        others = others + a[k]
-            rest = rest + (tl.math.div_rn(t[j], others),)
+            rest = rest + (tl.math.div_rn(t[j], _sum_except(a, j, M)),)
         p = ()
         for i in tl.static_range(M):
-            acc = tl.zeros_like(S)
-            first = True
-            for j in tl.static_range(M):
-                if j != i:
-                    if first:
-                        acc = rest[j]
-                        first = False
-                    else:
-                        acc = acc + rest[j]
-            p = p + (t[i] + a[i] * acc,)
+            p = p + (t[i] + a[i] * _sum_except(rest, i, M),)
     return keep, p
 
 

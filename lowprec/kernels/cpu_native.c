@@ -191,16 +191,27 @@ static inline void mvue_keep(const float* s, float u, int n, int M, float* p, in
     }
 }
 
-/* v[0] + ... + v[M-1] without v[i], left to right from the first term (not from 0). */
-static inline float sum_except(const float* v, int M, int i) {
-    float o = 0.0f;
-    for (int j = 0, first = 1; j < M; j++) {
-        if (j == i) continue;
-        o = first ? v[j] : o + v[j];
-        first = 0;
+/* The approximate MVUE's exact inclusion probabilities (the end of lowprec.nm._approx_draw), for
+ * one block (T = float) or W blocks in vector lanes (T = vf): t_i = s_i/S and, for n = 2,
+ * p_i = t_i + s_i·Σ_{j≠i} t_j/Σ_{k≠j} s_k, every sum left to right from its first term. */
+#define DEFINE_APPROX_PROBS(NAME, T)                                                                       \
+    __attribute__((always_inline)) static inline T NAME##_sum_except(const T* v, const int M, const int i) { \
+        T o = v[i == 0 ? 1 : 0];                                                                             \
+        for (int j = i == 0 ? 2 : 1; j < M; j++)                                                             \
+            if (j != i) o = o + v[j];                                                                        \
+        return o;                                                                                            \
+    }                                                                                                        \
+    __attribute__((always_inline)) static inline void NAME(const T* s, T S, const int n, const int M, T* p) { \
+        T t[MAXM], rest[MAXM];                                                                               \
+        for (int j = 0; j < M; j++) t[j] = s[j] / S;                                                         \
+        if (n == 1) {                                                                                        \
+            for (int j = 0; j < M; j++) p[j] = t[j];                                                         \
+            return;                                                                                          \
+        }                                                                                                    \
+        for (int j = 0; j < M; j++) rest[j] = t[j] / NAME##_sum_except(s, M, j);                             \
+        for (int i = 0; i < M; i++) p[i] = t[i] + s[i] * NAME##_sum_except(rest, M, i);                     \
     }
-    return o;
-}
+DEFINE_APPROX_PROBS(approx_probs, float)
 
 /* lowprec.nm._approx_draw: n draws without replacement ∝ |x| (uniforms u[0..n-1]) and the exact
  * inclusion probabilities; an entry whose probability is not > 0 is not kept. */
@@ -223,14 +234,7 @@ static inline void approx_keep(const float* s, const float* u, int n, int M, flo
             }
         }
     }
-    float t[MAXM], rest[MAXM];
-    for (int j = 0; j < M; j++) t[j] = s[j] / S;
-    if (n == 1) {
-        for (int j = 0; j < M; j++) p[j] = t[j];
-    } else {
-        for (int j = 0; j < M; j++) rest[j] = t[j] / sum_except(s, M, j);
-        for (int i = 0; i < M; i++) p[i] = t[i] + s[i] * sum_except(rest, M, i);
-    }
+    approx_probs(s, S, n, M, p);
     for (int j = 0; j < M; j++) keep[j] = keep[j] && p[j] > 0.0f;
 }
 
@@ -346,15 +350,7 @@ __attribute__((always_inline)) static inline void mvue_keep_v(const vf* s, vf u,
     }
 }
 
-__attribute__((always_inline)) static inline vf sum_except_v(const vf* v, const int M, const int i) {
-    vf o = vsplat(0.0f);
-    for (int j = 0, first = 1; j < M; j++) {
-        if (j == i) continue;
-        o = first ? v[j] : o + v[j];
-        first = 0;
-    }
-    return o;
-}
+DEFINE_APPROX_PROBS(approx_probs_v, vf)
 
 __attribute__((always_inline)) static inline void approx_keep_v(const vf* s, const vf* u, const int n, const int M,
                                                                vf* p, vi* keep) {
@@ -376,14 +372,7 @@ __attribute__((always_inline)) static inline void approx_keep_v(const vf* s, con
             chosen |= hit;
         }
     }
-    vf t[MAXM], rest[MAXM];
-    for (int j = 0; j < M; j++) t[j] = s[j] / S;
-    if (n == 1) {
-        for (int j = 0; j < M; j++) p[j] = t[j];
-    } else {
-        for (int j = 0; j < M; j++) rest[j] = t[j] / sum_except_v(s, M, j);
-        for (int i = 0; i < M; i++) p[i] = t[i] + s[i] * sum_except_v(rest, M, i);
-    }
+    approx_probs_v(s, S, n, M, p);
     for (int j = 0; j < M; j++) keep[j] &= p[j] > zero;
 }
 
