@@ -8,7 +8,8 @@ argument checks here and run a *core* per call:
 - the C twins of :mod:`lowprec.kernels.native` (LUQ, N:M MVUE / approximate MVUE / MSE, NVFP4,
   MXFP4, block LUQ; one pass, any strided layout, uniforms drawn in the pass, the non-finite test
   inside it) for fp32 work (fp32, fp16 and bf16 inputs) when a C compiler is found;
-- else the torch cores below (the block formats: their references, fed the same hashed uniforms): :func:`luq_core`, LUQ with ``2^e`` read from the exponent field
+- else the torch cores below (the block formats: their references, fed the same hashed uniforms):
+  :func:`luq_core`, LUQ with ``2^e`` read from the exponent field
   (``clamp(y, 1)`` with its mantissa bits cleared) instead of ``frexp``/``ldexp`` and the two
   stochastic decisions folded into one count: with ``r = (|x| - l)/l`` (negative below α, where
   ``l = α``), ``|Q(x)| = l·([u < y] + [u < r])``, because ``u < 1 <= y`` above α (same operations on
@@ -18,9 +19,9 @@ argument checks here and run a *core* per call:
 Randomness: one seed per call from ``generator`` (:func:`draw_seed`; None: torch's global RNG, so
 ``torch.manual_seed`` reproduces a run), and uniforms ``U(key, i)`` from a counter-based hash of it
 (:func:`uniforms`; the definition is in :mod:`lowprec.kernels.native`), ``i`` the position in the
-reference's ``noise=`` layout. The C twin and the torch fallback draw the same numbers, so a run's results do not depend on
-whether a compiler was found; they differ from the references' ``torch.rand`` draws (same
-distribution), as the Triton kernels' do. Given :func:`uniforms` as ``noise=``, the references
+reference's ``noise=`` layout. The C twin and the torch fallback draw the same numbers, so a run's
+results do not depend on whether a compiler was found; they differ from the references'
+``torch.rand`` draws (same distribution), as the Triton kernels' do. Given :func:`uniforms` as ``noise=``, the references
 reproduce the twins exactly.
 """
 
@@ -35,6 +36,7 @@ from .. import fp4
 from ..fp4 import block_dims, check_rounding
 from ..luq import check_luq_args, luq_alpha, luq_levels
 from ..nm import check_nm, from_blocks, nm_core, nm_noise_shape, to_blocks
+from ..nm import nm_prune as nm_reference
 from . import native
 
 _EXP_MASK = {torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000)}
@@ -108,6 +110,18 @@ def luq_core(x: Tensor, u: Tensor, m: Tensor, alpha: Tensor) -> Tensor:
     return torch.copysign(lo * count, x)
 
 
+def _c_lib(x: Tensor, length: int = 0, m: int = 1):
+    """The C library when it takes ``x`` (fp32 work on the CPU; blocks of ``m`` dividing ``length``), else None."""
+    if work_dtype(x.dtype) != torch.float32 or x.device.type != "cpu" or m > native.MAX_M or length % m:
+        return None
+    return native.library()
+
+
+def _zeros_for_nonfinite(rc: int, x: Tensor, nonfinite: str, who: str) -> bool:
+    """After a C twin: True when it read a NaN/Inf (rc 1) and ``nonfinite='skip'`` (zeros); raises for 'raise'."""
+    return rc == 1 and nonfinite_guard(x, torch.tensor(float("nan")), nonfinite, who)
+
+
 def _draw(generator, noise: Tensor | None, shape, who: str) -> tuple[Tensor | None, int]:
     """(the given uniforms, contiguous, or None; the per-call seed, drawn only when none were given)."""
     if noise is not None:
@@ -124,16 +138,15 @@ def luq(x: Tensor, bits: int = 4, *, levels: int | None = None, max_abs=None, ge
     wt = work_dtype(x.dtype)
     xw = _dense(x.detach().to(wt))
     u, seed = _draw(generator, noise, x.shape, "luq")
-    lib = native.library() if wt == torch.float32 and x.device.type == "cpu" else None
+    lib = _c_lib(x)
     if lib is not None:  # max, checks, α and the quantization in C
         top = None if max_abs is None else float(torch.as_tensor(max_abs).to(wt))
         rc, out = native.run_luq(lib, xw, u, key_of(seed), top, torch.finfo(x.dtype).max, L, tiny_exponent(x.dtype))
-        if rc == 1 and nonfinite_guard(x, torch.tensor(float("nan")), nonfinite, "luq") or rc == 2:
-            return torch.zeros_like(x)
-        return out.to(x.dtype)
-    if nonfinite_guard(x, _absmax(xw), nonfinite, "luq"):
+        return torch.zeros_like(x) if rc == 2 or _zeros_for_nonfinite(rc, x, nonfinite, "luq") else out.to(x.dtype)
+    amax = _absmax(xw)
+    if nonfinite_guard(x, amax, nonfinite, "luq"):
         return torch.zeros_like(x)
-    m = _absmax(xw) if max_abs is None else torch.as_tensor(max_abs, device=x.device).to(wt).reshape(())
+    m = amax if max_abs is None else torch.as_tensor(max_abs, device=x.device).to(wt).reshape(())
     m = torch.clamp(m, max=torch.finfo(x.dtype).max)
     if not bool(m > 0):
         return torch.zeros_like(x)
@@ -148,48 +161,28 @@ def nm_prune(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -1,
     check_nm(n, m, method)
     check_nonfinite_mode(nonfinite)
     if x.dim() == 0 or not -x.dim() <= dim < x.dim() or x.numel() == 0 or n == m:
-        from ..nm import nm_prune as reference
-
-        return reference(x, n, m, method=method, dim=dim, generator=generator, noise=noise, nonfinite=nonfinite)
-    if method == "mse":
-        return _mse(x, n, m, dim, generator, noise, nonfinite)
-        from ..nm import nm_prune as reference
-
-        return reference(x, n, m, method=method, dim=dim, generator=generator, noise=noise, nonfinite=nonfinite)
-    wt = work_dtype(x.dtype)
+        return nm_reference(x, n, m, method=method, dim=dim, generator=generator, noise=noise, nonfinite=nonfinite)
+    xt = x.detach().movedim(dim, -1)
+    lib = _c_lib(x, xt.shape[-1], m)
     ushape = nm_noise_shape(x.shape, n, m, method, dim)
     big = torch.finfo(x.dtype).max
-    xt = x.detach().movedim(dim, -1)
-    lib = None
-    if wt == torch.float32 and m <= native.MAX_M and xt.shape[-1] % m == 0 and x.device.type == "cpu":
-        lib = native.library()
-    u, seed = _draw(generator, noise, ushape, "nm_prune")
+    u, seed = _draw(generator, noise, ushape, "nm_prune") if method != "mse" else (None, 0)
     if lib is not None:  # blocks read and written in place, in any layout; the finite check in the pass
-        rc, out = native.run_nm(lib, _dense(xt.to(wt)), u, key_of(seed), n, m, method == "mvue_approx", big)
-        if rc == 1 and nonfinite_guard(x, torch.tensor(float("nan")), nonfinite, "nm_prune"):
+        xw = _dense(xt.to(torch.float32))
+        if method == "mse":  # biased, deterministic: keep the n largest |x|
+            rc, out = native.run_mse(lib, xw, n, m)
+        else:
+            rc, out = native.run_nm(lib, xw, u, key_of(seed), n, m, method == "mvue_approx", big)
+        if _zeros_for_nonfinite(rc, x, nonfinite, "nm_prune"):
             return torch.zeros_like(x)
         return out.movedim(-1, dim).to(x.dtype)
+    if method == "mse":
+        return nm_reference(x, n, m, method=method, dim=dim, nonfinite=nonfinite)
     blocks, length = to_blocks(x, m, dim)
     if nonfinite_guard(x, _absmax(blocks), nonfinite, "nm_prune"):
         return torch.zeros_like(x)
     u = uniforms(seed, ushape) if u is None else u
     return from_blocks(nm_core(blocks, u, n, method, big), x, length, dim)
-
-
-def _mse(x: Tensor, n: int, m: int, dim: int, generator, noise, nonfinite: str) -> Tensor:
-    """The biased MSE mask (keep the n largest |x|): C when it takes the layout, else the reference."""
-    xt = x.detach().movedim(dim, -1)
-    lib = None
-    if work_dtype(x.dtype) == torch.float32 and m <= native.MAX_M and xt.shape[-1] % m == 0:
-        lib = native.library()
-    if lib is None:
-        from ..nm import nm_prune as reference
-
-        return reference(x, n, m, method="mse", dim=dim, generator=generator, noise=noise, nonfinite=nonfinite)
-    rc, out = native.run_mse(lib, _dense(xt.to(torch.float32)), n, m)
-    if rc == 1 and nonfinite_guard(x, torch.tensor(float("nan")), nonfinite, "nm_prune"):
-        return torch.zeros_like(x)
-    return out.movedim(-1, dim).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- block FP4 (lowprec.fp4)
@@ -207,16 +200,14 @@ def _fp4(fmt: str, reference, x: Tensor, *, dim: int, size: int, block_2d: bool,
     else:
         outer, length, inner = block_dims(x, dim)
     u, seed = _draw(generator, noise, x.shape, fmt) if sr else (None, 0)
-    lib = native.library() if x.dtype != torch.float64 and x.device.type == "cpu" else None
+    lib = _c_lib(x)
     if lib is None:
         if sr and u is None:
             u = uniforms(seed, x.shape)
         return reference(x, **ref_kwargs, noise=u if sr else None, nonfinite=nonfinite)
     rc, out = native.run_fp4(lib, x.detach().float().contiguous(), u, key_of(seed), fmt, outer, length, inner,
                              size, 16 if block_2d else 1, sr, levels_minus_1)
-    if rc == 1 and nonfinite_guard(x, torch.tensor(float("nan")), nonfinite, fmt):
-        return torch.zeros_like(x)
-    return out.view(x.shape).to(x.dtype)
+    return torch.zeros_like(x) if _zeros_for_nonfinite(rc, x, nonfinite, fmt) else out.view(x.shape).to(x.dtype)
 
 
 def nvfp4(x: Tensor, *, dim: int = -1, rounding: str = "rtn", block_2d: bool = False,
