@@ -76,11 +76,12 @@ def write_md(table, scale, specs, trs, idx, path: Path, overrides=(), notes: Pat
              + (" Best epoch top-1: the highest end-of-epoch test top-1 (mean over seeds); "
                 "best-epoch degradation = fp32's best − the row's best. Final train loss: the "
                 "mean training loss of the last epoch (mean over seeds)." if best_col else ""))
-    for t in [t for t in trs if t["spec"].fnt_epochs and t["own_deg"][0] is not None]:
+    for t in [t for t in trs if t["spec"].fnt_epochs]:
         L.append(f"\n{t['spec'].label}: the FNT row trains {t['spec'].fnt_epochs} more epoch(s) than "
-                 f"the fp32 row it is compared with above (the paper's convention). The runner also "
-                 f"matched it with an fp32 run of the same total length and schedule "
-                 f"(trainer.baseline=auto): degradation vs that run {fmt(*t['own_deg'])} points.")
+                 "the fp32 row; its degradation is against an fp32 run of the same total length "
+                 "and schedule, same seed (the runner's trainer.baseline=auto match), not against "
+                 "the shorter fp32 row (the paper's convention, which credits FNT with its extra "
+                 "epochs).")
     _tail(L, table, scale, trs, idx, overrides, notes)
     path.write_text("\n".join(L) + "\n")
 
@@ -91,7 +92,7 @@ def _tail(L, table, scale, trs, idx, overrides, notes):
     if findings:
         L.append("\n## What it shows\n\n" + findings)
     L.append("\n## Checks of the papers' claims (computed from the table)\n")
-    L.extend(T.checks(trs) or ["(not enough rows finished)"])
+    L.extend(T.checks(trs, f"{table}, {scale} scale") or ["(not enough rows finished)"])
     cmds = launches(Path(idx).parent, table, scale)
     done = {c["started"] for c in cmds if c.get("wall_s") is not None}
     cmds = [c for c in cmds if c.get("wall_s") is not None or c.get("started") not in done]
@@ -120,7 +121,7 @@ def write_lm_md(table, scale, specs, trs, idx, path: Path, overrides=(), notes: 
     L = [f"# {table} ({scale} scale)\n", head + "\n"]
     paper = T.paper_numbers()
     L.append("| row | δ route | fwd | grad | FNT steps | seeds | val loss, nats (mean ± std) | "
-             "bits/char | Δ val loss vs fp32, nats (mean ± std) | 2 s.e. of Δ | char top-1 % | "
+             "bits/char | Δ val loss vs fp32, nats (mean ± std) | 95% CI of Δ | char top-1 % | "
              "paper claim |")
     L.append("|---" * 12 + "|")
     for t in trs:
@@ -132,16 +133,18 @@ def write_lm_md(table, scale, specs, trs, idx, path: Path, overrides=(), notes: 
         claim = paper["mvue_claim"].get(method) or paper["luq_claim"].get(method, "")
         base = t["base"] == s.label
         deg = "0 (baseline)" if base else fmt(*t["deg"], p=4)
-        e = None if base else T.two_se(t)
-        fnt = (s.identity or {}).get("trainer", {}).get("fnt_steps") or 0
+        e = None if base else T.ci(t)
+        fnt = T.fnt_of(s)
         L.append(f"| {s.label} | {T.route_of(s.label)} | {s.fwd} | {s.grad} | {fnt} | "
                  f"{','.join(map(str, t['seeds'])) or 'none'} | {fmt(*t['val'], p=4)} | "
-                 f"{fmt(t['bpc'][0], None, 3)} | {deg} | {'—' if e is None else f'{e:.4f}'} | "
+                 f"{fmt(t['bpc'][0], None, 3)} | {deg} | {'—' if e is None else f'[{e[0]:+.4f}, {e[1]:+.4f}]'} | "
                  f"{fmt(*t['top1'])} | {claim} |")
     L.append("\nVal loss: mean cross-entropy (nats per character) of the final model on the fixed "
              "validation windows; bits/char = val loss / ln 2. Δ = val loss(row) − val loss(fp32) "
              "for the same seed (same init and data order; > 0: worse), then mean ± sample std "
-             "(n−1) over seeds; 2 s.e. = 2·std/√n. Char top-1: next-character accuracy. Route: "
+             "(n−1) over seeds; 95% CI: Student's t with n − 1 df (not corrected for the "
+             "number of rows; the verdicts below are). FNT rows: Δ against an fp32 run of the "
+             "same total steps (below). Char top-1: next-character accuracy. Route: "
              "where the estimate of δ goes (README, methods table): update = update GEMM only, "
              "blocks along tokens; backward = backward GEMM only, blocks along output channels; "
              "both = one draw feeds both GEMMs; quantizer = one quantized δ feeds both GEMMs."
@@ -149,15 +152,15 @@ def write_lm_md(table, scale, specs, trs, idx, path: Path, overrides=(), notes: 
                 + ", ".join(f"{t['spec'].label} ({t['diverged']})" for t in trs if t["diverged"])
                 if any(t["diverged"] for t in trs) else ""))
     for t in trs:
-        fnt = ((t["spec"].identity or {}).get("trainer", {}).get("fnt_steps") or 0)
-        if fnt and t["own_deg"][0] is not None:
-            L.append(f"\n{t['spec'].label}: the FNT row trains {fnt} steps more than the fp32 row it "
-                     "is compared with above (the paper's convention). The runner also matched it "
-                     "with an fp32 run of the same total length and schedule (trainer.baseline=auto):"
-                     f" Δ val loss vs that run {fmt(*t['own_deg'], p=4)} nats.")
+        fnt = T.fnt_of(t["spec"])
+        if fnt:
+            L.append(f"\n{t['spec'].label}: the FNT row trains {fnt} steps more than the fp32 row; "
+                     "its Δ is against an fp32 run of the same total steps and schedule, same seed "
+                     "(the runner's trainer.baseline=auto match), never against the shorter fp32 "
+                     "row (the paper's convention, which credits FNT with its extra steps).")
     _tail(L, table, scale, trs, idx, overrides, notes)
     L.append(f"- figures: `{path.stem}.png` (validation-loss curves, one panel per route) and "
-             f"`{path.stem}_delta.png` (Δ val loss per row, error bars 2 s.e.)")
+             f"`{path.stem}_delta.png` (Δ val loss per row, error bars the 95% CI)")
     path.write_text("\n".join(L) + "\n")
 
 
@@ -202,7 +205,7 @@ ROUTE_PANELS = ("quantizer", "update", "backward", "both")
 
 def plot_lm(table, scale, trs, path: Path):
     """<path>: validation loss vs step (mean over seeds), one panel per δ route, fp32 in each;
-    <stem>_delta.png: Δ val loss vs fp32 per row with 2-s.e. error bars."""
+    <stem>_delta.png: Δ val loss vs fp32 per row with 95%-CI error bars (paired t)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -236,13 +239,13 @@ def plot_lm(table, scale, trs, path: Path):
     fig, ax = plt.subplots(figsize=(max(6, 0.42 * len(rows) + 2), 4.4))
     colors = {p: f"C{i}" for i, p in enumerate(ROUTE_PANELS)}
     for i, t in enumerate(rows):
-        e = T.two_se(t)
-        ax.bar(i, t["deg"][0], yerr=0 if e is None else e, capsize=3,
+        e = T.ci(t)
+        ax.bar(i, t["deg"][0], yerr=0 if e is None else (e[1] - e[0]) / 2, capsize=3,
                color=colors.get(T.route_of(t["spec"].label), "C7"))
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(range(len(rows)), [t["spec"].label for t in rows], rotation=70, fontsize=7,
                   ha="right")
-    ax.set_ylabel("Δ val loss vs fp32 (nats), ± 2 s.e.")
+    ax.set_ylabel("Δ val loss vs fp32 (nats), 95% CI")
     ax.legend(handles=[matplotlib.patches.Patch(color=c, label=p) for p, c in colors.items()
                        if any(T.route_of(t["spec"].label) == p for t in rows)], fontsize=7)
     ax.grid(alpha=0.3, axis="y")

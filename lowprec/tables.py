@@ -15,15 +15,20 @@ So two tables that share a row (the fp32 baseline) share its runs.
 Per row, over its seeds s (the newest run per seed):
   top-1      = mean ± sample std (n−1) of the final-epoch test top-1;
   degradation(s) = top1_fp32(s) − top1_row(s) against the table's fp32 row of the same model,
-               data and weight N:M with no FNT (`base_label`), same seed; then mean ± std;
+               data and weight N:M with no FNT (`base_label`), same seed; then mean ± std.
+               A row with FNT (fine-tuning after the low-precision phase) trains longer than that
+               row, so its degradation(s) is instead the one the runner measured against an fp32
+               run of the same total steps and schedule, same seed (its summary's `degradation`,
+               trainer.baseline=auto); it is never compared with the shorter fp32 row;
   diverged   = runs whose final top-1 ≤ chance + 1 point, chance = 100 / num_classes % (the
                run's `num_classes` from its summary; older summaries: the dataset's class count);
-  verdict of "A worse than B": the difference of their mean degradations against
-               2 standard errors, 2·sqrt(s_A²/n_A + s_B²/n_B); one seed: no verdict.
+  verdict of "A worse than B": a paired t-test on degradation_A(s) − degradation_B(s) over the
+               seeds both rows have, Holm–Bonferroni over all the claims of the table
+               (lowprec.verdicts: the statistics, the words and the detectable effect).
 
 Language-model tables (runs whose summary has metric "val_loss", conf/experiment/small/lm_*):
 the row value is the final validation loss L (nats), degradation(s) = L_row(s) − L_fp32(s)
-(paired: same seed = same init and data order; > 0: worse), the same mean ± std and 2-s.e.
+(paired: same seed = same init and data order; > 0: worse), the same mean ± std and paired
 verdicts; diverged = L not finite or ≥ ln V (no better than uniform guessing over the V
 characters). Rows are grouped by δ route (`route_of`).
 """
@@ -37,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import runs
+from . import runs, verdicts
 from .adapt import signature
 from .config import experiment_identity, register_resolvers
 
@@ -269,6 +274,11 @@ def base_label(specs, spec):
     return None
 
 
+def fnt_of(spec) -> int:
+    """A row's FNT length: epochs (classification) or steps (trainer.fnt_steps), 0 if none."""
+    return spec.fnt_epochs or int(((spec.identity or {}).get("trainer") or {}).get("fnt_steps") or 0)
+
+
 def epoch_values(r: dict, key: str) -> list[float]:
     """Per-epoch values of `key` from the end-of-epoch records of a run's metrics.jsonl."""
     return [x[key] for x in epoch_records(r) if key in x]
@@ -303,8 +313,13 @@ def table_rows(specs, found) -> list[dict]:
         base = {r["seed"]: value(r) for r in found.get(bl, [])} if bl else {}
         lm = any(metric_of(r) == "val_loss" for r in [*by_seed.values(), *found.get(bl, [])])
         vals = {sd: value(r) for sd, r in by_seed.items()}
-        deg = [(vals[sd] - base[sd]) if lm else (base[sd] - vals[sd]) for sd in vals
-               if sd in base and vals[sd] is not None and base[sd] is not None]
+        if fnt_of(s):  # only against an fp32 run of the same total steps (module docstring)
+            by_deg = {sd: r["degradation"] for sd, r in by_seed.items()
+                      if r["degradation"] is not None}
+        else:
+            by_deg = {sd: (vals[sd] - base[sd]) if lm else (base[sd] - vals[sd]) for sd in vals
+                      if sd in base and vals[sd] is not None and base[sd] is not None}
+        deg = list(by_deg.values())
         own = [r["degradation"] for r in by_seed.values() if r["degradation"] is not None]
         wall = [r["wall_time"] for r in by_seed.values() if r["wall_time"] is not None]
         curves = [epoch_values(r, "top1") for r in by_seed.values()]
@@ -318,54 +333,68 @@ def table_rows(specs, found) -> list[dict]:
                         metric="val_loss" if lm else "top1",
                         val=mean_std([v for v in vals.values()]) if lm else (None, None),
                         bpc=mean_std([summary_of(r).get("bits_per_char") for r in by_seed.values()]),
-                        deg_seeds=deg))
+                        deg_seeds=deg, deg_by_seed=by_deg))
     return out
 
 
 # ----------------------------------------------------------------------------- claim checks
 
 
-def two_se(t) -> float | None:
-    """2 standard errors of a row's mean degradation (None with fewer than two seeds)."""
-    m, sd = t["deg"]
-    return None if sd is None else 2 * sd / math.sqrt(len(t["deg_seeds"]) or len(t["seeds"]))
+def ci(t) -> tuple[float, float] | None:
+    """The 95% interval (paired t, n − 1 df) of a row's mean degradation; None with < 2 seeds."""
+    r = verdicts.paired(t.get("deg_by_seed") or {})
+    return None if r.lo is None else (r.lo, r.hi)
 
 
-def verdict(worse, better, claim: str, p: int = 2) -> str:
-    """Is `worse`'s degradation larger than `better`'s beyond seed noise? (module docstring)
-    `p`: decimals (2 for top-1 points, 4 for nats)."""
-    (mw, sw), nw = worse["deg"], len(worse["seeds"])
-    (mb, sb), nb = better["deg"], len(better["seeds"])
-    diff = mw - mb
-    if sw is None or sb is None:
-        return f"{claim}? one seed only, no noise estimate (difference {diff:+.{p}f})"
-    noise = 2 * math.sqrt(sw ** 2 / nw + sb ** 2 / nb)
-    if diff > noise:
-        return f"{claim}: shown (difference {diff:+.{p}f} > 2 s.e. {noise:.{p}f})"
-    if diff < -noise:
-        return (f"{claim}: the OPPOSITE is shown at this scale (difference {diff:+.{p}f}, "
-                f"2 s.e. {noise:.{p}f})")
-    return f"{claim}: NOT shown at this scale (difference {diff:+.{p}f} within 2 s.e. {noise:.{p}f})"
+def claim(worse, better, text: str) -> tuple:
+    """A claim "worse's degradation is larger than better's" (better None: larger than 0, i.e.
+    worse than the fp32 row), tested pairwise over the seeds both rows have."""
+    return ("claim", verdicts.paired(worse["deg_by_seed"],
+                                     None if better is None else better["deg_by_seed"]), text)
 
 
-def checks(trs) -> list[str]:
-    """One markdown bullet per paper claim the table's rows can test."""
+def render(items: list, family: str, decimals: int = 2, unit: str = "") -> list[str]:
+    """Markdown bullets from strings and `claim`s ("<prefix> → " strings followed by a claim
+    are joined to it): Holm–Bonferroni over the claims of this list, which is the family."""
+    tests = [(x[1], x[2]) for x in items if isinstance(x, tuple)]
+    lines = iter(verdicts.family(tests, decimals, unit))
+    out, pre = [], ""
+    for x in items:
+        if isinstance(x, tuple):
+            out.append(pre + next(lines))
+            pre = ""
+        elif x.endswith("→ "):
+            pre = x
+        else:
+            out.append(x)
+    m = sum(1 for t, _ in tests if t.p is not None)
+    if tests:
+        out.insert(0, f"Family: the {len(tests)} claims below ({family}); {m} with ≥ 2 common "
+                      f"seeds are tested, paired by seed (Student's t, n − 1 df), Holm–Bonferroni "
+                      f"over those {m} at α = {verdicts.ALPHA}. Detectable effect: the mean "
+                      f"difference the test finds with 80% power at the measured paired spread, at "
+                      f"the Bonferroni level α/{m} (Holm's strictest step).\n")
+    return out
+
+
+def checks(trs, table: str = "this table") -> list[str]:
+    """One markdown bullet per paper claim the table's rows can test (one Holm family)."""
     by = {t["spec"].label: t for t in trs if t["top1"][0] is not None and t["deg"][0] is not None}
     if any(t.get("metric") == "val_loss" for t in by.values()):
-        return lm_checks(by)
-    out = []
+        return lm_checks(by, table)
+    out: list = []
 
     def d(lbl):
         return by[lbl]["deg"][0]
 
     for mse, mv in (("mse12", "mvue12"), ("mse24", "mvue24")):
         if mse in by and mv in by:
-            out.append(f"- {mse} degrades {d(mse):+.2f}, {mv} {d(mv):+.2f} → "
-                       + verdict(by[mse], by[mv], f"MSE mask worse than MVUE ({mse[-2]}:{mse[-1]})"))
+            out += [f"- {mse} degrades {d(mse):+.2f}, {mv} {d(mv):+.2f} → ",
+                    claim(by[mse], by[mv], f"MSE mask worse than MVUE ({mse[-2]}:{mse[-1]})")]
     if "fp4_rdn" in by and "luq4" in by:
-        out.append(f"- fp4_rdn degrades {d('fp4_rdn'):+.2f} (final top-1 {by['fp4_rdn']['top1'][0]:.2f}), "
-                   f"luq4 {d('luq4'):+.2f} → " + verdict(by["fp4_rdn"], by["luq4"],
-                                                        "biased FP4 worse than LUQ (final top-1)"))
+        out += [f"- fp4_rdn degrades {d('fp4_rdn'):+.2f} (final top-1 "
+                f"{by['fp4_rdn']['top1'][0]:.2f}), luq4 {d('luq4'):+.2f} → ",
+                claim(by["fp4_rdn"], by["luq4"], "biased FP4 worse than LUQ (final top-1)")]
         lo, ll = by["fp4_rdn"]["low"][0], by["luq4"]["low"][0]
         lf = by["fp32"]["low"][0] if "fp32" in by else None
         if lo is not None and ll is not None:
@@ -375,21 +404,19 @@ def checks(trs) -> list[str]:
                            + ("it ends at chance: diverged)" if by["fp4_rdn"]["diverged"]
                               else "it does not diverge to chance here)"))
                           if lo < ll - 5 else "no instability of fp4_rdn visible"))
-    if "int4_sr" in by and "luq4" in by:
-        out.append(f"- int4_sr {d('int4_sr'):+.2f} vs luq4 {d('luq4'):+.2f} → "
-                   + verdict(by["int4_sr"], by["luq4"], "INT4-SR worse than LUQ"))
-    if "radix4" in by and "luq4" in by:
-        out.append(f"- radix4 (Ultra-low) {d('radix4'):+.2f} vs luq4 {d('luq4'):+.2f} → "
-                   + verdict(by["radix4"], by["luq4"], "Ultra-low worse than LUQ"))
+    for x, text in (("int4_sr", "INT4-SR worse than LUQ"), ("radix4", "Ultra-low worse than LUQ")):
+        if x in by and "luq4" in by:
+            out += [f"- {x} {d(x):+.2f} vs luq4 {d('luq4'):+.2f} → ", claim(by[x], by["luq4"], text)]
     if "luq4_smp2" in by and "luq4" in by:
-        out.append(f"- luq4 {d('luq4'):+.2f} vs luq4_smp2 {d('luq4_smp2'):+.2f} → "
-                   + verdict(by["luq4"], by["luq4_smp2"], "SMP-2 improves on LUQ")
-                   + "; SMP's variance reduction itself is measured in results/estimators.md.")
+        out += [f"- luq4 {d('luq4'):+.2f} vs luq4_smp2 {d('luq4_smp2'):+.2f} → ",
+                claim(by["luq4"], by["luq4_smp2"], "SMP-2 improves on LUQ"),
+                "- SMP's variance reduction itself is measured in results/estimators.md."]
     for f in ("luq4_fnt1", "luq4_fnt2", "luq4_fnt3"):
         if f in by and "luq4" in by:
-            out.append(f"- {f} {d(f):+.2f} vs luq4 {d('luq4'):+.2f} (both vs the fp32 row) → "
-                       + verdict(by["luq4"], by[f], "FNT recovers accuracy"))
-    return out
+            out += [f"- {f} {d(f):+.2f} (vs an fp32 run of its own total length) vs luq4 "
+                    f"{d('luq4'):+.2f} (vs the fp32 row) → ",
+                    claim(by["luq4"], by[f], "FNT recovers accuracy")]
+    return render(out, f"the claims of {table}", 2, " points")
 
 
 # ----------------------------------------------------------------------------- LM claims
@@ -411,7 +438,10 @@ LM_CLAIMS = (
     *((f"mvue24{suf}", "mvue24", f"MVUE 2:4 on the {ROUTE_SUFFIXES[suf]} route worse than on "
        "the update route") for suf in ("_bwd", "_both")),
     ("mvue24_luq4", "mvue24", "MVUE 2:4 + LUQ-4 (backward) worse than MVUE 2:4 alone"),
-    ("luq4", "luq4_fnt", "FNT recovers accuracy (LUQ worse than LUQ + FNT, both vs the fp32 row)"),
+    # FNT: each side against an fp32 run of its own total steps (the FNT row's Δ is the runner's
+    # matched-length one, table_rows), never the FNT row against the shorter fp32 row
+    ("luq4", "luq4_fnt", "FNT recovers accuracy (LUQ's Δ vs fp32 of its length larger than "
+     "LUQ + FNT's Δ vs fp32 of the same total steps)"),
     # formats_table (issue 11): scaling granularity, rounding, block format, RHT, LUQ vs hardware
     ("luq4", "luq4_b16", "per-tensor scaling worse than per-block (LUQ-4 vs LUQ-4, 16-blocks)"),
     ("fp4_rdn", "nvfp4_rtn", "per-tensor scaling worse than per-block (FP4 round-to-nearest vs "
@@ -437,30 +467,24 @@ LM_VS_BASELINE = ("luq4", "luq4_smp2", "mvue24", "mvue12", "mvue24_approx", "mvu
                   "luq4_b16", "nvfp4_rtn", "nvfp4_sr", "mxfp4_rtn", "mxfp4_sr", "nvfp4_sr_rht")
 
 
-def lm_checks(by: dict) -> list[str]:
-    """The LM claims (LM_CLAIMS) that the rows present can test, with 2-s.e. verdicts (nats);
-    then whether each LM_VS_BASELINE row's Δ differs from 0 beyond 2 s.e."""
-    out = []
+def lm_checks(by: dict, table: str = "this table") -> list[str]:
+    """The LM claims (LM_CLAIMS) that the rows present can test; then, per LM_VS_BASELINE row
+    (and a low-precision-forward fp32 row), "worse than fp32" on its own paired Δ. One Holm
+    family (`render`); nats."""
+    out: list = []
     prefixes = sorted({fwd_prefix(lbl) for lbl in by})
 
     def fnt_label(prefix):
         return next((l for l in by if l.startswith(prefix + "luq4_fnt")), None)
 
     for pre in prefixes:
-        for w, b, claim in LM_CLAIMS:
+        for w, b, text in LM_CLAIMS:
             w, b = (fnt_label(pre) if x == "luq4_fnt" else pre + x for x in (w, b))
             if w in by and b in by:
-                out.append(f"- {w} Δ {by[w]['deg'][0]:+.4f}, {b} Δ {by[b]['deg'][0]:+.4f}"
-                           " nats → " + verdict(by[w], by[b],
-                                                 claim + FWD_PREFIXES.get(pre, ""), p=4))
+                out += [f"- {w} Δ {by[w]['deg'][0]:+.4f}, {b} Δ {by[b]['deg'][0]:+.4f} nats → ",
+                        claim(by[w], by[b], text + FWD_PREFIXES.get(pre, ""))]
     for lbl in [l for l in by if l[len(fwd_prefix(l)):] in LM_VS_BASELINE] + [
             l for l in by if fwd_prefix(l) and l.endswith("fp32")]:
-        t = by[lbl]
-        m, e = t["deg"][0], two_se(t)
-        if e is None:
-            out.append(f"- {lbl}: Δ {m:+.4f} nats, one seed (no noise estimate)")
-            continue
-        word = ("worse than fp32 beyond noise" if m > e else "better than fp32 beyond noise"
-                if m < -e else "within noise of fp32")
-        out.append(f"- {lbl}: Δ {m:+.4f} ± {e:.4f} (2 s.e.) nats → {word}")
-    return out
+        out += [f"- {lbl}: Δ {by[lbl]['deg'][0]:+.4f} nats → ",
+                claim(by[lbl], None, f"{lbl} worse than fp32")]
+    return render(out, f"the claims of {table}", 4, " nats")

@@ -115,15 +115,15 @@ def test_formats_table_shares_the_lm_setting_and_checks_its_claims():
     for r in ("fp32", "luq4", "fp4_rdn"):  # lm_table's rows, so their runs are shared
         assert specs[r].identity == X.compose_row(f"small/lm_table/{r}").identity
     # the declared claims fire, within the fwd-nvfp4 prefix too, with the pairs' own numbers
-    def row(m, sd):
-        return {"deg": (m, sd), "seeds": [0, 1, 2], "deg_seeds": [m] * 3}
+    def row(m, sd):  # three seeds at m − sd, m, m + sd
+        return {"deg": (m, sd), "seeds": [0, 1, 2], "deg_by_seed": {0: m - sd, 1: m, 2: m + sd}}
     by = {"luq4": row(0.2, 0.01), "luq4_b16": row(0.1, 0.01), "nvfp4_sr": row(0.1, 0.01),
           "nvfp4_rtn": row(0.1, 0.01), "fwdnv_nvfp4_rtn": row(0.3, 0.01),
           "fwdnv_nvfp4_sr": row(0.3, 0.01)}
     out = "\n".join(X.lm_checks(by))
     assert "per-tensor scaling worse than per-block (LUQ-4 vs LUQ-4, 16-blocks): shown" in out
-    assert "RTN worse than SR (NVFP4): NOT shown" in out
-    assert "RTN worse than SR (NVFP4) (fwd nvfp4): NOT shown" in out
+    assert "RTN worse than SR (NVFP4): not shown" in out
+    assert "RTN worse than SR (NVFP4) (fwd nvfp4): not shown" in out
     assert "per-tensor LUQ-4 worse than the hardware format NVFP4-SR: shown" in out
     assert X.route_of("fwdnv_fp32") == "baseline" and X.route_of("fwdnv_nvfp4_sr") == "quantizer"
 
@@ -199,7 +199,8 @@ def test_make_tables_on_a_synthetic_index(tmp_path):
     assert "76.50" in lines["fp32"]  # the paper's ResNet-50 number beside ours
     assert "none" in lines["radix4"]  # a row with no runs is listed, empty
     assert "python run.py -m X" in md and "abc" in md and "Scale." in md
-    assert "biased FP4 worse than LUQ (final top-1): shown" in md and "FNT recovers accuracy" in md
+    assert "biased FP4 worse than LUQ (final top-1): shown (paired over 2 seeds" in md
+    assert "FNT recovers accuracy" in md and "Holm" in md and "Family: the" in md
     assert (out / "luq_table.png").stat().st_size > 1000
 
 
