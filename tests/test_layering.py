@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("dispatch",),
     ("estimators",),
     ("stats", "noise"),  # noise: the noise-to-signal ratio r (pure math on tensors)
+    ("verdicts", "scaling"),  # pure statistics (scipy): paired tests and Holm; scaling-law fits
     ("recipes",),
     ("forward", "backward"),  # a layer's GEMM operands and δ routing (pure functions)
     ("layers",),
