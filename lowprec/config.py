@@ -120,43 +120,57 @@ class SchedConfig:
                              "each in (0, 1)")
 
 
+# The trainer defaults have one owner: conf/trainer/default.yaml (with their documentation).
+# TrainConfig reads them from it, resolved without a model (a model's `train_defaults`, which
+# the YAML selects with ${oc.select:model.train_defaults.<key>,<default>}, apply only in a run).
+TRAINER_DEFAULTS_YAML = Path(__file__).resolve().parents[1] / "conf" / "trainer" / "default.yaml"
+
+
+def trainer_defaults() -> dict[str, Any]:
+    """conf/trainer/default.yaml as plain values (the defaults of TrainConfig)."""
+    from omegaconf import OmegaConf
+
+    root = OmegaConf.create({"model": {}, "trainer": OmegaConf.load(TRAINER_DEFAULTS_YAML)})
+    return OmegaConf.to_container(root, resolve=True)["trainer"]
+
+
+_D = trainer_defaults()
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """conf/trainer plus the optimizer and schedule: everything the loop needs besides the
-    data, the model and the recipes."""
-    epochs: int = 5
-    fnt_epochs: int = 0
-    batch_size: int = 128         # global batch (divided over DDP ranks)
-    eval_batch_size: int = 512
-    workers: int = 0
-    seed: int = 0
-    device: str = "auto"          # auto | cpu | cuda | cuda:N
-    bf16: bool = False            # torch.autocast(bfloat16) for forward and loss
-    deterministic: bool = True    # cudnn.deterministic; no effect on CPU
-    checkpoint_every: int = 1     # epochs; 0: only at the end
-    checkpoint_steps: int = 200   # also every this many optimizer steps inside an epoch (a long
-                                  # epoch or a step budget loses at most this many); 0: off
-    resume: bool = False
-    baseline: str = "auto"        # auto | skip | require
-    stats_every: int = 0          # steps between per-layer gradient statistics; 0: off
-    max_steps: int = 0            # step budget: train this many optimizer steps (the LR schedule
-                                  # spans them; epochs are then not used); 0: train `epochs`
-    fnt_steps: int = 0            # with max_steps: FNT steps after them (grad=fp32, LUQ's FNT)
-    eval_every: int = 0           # optimizer steps between evaluations (also at epoch ends and at
-                                  # the end); 0: at epoch ends only
-    limit_batches: int = 0        # at most this many train and eval batches per epoch; 0: off
-    skip_nonfinite: bool = False  # skip steps with a non-finite loss/grad instead of failing
-    max_skip_frac: float = 0.01   # a run that skips more than this fraction of its steps: diverged
-    threads: int = 0              # torch CPU threads (torch.set_num_threads); 0: torch's default
+    data, the model and the recipes. Defaults and their meaning: conf/trainer/default.yaml."""
+    epochs: int = _D["epochs"]
+    fnt_epochs: int = _D["fnt_epochs"]
+    batch_size: int = _D["batch_size"]        # global batch (divided over DDP ranks)
+    eval_batch_size: int = _D["eval_batch_size"]
+    workers: int = _D["workers"]
+    seed: int = _D["seed"]
+    device: str = _D["device"]                # auto | cpu | cuda | cuda:N
+    bf16: bool = _D["bf16"]
+    deterministic: bool = _D["deterministic"]
+    checkpoint_every: int = _D["checkpoint_every"]  # epochs; 0: only at the end
+    checkpoint_steps: int = _D["checkpoint_steps"]  # steps inside an epoch; 0: off
+    resume: bool = _D["resume"]
+    baseline: str = _D["baseline"]            # auto | skip | require
+    stats_every: int = _D["stats_every"]
+    max_steps: int = _D["max_steps"]          # > 0: a step budget (lowprec.budget)
+    fnt_steps: int = _D["fnt_steps"]
+    eval_every: int = _D["eval_every"]
+    limit_batches: int = _D["limit_batches"]
+    skip_nonfinite: bool = _D["skip_nonfinite"]
+    max_skip_frac: float = _D["max_skip_frac"]
+    threads: int = _D["threads"]
     # Noise monitor and adaptive precision (lowprec.adapt; not in the identity: a fixed and an
     # adaptive run share their fp32 baseline, and the monitor does not change training)
-    noise_every: int = 0          # steps between noise-to-signal measurements r; 0: off
-    adapt: str = "none"           # none | smp | fallback | late_hp
-    adapt_tau: float = 3 ** 0.5   # act when r stays below this
-    adapt_patience: int = 3       # ... for this many consecutive measurements
-    adapt_max_samples: int = 16   # smp: SMP count cap
-    adapt_fallback: str = "fp32"  # fallback / late_hp: the grad recipe switched to
-    adapt_r: str = "exact"        # which r the controller reads: exact | two_draw
+    noise_every: int = _D["noise_every"]
+    adapt: str = _D["adapt"]                  # none | smp | fallback | late_hp
+    adapt_tau: float = _D["adapt_tau"]
+    adapt_patience: int = _D["adapt_patience"]
+    adapt_max_samples: int = _D["adapt_max_samples"]
+    adapt_fallback: str = _D["adapt_fallback"]
+    adapt_r: str = _D["adapt_r"]              # exact | two_draw
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
 

@@ -2,12 +2,13 @@
 
 `train` reads top to bottom: set up (data, model, one `convert(...)` call — the only place
 quantization appears — optimizer, loaders), resume, epochs (the low-precision ones, then the FNT
-ones), save. `train_and_record` adds summary.json and the run-index row.
+ones), save. Run preparation (lowprec.prepare) builds the data and the model once, hands them
+here, and adds summary.json and the run-index row.
 
 Length: `trainer.epochs` (+ `fnt_epochs`), or a step budget `trainer.max_steps` (+ `fnt_steps`):
 then exactly that many optimizer steps are taken, passes over the data ("epochs") repeat as
 needed, and the LR schedule (warm-up, cosine, step milestones) spans max_steps instead of
-epochs × steps per epoch. Evaluation at every epoch end, every `trainer.eval_every` steps, and at
+epochs × steps per epoch. That choice is made once, in a `lowprec.budget.Budget` the loop asks. Evaluation at every epoch end, every `trainer.eval_every` steps, and at
 the end.
 
 Metric (top-1, or validation loss for a language model), degradation and summary.json: lowprec/summary.py.
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import sys
 import time
@@ -45,17 +45,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from . import runs
 from .adapt import Controller
 from ._common import NonFiniteError
-from .checkpoint import (Progress, atomic_write_text, kill_point, load_checkpoint,
-                         save_checkpoint, seed_everything, weights_hash)
+from .checkpoint import (Progress, kill_point, load_checkpoint, rng_state,
+                         save_checkpoint, seed_everything, set_rng_state, weights_hash)
 from .config import Experiment
 from .convert import collect_stats, convert, set_recipes
 from .distributed import Dist, all_gather, all_true, broadcast, mean_over_ranks, setup_distributed
 from .evaluation import evaluate
 from .logging import JsonlLogger, Logger, MultiLogger, make_wandb
-from .optim import lr_factor, make_optimizer
+from .budget import Budget
+from .optim import make_optimizer
 from .summary import LN2, baseline_quality, describe, summarize, summary_lines  # noqa: F401
 
 FNT_GRAD = "fp32"  # FNT epochs: exact δ
@@ -74,31 +74,23 @@ def enter_fnt(model: nn.Module, exp: Experiment) -> None:
 # ----------------------------------------------------------------------------- the loop
 
 
-def train(exp: Experiment, datasets=None, *, dist: Dist | None = None,
-          finalize=None) -> dict[str, Any]:
+def train(exp: Experiment, datasets=None, *, dist: Dist | None = None, finalize=None,
+          model: "Built | None" = None) -> dict[str, Any]:
     """Train `exp` (resuming from run_dir/checkpoints/last.pt when trainer.resume); return the
     results: final/best top-1, top-5, steps, wall time, weights hash, or `finalize(results)`
     (the summary, also sent to the logger). Rank 0 writes metrics.jsonl and checkpoints.
-    `dist`: the process's DDP set-up (run.py makes it once); None sets it up here."""
-    t = exp.trainer
-    d = dist if dist is not None else setup_distributed(t.device)
-    r = _set_up(exp, datasets, d)
-    prog = Progress()
-    if t.resume and r.ckpt_path.exists():
-        def resumed_inside_fnt(epoch, step, extra):
-            # FNT began at step max_steps (before that step) or at epoch `epochs` (before it)
-            mid = bool(extra.get("in_epoch"))
-            if (step > t.max_steps) if t.max_steps else (epoch > t.epochs or (epoch == t.epochs and mid)):
-                enter_fnt(r.core, exp)
-        prog = load_checkpoint(r.ckpt_path, model=r.core, optimizer=r.opt, key=exp.key,
-                               names=exp.names, d=d, before_layer_state=resumed_inside_fnt)
-        r.adapt.load_state_dict(prog.extra.get("adapt"))  # after the layer state (adapt.py)
+    `dist`: the process's DDP set-up (None sets it up here); `model`: the model `build(exp, ds)`
+    made during run preparation (None builds it here)."""
+    d = dist if dist is not None else setup_distributed(exp.trainer.device)
+    r = _set_up(exp, datasets, d, model)
+    b = r.budget
+    prog = _resume(exp, r, d) if exp.trainer.resume and r.ckpt_path.exists() else Progress()
     logger = _start_logging(exp, r.report, prog, d)
-    model = r.core
+    net = r.core
     if d.world > 1:  # wrap AFTER convert: DDP must see the converted modules' parameters
-        model = nn.parallel.DistributedDataParallel(
+        net = nn.parallel.DistributedDataParallel(
             r.core, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    model.train()
+    net.train()
     t0 = time.time()
 
     def checkpoint(in_epoch: dict | None = None) -> None:
@@ -107,19 +99,40 @@ def train(exp: Experiment, datasets=None, *, dist: Dist | None = None,
         save_checkpoint(r.ckpt_path, model=r.core, optimizer=r.opt, progress=prog,
                         elapsed=prog.elapsed + time.time() - t0, key=exp.key, names=exp.names, d=d)
 
-    budget = t.max_steps + t.fnt_steps if t.max_steps else 0
     for epoch in itertools.count(prog.epoch):
-        if (prog.step >= budget) if budget else epoch >= r.total_epochs:
+        if b.done(epoch, prog.step):
             break
         mid = (prog.extra.get("in_epoch") or {}).get("epoch") == epoch  # resumed inside this epoch
-        if epoch == t.epochs and not budget and not mid:
+        if b.fnt_before_epoch(epoch, mid):
             enter_fnt(r.core, exp)
-        _end_epoch(exp, r, prog, _train_epoch(exp, r, model, prog, epoch, logger, d, checkpoint), logger, d)
+        _end_epoch(exp, r, prog, _train_epoch(exp, r, net, prog, epoch, logger, d, checkpoint), logger, d)
         kill_point("epoch_logged")
         prog.epoch = epoch + 1
-        stop = (prog.step >= budget) if budget else prog.epoch == r.total_epochs
-        if stop or (t.checkpoint_every and prog.epoch % t.checkpoint_every == 0):
+        if b.checkpoint_after_epoch(prog.epoch, prog.step):
             checkpoint()
+    result = _results(exp, r, prog, d, time.time() - t0)
+    if finalize is not None:
+        result = finalize(result)
+    logger.log_summary(result)
+    logger.finish()
+    return result
+
+
+def _resume(exp: Experiment, r: "_Run", d: Dist) -> Progress:
+    """Restore last.pt: weights, optimizer, RNG, the layers' state (in FNT's recipes when the
+    checkpoint lies after FNT began) and the controller's."""
+    def resumed_inside_fnt(epoch, step, extra):
+        if r.budget.resumed_in_fnt(epoch, step, bool(extra.get("in_epoch"))):
+            enter_fnt(r.core, exp)
+    prog = load_checkpoint(r.ckpt_path, model=r.core, optimizer=r.opt, key=exp.key,
+                           names=exp.names, d=d, before_layer_state=resumed_inside_fnt)
+    r.adapt.load_state_dict(prog.extra.get("adapt"))  # after the layer state (adapt.py)
+    return prog
+
+
+def _results(exp: Experiment, r: "_Run", prog: Progress, d: Dist, ran: float) -> dict[str, Any]:
+    """The run's results (before the summary adds the baseline); `ran`: seconds in this process."""
+    t = exp.trainer
     prog.last, prog.best = broadcast((prog.last, prog.best), d)  # only rank 0 evaluated
     if prog.last is None:  # nothing trained (max_steps=... already reached at the checkpoint)
         raise ValueError("no epoch was run: nothing to report")
@@ -131,7 +144,7 @@ def train(exp: Experiment, datasets=None, *, dist: Dist | None = None,
               "bits_per_char": prog.last["val_loss"] / LN2 if lm and "val_loss" in prog.last else None,
               "max_steps": t.max_steps, "fnt_steps": t.fnt_steps,
               "steps": prog.step, "skipped_steps": prog.skipped,
-              "wall_time": prog.elapsed + time.time() - t0, "weights_sha256": weights_hash(r.core),
+              "wall_time": prog.elapsed + ran, "weights_sha256": weights_hash(r.core),
               "world_size": d.world, "device": str(d.device),
               "converted_layers": r.report.num_converted,
               "status": run_status(prog.skipped, prog.step, t.max_skip_frac),
@@ -140,10 +153,6 @@ def train(exp: Experiment, datasets=None, *, dist: Dist | None = None,
         print(f"skipped {prog.skipped} of {prog.step} steps ({100 * prog.skipped / prog.step:.1f}%, "
               f"non-finite loss or gradient; trainer.max_skip_frac={t.max_skip_frac}): "
               f"status {result['status']}", flush=True)
-    if finalize is not None:
-        result = finalize(result)
-    logger.log_summary(result)
-    logger.finish()
     return result
 
 
@@ -153,6 +162,25 @@ def run_status(skipped: int, steps: int, max_skip_frac: float) -> str:
 
 
 # ----------------------------------------------------------------------------- set-up
+
+
+@dataclass(frozen=True)
+class Built:
+    """A model built for a run by `build` (run preparation builds it once, so an impossible model
+    option is an input error before anything trains) and the RNG state right after building it,
+    which `train` restores: the same numbers as building it there."""
+    model: nn.Module
+    rng: dict
+
+
+def build(exp: Experiment, ds) -> Built:
+    """Seed every RNG from trainer.seed and build the model for `ds` (on the CPU)."""
+    from .models import build_model
+
+    seed_everything(exp.trainer.seed)
+    model = build_model(exp.model, num_classes=ds.num_classes, in_channels=ds.in_channels,
+                        image_size=ds.image_size)
+    return Built(model=model, rng=rng_state())
 
 
 @dataclass
@@ -166,17 +194,15 @@ class _Run:
     test_loader: DataLoader
     per_rank: int              # batch size per rank
     drop_last: bool
-    spe: int                   # optimizer steps per epoch
-    total_epochs: int
+    budget: Budget             # the run's clock: length, FNT, checkpoint and evaluation points
     ckpt_path: Path
     evaluated: tuple[int, dict] | None = None  # (step, metrics) of the latest evaluation
     adapt: Any = None          # lowprec.adapt.Controller: noise monitor, adaptive precision, cost
 
 
-def _set_up(exp: Experiment, datasets, d: Dist) -> _Run:
+def _set_up(exp: Experiment, datasets, d: Dist, built: Built | None = None) -> _Run:
     """Data, model, convert(), optimizer and loaders, seeded from trainer.seed."""
     from .data import build_datasets
-    from .models import build_model
 
     t, dev = exp.trainer, d.device
     if t.threads:
@@ -184,13 +210,13 @@ def _set_up(exp: Experiment, datasets, d: Dist) -> _Run:
     if dev.type == "cuda":
         torch.backends.cudnn.deterministic = t.deterministic
         torch.backends.cudnn.benchmark = not t.deterministic
-    if t.batch_size % d.world:
-        raise ValueError(f"trainer.batch_size={t.batch_size} is not divisible by {d.world} ranks")
     ds = datasets if datasets is not None else build_datasets(exp.data)
-    check_task(exp, ds)
-    seed_everything(t.seed)
-    model = build_model(exp.model, num_classes=ds.num_classes, in_channels=ds.in_channels,
-                        image_size=ds.image_size).to(dev)
+    if built is None:  # called without run preparation (tests, notebooks)
+        check_world(exp, d)
+        check_task(exp, ds)
+        built = build(exp, ds)
+    set_rng_state(built.rng)
+    model = built.model.to(dev)
     report = convert(model, fwd=exp.fwd, grad=exp.grad, stats_every=t.stats_every, **exp.convert)
     opt = make_optimizer(model, t.optim)
     if d.world > 1:  # decorrelate the estimators' noise across ranks (init above is identical)
@@ -202,10 +228,10 @@ def _set_up(exp: Experiment, datasets, d: Dist) -> _Run:
     n_batches = len(sampler) // per_rank if drop_last else math.ceil(len(sampler) / per_rank)
     test_loader = DataLoader(ds.test, batch_size=t.eval_batch_size, shuffle=False,
                              num_workers=t.workers, pin_memory=dev.type == "cuda")
+    spe = min(n_batches, t.limit_batches) if t.limit_batches else n_batches
     return _Run(core=model, report=report, opt=opt, ds=ds, sampler=sampler,
                 test_loader=test_loader, per_rank=per_rank, drop_last=drop_last,
-                spe=min(n_batches, t.limit_batches) if t.limit_batches else n_batches,
-                total_epochs=t.epochs + t.fnt_epochs,
+                budget=Budget.from_trainer(t, spe),
                 ckpt_path=exp.run_dir / "checkpoints" / "last.pt",
                 adapt=Controller.from_trainer(t, model, rank=d.rank))
 
@@ -239,11 +265,15 @@ def check_task(exp: Experiment, ds) -> None:
                if lm_model else "text data needs a language model (model=chargpt)"))
 
 
-def _set_lr(opt: torch.optim.Optimizer, exp: Experiment, step: int, spe: int) -> float:
-    t = exp.trainer
-    lr = t.optim.lr * lr_factor(t.sched, step, steps_per_epoch=spe, epochs=t.epochs,
-                                fnt_epochs=t.fnt_epochs, max_steps=t.max_steps,
-                                fnt_steps=t.fnt_steps)
+def check_world(exp: Experiment, d: Dist) -> None:
+    """The global batch must split evenly over the DDP ranks."""
+    if exp.trainer.batch_size % d.world:
+        raise ValueError(f"trainer.batch_size={exp.trainer.batch_size} is not divisible by "
+                         f"{d.world} ranks")
+
+
+def _set_lr(opt: torch.optim.Optimizer, exp: Experiment, step: int, b: Budget) -> float:
+    lr = exp.trainer.optim.lr * b.lr_factor(exp.trainer.sched, step)
     for g in opt.param_groups:
         g["lr"] = lr
     return lr
@@ -270,9 +300,9 @@ class _Epoch:
 def _train_epoch(exp: Experiment, r: _Run, model: nn.Module, prog: Progress, epoch: int,
                  logger: Logger, d: Dist, checkpoint=None) -> _Epoch:
     t, dev = exp.trainer, d.device
-    ep = _Epoch(epoch=epoch, phase=_phase(t, epoch, prog.step), loss_sum=torch.zeros((), device=dev))
+    b = r.budget
+    ep = _Epoch(epoch=epoch, phase=b.phase(epoch, prog.step), loss_sum=torch.zeros((), device=dev))
     done = _restore_epoch(ep, prog, d)  # batches of this epoch a mid-epoch checkpoint had taken
-    budget = t.max_steps + t.fnt_steps if t.max_steps else 0
     r.sampler.set_epoch(epoch)
     loader = DataLoader(r.ds.train, batch_size=r.per_rank, sampler=r.sampler,
                         num_workers=t.workers, drop_last=r.drop_last,
@@ -281,19 +311,19 @@ def _train_epoch(exp: Experiment, r: _Run, model: nn.Module, prog: Progress, epo
     bar = None
     if d.main and sys.stdout.isatty():
         from tqdm import tqdm
-        bar = tqdm(total=r.spe * t.batch_size, unit="img", unit_scale=True, leave=False,
-                   desc=f"epoch {epoch + 1}/{r.total_epochs} {ep.phase}", dynamic_ncols=True)
+        bar = tqdm(total=b.steps_per_epoch * t.batch_size, unit="img", unit_scale=True, leave=False,
+                   desc=f"epoch {epoch + 1}/{b.total_epochs} {ep.phase}", dynamic_ncols=True)
     te = time.time() - ep.time
     for i, (x, y) in enumerate(loader):
-        if i >= r.spe or (budget and prog.step >= budget):
+        if i >= b.steps_per_epoch or b.epoch_full(prog.step):
             break
         if i < done:  # the same sampler order (seeded by epoch): these were trained before the kill
             continue
-        if t.fnt_steps and prog.step == t.max_steps:  # the step budget's FNT phase starts
+        if b.fnt_before_step(prog.step):  # the step budget's FNT phase starts
             enter_fnt(r.core, exp)
             ep.phase = "fnt"
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-        ep.lr = _set_lr(r.opt, exp, prog.step, r.spe)
+        ep.lr = _set_lr(r.opt, exp, prog.step, b)
         r.adapt.before_step(prog.step)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=t.bf16):
             loss = F.cross_entropy(model(x).float(), y)
@@ -307,13 +337,13 @@ def _train_epoch(exp: Experiment, r: _Run, model: nn.Module, prog: Progress, epo
         prog.step += 1
         for rec in r.adapt.after_step(prog.step, d, epoch=ep.epoch + 1, phase=ep.phase):
             logger.log_metrics(rec, prog.step)
-        if t.eval_every and prog.step % t.eval_every == 0:
+        if b.eval_at_step(prog.step):
             _eval_step(exp, r, prog, ep, logger, d)
         ep.images += x.shape[0] * d.world
         kill_point(f"step{prog.step}")
-        if t.stats_every and prog.step % t.stats_every == 0:
+        if b.stats_at_step(prog.step):
             _collect_stats(r.core, ep, logger, prog.step)
-        if checkpoint is not None and t.checkpoint_steps and prog.step % t.checkpoint_steps == 0:
+        if checkpoint is not None and b.checkpoint_at_step(prog.step):
             ep.time = time.time() - te
             checkpoint(_epoch_state(ep, i + 1, d))
         if bar is not None:
@@ -345,12 +375,6 @@ def _restore_epoch(ep: _Epoch, prog: Progress, d: Dist) -> int:
     for k in ("phase", "n_steps", "images", "lr", "time", "stat_sum", "since_n"):
         setattr(ep, k, st[k])
     return st["batches"]
-
-
-def _phase(t, epoch: int, step: int) -> str:
-    if t.max_steps:
-        return "train" if step < t.max_steps else "fnt"
-    return "train" if epoch < t.epochs else "fnt"
 
 
 def _step(loss: torch.Tensor, r: _Run, prog: Progress, d: Dist, skip_nonfinite: bool,
@@ -426,10 +450,7 @@ def _end_epoch(exp: Experiment, r: _Run, prog: Progress, ep: _Epoch, logger: Log
         rec["layer_stats"] = {l: {k: sum(v) / len(v) for k, v in s.items()}
                               for l, s in ep.stat_sum.items()}
     logger.log_metrics(rec, prog.step)
-    t = exp.trainer
-    where = (f"step {prog.step}/{t.max_steps + t.fnt_steps}" if t.max_steps
-             else f"epoch {ep.epoch + 1}/{r.total_epochs}")
-    print(f"{where} {ep.phase:5s} loss {train_loss:.4f} {_metric_text(m)} lr {ep.lr:.4g} "
+    print(f"{r.budget.where_epoch(ep.epoch, prog.step)} {ep.phase:5s} loss {train_loss:.4f} {_metric_text(m)} lr {ep.lr:.4g} "
           f"{ep.time:5.1f}s {rec['img_per_s']:.0f} samples/s", flush=True)
 
 
@@ -467,44 +488,5 @@ def _eval_step(exp: Experiment, r: _Run, prog: Progress, ep: _Epoch, logger: Log
     logger.log_metrics({"eval": "step", "epoch": ep.epoch + 1, "phase": ep.phase,
                         "train_loss": train_loss, **m, "lr": ep.lr,
                         "skipped_steps": prog.skipped}, prog.step)
-    t = exp.trainer
-    print(f"step {prog.step}/{t.max_steps + t.fnt_steps if t.max_steps else '-'} {ep.phase:5s} "
+    print(f"{r.budget.where_step(prog.step)} {ep.phase:5s} "
           f"loss {train_loss:.4f} {_metric_text(m)} lr {ep.lr:.4g}", flush=True)
-
-
-# ----------------------------------------------------------------------------- summary + index
-
-
-def train_and_record(exp: Experiment, datasets=None, *, baseline: dict[str, Any] | None = None,
-                     baseline_status: str = "no baseline", dist: Dist | None = None) -> dict[str, Any]:
-    """Train, then (rank 0) write resolved_config.yaml, summary.json and the index row."""
-    from omegaconf import OmegaConf
-
-    d = dist if dist is not None else setup_distributed(exp.trainer.device)
-    if d.main:
-        exp.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(OmegaConf.to_yaml(OmegaConf.create(exp.config)),
-                          exp.run_dir / "resolved_config.yaml")
-    try:
-        summary = train(exp, datasets, dist=d,
-                        finalize=lambda result: summarize(exp, result, baseline, baseline_status))
-    except Exception as e:  # the run failed: record it (status failed), then let it propagate
-        if d.main:
-            _record(exp, summarize(exp, {"final_top1": None, "best_top1": None, "wall_time": None,
-                                         "status": "failed",
-                                         "error": f"{type(e).__name__}: {str(e).strip()[:500]}"},
-                                   None, "no baseline"))
-        raise
-    if d.main:
-        _record(exp, summary)
-    return summary
-
-
-def _record(exp: Experiment, summary: dict[str, Any]) -> None:
-    """summary.json (strict JSON) and the index row, in that order (a kill between them is
-    repaired by resuming: the row is written again)."""
-    atomic_write_text(runs.dumps(summary, indent=2, sort_keys=True) + "\n",
-                      exp.run_dir / "summary.json")
-    kill_point("summary_written")
-    runs.insert(exp.index, summary)
-    kill_point("indexed")

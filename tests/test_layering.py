@@ -28,11 +28,12 @@ LAYERS: list[tuple[str, ...]] = [
     ("verdicts", "scaling"),  # pure statistics (scipy): paired tests and Holm; scaling-law fits
     ("recipes",),
     ("forward", "backward"),  # a layer's GEMM operands and δ routing (pure functions)
-    ("layers",),
+    ("qgemm", "layers", "layers_mha", "layers_hf"),  # qgemm: the per-GEMM state and the one backward
     ("convert",),
     ("data", "models", "chargpt", "text_data", "runs", "logging", "config", "distributed", "checkpoint", "provenance",
-     "summary", "adapt", "optim", "evaluation"),
+     "summary", "adapt", "optim", "evaluation", "budget"),
     ("tables", "train", "table_md", "adapt_table"),
+    ("prepare",),  # run preparation: config -> baseline -> train -> record (run.py's body)
 ]
 
 
