@@ -4,10 +4,13 @@
     OMP_NUM_THREADS=1 python scripts/capture_grad_stats.py            # small-scale setup
     python scripts/capture_grad_stats.py --experiment small/mvue_table/fp32 --steps 64 --draws 64
 
-1. Composes the experiment (default: the small-scale fp32 row), trains it with exact gradients for
-   --steps SGD steps (same data, model, optimizer and LR as the table runs), and at the last step
-   records δ = ∂C/∂z (grad_output) of a few layers with backward hooks.
-2. For every estimator, `lowprec.estimator_stats(δ, est, ks=...)` on δ laid out [C_out, tokens]
+1. Composes the experiment (default: the small-scale fp32 row; `--override key=value` adds Hydra
+   overrides, e.g. `--override data=digits`), converts it to the package's objects once
+   (`lowprec.config.experiment_from_cfg`, as run.py does), trains it with exact gradients for
+   --steps SGD steps (same data, model, optimizer and LR schedule as the table runs), and at the
+   last step records δ = ∂C/∂z (grad_output) of a few layers with backward hooks.
+2. For every estimator (the recipe's δ estimator, `lowprec.estimator(name)`; SMP recipes as
+   `lowprec.SMP`), `lowprec.estimator_stats(δ, est, ks=...)` on δ laid out [C_out, tokens]
    (the layout the layers give N:M estimators; blocks along tokens): relative bias after K draws,
    the 1/√K floor an unbiased estimator with the measured variance would show, measured relative
    variance and its closed form.
@@ -22,15 +25,14 @@ import argparse
 import copy
 import json
 import math
-import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lowprec.config import register_resolvers
+from lowprec import SMP, estimator
+from lowprec.config import experiment_from_cfg, register_resolvers
 from lowprec.provenance import git_commit
 from lowprec.tables import CONF, REPO
 
@@ -52,51 +54,25 @@ def spread(names: list[str], k: int = AUTO_LAYERS) -> list[str]:
     return [names[i] for i in sorted(picked)]
 
 
-@dataclass(frozen=True)
-class SMP:
-    """SMP as an estimator: the mean of `samples` independent draws (variance / samples)."""
-    est: object
-    samples: int = 2
-
-    @property
-    def name(self):
-        return f"{self.est.name}_smp{self.samples}"
-
-    @property
-    def unbiased(self):
-        return self.est.unbiased
-
-    @property
-    def elementwise(self):
-        return self.est.elementwise
-
-    def __call__(self, x, *, generator=None, state=None):
-        from lowprec import sample_mean
-        return sample_mean(self.est, x, self.samples, generator=generator)
-
-    def expected_variance(self, x):
-        v = self.est.expected_variance(x)
-        return None if v is None else v / self.samples
-
-
 def estimator_for(name: str):
+    """The δ estimator of grad recipe `name` (its update estimator, the backward one for a
+    backward-route recipe); a recipe with SMP samples > 1 as `lowprec.SMP` of it."""
     from lowprec import grad_recipe
-    r = grad_recipe(name)
-    return SMP(r.update, r.samples) if r.samples > 1 else r.update
+
+    est, samples = estimator(name), grad_recipe(name).samples  # ValueError for an unknown name
+    if est is None:
+        raise ValueError(f"{name!r} estimates nothing (exact δ)")
+    return SMP(est, samples) if samples > 1 else est
 
 
 def capture(experiment: str, steps: int, layers: tuple[str, ...], overrides=()) -> dict:
     """Train `experiment` with exact δ for `steps` steps; return {layer: δ as [C, tokens]}."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.utils import instantiate
     import torch.nn.functional as F
-
-    from omegaconf import OmegaConf
 
     from lowprec import convert
     from lowprec.checkpoint import seed_everything
-    from lowprec.config import OptimConfig, SchedConfig
     from lowprec.data import build_datasets
     from lowprec.models import build_model
     from lowprec.optim import lr_factor, make_optimizer
@@ -105,16 +81,16 @@ def capture(experiment: str, steps: int, layers: tuple[str, ...], overrides=()) 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"experiment={experiment}", *overrides])
-    ds = build_datasets(instantiate(cfg.data))
-    seed = int(cfg.trainer.seed)
-    seed_everything(seed)
-    model = build_model(instantiate(cfg.model), num_classes=ds.num_classes,
-                        in_channels=ds.in_channels, image_size=ds.image_size)
+    # the one conversion to plain objects (validated); nothing is written to run_dir
+    exp = experiment_from_cfg(cfg, names={}, run_dir=REPO / "outputs" / "capture_grad_stats", name=experiment)
+    t = exp.trainer
+    ds = build_datasets(exp.data)
+    seed_everything(t.seed)
+    model = build_model(exp.model, num_classes=ds.num_classes, in_channels=ds.in_channels,
+                        image_size=ds.image_size)
     if layers == ("auto",):  # the layers the experiment converts (skip=...), spread over depth
-        conv = OmegaConf.to_container(cfg.convert, resolve=True)
-        layers = tuple(spread(convert(copy.deepcopy(model), skip=conv.get("skip")).converted))
-    o = OmegaConf.to_container(cfg.optim, resolve=True)
-    opt = make_optimizer(model, OptimConfig(**o))
+        layers = tuple(spread(convert(copy.deepcopy(model), skip=exp.convert.get("skip")).converted))
+    opt = make_optimizer(model, t.optim)
     mods = dict(model.named_modules())
     missing = [l for l in layers if l not in mods]
     if missing:
@@ -131,12 +107,10 @@ def capture(experiment: str, steps: int, layers: tuple[str, ...], overrides=()) 
         return f
 
     hs = [mods[l].register_full_backward_hook(hook(l)) for l in layers]
-    bs = int(cfg.trainer.batch_size)
-    loader = torch.utils.data.DataLoader(ds.train, batch_size=bs, shuffle=True, drop_last=True,
-                                         generator=torch.Generator().manual_seed(seed))
+    loader = torch.utils.data.DataLoader(ds.train, batch_size=t.batch_size, shuffle=True, drop_last=True,
+                                         generator=torch.Generator().manual_seed(t.seed))
     spe = len(loader)
-    total = int(cfg.trainer.epochs) * spe
-    sched = SchedConfig(**OmegaConf.to_container(cfg.sched, resolve=True))
+    total = t.epochs * spe
     step, it = 0, iter(loader)
     model.train()
     while step < steps:
@@ -145,8 +119,7 @@ def capture(experiment: str, steps: int, layers: tuple[str, ...], overrides=()) 
         except StopIteration:
             it = iter(loader)
             x, y = next(it)
-        lr = float(cfg.optim.lr) * lr_factor(sched, step, steps_per_epoch=spe,
-                                             epochs=int(cfg.trainer.epochs), fnt_epochs=0)
+        lr = t.optim.lr * lr_factor(t.sched, step, steps_per_epoch=spe, epochs=t.epochs, fnt_epochs=0)
         for g in opt.param_groups:
             g["lr"] = lr
         arm["on"] = step == steps - 1
@@ -170,9 +143,16 @@ def main(argv=None) -> int:
     p.add_argument("--draws", type=int, default=64, help="largest K (draws per estimator)")
     p.add_argument("--estimators", default=",".join(ESTIMATORS))
     p.add_argument("--out", default=str(REPO / "results"), help="folder for estimators.{json,md,png}")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="a Hydra override for the experiment (repeatable), e.g. data=digits")
     a = p.parse_args(argv)
+    try:  # an unknown name is an input error: one line, exit 2, before any training
+        ests = {en: estimator_for(en) for en in a.estimators.split(",")}
+    except ValueError as e:
+        print(f"error: --estimators={a.estimators}: {e}", file=sys.stderr)
+        return 2
     t0 = time.time()
-    cap = capture(a.experiment, a.steps, tuple(a.layers.split(",")))
+    cap = capture(a.experiment, a.steps, tuple(a.layers.split(",")), a.override)
     print(f"captured δ of {len(cap['deltas'])} layers at step {cap['step']} "
           f"(loss {cap['loss']:.3f}) in {time.time() - t0:.1f}s", flush=True)
     from lowprec import estimator_stats
@@ -182,9 +162,9 @@ def main(argv=None) -> int:
     for lname in [l for l in cap["layers"] if l in cap["deltas"]]:  # forward order
         d = cap["deltas"][lname]
         res["layers"][lname] = {"shape": list(d.shape), "stats": {}}
-        for en in a.estimators.split(","):
+        for en, est in ests.items():
             g = torch.Generator().manual_seed(1234)
-            st = estimator_stats(d, estimator_for(en), ks=ks, generator=g)
+            st = estimator_stats(d, est, ks=ks, generator=g)
             res["layers"][lname]["stats"][en] = st
             print(f"{lname:16s} {en:14s} bias@1 {st['bias@1']:.3f} bias@{ks[-1]} {st[f'bias@{ks[-1]}']:.4f}"
                   f" (floor {st[f'bias_floor@{ks[-1]}']:.4f}) rel_var {st['rel_var']:.4g}"
@@ -273,6 +253,8 @@ def plot(res: dict, path: Path) -> None:
     for j, (n, key, hatch) in enumerate([("luq4", "rel_var", ""), ("luq4", "rel_var_theory", "//"),
                                          ("luq4_smp2", "rel_var", ""),
                                          ("luq4_smp2", "rel_var_theory", "//")]):
+        if n not in lay0:  # that estimator was not asked for (--estimators)
+            continue
         vals = [res["layers"][l]["stats"][n][key] or 0 for l in layers]
         a.bar([i + (j - 1.5) * w for i in x], vals, w, color="C0" if n == "luq4" else "C1",
               hatch=hatch, label=f"{n} {'measured' if key == 'rel_var' else 'closed form'}",
