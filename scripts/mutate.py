@@ -13,8 +13,8 @@ changes are not part of it) is cloned into a temporary directory (``git clone --
 mutation is written there, its tests run with ``OMP_NUM_THREADS=1 pytest -x -q`` under a time limit,
 and the file restored. The copy's own package is imported (``PYTHONPATH``; checked before the first
 run), no bytecode is written (a restored file must not run a mutant's stale ``.pyc``), and the C
-twins are built into a cache directory inside the copy (their cache key hashes the source, so a
-mutated ``cpu_native.c`` gets its own build; a mutant that does not compile is reported as such,
+twins are built into cache directories of the run's own (a mutated C source into an empty one, so
+it is rebuilt whatever the cache key hashes; a mutant that does not compile is reported as such,
 since the torch cores would otherwise run silently in its place).
 
 Outcomes: ``caught`` (a selected test failed or errored), ``timeout`` (counted as caught: the suite
@@ -246,14 +246,18 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 text = path.read_text()
                 path.write_text(text.replace(m["original"], m["replacement"]))
+                menv = env
                 try:
                     if m["file"].endswith((".c", ".h")) and (copy / "lowprec").is_dir():
-                        b = subprocess.run([sys.executable, "-c", NATIVE_CHECK], cwd=copy, env=env,
+                        # an empty cache of its own: the mutant is built whatever the cache key hashes
+                        shutil.rmtree(tmp / "cache-mutant", ignore_errors=True)
+                        menv = {**env, "LOWPREC_CACHE_DIR": str(tmp / "cache-mutant")}
+                        b = subprocess.run([sys.executable, "-c", NATIVE_CHECK], cwd=copy, env=menv,
                                            capture_output=True, text=True)
                         if b.returncode:
                             r.update(outcome="does not build", detail=(b.stderr.strip().splitlines() or [""])[-1])
                     if not r["outcome"]:
-                        rc, out, s = run_limited(pytest_cmd(m["tests"]), copy, env, a.timeout)
+                        rc, out, s = run_limited(pytest_cmd(m["tests"]), copy, menv, a.timeout)
                         r.update(outcome=outcome_of(rc), caught_by=first_failure(out), seconds=s)
                 finally:
                     path.write_text(text)
