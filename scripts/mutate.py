@@ -70,6 +70,19 @@ def load_mutations(path: Path) -> list[dict]:
     return muts
 
 
+def list_state(path: Path, repo: Path, commit: str) -> str:
+    """Where the list came from: as committed in `commit`, or with changes not in it."""
+    path = path.resolve()
+    try:
+        rel = path.relative_to(repo)
+    except ValueError:
+        return f"`{path}` (outside the repository)"
+    same = subprocess.run(["git", "diff", "--quiet", commit, "--", str(rel)], cwd=repo).returncode == 0
+    tracked = subprocess.run(["git", "cat-file", "-e", f"{commit}:{rel}"], cwd=repo,
+                             capture_output=True).returncode == 0
+    return f"`{rel}` " + ("as committed in this commit" if same and tracked else "WITH CHANGES NOT IN THIS COMMIT")
+
+
 def git(*args: str, cwd: Path) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
@@ -129,7 +142,7 @@ def pct(k: int, n: int) -> str:
 
 
 def render(results: list[dict], *, command: str, commit: str, subject: str, started: str, seconds: float,
-           timeout: float) -> str:
+           timeout: float, list_state: str) -> str:
     rates = kill_rates(results)
     cell = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
     lines = [
@@ -142,6 +155,7 @@ def render(results: list[dict], *, command: str, commit: str, subject: str, star
         "",
         f"- command: `{command}`",
         f"- commit: `{commit}` ({subject})",
+        f"- list: {list_state}",
         f"- date: {started} UTC, {seconds / 60:.1f} min, {platform.node() or 'this machine'}, "
         f"Python {platform.python_version()}",
         "",
@@ -273,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             command = "python scripts/mutate.py" + "".join(f" {x}" for x in (argv if argv is not None else sys.argv[1:]))
             record.parent.mkdir(parents=True, exist_ok=True)
             record.write_text(render(results, command=command, commit=commit, subject=subject, started=started,
-                                     seconds=time.monotonic() - t_start, timeout=a.timeout))
+                                     seconds=time.monotonic() - t_start, timeout=a.timeout,
+                                     list_state=list_state(a.mutations, repo, commit)))
             print(f"record: {record}")
         return 0
     finally:

@@ -60,7 +60,7 @@ def test_caught_survived_and_stale_in_a_clone_and_the_record(tmp_path):
     assert "| stale" in rows["gone"] and "found 0 times" in rows["gone"]
     assert "| estimators | 1/1 (100%) |" in md and "| runner | 0/1 (0%) |" in md and "| all | 1/2 (50%) |" in md
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
-    assert f"commit: `{head}`" in md
+    assert f"commit: `{head}`" in md and "(outside the repository)" in md
     assert (repo / "pkg.py").read_text() == PKG  # mutated only in the clone
     # --list says which snippets still apply, and writes nothing
     p = _run("--repo", str(repo), "--mutations", str(muts), "--list", cwd=tmp_path)
