@@ -27,6 +27,8 @@ reproduce the twins exactly.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -81,6 +83,24 @@ def uniforms(seed: int, shape) -> Tensor:
     z = (z ^ _srl(z, 27)) * _i64(0x94D049BB133111EB)
     z = z ^ _srl(z, 31)
     return (_srl(z, 40).to(torch.float32) * 2.0 ** -24).reshape(shape)
+
+
+def backend_info(device="cpu") -> dict:
+    """Which backend runs the estimators on ``device`` (what a run records in its summary):
+    ``{"estimators": "c", "rung": ..., "flags": ..., "library": ...}`` (the C twins, built at that rung
+    of :mod:`lowprec.kernels.native`'s ladder), ``{"estimators": "torch", "why": ...}`` (the torch
+    cores), ``{"estimators": "reference", "why": ...}`` or ``{"estimators": "triton"}`` (CUDA). Reads
+    ``$LOWPREC_BACKEND`` as :mod:`lowprec.dispatch` does; builds or loads the C library when needed."""
+    requested = os.environ.get("LOWPREC_BACKEND", "auto").strip() or "auto"
+    if requested == "reference":
+        return {"estimators": "reference", "why": "LOWPREC_BACKEND=reference"}
+    if torch.device(device).type == "cuda" or requested == "triton":
+        from . import triton_available
+        if triton_available():
+            return {"estimators": "triton"}
+        return {"estimators": "reference", "why": "triton is not importable"}
+    info = native.build_info()
+    return {"estimators": info.pop("cores"), **info}
 
 
 def _dense(t: Tensor) -> Tensor:
