@@ -7,7 +7,8 @@
 1. Composes the experiment (default: the small-scale fp32 row; `--override key=value` adds Hydra
    overrides, e.g. `--override data=digits`), converts it to the package's objects once
    (`lowprec.config.experiment_from_cfg`, as run.py does), trains it with exact gradients for
-   --steps SGD steps (same data, model, optimizer and LR schedule as the table runs), and at the
+   --steps SGD steps (same data, model, optimizer and LR schedule, `lowprec.budget.Budget`, as
+   the table runs), and at the
    last step records δ = ∂C/∂z (grad_output) of a few layers with backward hooks.
 2. For every estimator (the recipe's δ estimator, `lowprec.estimator(name)`; SMP recipes as
    `lowprec.SMP`), `lowprec.estimator_stats(δ, est, ks=...)` on δ laid out [C_out, tokens]
@@ -72,10 +73,11 @@ def capture(experiment: str, steps: int, layers: tuple[str, ...], overrides=()) 
     import torch.nn.functional as F
 
     from lowprec import convert
+    from lowprec.budget import Budget
     from lowprec.checkpoint import seed_everything
     from lowprec.data import build_datasets
     from lowprec.models import build_model
-    from lowprec.optim import lr_factor, make_optimizer
+    from lowprec.optim import make_optimizer
 
     register_resolvers()
     GlobalHydra.instance().clear()
@@ -109,8 +111,7 @@ def capture(experiment: str, steps: int, layers: tuple[str, ...], overrides=()) 
     hs = [mods[l].register_full_backward_hook(hook(l)) for l in layers]
     loader = torch.utils.data.DataLoader(ds.train, batch_size=t.batch_size, shuffle=True, drop_last=True,
                                          generator=torch.Generator().manual_seed(t.seed))
-    spe = len(loader)
-    total = t.epochs * spe
+    budget = Budget.from_trainer(t, len(loader))  # the trainer's clock: the same LR schedule
     step, it = 0, iter(loader)
     model.train()
     while step < steps:
@@ -119,7 +120,7 @@ def capture(experiment: str, steps: int, layers: tuple[str, ...], overrides=()) 
         except StopIteration:
             it = iter(loader)
             x, y = next(it)
-        lr = t.optim.lr * lr_factor(t.sched, step, steps_per_epoch=spe, epochs=t.epochs, fnt_epochs=0)
+        lr = t.optim.lr * budget.lr_factor(t.sched, step)
         for g in opt.param_groups:
             g["lr"] = lr
         arm["on"] = step == steps - 1
@@ -131,7 +132,7 @@ def capture(experiment: str, steps: int, layers: tuple[str, ...], overrides=()) 
     for h in hs:
         h.remove()
     return {"deltas": got, "layers": layers, "step": step, "loss": loss.item(),
-            "of_total_steps": total}
+            "of_total_steps": budget.total_steps}
 
 
 def main(argv=None) -> int:
