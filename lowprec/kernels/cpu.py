@@ -103,14 +103,30 @@ def backend_info(device="cpu") -> dict:
     return {"estimators": info.pop("cores"), **info}
 
 
-def _dense(t: Tensor) -> Tensor:
-    """``t`` itself when its memory is one dense block (so ``empty_like`` keeps its strides), else a copy."""
+def _is_dense(t: Tensor) -> bool:
+    """Whether ``t``'s memory is one dense block in some order (then ``empty_like`` keeps its strides)."""
     expect = 1
     for size, st in sorted((d for d in zip(t.shape, t.stride()) if d[0] != 1), key=lambda d: d[1]):
         if st != expect:
-            return t.contiguous()
+            return False
         expect *= size
-    return t
+    return True
+
+
+def _dense(t: Tensor) -> Tensor:
+    """``t`` itself when its memory is one dense block (so ``empty_like`` keeps its strides), else a copy."""
+    return t if _is_dense(t) else t.contiguous()
+
+
+def _in_c_layout(out: Tensor, x: Tensor, dim: int) -> Tensor:
+    """``out`` (x's shape) in the memory layout the C twin gives for ``x`` blocked along ``dim``: x's
+    own strides when x moved to blocks-last is dense, else that moved view made contiguous. The next
+    GEMM's summation order depends on its operands' layout, so the C twins and the torch cores must
+    agree on it for a run's numbers not to depend on whether a compiler was found."""
+    xt = x.movedim(dim, -1)
+    like = (torch.empty_like(xt, dtype=out.dtype) if _is_dense(xt) else
+            torch.empty(xt.shape, dtype=out.dtype, device=out.device)).movedim(-1, dim)
+    return out if like.stride() == out.stride() else like.copy_(out)
 
 
 def _absmax(x: Tensor) -> Tensor:
@@ -197,12 +213,13 @@ def nm_prune(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -1,
             return torch.zeros_like(x)
         return out.movedim(-1, dim).to(x.dtype)
     if method == "mse":
-        return nm_reference(x, n, m, method=method, dim=dim, nonfinite=nonfinite)
+        return _in_c_layout(nm_reference(x, n, m, method=method, dim=dim, nonfinite=nonfinite), x, dim)
     blocks, length = to_blocks(x, m, dim)
     if nonfinite_guard(x, _absmax(blocks), nonfinite, "nm_prune"):
         return torch.zeros_like(x)
     u = uniforms(seed, ushape) if u is None else u
-    return from_blocks(nm_core(blocks, u, n, method, big), x, length, dim)
+    out = from_blocks(nm_core(blocks, u, n, method, big), x, length, dim)
+    return out if length % m else _in_c_layout(out, x, dim)  # padded blocks: no C twin, nothing to match
 
 
 # ----------------------------------------------------------------------------- block FP4 (lowprec.fp4)
@@ -224,7 +241,8 @@ def _fp4(fmt: str, reference, x: Tensor, *, dim: int, size: int, block_2d: bool,
     if lib is None:
         if sr and u is None:
             u = uniforms(seed, x.shape)
-        return reference(x, **ref_kwargs, noise=u if sr else None, nonfinite=nonfinite)
+        # contiguous, as the C twin's output (see _in_c_layout: the next GEMM must see the same layout)
+        return reference(x, **ref_kwargs, noise=u if sr else None, nonfinite=nonfinite).contiguous()
     rc, out = native.run_fp4(lib, x.detach().float().contiguous(), u, key_of(seed), fmt, outer, length, inner,
                              size, 16 if block_2d else 1, sr, levels_minus_1)
     return torch.zeros_like(x) if _zeros_for_nonfinite(rc, x, nonfinite, fmt) else out.view(x.shape).to(x.dtype)
