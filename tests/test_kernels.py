@@ -416,6 +416,9 @@ def test_kernels_compile_for_sm90():
     if r.returncode != 0 and "ptxas" in r.stderr and "FAIL" not in r.stdout:
         pytest.skip(f"cannot compile for sm_90 here: {r.stderr[-300:]}")
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    for name in ("luq ", "nm_mvue24 ", "nm_luq_pass2 ", "intq ", "fp4_nvfp4_rtn ", "fp4_nvfp4_sr ", "fp4_nvfp4_2d_rtn ",
+                 "fp4_mxfp4_rtn ", "fp4_mxfp4_sr ", "fp4_luq4_b16 ", "fp4_luq4_b32 "):  # every family, FP4 too
+        assert name in r.stdout, name
 
 
 # ---------------------------------------------------------------------------------------------- boundaries and range

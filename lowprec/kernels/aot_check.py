@@ -1,4 +1,6 @@
-"""Compile every kernel variant ahead of time for a Hopper GPU (sm_90) and check the PTX.
+"""Compile every kernel variant ahead of time for a Hopper GPU (sm_90) and check the PTX: LUQ (and its
+pack/unpack/amax), every N:M method, the fused N:M-then-LUQ passes, INT quantization and the block
+FP4 formats (NVFP4 RTN/SR and 2-D tiles, MXFP4 RTN/SR, block LUQ over 16 and 32).
 
 Needs no GPU (Triton ships ptxas), but needs ``TRITON_INTERPRET=0`` (under the interpreter the
 kernels are not compilable objects). Checks that the bit-exact recipe survived compilation: IEEE
@@ -13,7 +15,7 @@ import sys
 
 
 def variants():
-    from . import fused, intq, luq, nm
+    from . import fp4, fused, intq, luq, nm
     from .common import NM_GPU_ELEMS, NM_METHOD_IDS
 
     import torch
@@ -48,6 +50,16 @@ def variants():
     yield "intq", intq.intq_kernel, {"x_ptr": "*fp16", "out_ptr": "*fp16", "s_ptr": "*fp32", "flag_ptr": "*i32",
                                       "row_len": "i32", "nchunks": "i32", "qlo": "fp32", "qhi": "fp32"}, dict(
         BLOCK=intq.GPU_BLOCK, DMAX=dtype_consts(torch.float16)["DMAX"])
+    fp4_sig = {"x_ptr": "*bf16", "out_ptr": "*bf16", "amax_ptr": "*fp32", "flag_ptr": "*i32", "seed": "i32",
+               "outer": "i32", "length": "i32", "inner": "i32", "nb": "i32", "total": "i32"}
+    for name, fmt, sr, lm1, rows, size in [("nvfp4_rtn", "nvfp4", False, 0, 1, 16), ("nvfp4_sr", "nvfp4", True, 0, 1, 16),
+                                           ("nvfp4_2d_rtn", "nvfp4", False, 0, 16, 16),
+                                           ("mxfp4_rtn", "mxfp4", False, 0, 1, 32), ("mxfp4_sr", "mxfp4", True, 0, 1, 32),
+                                           ("luq4_b16", "block_luq", True, 6, 1, 16),
+                                           ("luq4_b32", "block_luq", True, 6, 1, 32)]:
+        yield (f"fp4_{name}", fp4.block_fp4_kernel, fp4_sig,
+               dict(FMT=fp4.FORMATS[fmt], SR=sr, L_MINUS_1=lm1, ROWS=rows, SIZE=size,
+                    BLOCK=max(1, fp4.GPU_TILE_ELEMS // (rows * size))))
     yield "intq_stats", intq.stats_kernel, {"x_ptr": "*fp32", "part_ptr": "*fp32", "row_len": "i32",
                                              "nchunks": "i32"}, dict(BLOCK=intq.STATS_GPU_BLOCK)
 
