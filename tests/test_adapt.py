@@ -161,3 +161,40 @@ def test_monitor_does_not_change_training(tmp_path):
     a = T.train(_exp(tmp_path / "on", "trainer.adapt=none", "trainer.max_steps=4"))
     b = T.train(_exp(tmp_path / "off", "trainer.adapt=none", "trainer.noise_every=0", "trainer.max_steps=4"))
     assert a["weights_sha256"] == b["weights_sha256"] and a["lowp_fraction"] == b["lowp_fraction"] == 1.0
+
+
+def test_smp_cap_that_is_not_a_power_of_two_is_never_exceeded():
+    """Guards `min(2·s, max)` dropped from the SMP doubling: with a cap of 6 the draws go
+    1 → 2 → 4 → 6 and stay there (caps 4, 8, 16 are reached by doubling exactly, so they cannot
+    tell). The crafted layer has g = 0, r = 0 < τ at every measurement."""
+    m, x, delta = _crafted(False)
+    ctl = Controller(m, noise_every=1, policy="smp", patience=1, max_samples=6)
+    recs = _run(ctl, m, x, delta, 6)
+    acts = [r["action"] for r in recs if r.get("event") == "adapt"]
+    assert acts == ["smp 1->2", "smp 2->4", "smp 4->6"]
+    assert m[0].grad_recipe.samples == 6 and ctl.summary()["adapt_layers"]["0"]["samples"] == 6
+
+
+def _fake_ratios(r):
+    return {"0": {"r": r, "r2": r}, "global": {"r": r, "r2": r}}
+
+
+@pytest.mark.parametrize("policy", ["smp", "fallback", "late_hp"])
+def test_tau_patience_and_cadence_at_values_that_are_not_powers_of_two(policy):
+    """Guards `<` → `<=` at τ (τ = 1.5), `>=` → `>` on the patience count or a fixed count
+    (patience = 3), the below-τ count not restarting at r = τ, and the measurement cadence
+    (noise_every = 3 measures after steps 3, 6, 9, not 1, 4, 7). Decisions are driven directly
+    with given ratios so the thresholds are exact."""
+    m, _, _ = _crafted(False)
+    ctl = Controller(m, noise_every=3, policy=policy, tau=1.5, patience=3, max_samples=6)
+    armed = []
+    for step in range(9):
+        ctl.before_step(step)
+        armed.append(ctl.armed)
+        ctl.armed = False
+    assert [i for i, a in enumerate(armed) if a] == [2, 5, 8]
+    seq = [1.49, 1.49, 1.5, 1.49, 1.49, 1.49, 1.49, 1.49]  # r = τ is not below τ: the count restarts
+    acted = [i for i, r in enumerate(seq) if ctl._decide(i, _fake_ratios(r))]
+    assert acted[0] == 5  # the third consecutive measurement below τ after the reset at index 2
+    if policy == "smp":
+        assert acted == [5]  # the count restarts after an action: next at index 8

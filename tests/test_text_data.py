@@ -199,3 +199,17 @@ def test_text_data_yamls_instantiate_standalone():
     cfg.path = None
     with pytest.raises(Exception, match="data=text needs data.path"):
         instantiate(cfg)
+
+
+def test_split_rounds_to_nearest_at_a_length_where_round_and_int_differ(tmp_path):
+    """Guards `round` → `int` (or ceil) in the train/validation split: 1001 characters at
+    val_fraction 0.1 give (1 − f)·n = 900.9, so round = 901 while int = 900. (The sample text's
+    length makes them agree, so the contiguity test cannot see it.) Also a length where the
+    fraction is below one half (n = 1003, 902.7 → 903; n = 1002 at f = 0.3: 701.4 → 701)."""
+    for n, f, want in ((1001, 0.1, 901), (1003, 0.1, 903), (1002, 0.3, 701)):
+        p = tmp_path / f"t{n}_{f}.txt"
+        p.write_text("".join("abcdefg"[(i * 5 + i // 7) % 7] for i in range(n)), encoding="utf-8")
+        ds = build_datasets(td.TextDataSpec(name="text", path=str(p), block_size=4, val_windows=3,
+                                            val_fraction=f))
+        assert ds.train.tokens.numel() == want, (n, f)
+        assert len(ds.train) == want - 4
