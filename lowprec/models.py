@@ -19,7 +19,11 @@ Sources and their kwargs:
   ``dropout``.
 - ``timm``: ``timm.create_model(name, pretrained=False, num_classes=, in_chans=, img_size=, **kwargs)``
   (``img_size`` only for models that take it, e.g. ViTs); e.g. kwargs ``patch_size: 4`` for 32x32
-  inputs. Never touches the network.
+  inputs. Never touches the network. ``input_size`` (lowprec's kwarg): inputs are resized to it
+  first; null picks the data's size, or the smallest larger multiple of the network's stride it
+  runs on (``model=timm model.name=convnext_atto`` on 16-px digits: 32 px; see ``_timm``).
+- ``hf``: ``transformers`` architectures from a config (``lowprec.hf_models.HFModelSpec``,
+  ``conf/model/hf.yaml``), built by ``lowprec.hf_models.build_hf``.
 - ``lm``: ``chargpt``, the character-level decoder of ``lowprec.chargpt`` (for a data task "lm":
   ``num_classes`` = vocabulary size, ``image_size`` = window length); kwargs ``CHARGPT_DEFAULTS``.
 
@@ -48,6 +52,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .chargpt import build_lm, check_lm_kwargs
+from .hf_models import HFModelSpec, build_hf
+from .model_defaults import TRAIN_DEFAULT_KEYS, check_train_defaults
 
 __all__ = ["MODEL_SOURCES", "CIFAR_RESNETS", "TORCHVISION_MODELS", "TRAIN_DEFAULT_KEYS", "ModelSpec",
            "build_model", "CifarResNet"]
@@ -56,11 +62,6 @@ MODEL_SOURCES = ("cifar", "torchvision", "timm", "lm")  # lm: lowprec.chargpt (d
 CIFAR_RESNETS = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9, "resnet110": 18}  # blocks/stage
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2")
 _CIFAR_KWARGS = ("width", "shortcut", "zero_init_residual")
-TRAIN_DEFAULT_KEYS = ("sgd_lr", "adamw_lr", "warmup_epochs",
-                      # read by conf/optim (clip_grad, adamw_weight_decay), conf/sched
-                      # (warmup_steps) and conf/trainer (epochs, batch_size, max_steps, eval_every)
-                      "warmup_steps", "adamw_weight_decay", "clip_grad", "epochs", "batch_size", "max_steps",
-                      "eval_every")
 _TV_KWARGS = {"resnet18": ("small_stem", "zero_init_residual"), "resnet34": ("small_stem", "zero_init_residual"),
               "resnet50": ("small_stem", "zero_init_residual"),
               "mobilenet_v2": ("small_stem", "zero_init_residual", "width_mult", "dropout")}
@@ -86,16 +87,7 @@ class ModelSpec:
     train_defaults: dict = field(default_factory=dict)  # read by conf/optim, conf/sched; not by build_model
 
     def __post_init__(self) -> None:
-        td = _plain(self.train_defaults)
-        td = {} if td is None else td
-        if not isinstance(td, Mapping):
-            raise ValueError(f"ModelSpec.train_defaults={self.train_defaults!r} must be a mapping")
-        for k, v in td.items():
-            if k not in TRAIN_DEFAULT_KEYS:
-                raise ValueError(f"ModelSpec.train_defaults key {k!r} is not known; allowed: {TRAIN_DEFAULT_KEYS}")
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (k != "warmup_epochs" and v == 0):
-                raise ValueError(f"ModelSpec.train_defaults.{k}={v!r} must be a number > 0 (warmup_epochs: >= 0)")
-        object.__setattr__(self, "train_defaults", dict(td))
+        object.__setattr__(self, "train_defaults", check_train_defaults(self.train_defaults))
         if self.source not in MODEL_SOURCES:
             raise ValueError(f"ModelSpec.source={self.source!r} is not a model source; allowed: {MODEL_SOURCES}")
         if not isinstance(self.name, str) or not self.name:
@@ -120,6 +112,9 @@ class ModelSpec:
             allowed = _TV_KWARGS[self.name]
         else:
             # timm names are checked in build_model (needs `import timm`, ~1 s); kwargs pass through.
+            ins = kwargs.get("input_size")
+            if ins is not None and (isinstance(ins, bool) or not isinstance(ins, int) or ins < 1):
+                raise ValueError(f"ModelSpec.kwargs.input_size={ins!r} must be a positive int or null")
             for k in ("pretrained", "num_classes", "in_chans"):
                 if k in kwargs:
                     raise ValueError(f"ModelSpec.kwargs has {k!r}={kwargs[k]!r}: set by build_model, not kwargs")
@@ -246,20 +241,32 @@ def _torchvision(spec: ModelSpec, num_classes: int, in_channels: int, image_size
     return model
 
 
-def _timm(spec: ModelSpec, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+class Resized(nn.Module):
+    """``model`` on inputs resized (bilinear) to ``size`` x ``size``: a timm network whose strides
+    need more pixels than the data has (e.g. ConvNeXt's 32x reduction on 16-px digits)."""
+
+    def __init__(self, model: nn.Module, size: int):
+        super().__init__()
+        self.model, self.size = model, size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return self.model(x)
+
+
+def _timm_create(spec: ModelSpec, kw: dict, num_classes: int, in_channels: int, size: int) -> nn.Module:
     import timm
 
-    if not timm.is_model(spec.name):
-        raise ValueError(f"ModelSpec.name={spec.name!r} is not a timm model (see timm.list_models())")
-    kw = dict(spec.kwargs)
-    cfg_has_img_size = "img_size" in kw
+    kw = dict(kw)
+    has_img_size = "img_size" in kw
     try:
         # ViT-style models take img_size; CNNs don't (they are size-agnostic). Try, then fall back.
-        if not cfg_has_img_size:
-            kw["img_size"] = image_size
+        if not has_img_size:
+            kw["img_size"] = size
         return timm.create_model(spec.name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kw)
     except TypeError as e:
-        if "img_size" in str(e) and not cfg_has_img_size:
+        if "img_size" in str(e) and not has_img_size:
             kw.pop("img_size")
             try:
                 return timm.create_model(spec.name, pretrained=False, num_classes=num_classes,
@@ -270,13 +277,54 @@ def _timm(spec: ModelSpec, num_classes: int, in_channels: int, image_size: int) 
                          f"({type(e).__name__}: {e})") from None
 
 
+def _timm(spec: ModelSpec, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """timm.create_model at the data's size; ``kwargs.input_size`` (lowprec's, not timm's): the size
+    the inputs are resized to first. null (default): the data's size if the network runs on it,
+    else the smallest multiple of its total stride (timm's feature_info reduction) that it runs on,
+    doubling up to 224 (its default input), tried once each with one image at build time."""
+    import timm
+
+    if not timm.is_model(spec.name):
+        raise ValueError(f"ModelSpec.name={spec.name!r} is not a timm model (see timm.list_models())")
+    kw = dict(spec.kwargs)
+    size = kw.pop("input_size", None)
+    if size is not None:
+        model = _timm_create(spec, kw, num_classes, in_channels, size)
+        return model if size == image_size else Resized(model, size)
+    model = _timm_create(spec, kw, num_classes, in_channels, image_size)
+    info = getattr(model, "feature_info", None)
+    red = int(info[-1]["reduction"]) if info else 32
+    sizes = [image_size]
+    s = -(-image_size // red) * red
+    while s <= 224:
+        if s > image_size:
+            sizes.append(s)
+        s *= 2
+    for i, size in enumerate(sizes):
+        if i:
+            model = _timm_create(spec, kw, num_classes, in_channels, size)
+        was = model.training
+        try:
+            with torch.no_grad():
+                model.eval()(torch.zeros(1, in_channels, size, size))
+        except Exception:  # too small for its strides, windows or fixed input size: try a larger one
+            continue
+        finally:
+            model.train(was)
+        return model if size == image_size else Resized(model, size)
+    raise ValueError(f"model.name={spec.name}: timm {spec.name} runs on none of {sizes} px inputs; set "
+                     "model.kwargs.input_size (and img_size where it takes one)")
+
+
 def build_model(spec: ModelSpec, *, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """A freshly initialized model (never pretrained) for [N, in_channels, image_size, image_size] inputs."""
-    if not isinstance(spec, ModelSpec):
-        raise ValueError(f"build_model expects a ModelSpec, got {type(spec).__name__}")
+    if not isinstance(spec, (ModelSpec, HFModelSpec)):
+        raise ValueError(f"build_model expects a ModelSpec or HFModelSpec, got {type(spec).__name__}")
     for k, v in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"build_model: {k}={v!r} must be a positive int")
+    if isinstance(spec, HFModelSpec):  # lowprec.hf_models (causal-lm: as lm below)
+        return build_hf(spec, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
     if spec.source == "lm":  # num_classes = vocabulary size, image_size = window length
         return build_lm(spec.name, spec.kwargs, vocab_size=num_classes, seq_len=image_size)
     if spec.source == "cifar":

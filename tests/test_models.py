@@ -13,7 +13,8 @@ from lowprec.models import CIFAR_RESNETS, CifarResNet, ModelSpec, build_model
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_YAMLS = sorted(os.path.join(ROOT, "conf", "model", f)
                      for f in os.listdir(os.path.join(ROOT, "conf", "model"))
-                     if f.endswith(".yaml") and f[:-5] not in LM_MODELS)  # those: tests/test_chargpt.py
+                     # LMs: tests/test_chargpt.py; model=hf: tests/test_hf_models.py
+                     if f.endswith(".yaml") and f[:-5] not in (*LM_MODELS, "hf"))
 
 
 def _nparams(m: nn.Module) -> int:
