@@ -1,4 +1,4 @@
-"""The backward side of a QLinear / QConv2d as pure functions of the recipe, the state and tensors.
+"""The backward side of a converted layer (lowprec.qgemm) as pure functions of the recipe, the state and tensors.
 
 A layer's backward computes two GEMMs from the incoming gradient δ (spec/algorithms.md):
 
@@ -104,8 +104,14 @@ def custom_update(g) -> bool:
 def im2col_of(w, conv):
     """t -> the im2col matrix [tokens, C_in·kh·kw] of the convolution with weight w, args `conv`
     (stride, padding, dilation, ...: the layout of aten.convolution_backward's arguments)."""
+    k, (s, p, d) = tuple(w.shape[2:]), conv[:3]
+    if len(k) == 1:  # a 1-d convolution is a 2-d one of height 1
+        k, s, p, d = (1, *k), (1, *s), (0, *p), (1, *d)
+
     def im2col(t):
-        cols = F.unfold(t, w.shape[2:], dilation=conv[2], padding=conv[1], stride=conv[0])
+        if t.dim() == 3:
+            t = t.unsqueeze(2)
+        cols = F.unfold(t, k, dilation=d, padding=p, stride=s)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
     return im2col
 

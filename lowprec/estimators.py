@@ -19,8 +19,9 @@ independent unbiased estimators is unbiased); :class:`SMP` averages ``samples`` 
 This module is the only caller of :mod:`lowprec.dispatch` (Triton kernel on CUDA tensors, the
 reference elsewhere, ``$LOWPREC_BACKEND`` to force one). Estimators without a kernel call their
 reference function directly. Adding an estimator: a reference function (its own module, importing
-only :mod:`lowprec._common`), a class here, a YAML under ``conf/grad`` or ``conf/fwd``, a registry
-line in :mod:`lowprec.recipes` and a test; a kernel twin adds one function to :mod:`lowprec.dispatch`.
+only :mod:`lowprec._common`), a class here, a registry line in :mod:`lowprec.recipes` (which also
+makes ``grad=<name>`` / ``fwd=<name>`` on the command line) and a test; a kernel twin adds one
+function to :mod:`lowprec.dispatch`.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""The forward side of a QLinear / QConv2d: the operands of the forward GEMM z = W a (pure functions).
+"""The forward side of a converted layer (lowprec.qgemm): the operands of the forward GEMM z = W a (pure functions).
 
 W and a are quantized by `fwd.weight` / `fwd.act` (round-to-nearest; straight-through: the
 gradients w.r.t. the unquantized W and a are those w.r.t. the quantized ones). Estimators with
 `elementwise == False` (block formats) see 2-D views whose `dim` is chosen by the recipe: W as
 [C_out, K] (K = C_in·kh·kw; forward reduction dim -1, backward dim 0), a as [tokens, C_in]
-(linear: a.reshape(-1, in); conv: channels last, so blocks along C approximate im2col blocks).
+(linear: a.reshape(-1, in); conv (1-d, 2-d): channels last, so blocks along C approximate im2col
+blocks).
 
 Weight N:M mask (lowprec.weight_nm): the GEMMs use `W ⊙ mask`, quantized after masking and masked
 again, since a quantizer must not revive pruned weights.
@@ -50,9 +51,9 @@ def quant_act(est, x, conv: bool):
     """``est(a)`` for the forward GEMM; a block estimator sees a as ``[tokens, C_in]`` (conv: channels last)."""
     if getattr(est, "elementwise", True):
         return est(x)
-    if conv:
-        n, c, h, w = x.shape
-        return est(x.permute(0, 2, 3, 1).reshape(-1, c)).reshape(n, h, w, c).permute(0, 3, 1, 2)
+    if conv:  # [N, C, *spatial] -> channels last [tokens, C] and back
+        cl = x.movedim(1, -1)
+        return est(cl.reshape(-1, x.shape[1])).reshape(cl.shape).movedim(-1, 1)
     return est(x.reshape(-1, x.shape[-1])).reshape(x.shape)
 
 

@@ -36,6 +36,7 @@ from . import runs
 from .checkpoint import atomic_write_text, kill_point
 from .config import Experiment, experiment_from_cfg
 from .distributed import Dist, broadcast, setup_distributed, teardown_distributed
+from .recipes import config_options
 from .summary import summarize, summary_lines
 from .train import build, check_task, check_world, train
 
@@ -366,8 +367,8 @@ def check_group_options(argv: list[str], conf: Path = CONF) -> str | None:
         key, value = arg.lstrip("+~").split("=", 1)
         if key not in OUR_GROUPS or any(c in value for c in "()[]{}$*"):
             continue  # a field override (grad.update.n=5), or Hydra sweep syntax: Hydra checks it
-        valid = sorted(str(p.relative_to(conf / key))[:-5] for p in (conf / key).rglob("*.yaml")
-                       if not p.name.startswith("_"))
+        valid = sorted({str(p.relative_to(conf / key))[:-5] for p in (conf / key).rglob("*.yaml")
+                        if not p.name.startswith("_")} | set(config_options(key)))  # + recipes' ConfigStore
         for v in value.split(","):
             if v in ("null", "") or v in valid:
                 continue

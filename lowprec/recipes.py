@@ -18,14 +18,20 @@ names the route, derived from the two slots:
   the estimate then propagates to every earlier layer;
 - ``split``: a different estimator per GEMM (``mvue24_luq4``); ``dense``: exact δ (``fp32``).
 
-The same names work from Python (``grad_recipe("luq4")``) and from the CLI (``grad=luq4``, one
-YAML per name under ``conf/grad``; a test checks both give equal objects). The estimators themselves
-live in :mod:`lowprec.estimators`.
+The registry here is the one owner of the names: ``grad_recipe("luq4")`` from Python, and
+``grad=luq4`` / ``fwd=int4`` from the CLI through Hydra's ConfigStore, where `register_configs`
+(run when this module is imported) stores every name under the config groups ``grad`` and ``fwd``
+as the node `grad_config` / `fwd_config` writes: ``_target_`` plus the recipe's fields, each
+estimator as its ``_target_`` and dataclass fields, so ``grad.backward.bits=3`` overrides a field
+and ``hydra.utils.instantiate`` rebuilds the recipe. A recipe whose two slots hold one estimator
+(``shared``) spells the update slot as ``${.backward}``, so an override of the backward slot keeps
+it shared. There are no YAML files for recipes; ``RECIPE_DOCS`` holds one line per name. The
+estimators themselves live in :mod:`lowprec.estimators`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 from .estimators import (LUQ, MXFP4, NVFP4, BlockLUQ, Chain, FP4RDN, IntQuant, IntSR, NMPrune, Radix4,
@@ -199,6 +205,117 @@ _FWD: dict[str, Callable[[], FwdRecipe]] = {
 GRAD_NAMES = tuple(_GRAD)
 FWD_NAMES = tuple(_FWD)
 
+_SPARSE = {"mvue": "MVUE {n}:{m} sparse δ (unbiased)", "mvue_approx":
+           "Approximate MVUE {n}:{m} (sequential sampling without replacement, Horvitz-Thompson rescaling)",
+           "mse": "MSE-optimal {n}:{m} mask (keep the {n} largest; biased)"}
+_BLOCK_FMT = ("Blocks along each GEMM's reduction dimension of δ ([C_out, tokens]): C_out (dim 0) for the "
+              "backward GEMM, tokens (dim -1) for the update GEMM; two independent draws.")
+_FMT_DOC = {
+    "nvfp4": "NVFP4: E2M1 in blocks of 16, E4M3 block scale, FP32 tensor scale",
+    "mxfp4": "MXFP4 (OCP MX): E2M1 in blocks of 32, E8M0 (power-of-two) block scale",
+}
+_ROUND_DOC = {"rtn": "round-to-nearest with the published scale rule (clips: biased)",
+              "sr": "stochastic rounding, block scale rounded up so nothing clips (unbiased; our rule)"}
+
+# One line per name (what the YAML files' comments said): `python -c "import lowprec.recipes as r;
+# print(r.RECIPE_DOCS)"`, README's table.
+RECIPE_DOCS: dict[str, dict[str, str]] = {"grad": {
+    "fp32": "No gradient quantization: exact δ in both backward GEMMs.",
+    "luq4": "LUQ 4-bit (radix-2 FP4, stochastic underflow + unbiased rounding; 7 non-zero magnitudes); "
+            "one quantized δ feeds both GEMMs.",
+    "luq4_smp2": "LUQ 4-bit + SMP: the update GEMM averages 2 independent LUQ draws (the first also feeds "
+                 "the backward GEMM).",
+    "luq3": "LUQ 3-bit (3 non-zero magnitudes).",
+    "radix4": "Ultra-low baseline: radix-4 FP4, log-domain round-to-nearest (biased).",
+    "fp4_rdn": "LUQ's grid with deterministic rounding and flush-to-zero underflow (biased).",
+    "int4_sr": "Uniform INT4 with stochastic rounding (unbiased, but a poor grid for gradients).",
+    **{f"{fmt}_{r}": f"{_FMT_DOC[fmt]}; {_ROUND_DOC[r]}. {_BLOCK_FMT}" for fmt in _FP4 for r in _ROUND_DOC},
+    "nvfp4_sr_rht": "NVIDIA's NVFP4 pretraining recipe for the backward: stochastic-rounded NVFP4 δ for both "
+                    "GEMMs (blocks along C_out / tokens), a 16-point random Hadamard transform on both "
+                    "update-GEMM operands (one sign vector per step), and the update GEMM's a re-quantized to "
+                    "NVFP4 (RTN) along tokens.",
+    **{f"luq4_b{b}": f"Block-scaled LUQ 4-bit (ours): LUQ's levels, stochastic underflow and rounding with one "
+                     f"max per {b} elements along each GEMM's reduction dimension (C_out for backward, tokens "
+                     "for update); unbiased." for b in (16, 32)},
+    **{k: v for name, (n, m, meth) in _NM.items() for k, v in {
+        name: _SPARSE[meth].format(n=n, m=m) + " on the update GEMM (blocks along tokens); backward GEMM "
+                                               "uses dense δ.",
+        f"{name}_bwd": _SPARSE[meth].format(n=n, m=m) + " on the backward GEMM only (blocks along output "
+                                                        "channels); update GEMM uses exact δ.",
+        f"{name}_both": _SPARSE[meth].format(n=n, m=m) + ", one draw (blocks along output channels) feeding "
+                                                         "both the backward and the update GEMM."}.items()},
+    **{f"mvue{nm}_luq4": f"MVUE {nm[0]}:{nm[1]} then LUQ 4-bit on the update GEMM; LUQ 4-bit δ on the backward "
+                         "GEMM." for nm in ("12", "24")},
+}, "fwd": {
+    "fp32": "No forward quantization.",
+    "int4": "INT4 round-to-nearest weights (signed) and activations (unsigned after ReLU, else signed), "
+            "SAWB clip.",
+    "int8": "INT8 round-to-nearest weights and activations, MSE-optimal clip.",
+    "nvfp4": "NVFP4 forward, round-to-nearest (published scale rules): weights in 16x16 tiles of [C_out, K] "
+             "(one quantized W serves W and Wᵀ), activations in 1x16 blocks along C_in ([tokens, C_in]).",
+    "mxfp4": "MXFP4 forward, round-to-nearest with the OCP scale rule: blocks of 32 along the forward GEMM's "
+             "reduction dimension (W as [C_out, K], a as [tokens, C_in]: dim -1).",
+}}
+
+# Fields a recipe's config node spells out although they hold their defaults (every node has name,
+# the two δ slots and samples): the operand slots of the block formats, the route of the N:M
+# backward/both routes. They are what the YAML files of these names held, so the resolved config
+# of a run (resolved_config.yaml, W&B) is what it was when recipes were files.
+_SPELLED: dict[str, tuple[str, ...]] = {
+    **{n: ("weight_bwd", "act_upd", "update_rht")
+       for n in (*(f"{f}_{r}" for f in _FP4 for r in _ROUND_DOC), "nvfp4_sr_rht", "luq4_b16", "luq4_b32")},
+    **{f"{n}_{r}": ("route",) for n in _NM for r in ("bwd", "both")},
+}
+
+
+def estimator_config(est) -> dict[str, Any] | None:
+    """The Hydra node of an estimator: ``_target_`` (its class in the ``lowprec`` namespace) and its
+    dataclass fields in order; a Chain's steps as a list of nodes (``_convert_: all`` makes them a
+    list again, which Chain turns into its tuple)."""
+    if est is None:
+        return None
+    node: dict[str, Any] = {"_target_": f"lowprec.{type(est).__name__}"}
+    if isinstance(est, Chain):
+        return {**node, "_convert_": "all", "steps": [estimator_config(s) for s in est.steps]}
+    for f in fields(est):
+        node[f.name] = getattr(est, f.name)
+    return node
+
+
+def grad_config(name: str) -> dict[str, Any]:
+    """The config node of the gradient recipe ``name`` (what ``grad=<name>`` composes)."""
+    r = grad_recipe(name)
+    node = {"_target_": "lowprec.GradRecipe", "name": r.name, "backward": estimator_config(r.backward),
+            "update": "${.backward}" if r.shared else estimator_config(r.update), "samples": r.samples}
+    for k in _SPELLED.get(name, ()):
+        v = getattr(r, k)
+        node[k] = v if k in ("route", "update_rht") else estimator_config(v)
+    return node
+
+
+def fwd_config(name: str) -> dict[str, Any]:
+    """The config node of the forward recipe ``name`` (what ``fwd=<name>`` composes)."""
+    r = fwd_recipe(name)
+    return {"_target_": "lowprec.FwdRecipe", "name": r.name, "weight": estimator_config(r.weight),
+            "act": estimator_config(r.act)}
+
+
+def register_configs() -> None:
+    """Store every registered name in Hydra's ConfigStore (groups ``grad`` and ``fwd``); idempotent.
+    Run when this module is imported, so any composition after ``import lowprec`` sees them."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    for group, names, node in (("grad", GRAD_NAMES, grad_config), ("fwd", FWD_NAMES, fwd_config)):
+        for n in names:
+            cs.store(group=group, name=n, node=node(n), provider="lowprec.recipes")
+
+
+def config_options(group: str) -> list[str]:
+    """The option names this registry stores in a config group ("grad", "fwd"; [] for any other
+    group), e.g. for a CLI's option check: they are not files under conf/."""
+    return list({"grad": GRAD_NAMES, "fwd": FWD_NAMES}.get(group, ()))
+
 
 def _lookup(table: dict, name, kind: str):
     if isinstance(name, (GradRecipe, FwdRecipe)):
@@ -227,3 +344,6 @@ def estimator(name: str):
     for a backward-route recipe; None for fp32."""
     r = grad_recipe(name)
     return r.update if r.update is not None else r.backward
+
+
+register_configs()

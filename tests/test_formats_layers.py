@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import lowprec as lp
 from lowprec import dispatch
-from lowprec import layers as lpl
+from lowprec import qgemm as lpl  # the one call site of random_signs
 from lowprec.convert import converted_layers
 from lowprec.fp4 import mxfp4, nvfp4
 from lowprec.hadamard import block_rht, random_signs

@@ -1,30 +1,47 @@
-import glob
+"""Recipes: the registry (lowprec.recipes, the one owner of the names, stored in Hydra's ConfigStore
+for grad=/fwd=), what the names mean, and estimator composition."""
+
 import os
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import lowprec as lp
+from lowprec import recipes
 
 CONF = os.path.join(os.path.dirname(__file__), "..", "conf")
 
 
-def yaml_names(group):
-    return sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(CONF, group, "*.yaml")))
+@pytest.fixture(scope="module")
+def hydra_conf():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=os.path.abspath(CONF), version_base="1.3"):
+        yield
+    GlobalHydra.instance().clear()
 
 
-def test_every_registered_name_has_a_yaml_and_back():
-    assert yaml_names("grad") == sorted(lp.GRAD_NAMES)
-    assert yaml_names("fwd") == sorted(lp.FWD_NAMES)
+def test_the_registry_is_the_only_source_of_recipe_names():
+    """Guards the one owner: no YAML under conf/grad or conf/fwd (it would shadow or duplicate a
+    registered name), and every name has its one-line description."""
+    for group in ("grad", "fwd"):
+        d = os.path.join(CONF, group)
+        assert not os.path.isdir(d) or not [f for f in os.listdir(d) if f.endswith(".yaml")], group
+    assert set(recipes.RECIPE_DOCS["grad"]) == set(lp.GRAD_NAMES)
+    assert set(recipes.RECIPE_DOCS["fwd"]) == set(lp.FWD_NAMES)
+    assert recipes.config_options("grad") == list(lp.GRAD_NAMES) and recipes.config_options("model") == []
 
 
-@pytest.mark.parametrize("name", yaml_names("grad"))
-def test_grad_yaml_instantiates_to_the_registered_recipe(name):
-    obj = instantiate(OmegaConf.load(os.path.join(CONF, "grad", f"{name}.yaml")))
-    assert obj == lp.grad_recipe(name)
-    assert obj.name == name
+@pytest.mark.parametrize("name", lp.GRAD_NAMES)
+def test_grad_option_composes_to_the_registered_recipe(hydra_conf, name):
+    """grad=<name> composes from the ConfigStore and instantiates to grad_recipe(name)."""
+    cfg = compose("config", overrides=[f"grad={name}"])
+    obj = instantiate(cfg.grad)
+    assert obj == lp.grad_recipe(name) and obj.name == name
+    assert instantiate(OmegaConf.create(recipes.grad_config(name))) == obj
     x = torch.randn(8, 16)
     for est in (obj.backward, obj.update):
         if est is not None:
@@ -32,9 +49,35 @@ def test_grad_yaml_instantiates_to_the_registered_recipe(name):
             assert y.shape == x.shape and y.dtype == x.dtype
 
 
-@pytest.mark.parametrize("name", yaml_names("fwd"))
-def test_fwd_yaml_instantiates_to_the_registered_recipe(name):
-    assert instantiate(OmegaConf.load(os.path.join(CONF, "fwd", f"{name}.yaml"))) == lp.fwd_recipe(name)
+@pytest.mark.parametrize("name", lp.FWD_NAMES)
+def test_fwd_option_composes_to_the_registered_recipe(hydra_conf, name):
+    cfg = compose("config", overrides=[f"fwd={name}"])
+    assert instantiate(cfg.fwd) == lp.fwd_recipe(name)
+
+
+def test_field_overrides_of_a_registered_recipe(hydra_conf):
+    """grad.<slot>.<field>=v overrides one field; a shared recipe stays shared (update is
+    ${.backward}); impossible values fail at instantiation."""
+    r = instantiate(compose("config", overrides=["grad=luq4", "grad.backward.bits=3"]).grad)
+    assert r.backward == r.update == lp.LUQ(3) and r.shared and r.route == "both"
+    r = instantiate(compose("config", overrides=["grad=nvfp4_sr_rht", "grad.update_rht=32"]).grad)
+    assert r.update_rht == 32
+    assert instantiate(compose("config", overrides=["fwd=int4", "fwd.weight.bits=8"]).fwd).weight.bits == 8
+    cfg = compose("config", overrides=["grad=mvue24", "grad.update.n=5"])
+    with pytest.raises(Exception, match="N must not exceed M"):
+        instantiate(cfg.grad)
+    cfg = compose("config", overrides=["grad=luq4", "grad.backward.bits=1"])
+    with pytest.raises(Exception, match="bits=1"):
+        instantiate(cfg.grad)
+
+
+def test_cli_option_check_knows_the_registered_names():
+    """The runner's one-line check of group=option (lowprec.prepare) sees the ConfigStore names."""
+    from lowprec.prepare import check_group_options
+
+    assert check_group_options([f"grad={','.join(lp.GRAD_NAMES)}", "fwd=int4"]) is None
+    assert "did you mean 'luq4'" in check_group_options(["grad=luq5"])
+    assert "unknown fwd option 'int5'" in check_group_options(["fwd=int5"])
 
 
 def test_recipe_semantics():
@@ -55,14 +98,6 @@ def test_unknown_names_and_impossible_options():
         lp.grad_recipe("luq5")
     with pytest.raises(ValueError, match="unknown forward method 'int2'"):
         lp.fwd_recipe("int2")
-    cfg = OmegaConf.load(os.path.join(CONF, "grad", "mvue24.yaml"))
-    cfg["update"].n = 5  # (item access: DictConfig.update is a method)
-    with pytest.raises(Exception, match="N must not exceed M"):
-        instantiate(cfg)
-    cfg = OmegaConf.load(os.path.join(CONF, "grad", "luq4.yaml"))
-    cfg.backward.bits = 1
-    with pytest.raises(Exception, match="bits=1"):
-        instantiate(cfg)
     with pytest.raises(ValueError, match="samples"):
         lp.GradRecipe("x", samples=2)
     with pytest.raises(ValueError, match="samples"):

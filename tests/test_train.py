@@ -16,7 +16,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from lowprec import checkpoint, config, runs
+from lowprec import checkpoint, config, recipes, runs
 from lowprec import train as T
 from lowprec.logging import JsonlLogger, Logger, LoggerConfig, make_wandb, resolve_mode
 from lowprec.optim import lr_factor, make_optimizer
@@ -35,6 +35,7 @@ def _options():
         if len(parts) > 1:
             split = len(parts) - 1 if parts[0] == "hydra" else 1
             out.append(("/".join(parts[:split]), "/".join(parts[split:])))
+    out += [(g, n) for g in ("grad", "fwd") for n in recipes.config_options(g)]  # ConfigStore, no files
     return out
 
 
