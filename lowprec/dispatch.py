@@ -30,6 +30,10 @@ from .fp4 import block_luq as block_luq_reference
 from .fp4 import mxfp4 as mxfp4_reference
 from .fp4 import nvfp4 as nvfp4_reference
 from ._common import check_float, work_dtype
+from .baselines import fp4_rdn as fp4_rdn_reference
+from .baselines import int_sr as int_sr_reference
+from .baselines import radix4 as radix4_reference
+from .hadamard import block_rht as block_rht_reference
 from .intq import int_quant as int_quant_reference
 from .kernels import cpu as cpu_twins
 from .kernels import interpreter_enabled, triton_available
@@ -229,3 +233,31 @@ def block_luq(x: Tensor, bits: int = 4, *, block: int = 16, dim: int = -1, level
         return k.block_luq(x, bits, block=block, dim=dim, levels=levels, generator=generator, nonfinite=nonfinite)
     return _eager(x, backend, block_luq_reference, cpu_twins.block_luq)(
         x, bits, block=block, dim=dim, levels=levels, generator=generator, noise=noise, nonfinite=nonfinite)
+
+
+# ----------------------------------------------------------------------------- CPU-twin-only estimators
+# No Triton kernel: CUDA tensors (and backend="reference") run the reference, CPU tensors the CPU twin.
+
+
+def radix4(x: Tensor, *, levels: int = 7, nonfinite: str = "raise", backend: str | None = "auto") -> Tensor:
+    """:func:`lowprec.baselines.radix4`; its C twin on CPU tensors."""
+    return _eager(x, backend, radix4_reference, cpu_twins.radix4)(x, levels=levels, nonfinite=nonfinite)
+
+
+def fp4_rdn(x: Tensor, bits: int = 4, *, levels: int | None = None, nonfinite: str = "raise",
+            backend: str | None = "auto") -> Tensor:
+    """:func:`lowprec.baselines.fp4_rdn`; its C twin on CPU tensors."""
+    return _eager(x, backend, fp4_rdn_reference, cpu_twins.fp4_rdn)(x, bits, levels=levels, nonfinite=nonfinite)
+
+
+def int_sr(x: Tensor, bits: int = 4, *, generator: torch.Generator | None = None, noise: Tensor | None = None,
+           nonfinite: str = "raise", backend: str | None = "auto") -> Tensor:
+    """:func:`lowprec.baselines.int_sr`; its C twin on CPU tensors (the same result given ``noise``)."""
+    return _eager(x, backend, int_sr_reference, cpu_twins.int_sr)(x, bits, generator=generator, noise=noise,
+                                                                  nonfinite=nonfinite)
+
+
+def block_rht(x: Tensor, signs: Tensor, dim: int, *, inverse: bool = False, backend: str | None = "auto") -> Tensor:
+    """:func:`lowprec.hadamard.block_rht` (the FWHT); one C pass on CPU tensors, bit-identical."""
+    _requested(backend)
+    return _eager(x, backend, block_rht_reference, cpu_twins.block_rht)(x, signs, dim, inverse=inverse)

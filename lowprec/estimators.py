@@ -35,7 +35,7 @@ from torch import Tensor
 
 from . import dispatch
 from ._common import check_nonfinite_mode
-from .baselines import check_radix4_levels, fp4_rdn, int_sr, int_sr_variance, radix4
+from .baselines import check_radix4_levels, int_sr_variance
 from .fp4 import block_luq_variance, check_block, check_rounding, fp4_sr_variance
 from .intq import CLIP_METHODS, check_bits
 from .luq import luq_levels, luq_variance
@@ -200,7 +200,7 @@ class IntQuant(_Deterministic):
                                   clip_method=self.clip_method, backend=None)
 
 
-# ----------------------------------------------------------------------------- baselines (reference only)
+# ----------------------------------------------------------------------------- baselines (CPU twins, no kernel)
 
 
 @dataclass(frozen=True)
@@ -217,7 +217,7 @@ class Radix4(_Deterministic):
     name = "radix4"
 
     def __call__(self, x: Tensor, *, generator=None, state=None) -> Tensor:
-        return radix4(x, levels=self.levels, nonfinite=self.nonfinite)
+        return dispatch.radix4(x, levels=self.levels, nonfinite=self.nonfinite, backend=None)
 
 
 @dataclass(frozen=True)
@@ -235,7 +235,7 @@ class FP4RDN(_Deterministic):
     name = "fp4_rdn"
 
     def __call__(self, x: Tensor, *, generator=None, state=None) -> Tensor:
-        return fp4_rdn(x, self.bits, levels=self.levels, nonfinite=self.nonfinite)
+        return dispatch.fp4_rdn(x, self.bits, levels=self.levels, nonfinite=self.nonfinite, backend=None)
 
 
 @dataclass(frozen=True)
@@ -257,7 +257,8 @@ class IntSR:
         return f"int{self.bits}_sr"
 
     def __call__(self, x: Tensor, *, generator=None, state=None, noise=None) -> Tensor:
-        return int_sr(x, self.bits, generator=generator, noise=noise, nonfinite=self.nonfinite)
+        return dispatch.int_sr(x, self.bits, generator=generator, noise=noise, nonfinite=self.nonfinite,
+                               backend=None)
 
     def expected_variance(self, x: Tensor) -> Tensor:
         return int_sr_variance(x, self.bits)

@@ -46,6 +46,11 @@ TWINS = {
     "nvfp4_sr": lambda x, g: cpu.nvfp4(x, rounding="sr", generator=g),
     "mxfp4_rtn dim 0": lambda x, g: cpu.mxfp4(x, dim=0),
     "block_luq": lambda x, g: cpu.block_luq(x, generator=g),
+    "radix4": lambda x, g: cpu.radix4(x),
+    "fp4_rdn": lambda x, g: cpu.fp4_rdn(x),
+    "int_sr": lambda x, g: cpu.int_sr(x, generator=g),
+    "block_rht dim 0": lambda x, g: cpu.block_rht(x, torch.tensor([1.0, -1.0] * 8), 0),
+    "block_rht dim -1": lambda x, g: cpu.block_rht(x, torch.tensor([1.0, -1.0] * 8), -1, inverse=True),
 }
 
 

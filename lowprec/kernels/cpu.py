@@ -34,8 +34,9 @@ from torch import Tensor
 
 from .._common import check_float, check_nonfinite_mode, nonfinite_guard, tiny_exponent, work_dtype
 from .._common import uniforms as given_uniforms
-from .. import fp4
+from .. import baselines, fp4, hadamard
 from ..fp4 import block_dims, check_rounding
+from ..intq import check_bits
 from ..luq import check_luq_args, luq_alpha, luq_levels
 from ..nm import check_nm, from_blocks, nm_core, nm_noise_shape, to_blocks
 from ..nm import nm_prune as nm_reference
@@ -274,3 +275,66 @@ def block_luq(x: Tensor, bits: int = 4, *, block: int = 16, dim: int = -1, level
     return _fp4("block_luq", fp4.block_luq, x, dim=dim, size=block, block_2d=False, sr=True, levels_minus_1=L - 1,
                 generator=generator, noise=noise, nonfinite=nonfinite,
                 ref_kwargs=dict(bits=bits, block=block, dim=dim, levels=levels))
+
+
+# ----------------------------------------------------------------------------- baselines (lowprec.baselines)
+
+
+def _elem(kind: str, reference, x: Tensor, param: int, *, stochastic: bool, generator, noise, nonfinite: str,
+          ref_kwargs: dict) -> Tensor:
+    """The C twin of a per-tensor-scaled baseline, else its reference given the same (hashed) uniforms."""
+    check_float(x, kind)
+    check_nonfinite_mode(nonfinite)
+    if x.numel() == 0:
+        return x.clone()
+    u, seed = _draw(generator, noise, x.shape, kind) if stochastic else (None, 0)
+    lib = _c_lib(x)
+    if lib is None:
+        if stochastic:
+            ref_kwargs = dict(ref_kwargs, noise=uniforms(seed, x.shape) if u is None else u)
+        return reference(x, **ref_kwargs, nonfinite=nonfinite)
+    xw = _dense(x.detach().to(torch.float32))
+    rc, out = native.run_elem(lib, kind, xw, u, key_of(seed), param, torch.finfo(x.dtype).max, tiny_exponent(x.dtype))
+    return torch.zeros_like(x) if rc == 2 or _zeros_for_nonfinite(rc, x, nonfinite, kind) else out.to(x.dtype)
+
+
+def radix4(x: Tensor, *, levels: int = 7, nonfinite: str = "raise") -> Tensor:
+    """CPU twin of :func:`lowprec.baselines.radix4`."""
+    baselines.check_radix4_levels(levels)
+    return _elem("radix4", baselines.radix4, x, levels, stochastic=False, generator=None, noise=None,
+                 nonfinite=nonfinite, ref_kwargs=dict(levels=levels))
+
+
+def fp4_rdn(x: Tensor, bits: int = 4, *, levels: int | None = None, nonfinite: str = "raise") -> Tensor:
+    """CPU twin of :func:`lowprec.baselines.fp4_rdn`."""
+    L = luq_levels(bits, levels)
+    return _elem("fp4_rdn", baselines.fp4_rdn, x, L, stochastic=False, generator=None, noise=None,
+                 nonfinite=nonfinite, ref_kwargs=dict(bits=bits, levels=levels))
+
+
+def int_sr(x: Tensor, bits: int = 4, *, generator: torch.Generator | None = None, noise: Tensor | None = None,
+           nonfinite: str = "raise") -> Tensor:
+    """CPU twin of :func:`lowprec.baselines.int_sr` (the same result given ``noise``)."""
+    check_bits(bits)
+    return _elem("int_sr", baselines.int_sr, x, 2 ** (bits - 1) - 1, stochastic=True, generator=generator, noise=noise,
+                 nonfinite=nonfinite, ref_kwargs=dict(bits=bits))
+
+
+# ----------------------------------------------------------------------------- block RHT (lowprec.hadamard)
+
+
+def block_rht(x: Tensor, signs: Tensor, dim: int, *, inverse: bool = False) -> Tensor:
+    """CPU twin of :func:`lowprec.hadamard.block_rht`: the same FWHT in one C pass (bit-identical),
+    else the torch version itself."""
+    check_float(x, "block_rht")
+    n = signs.numel()
+    hadamard.check_rht_size(n)
+    lib = _c_lib(x)
+    if lib is None or x.requires_grad and torch.is_grad_enabled():
+        return hadamard.block_rht(x, signs, dim, inverse=inverse)
+    outer, length, inner = hadamard.rht_dims(x, dim)
+    xc = x.detach().to(torch.float32).contiguous()
+    s = signs.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    out = native.run_fwht(lib, xc, s, outer, length, inner, n, inverse)
+    d = dim % x.dim()
+    return out.view(*x.shape[:d], out.shape[1], *x.shape[d + 1:]).to(x.dtype)

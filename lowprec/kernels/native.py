@@ -86,6 +86,8 @@ SIGNATURES = {
     "lp_nm_f32": (_INT, [_P, _P, _P, _U64, _I64P, _I64P, _I64P, _I64, _INT, _INT, _INT, _F32, _INT]),
     "lp_mse_f32": (_INT, [_P, _P, _I64P, _I64P, _I64, _INT, _INT, _INT]),
     "lp_fp4_f32": (_INT, [_P, _P, _P, _U64, _I64, _I64, _I64, _INT, _INT, _INT, _INT, _INT, _INT]),
+    "lp_elem_f32": (_INT, [_P, _P, _P, _U64, _I64P, _I64P, _I64P, _INT, _INT, _F32, _INT, _INT]),
+    "lp_fwht_f32": (_INT, [_P, _P, _P, _I64, _I64, _I64, _INT, _INT, _INT]),
 }
 
 _state: dict = {"lib": None, "failed": None, "enabled": None, "rung": None, "path": None}
@@ -373,6 +375,34 @@ def run_fp4(lib, x: Tensor, u: Tensor | None, key: int, fmt: str, outer: int, le
     rc = lib.lp_fp4_f32(_ptr(x), _ptr(out), _ptr(u), key, outer, length, inner, size, rows, FP4_FORMATS[fmt],
                         int(sr), levels_minus_1, _threads())
     return rc, out
+
+
+ELEM_KINDS = {"radix4": 0, "fp4_rdn": 1, "int_sr": 2}
+
+
+def run_elem(lib, kind: str, x: Tensor, u: Tensor | None, key: int, param: int, fmax: float,
+             e_tiny: int) -> tuple[int, Tensor]:
+    """``(status, out)``: a per-tensor-scaled baseline of :mod:`lowprec.baselines` on fp32 ``x`` (dense)
+    into a tensor with its strides (``param``: radix4's levels, fp4_rdn's L, int_sr's qmax). Status 0:
+    done; 1: x holds a NaN/Inf; 2: max|x| = 0 (the caller returns zeros)."""
+    x, (size, xs, us), _ = _nested(x, 1)
+    out = torch.empty_like(x)
+    rc = lib.lp_elem_f32(_ptr(x), _ptr(out), _ptr(u), key, size, xs, us, ELEM_KINDS[kind], param, fmax, e_tiny,
+                         _threads())
+    if rc < 0:
+        raise ValueError(f"lp_elem_f32: unknown kind {kind!r}")
+    return rc, out
+
+
+def run_fwht(lib, x: Tensor, signs: Tensor, outer: int, n_in: int, inner: int, n: int, inverse: bool) -> Tensor:
+    """The block RHT of :func:`lowprec.hadamard.block_rht` on fp32 ``x`` (contiguous, seen as
+    ``[outer, n_in, inner]``, rotated along the middle dim in blocks of ``n``, the tail zero-padded)
+    into a new contiguous ``[outer, ceil(n_in/n)·n, inner]`` tensor."""
+    out = torch.empty((outer, -(-n_in // n) * n, inner), dtype=torch.float32)
+    rc = lib.lp_fwht_f32(_ptr(x), _ptr(out), _ptr(signs), outer, n_in, inner, n, int(inverse), _threads())
+    if rc < 0:
+        raise ValueError(f"lp_fwht_f32: unsupported block size {n}")
+    return out
 
 
 def fill_uniforms(lib, key: int, shape) -> Tensor:

@@ -1,0 +1,99 @@
+/* The block random Hadamard transform of lowprec.hadamard.block_rht by the fast Walsh–Hadamard
+ * transform, operation for operation as the torch version: x contiguous [outer, n_in, inner], blocks
+ * of n rows along the middle dim (the tail zero-padded); per block, (inverse: rows times their signs,)
+ * log2(n) butterfly stages h = 1, 2, 4, ... (rows i, i + h of each 2h-group -> a + b, a - b), times
+ * c = fp32(1/√n), (forward: times the signs). Vectorized across up to FC inner columns at a time.
+ * Conventions: cpu_common.h. */
+#include "cpu_common.h"
+
+#define FC 64
+#define MAXN 32
+
+static inline void fwht_cols(const float* x, float* out, const float* sg, int64_t o, int64_t b, int64_t n_in,
+                             int64_t n_out, int64_t inner, int64_t i0, int64_t ni, int n, int inverse, float c) {
+    float v[MAXN][FC];
+    for (int r = 0; r < n; r++) {
+        const int64_t row = b * n + r;
+        const float* xp = x + (o * n_in + row) * inner + i0;
+        const float s = inverse ? sg[r] : 1.0f;
+        if (row < n_in) {
+            if (inverse)
+                for (int64_t i = 0; i < ni; i++) v[r][i] = xp[i] * s;
+            else
+                for (int64_t i = 0; i < ni; i++) v[r][i] = xp[i];
+        } else {
+            for (int64_t i = 0; i < ni; i++) v[r][i] = inverse ? 0.0f * s : 0.0f;
+        }
+    }
+    for (int h = 1; h < n; h *= 2)
+        for (int g = 0; g < n; g += 2 * h)
+            for (int r = g; r < g + h; r++)
+                for (int64_t i = 0; i < ni; i++) {
+                    const float a = v[r][i], bb = v[r + h][i];
+                    v[r][i] = a + bb;
+                    v[r + h][i] = a - bb;
+                }
+    for (int r = 0; r < n; r++) {
+        float* op = out + (o * n_out + b * n + r) * inner + i0;
+        const float s = inverse ? 1.0f : sg[r];
+        if (inverse)
+            for (int64_t i = 0; i < ni; i++) op[i] = v[r][i] * c;
+        else
+            for (int64_t i = 0; i < ni; i++) op[i] = (v[r][i] * c) * s;
+    }
+}
+
+/* inner = 1 (blocks along the last dim): blocks b0..b0+nk-1 of row o, block k in lane k (a transpose
+ * through the buffer), so the butterflies still run across FC lanes; the same operations per element. */
+static inline void fwht_rows(const float* x, float* out, const float* sg, int64_t o, int64_t b0, int64_t nk,
+                             int64_t n_in, int64_t n_out, int n, int inverse, float c) {
+    float v[MAXN][FC];
+    for (int64_t k = 0; k < nk; k++) {
+        const int64_t base = (b0 + k) * n;
+        for (int r = 0; r < n; r++) {
+            const float s = inverse ? sg[r] : 1.0f;
+            const float xv = base + r < n_in ? x[o * n_in + base + r] : 0.0f;
+            v[r][k] = inverse ? xv * s : xv;
+        }
+    }
+    for (int h = 1; h < n; h *= 2)
+        for (int g = 0; g < n; g += 2 * h)
+            for (int r = g; r < g + h; r++)
+                for (int64_t k = 0; k < nk; k++) {
+                    const float a = v[r][k], bb = v[r + h][k];
+                    v[r][k] = a + bb;
+                    v[r + h][k] = a - bb;
+                }
+    for (int r = 0; r < n; r++) {
+        const float s = inverse ? 1.0f : sg[r];
+        for (int64_t k = 0; k < nk; k++) v[r][k] = inverse ? v[r][k] * c : (v[r][k] * c) * s;
+    }
+    for (int64_t k = 0; k < nk; k++)
+        for (int r = 0; r < n; r++) out[o * n_out + (b0 + k) * n + r] = v[r][k];
+}
+
+/* out: contiguous [outer, ceil(n_in/n)·n, inner]. Returns 0, or -1 for n not a power of two in [2, 32]. */
+int lp_fwht_f32(const float* x, float* out, const float* signs, int64_t outer, int64_t n_in, int64_t inner, int n,
+                int inverse, int nthreads) {
+    if (n < 2 || n > MAXN || (n & (n - 1))) return -1;
+    const float c = (float)(1.0 / sqrt((double)n));
+    const int64_t nb = (n_in + n - 1) / n, n_out = nb * n, nic = (inner + FC - 1) / FC;
+    if (inner == 1) {
+        const int64_t nbc = (nb + FC - 1) / FC;
+#pragma omp parallel for collapse(2) num_threads(nthreads) if (nthreads > 1 && outer * n_out >= 65536)
+        for (int64_t o = 0; o < outer; o++)
+            for (int64_t bc = 0; bc < nbc; bc++) {
+                const int64_t b0 = bc * FC, nk = b0 + FC <= nb ? FC : nb - b0;
+                fwht_rows(x, out, signs, o, b0, nk, n_in, n_out, n, inverse, c);
+            }
+        return 0;
+    }
+#pragma omp parallel for collapse(3) num_threads(nthreads) if (nthreads > 1 && outer * n_out * inner >= 65536)
+    for (int64_t o = 0; o < outer; o++)
+        for (int64_t b = 0; b < nb; b++)
+            for (int64_t ic = 0; ic < nic; ic++) {
+                const int64_t i0 = ic * FC, ni = i0 + FC <= inner ? FC : inner - i0;
+                fwht_cols(x, out, signs, o, b, n_in, n_out, inner, i0, ni, n, inverse, c);
+            }
+    return 0;
+}
