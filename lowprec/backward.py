@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from .estimators import SMP
-from .hadamard import block_rht
+from .dispatch import block_rht  # the FWHT: its C twin on CPU tensors
 from .noise import noise_terms
 from .stats import compare
 
