@@ -166,6 +166,19 @@ def cast_out(v, dtype: tl.constexpr):
         return v.to(dtype)
 
 
+@triton.jit
+def round_to(v, dtype: tl.constexpr):
+    """fp32 ``v`` rounded to ``dtype`` (as :func:`cast_out`) and widened back to fp32, exactly on GPU and
+    in the interpreter: bf16 by keeping the top 16 bits of the rounded pattern (the interpreter's
+    bf16 -> fp32 cast flushes bf16 subnormals, which made the fused N:M-then-LUQ kernel drop them)."""
+    if dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = bits + (((bits >> 16) & 1) + 0x7FFF)
+        return (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+    else:
+        return v.to(dtype).to(tl.float32)
+
+
 # ----------------------------------------------------------------------------- LUQ, per element
 
 

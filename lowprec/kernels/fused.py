@@ -20,7 +20,8 @@ from ..luq import luq_levels
 from ..nm import nm_noise_shape
 from . import draw_seed
 from .common import (LAUNCH_OPTS, NM_GPU_ELEMS, NM_GPU_WARPS, NM_METHOD_IDS, block_for, cast_out, check_nm_args,
-                     copysign, draw, dtype_consts, luq_alpha, luq_elem, nan_to_inf_abs, nm_block, nm_layout, noise_arg)
+                     copysign, draw, dtype_consts, luq_alpha, luq_elem, nan_to_inf_abs, nm_block, nm_layout, noise_arg,
+                     round_to)
 from .luq import luq
 
 
@@ -36,12 +37,12 @@ def nm_luq_kernel(x_ptr, out_ptr, flag_ptr, m_ptr, noise_ptr, noise_luq_ptr, see
     if PASS == 1:
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for j in tl.static_range(M):
-            acc = tl.maximum(acc, nan_to_inf_abs(cast_out(q[j], dtype).to(tl.float32)))
+            acc = tl.maximum(acc, nan_to_inf_abs(round_to(q[j], dtype)))
         tl.atomic_max(m_ptr, tl.max(acc, 0).to(tl.int32, bitcast=True))
     else:
         ok, m, alpha = luq_alpha(tl.load(m_ptr).to(tl.float32, bitcast=True), L_MINUS_1, E_TINY, DMAX)
         for j in tl.static_range(M):
-            qj = cast_out(q[j], dtype).to(tl.float32)
+            qj = round_to(q[j], dtype)
             mag, _ = luq_elem(qj, draw(seed_luq, noise_luq_ptr, offs[j], masks[j], HAS_NOISE), m, alpha)
             tl.store(out_ptr + offs[j], cast_out(tl.where(ok, copysign(mag, qj), 0.0), dtype), mask=masks[j])
 
