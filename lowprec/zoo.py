@@ -1,22 +1,25 @@
 """Model-zoo coverage of ``convert``: which weight GEMMs of a model run in low precision, and does
 one training step work (scripts/check_zoo.py -> results/zoo_coverage.md).
 
-Weight-GEMM FLOPs. Per module, counted by forward hooks on an unconverted copy during one step:
+Weight-GEMM FLOPs, counted on the unconverted model during the step by intercepting every linear,
+conv, addmm and matmul call (a TorchFunctionMode) whose operand is (a view of) a parameter, and
+adding it to the module that owns the parameter (a *unit*):
 
-- ``nn.Linear``, transformers' ``Conv1D`` (y = x·W + b, W [in, out]): 2·in·out per token;
-- ``nn.Conv{1,2,3}d`` / ``ConvTranspose``: 2·(C_in/groups)·prod(kernel) per output element (per
-  input element for the transposed ones);
-- ``nn.MultiheadAttention``, whose projections are used functionally (its ``out_proj`` Linear is
-  never called as a module): the input projections 2·E·(E·L_q + kdim·L_k + vdim·L_k) under the
-  module's own name, the output projection 2·E·E·L_q under ``<name>.out_proj``.
+- linear (y = x·Wᵀ), transformers' ``Conv1D`` (addmm, W [in, out]), x @ W: 2·in·out per token;
+- conv: 2·(C_in/groups)·prod(kernel) per output element (per input element when transposed);
+- so ``nn.MultiheadAttention``'s packed input projection counts under the module's own name and
+  its output projection under ``<name>.out_proj``, though both are used functionally, as are the
+  projections of torchvision's Swin attention.
 
 Attention's score and value products have no weight and are not counted. A unit is *converted*
-when its name or an enclosing module's name is in ``ConvertReport.converted``; otherwise its reason
-is the report's (e.g. "first layer (skip='first_last')") or "not handled by convert (<type>)" for a
-type convert does not list. ``frac_all`` = converted FLOPs / all weight-GEMM FLOPs;
+when its module, or an enclosing one, is in ``ConvertReport.converted`` and its forward ran in the
+converted step (a converted Linear whose weight another module uses functionally runs in high
+precision, and is listed so); otherwise its reason is the report's (e.g. "first layer
+(skip='first_last')") or "not handled by convert (<type>)" for a type convert does not list. ``frac_all`` = converted FLOPs / all weight-GEMM FLOPs;
 ``frac_rule`` = converted / (all - the first and last layers that skip='first_last' keeps).
 
-The step: the same weights and inputs, one forward/backward on the unconverted model and one on the
+The step: zero-initialized weights (torchvision ViT's head, zero-init residual γ) are first set to
+N(0, 0.02²) so that gradients reach every layer; then with the same weights and inputs, one forward/backward on the unconverted model and one on the
 converted one (torch's RNG reseeded before each forward, so dropout masks agree). Checked: finite
 loss and gradients; for each converted unit, its weight gradients differ from the unconverted
 model's (where those are non-zero). ``grad="fp32"`` must give identical gradients instead.
@@ -62,49 +65,109 @@ class Coverage:
         return out
 
 
-def _conv1d_hf(m: nn.Module) -> bool:
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
+_GEMMS = {F.multi_head_attention_forward, F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+          torch.addmm, torch.matmul, torch.mm, torch.Tensor.matmul, torch.Tensor.__matmul__}
+
+
+def _gemm_flops(func, args, out) -> tuple[torch.Tensor | None, float]:
+    """(the weight operand, FLOPs) of one GEMM call; (None, 0) when no operand is a weight."""
+    if func is F.linear:
+        x, w = args[0], args[1]
+        return w, 2.0 * x.numel() * w.shape[0]
+    if func in (F.conv1d, F.conv2d, F.conv3d):
+        w = args[1]
+        return w, 2.0 * out.numel() * w[0].numel()
+    if func in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d):
+        x, w = args[0], args[1]
+        return w, 2.0 * x.numel() * w[0].numel()
+    if func is F.multi_head_attention_forward:  # handled whole: its inner linears are not seen
+        return None, 0.0
+    if func is torch.addmm:  # transformers' Conv1D: addmm(b, x, W), W [in, out]
+        x, w = args[1], args[2]
+        return w, 2.0 * x.shape[0] * x.shape[1] * w.shape[1]
+    a, b = args[0], args[1]  # matmul / mm / @: x @ W or W @ x, W 2-D
+    if isinstance(b, nn.Parameter) and b.dim() == 2:
+        return b, 2.0 * a.numel() * b.shape[1]
+    if isinstance(a, nn.Parameter) and a.dim() == 2:
+        return a, 2.0 * a.numel() * (b.numel() // b.shape[-2] if b.dim() > 1 else 1)
+    return None, 0.0
 
 
 def weight_gemm_flops(model: nn.Module) -> tuple[dict[str, float], Callable[[], None]]:
-    """Register hooks that add each unit's weight-GEMM FLOPs of every forward to a dict; returns
-    (the dict, a function removing the hooks)."""
+    """Count each unit's weight-GEMM FLOPs during forwards of ``model``: every linear, conv, addmm
+    or matmul call whose operand is (a view of) a parameter is added to the module owning that
+    parameter (the innermost running module that owns it, for tied weights), whether the module
+    runs it in its forward or another module uses the weight functionally (nn.MultiheadAttention,
+    torchvision's Swin attention). Returns (the dict, a function removing the hooks); use the
+    dict after the forwards."""
+    from torch.overrides import TorchFunctionMode
+
     flops: dict[str, float] = {}
+    owners: dict[int, list[str]] = {}   # storage data_ptr -> owning module names
+    for mn, m in model.named_modules():
+        for p in m.parameters(recurse=False):
+            owners.setdefault(p.untyped_storage().data_ptr(), []).append(mn)
+    running: list[str] = []
+    names = {m: n for n, m in model.named_modules()}
+
+    class Count(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is F.multi_head_attention_forward:
+                _mha(args, kwargs or {})
+            elif func in _GEMMS:
+                add(*_gemm_flops(func, args, out))
+            return out
+
+    def add(w: torch.Tensor | None, f: float) -> None:
+        own = owners.get(w.untyped_storage().data_ptr()) if isinstance(w, torch.Tensor) else None
+        if own:
+            name = next((n for n in reversed(running) if n in own), own[0])
+            flops[name] = flops.get(name, 0.0) + f
+
+    def _mha(args, kwargs) -> None:
+        """F.multi_head_attention_forward(query, key, value, E, heads, in_proj_weight, ...,
+        out_proj_weight (11), ..., q_proj_weight (18)): in-projections 2·E·(E·L_q + kdim·L_k +
+        vdim·L_k) to the owner of in_proj_weight (or q_proj_weight), 2·E·E·L_q to out_proj's."""
+        import inspect
+
+        bound = inspect.signature(F.multi_head_attention_forward).bind(*args, **kwargs).arguments
+        q, k, v, E = bound["query"], bound["key"], bound["value"], bound["embed_dim_to_check"]
+        lq, lk = q.numel() // E, k.numel() // k.shape[-1]
+        w_in = bound.get("q_proj_weight") if bound.get("use_separate_proj_weight") else bound["in_proj_weight"]
+        add(w_in, 2.0 * E * (E * lq + (k.shape[-1] + v.shape[-1]) * lk))
+        add(bound["out_proj_weight"], 2.0 * E * E * lq)
+
+    active: list = []
+
+    def enter(m, a):
+        if not active:  # the outermost call of the model
+            active.append(Count())
+            active[0].__enter__()
+        running.append(names[m])
+
+    def leave(m, a, o):
+        running.pop()
+        if m is model:
+            active.pop().__exit__(None, None, None)
+
     handles = []
-
-    def add(name: str, v: float) -> None:
-        flops[name] = flops.get(name, 0.0) + float(v)
-
-    for name, m in model.named_modules():
-        if isinstance(m, nn.MultiheadAttention):
-            def hook(mod, args, kwargs, out, name=name):
-                q = args[0] if args else kwargs["query"]
-                k = args[1] if len(args) > 1 else kwargs.get("key", q)
-                E = mod.embed_dim
-                lq, lk = q.numel() // E, k.numel() // mod.kdim
-                add(name, 2 * E * (E * lq + (mod.kdim + mod.vdim) * lk))
-                add(f"{name}.out_proj", 2 * E * E * lq)
-            handles.append(m.register_forward_hook(hook, with_kwargs=True))
-        elif isinstance(m, nn.Linear) or _conv1d_hf(m):
-            def hook(mod, args, out, name=name):
-                if isinstance(mod, nn.Linear):
-                    fi, fo = mod.in_features, mod.out_features
-                else:
-                    fi, fo = mod.weight.shape
-                add(name, 2 * fi * fo * (args[0].numel() // fi))
-            handles.append(m.register_forward_hook(hook))
-        elif isinstance(m, nn.modules.conv._ConvNd):
-            def hook(mod, args, out, name=name):
-                per = 2 * (mod.in_channels // mod.groups) * int(torch.tensor(mod.kernel_size).prod())
-                # transposed: every input element meets C_out/groups·prod(k) weights
-                n = (args[0].numel() // mod.in_channels * mod.out_channels) if mod.transposed else out.numel()
-                add(name, per * n)
-            handles.append(m.register_forward_hook(hook))
+    for m in model.modules():
+        handles.append(m.register_forward_pre_hook(enter))
+        handles.append(m.register_forward_hook(leave))
 
     def remove() -> None:
         for h in handles:
             h.remove()
     return flops, remove
+
+
+def _called(model: nn.Module, names: list[str]) -> tuple[set[str], Callable[[], None]]:
+    """The names (of ``names``) whose module's forward ran; with a function removing the hooks."""
+    seen: set[str] = set()
+    mods = dict(model.named_modules())
+    hs = [mods[n].register_forward_hook(lambda m, a, o, n=n: seen.add(n)) for n in names if n in mods]
+    return seen, lambda: [h.remove() for h in hs]
 
 
 def default_loss(out: Any, target_seed: int = 0) -> torch.Tensor:
@@ -140,6 +203,11 @@ def check_model(model: nn.Module, inputs: Callable[[], tuple | dict], *, grad: s
     t0 = time.time()
     cov = Coverage(params=sum(p.numel() for p in model.parameters()))
     model.train()
+    with torch.no_grad():  # zero-initialized weights (a zero head, zero-init residual γ) block every
+        g = torch.Generator().manual_seed(seed)  # gradient below them: small random values instead
+        for n, p in model.named_parameters():
+            if n.rsplit(".", 1)[-1].endswith("weight") and not p.any():
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
     conv_model = copy.deepcopy(model)
     try:
         report = convert(conv_model, grad=grad)
@@ -163,13 +231,19 @@ def check_model(model: nn.Module, inputs: Callable[[], tuple | dict], *, grad: s
         ref_loss = step(model)
     finally:
         remove()
-    loss = step(conv_model)
+    called, remove = _called(conv_model, report.converted)
+    try:
+        loss = step(conv_model)
+    finally:
+        remove()
     cov.flops = flops
     conv = set(report.converted)
     first_last = {n for n, r in report.skipped.items() if "skip='first_last'" in r}
     for n in flops:
-        if _owner(n, conv):
+        if _owner(n, called):
             cov.converted.append(n)
+        elif _owner(n, conv):
+            cov.skipped[n] = "converted, but its weight is used functionally (forward never called): high precision"
         elif n in report.skipped:
             cov.skipped[n] = report.skipped[n]
         else:
