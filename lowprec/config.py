@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +83,19 @@ class OptimConfig:
                 or not self.clip_grad >= 0:
             raise ValueError(f"optim.clip_grad={self.clip_grad!r}: expected a number >= 0 (0: off)")
         _positive("optim.lr", self.lr)
-        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+        if not self.lr <= MAX_LR:
+            raise ValueError(f"optim.lr={self.lr!r}: expected a finite number <= {MAX_LR:g} (the "
+                             "fp32 weights could not hold the update)")
+        _positive("optim.eps", self.eps)
+        if not math.isfinite(self.eps):
+            raise ValueError(f"optim.eps={self.eps!r}: expected a finite number > 0")
+        betas = self.betas
+        if (not isinstance(betas, (list, tuple)) or len(betas) != 2
+                or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1
+                       for b in betas)):
+            raise ValueError(f"optim.betas={list(betas) if isinstance(betas, tuple) else betas!r}: "
+                             "expected [beta1, beta2], each in [0, 1)")
+        if not (0 <= self.weight_decay < math.inf) or not 0 <= self.momentum < 1:
             raise ValueError(f"optim: weight_decay={self.weight_decay} must be >= 0 and "
                              f"momentum={self.momentum} in [0, 1)")
         if self.nesterov and (self.name != "sgd" or self.momentum == 0):
@@ -106,9 +119,11 @@ class SchedConfig:
     def __post_init__(self):
         _choice("sched.name", self.name, SCHEDULES)
         object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
-        if self.warmup_epochs < 0 or not 0 <= self.min_lr_ratio <= 1 or not 0 < self.gamma <= 1:
-            raise ValueError(f"sched: warmup_epochs={self.warmup_epochs} must be >= 0, min_lr_ratio="
-                             f"{self.min_lr_ratio} in [0, 1], gamma={self.gamma} in (0, 1]")
+        for k, ok, want in (("warmup_epochs", 0 <= self.warmup_epochs < math.inf, "a finite number >= 0"),
+                            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "a number in [0, 1]"),
+                            ("gamma", 0 < self.gamma <= 1, "a number in (0, 1]")):
+            if not ok:
+                raise ValueError(f"sched.{k}={getattr(self, k)!r}: expected {want}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) \
                 or self.warmup_steps < 0:
             raise ValueError(f"sched.warmup_steps={self.warmup_steps!r}: expected an integer >= 0")
@@ -195,6 +210,17 @@ class TrainConfig:
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"trainer.{k}={v!r}: expected an integer >= 0")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"trainer.seed={self.seed!r}: expected an integer in [0, 2**63)")
+        if self.threads > max_threads():
+            raise ValueError(f"trainer.threads={self.threads}: at most {max_threads()} on this "
+                             f"machine (4 x its {os.cpu_count()} CPUs); 0: torch's default")
+        from .recipes import grad_recipe  # the names trainer.adapt_fallback may take
+        try:
+            grad_recipe(self.adapt_fallback)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"trainer.adapt_fallback={self.adapt_fallback!r}: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else 'unknown'}") from None
         if self.epochs + self.fnt_epochs < 1:
             raise ValueError("trainer.epochs + trainer.fnt_epochs must be >= 1")
         if self.fnt_steps and not self.max_steps:
@@ -207,6 +233,14 @@ class TrainConfig:
         _positive("trainer.eval_batch_size", self.eval_batch_size)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"trainer.device={self.device!r}; expected auto, cpu, cuda or cuda:N")
+
+
+MAX_LR = 1e30  # optim.lr above it is an input error (fp32 tops out at 3.4e38)
+
+
+def max_threads() -> int:
+    """The largest trainer.threads accepted: 4 x the CPUs of this machine."""
+    return 4 * (os.cpu_count() or 1)
 
 
 def _choice(name, v, allowed):
@@ -310,7 +344,18 @@ def experiment_from_cfg(cfg, *, names: dict[str, str], run_dir: str | os.PathLik
         if (not isinstance(nm, (list, tuple)) or len(nm) != 2
                 or any(isinstance(v, bool) or not isinstance(v, int) for v in nm)):
             raise ValueError(f"convert.weight_nm={nm!r}: expected [N, M] (two integers) or null")
+        if not 1 <= nm[0] <= nm[1]:
+            raise ValueError(f"convert.weight_nm={list(nm)}: expected [N, M] with 1 <= N <= M")
         conv["weight_nm"] = tuple(nm)
+    every = conv.get("weight_nm_every", 1)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"convert.weight_nm_every={every!r}: expected an integer >= 1 (forward "
+                         "calls between weight-mask recomputations)")
+    skip = conv.get("skip")
+    if not (skip is None or skip == "first_last" or (isinstance(skip, (list, tuple))
+                                                     and all(isinstance(n, str) for n in skip))):
+        raise ValueError(f"convert.skip={skip!r}: expected first_last, null, or a list of "
+                         "qualified layer names")
     return Experiment(
         names={k: str(names.get(k, "?")) for k in ("model", "data", "fwd", "grad")},
         data=data, model=model, fwd=fwd, grad=grad, convert=conv, trainer=trainer, logger=logger,

@@ -37,12 +37,13 @@ from .checkpoint import atomic_write_text, kill_point
 from .config import Experiment, experiment_from_cfg
 from .distributed import Dist, broadcast, setup_distributed, teardown_distributed
 from .recipes import config_options
-from .summary import summarize, summary_lines
+from .summary import ordered, summarize, summary_lines
 from .train import build, check_task, check_world, train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # Config groups whose options are files under conf/<group>/ (Hydra's own groups are left to Hydra).
 OUR_GROUPS = ("model", "data", "fwd", "grad", "optim", "sched", "trainer", "logger", "experiment")
+MAX_BLOCK = 8192  # the largest context length a language model may ask for
 _TRUE = ("true", "yes", "on", "1")
 _BOOL = (*_TRUE, "false", "no", "off", "0", "null", "")
 
@@ -88,6 +89,10 @@ class Session:
                     if exp.run_dir.resolve() not in self.held:
                         held.enter_context(self.hold_run_dir(exp.run_dir))
                     check_run_dir(exp)
+                    held.enter_context(tee_log(exp.run_dir / "run.log"))
+                done = broadcast(finished_summary(exp) if d.main else None, d)
+                if done is not None:  # a finished run's dir and row are never rewritten
+                    return self.report_finished(exp, done, d)
                 datasets, built = prepare_inputs(exp, d)
                 if d.main:
                     runs.check_index(exp.index)  # last: an input error above leaves no index behind
@@ -106,6 +111,24 @@ class Session:
             teardown_distributed(d)
 
     # ------------------------------------------------------------------ pieces
+    def report_finished(self, exp: Experiment, summary: dict, d: Dist) -> float:
+        """Resume of a run that finished (ok or diverged): nothing is trained or rewritten; its
+        index row is added only if a kill came between summary.json and the row."""
+        if d.main:
+            runs.check_index(exp.index)
+            if not runs.rows(exp.index, run_dir=str(exp.run_dir)):
+                runs.insert(exp.index, summary)
+                print(f"resume: {exp.run_dir} had finished; its index row was missing and is "
+                      "now added", flush=True)
+            else:
+                print(f"resume: {exp.run_dir} had finished (status {summary.get('status')}); "
+                      "nothing to do, its result is unchanged", flush=True)
+            print("\n".join(summary_lines(summary)), flush=True)
+        if summary.get("status", "ok") != "ok":
+            raise RunFailed(f"run ({describe_run(exp)}) {summary['status']}: "
+                            f"{summary.get('status_reason')}; recorded in {exp.index}")
+        return summary["final_top1"]
+
     def training_phase(self, role: str, exp: Experiment, fn):
         """Run `fn` (a train_and_record call) as the training phase: a non-finite failure or a
         diverged result becomes RunFailed naming `role`; any other exception is a bug."""
@@ -119,10 +142,8 @@ class Session:
                             f"{exp.index} with status failed") from e
         self.training = False
         if summary.get("status", "ok") != "ok":
-            raise RunFailed(f"{role} {summary['status']}: {summary['skipped_steps']} of "
-                            f"{summary['steps']} steps skipped as non-finite (more than "
-                            f"trainer.max_skip_frac={exp.trainer.max_skip_frac}); recorded in "
-                            f"{exp.index} with status {summary['status']}")
+            raise RunFailed(f"{role} {summary['status']}: {summary.get('status_reason')}; "
+                            f"recorded in {exp.index} with status {summary['status']}")
         return summary
 
     @contextlib.contextmanager
@@ -184,6 +205,7 @@ class Session:
         value is one line instead of Hydra's dozen), a creatable and writable out_root, and
         (rank 0, explicit run dir) the run dir's lock, held from here for the process's life.
         Returns argv with trainer.resume=<dir> expanded."""
+        check_env()
         bad = check_group_options(argv)
         if bad:
             raise ValueError(bad)
@@ -224,6 +246,10 @@ def prepare_inputs(exp: Experiment, d: Dist):
     if exp.data.name == "digits" and exp.data.root is not None:
         raise ValueError(f"data.root={exp.data.root}: data=digits takes no root (the data "
                          "ships with scikit-learn); drop data.root or choose another data=")
+    block = (getattr(exp.model, "kwargs", None) or {}).get("block_size")
+    if isinstance(block, int) and block > MAX_BLOCK:
+        raise ValueError(f"model.kwargs.block_size={block}: at most {MAX_BLOCK} (attention keeps "
+                         "batch x heads x block_size^2 scores; this many would not fit in memory)")
     datasets = build_datasets(exp.data)  # missing paths fail here, before any training
     check_task(exp, datasets)  # a language model needs text data, and vice versa
     try:
@@ -264,11 +290,54 @@ def train_and_record(exp: Experiment, datasets=None, *, baseline: dict[str, Any]
 def record(exp: Experiment, summary: dict[str, Any]) -> None:
     """summary.json (strict JSON) and the index row, in that order (a kill between them is
     repaired by resuming: the row is written again)."""
-    atomic_write_text(runs.dumps(summary, indent=2, sort_keys=True) + "\n",
+    atomic_write_text(runs.dumps(ordered(summary), indent=2) + "\n",
                       exp.run_dir / "summary.json")
     kill_point("summary_written")
     runs.insert(exp.index, summary)
     kill_point("indexed")
+
+
+class _Tee:
+    """A text stream that also appends what it is given to a file."""
+
+    def __init__(self, stream, f):
+        self.stream, self.f = stream, f
+
+    def write(self, text: str) -> int:
+        self.f.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.f.flush()
+        self.stream.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def tee_log(path: Path):
+    """While the block runs, everything printed (stdout and stderr) is also appended to `path`
+    (the run dir's run.log, so it holds the run's whole log, not only Hydra's logging records)."""
+    with open(path, "a", buffering=1) as f:
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(out, f), _Tee(err, f)
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = out, err
+
+
+def finished_summary(exp: Experiment) -> dict | None:
+    """The run dir's summary.json when it records a finished run (status ok or diverged), else
+    None (none, unreadable, or a failed run, which a resume may redo)."""
+    import json
+
+    try:
+        s = json.loads((exp.run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return s if isinstance(s, dict) and s.get("status", "ok") in ("ok", "diverged") else None
 
 
 def describe_run(exp: Experiment) -> str:
@@ -290,9 +359,40 @@ def check_run_dir(exp: Experiment) -> None:
         print(f"removed {p.name}: a checkpoint write cut short by a kill", file=sys.stderr)
     if exp.trainer.resume and (ckpt_dir / "last.pt").exists():
         ck = checkpoint.read_checkpoint(ckpt_dir / "last.pt")
-        if ck["key"] != exp.key or ck["names"] != exp.names:
+        saved = (ck.get("extra") or {}).get("config")  # checkpoints before it: key and names only
+        changed = config_changes(saved, exp.config) if isinstance(saved, dict) else []
+        if not changed and (ck["key"] != exp.key or ck["names"] != exp.names):
             raise ValueError(f"{ckpt_dir / 'last.pt'} was written by a different configuration "
                              f"({ck['names']}); use another hydra.run.dir or trainer.resume=false")
+        if changed:
+            raise ValueError(
+                f"trainer.resume: {ckpt_dir / 'last.pt'} was written with another configuration: "
+                + ", ".join(f"{k}={_short(a)} (now {_short(b)})" for k, a, b in changed[:6])
+                + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+                + "; resume with the run's own options, or start a new run")
+
+
+def config_changes(saved: dict, now: dict) -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, current value) for every resolved-config key whose value differs
+    between a checkpoint and this run, trainer.resume (the resume key) aside."""
+    def flat(d, pre=""):
+        out = {}
+        for k, v in (d or {}).items():
+            if isinstance(v, dict) and v:
+                out.update(flat(v, f"{pre}{k}."))
+            else:
+                out[f"{pre}{k}"] = v
+        return out
+
+    a, b = flat(saved), flat(now)
+    missing = object()
+    return [(k, a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b))
+            if k != "trainer.resume" and a.get(k, missing) != b.get(k, missing)]
+
+
+def _short(v) -> str:
+    return "(unset)" if not isinstance(v, (str, int, float, bool, list, tuple, type(None))) \
+        else str(v)[:60]
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -318,9 +418,10 @@ def baseline_experiment(exp: Experiment, cfg) -> Experiment:
 
 
 def baseline_dir(exp: Experiment) -> Path:
-    m = exp.baseline_match
-    name = (f"{m['model']}_{m['data']}_e{m['epochs']}+{m['fnt_epochs']}_b{m['batch_size']}"
-            f"_s{m['seed']}_{m['key'][:8]}")
+    m, t = exp.baseline_match, exp.trainer
+    length = (f"steps{t.max_steps}+{t.fnt_steps}" if t.max_steps  # a step budget says steps
+              else f"e{m['epochs']}+{m['fnt_epochs']}")
+    name = f"{m['model']}_{m['data']}_{length}_b{m['batch_size']}_s{m['seed']}_{m['key'][:8]}"
     return exp.index.parent / "baselines" / name
 
 
@@ -377,6 +478,17 @@ def check_group_options(argv: list[str], conf: Path = CONF) -> str | None:
             shown = ", ".join(valid) if len(valid) <= 20 else ", ".join(valid[:20]) + ", ..."
             return f"unknown {key} option {v!r}{hint}; valid: {shown}"
     return None
+
+
+def check_env() -> None:
+    """The LOWPREC_* settings a run reads later, checked before anything is written."""
+    from . import dispatch
+    from .kernels import native
+
+    b = os.environ.get(dispatch.ENV_VAR)
+    if b is not None and b not in dispatch.BACKENDS:
+        raise ValueError(f"{dispatch.ENV_VAR}={b!r}: expected one of {', '.join(dispatch.BACKENDS)}")
+    native.enabled()  # LOWPREC_CPU_NATIVE: a ValueError naming it when it is not 0 or 1
 
 
 def value_of(argv: list[str], key: str) -> str | None:

@@ -31,6 +31,7 @@ import os
 import re
 import secrets
 import sqlite3
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -185,7 +186,43 @@ def find_baseline(path: str | os.PathLike, *, model: str, data: str, epochs: int
     if key is not None:
         where["key"] = key
     found = [r for r in rows(path, **where) if r.get("status") in (None, "ok")]
-    return found[-1] if found else None
+    good = []
+    for r in found:
+        why = row_problem(r)
+        if why is None:
+            good.append(r)
+        else:
+            print(f"warning: {path}: row {r.get('id')} ({r.get('run_dir')}) skipped as a baseline: "
+                  f"{why}", file=sys.stderr, flush=True)
+    return good[-1] if good else None
+
+
+def _num(v, lo: float, hi: float) -> bool:
+    return (not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+            and lo <= v <= hi)
+
+
+def row_problem(r: dict[str, Any]) -> str | None:
+    """Why an index row cannot be trusted as a baseline (None: it can): its summary is not a JSON
+    object, a numeric column holds text, or a value is impossible (top-1 outside [0, 100], a
+    negative or non-finite validation loss)."""
+    try:
+        summ = json.loads(r.get("summary") or "")
+    except (TypeError, ValueError):
+        return "its summary is not JSON"
+    if not isinstance(summ, dict):
+        return "its summary is not a JSON object"
+    for col in ("final_top1", "best_top1"):
+        if r.get(col) is not None and not _num(r[col], 0.0, 100.0):
+            return f"{col}={r[col]!r} is not a top-1 in [0, 100]"
+    if r.get("final_top1") is None:
+        return "final_top1 is empty"
+    for col, v in (("val_loss", r.get("val_loss")), ("summary val_loss", summ.get("val_loss"))):
+        if v is not None and not _num(v, 0.0, math.inf):
+            return f"{col}={v!r} is not a finite loss >= 0"
+    if r.get("metric") not in (None, "top1", "val_loss"):
+        return f"metric={r.get('metric')!r}"
+    return None
 
 
 def check_index(path: str | os.PathLike) -> None:

@@ -8,6 +8,18 @@ below 2 × chance (100 / classes %), or, for a language model, when L_baseline �
 i.e. its perplexity e^L is above V/2 (V = vocabulary size; uniform guessing gives L = ln V):
 the LM analogue of "accuracy below twice chance". summary.json says so (`baseline_quality`).
 
+Status (`run_status`). A run ends `ok` or `diverged`; diverged when any of:
+- more than trainer.max_skip_frac of its steps were skipped as non-finite;
+- its final validation loss is not finite;
+- its final validation loss is above DIVERGE_FACTOR × ln C, C the number of classes (the
+  vocabulary for a language model): ln C is the loss of a uniform guess, where an initialized
+  network starts, so the loss ended far above its start (every task; an lr of 1e4 on digits ends
+  near 2e4 nats, while an overconfident tiny run that merely overfits stays near 10 nats, below
+  the 23 of ten classes).
+A diverged run exits 3 and is never a baseline. A run that ends near chance (the baseline
+quality rule below, applied to the run itself) is `ok` but flagged (`quality`: "near chance")
+and printed with a caution, as a near-chance baseline is.
+
 `describe` turns recipes into plain data for the summary.
 """
 
@@ -38,6 +50,24 @@ def describe(obj) -> Any:
             out[f.name] = describe(getattr(obj, f.name))
         return out
     return repr(obj)
+
+
+DIVERGE_FACTOR = 10.0
+
+
+def run_status(skipped: int, steps: int, max_skip_frac: float, val_loss: float | None,
+               num_classes: int) -> tuple[str, str | None]:
+    """("ok", None) or ("diverged", why) by the module docstring's rule."""
+    if steps and skipped / steps > max_skip_frac:
+        return "diverged", (f"{skipped} of {steps} steps skipped as non-finite (more than "
+                            f"trainer.max_skip_frac={max_skip_frac})")
+    if val_loss is not None and not math.isfinite(val_loss):
+        return "diverged", f"final validation loss {val_loss}"
+    if val_loss is not None and num_classes > 1 and val_loss > DIVERGE_FACTOR * math.log(num_classes):
+        return "diverged", (f"final validation loss {val_loss:.4g} is above {DIVERGE_FACTOR:g} x "
+                            f"ln {num_classes} = {DIVERGE_FACTOR * math.log(num_classes):.3g}, "
+                            "the loss of a uniform guess it started near")
+    return "ok", None
 
 
 def baseline_quality(metric: str, value: float | None, num_classes: int) -> str | None:
@@ -78,8 +108,14 @@ def summarize(exp: Experiment, result: dict[str, Any], baseline: dict[str, Any] 
         deg = base_top1 - result["final_top1"]
     quality = baseline_quality(metric, base_val if metric == "val_loss" else base_top1,
                                result.get("num_classes") or 0) if base_top1 is not None else None
+    own = result.get("val_loss") if metric == "val_loss" else result.get("final_top1")
     return {
         **{k: exp.names[k] for k in ("model", "data", "fwd", "grad")},
+        "length": (f"{t.max_steps} steps" + (f" + {t.fnt_steps} FNT steps" if t.fnt_steps else "")
+                   if t.max_steps else f"{t.epochs} epochs"
+                   + (f" + {t.fnt_epochs} FNT epochs" if t.fnt_epochs else "")),
+        "quality": baseline_quality(metric, own, result.get("num_classes") or 0)
+        if result.get("num_classes") else None,
         "name": exp.name, "identity": exp.identity,
         "epochs": t.epochs, "fnt_epochs": t.fnt_epochs, "seed": t.seed,
         "batch_size": t.batch_size, "is_baseline": exp.is_baseline, "key": exp.key,
@@ -92,6 +128,48 @@ def summarize(exp: Experiment, result: dict[str, Any], baseline: dict[str, Any] 
         "convert": {k: describe(v) for k, v in exp.convert.items()},
         "run_dir": str(exp.run_dir),
     }
+
+
+# summary.json opens with these (in this order); the rest follows sorted by key.
+HEADLINE = ("status", "status_reason", "metric", "final_top1", "val_loss", "bits_per_char",
+            "baseline_top1", "baseline_val_loss", "degradation", "quality", "baseline_quality",
+            "best_top1", "best_val_loss", "model", "data", "fwd", "grad", "length", "seed",
+            "steps", "skipped_steps", "wall_time", "run_dir")
+# best vs final: reported when they differ by more than this (top-1 points; nats for a loss)
+BEST_FINAL_NOISE = {"top1": 1.0, "val_loss": 0.02}
+
+
+def ordered(s: dict[str, Any]) -> dict[str, Any]:
+    """`s` with the headline numbers first (HEADLINE), then every other key sorted."""
+    return {**{k: s[k] for k in HEADLINE if k in s}, **{k: s[k] for k in sorted(s) if k not in HEADLINE}}
+
+
+def best_vs_final(s: dict[str, Any]) -> str | None:
+    """One line when the best evaluation beat the final one by more than BEST_FINAL_NOISE."""
+    if s.get("metric") == "val_loss":
+        best, last = s.get("best_val_loss"), s.get("val_loss")
+        if best is not None and last is not None and last - best > BEST_FINAL_NOISE["val_loss"]:
+            return (f"best vs final  best val loss {best:.4f} nats, final {last:.4f} (+{last - best:.4f}): "
+                    "it peaked earlier and then got worse")
+        return None
+    best, last = s.get("best_top1"), s.get("final_top1")
+    if best is not None and last is not None and best - last > BEST_FINAL_NOISE["top1"]:
+        return (f"best vs final  best top-1 {best:.2f}%, final {last:.2f}% (-{best - last:.2f} "
+                "points): it peaked earlier and then got worse")
+    return None
+
+
+def final_line(s: dict[str, Any]) -> str:
+    """The run's one closing line: status, the metric, the comparison, where it lies."""
+    lm = s.get("metric") == "val_loss"
+    val = s.get("val_loss") if lm else s.get("final_top1")
+    what = ("n/a" if val is None else f"val loss {val:.4f}" if lm else f"top-1 {val:.2f}%")
+    deg = s.get("degradation")
+    cmp = ("fp32 baseline itself" if s.get("baseline") == "self" else "no baseline" if deg is None
+           else f"{deg:+.4f} nats vs fp32" if lm else f"{deg:+.2f} points below fp32")
+    flag = "; NEAR CHANCE" if s.get("quality") == "near chance" else ""
+    return (f"result: {s.get('status', 'ok')}{flag}: {s['model']} {s.get('length', '')} "
+            f"grad={s['grad']} fwd={s['fwd']}: {what} ({cmp}); {s['run_dir']}")
 
 
 def summary_lines(s: dict[str, Any]) -> list[str]:
@@ -127,4 +205,8 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
                 f"fp32 baseline  {pct(s['baseline_top1'])}   ({base})",
                 f"degradation    {'n/a' if shown is None else f'{shown:+.2f} points'}   "
                 f"{cmp or '(baseline - top-1)'}"]
-    return out + [f"run dir        {s['run_dir']}"]
+    if s.get("quality") == "near chance" and s["baseline"] != "self":
+        out.append("caution        this run ended NEAR CHANCE: "
+                   + ("perplexity above vocabulary/2" if lm else "top-1 below 2x chance"))
+    bf = best_vs_final(s)
+    return out + ([bf] if bf else []) + [f"run dir        {s['run_dir']}", final_line(s)]

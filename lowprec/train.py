@@ -53,10 +53,11 @@ from .config import Experiment
 from .convert import collect_stats, convert, set_recipes
 from .distributed import Dist, all_gather, all_true, broadcast, mean_over_ranks, setup_distributed
 from .evaluation import evaluate
+from .kernels.cpu import backend_info
 from .logging import JsonlLogger, Logger, MultiLogger, make_wandb
 from .budget import Budget
 from .optim import make_optimizer
-from .summary import LN2, baseline_quality, describe, summarize, summary_lines  # noqa: F401
+from .summary import LN2, baseline_quality, describe, run_status, summarize, summary_lines  # noqa: F401
 
 FNT_GRAD = "fp32"  # FNT epochs: exact δ
 
@@ -95,20 +96,22 @@ def train(exp: Experiment, datasets=None, *, dist: Dist | None = None, finalize=
 
     def checkpoint(in_epoch: dict | None = None) -> None:
         """last.pt: at an epoch end (in_epoch None) or inside one (its position and accumulators)."""
-        prog.extra.update(adapt=r.adapt.state_dict(), in_epoch=in_epoch)
+        prog.extra.update(adapt=r.adapt.state_dict(), in_epoch=in_epoch, config=exp.config)
         save_checkpoint(r.ckpt_path, model=r.core, optimizer=r.opt, progress=prog,
                         elapsed=prog.elapsed + time.time() - t0, key=exp.key, names=exp.names, d=d)
+        kill_point(f"checkpointed{prog.step}")
 
     for epoch in itertools.count(prog.epoch):
-        if b.done(epoch, prog.step):
-            break
         mid = (prog.extra.get("in_epoch") or {}).get("epoch") == epoch  # resumed inside this epoch
+        if b.done(epoch, prog.step) and not mid:  # (an older in-epoch checkpoint at the budget's
+            break                                 # last step still ends its epoch's record)
         if b.fnt_before_epoch(epoch, mid):
             enter_fnt(r.core, exp)
-        _end_epoch(exp, r, prog, _train_epoch(exp, r, net, prog, epoch, logger, d, checkpoint), logger, d)
+        ep = _train_epoch(exp, r, net, prog, epoch, logger, d, checkpoint)
+        _end_epoch(exp, r, prog, ep, logger, d)
         kill_point("epoch_logged")
         prog.epoch = epoch + 1
-        if b.checkpoint_after_epoch(prog.epoch, prog.step):
+        if b.checkpoint_after_epoch(prog.epoch, prog.step) or ep.checkpoint_due:
             checkpoint()
     result = _results(exp, r, prog, d, time.time() - t0)
     if finalize is not None:
@@ -147,18 +150,15 @@ def _results(exp: Experiment, r: "_Run", prog: Progress, d: Dist, ran: float) ->
               "wall_time": prog.elapsed + ran, "weights_sha256": weights_hash(r.core),
               "world_size": d.world, "device": str(d.device),
               "converted_layers": r.report.num_converted,
-              "status": run_status(prog.skipped, prog.step, t.max_skip_frac),
+              "estimator_backend": backend_info(d.device),  # C twins, torch cores, Triton, reference
               **r.adapt.summary()}
+    result["status"], result["status_reason"] = run_status(
+        prog.skipped, prog.step, t.max_skip_frac, prog.last.get("val_loss"), r.ds.num_classes)
     if d.main and prog.skipped:
         print(f"skipped {prog.skipped} of {prog.step} steps ({100 * prog.skipped / prog.step:.1f}%, "
               f"non-finite loss or gradient; trainer.max_skip_frac={t.max_skip_frac}): "
               f"status {result['status']}", flush=True)
     return result
-
-
-def run_status(skipped: int, steps: int, max_skip_frac: float) -> str:
-    """ok, or diverged when more than max_skip_frac of the steps were skipped as non-finite."""
-    return "diverged" if steps and skipped / steps > max_skip_frac else "ok"
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -295,6 +295,7 @@ class _Epoch:
     stat_sum: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict)
     since_sum: float = 0.0     # train loss summed since the last step evaluation
     since_n: int = 0
+    checkpoint_due: bool = False  # a step checkpoint fell on the last step: write it at the end
 
 
 def _train_epoch(exp: Experiment, r: _Run, model: nn.Module, prog: Progress, epoch: int,
@@ -344,8 +345,11 @@ def _train_epoch(exp: Experiment, r: _Run, model: nn.Module, prog: Progress, epo
         if b.stats_at_step(prog.step):
             _collect_stats(r.core, ep, logger, prog.step)
         if checkpoint is not None and b.checkpoint_at_step(prog.step):
-            ep.time = time.time() - te
-            checkpoint(_epoch_state(ep, i + 1, d))
+            if i + 1 >= b.steps_per_epoch or b.epoch_full(prog.step):
+                ep.checkpoint_due = True  # the epoch's last step: after its record (resumable)
+            else:
+                ep.time = time.time() - te
+                checkpoint(_epoch_state(ep, i + 1, d))
         if bar is not None:
             bar.update(x.shape[0] * d.world)
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{ep.lr:.3g}", refresh=False)
@@ -450,7 +454,8 @@ def _end_epoch(exp: Experiment, r: _Run, prog: Progress, ep: _Epoch, logger: Log
         rec["layer_stats"] = {l: {k: sum(v) / len(v) for k, v in s.items()}
                               for l, s in ep.stat_sum.items()}
     logger.log_metrics(rec, prog.step)
-    print(f"{r.budget.where_epoch(ep.epoch, prog.step)} {ep.phase:5s} loss {train_loss:.4f} {_metric_text(m)} lr {ep.lr:.4g} "
+    print(f"{r.budget.where_epoch(ep.epoch, prog.step)} {ep.phase:5s} train loss {train_loss:.4f} "
+          f"(epoch mean) {_metric_text(m)} lr {ep.lr:.4g} "
           f"{ep.time:5.1f}s {rec['img_per_s']:.0f} samples/s", flush=True)
 
 
@@ -488,5 +493,5 @@ def _eval_step(exp: Experiment, r: _Run, prog: Progress, ep: _Epoch, logger: Log
     logger.log_metrics({"eval": "step", "epoch": ep.epoch + 1, "phase": ep.phase,
                         "train_loss": train_loss, **m, "lr": ep.lr,
                         "skipped_steps": prog.skipped}, prog.step)
-    print(f"{r.budget.where_step(prog.step)} {ep.phase:5s} "
-          f"loss {train_loss:.4f} {_metric_text(m)} lr {ep.lr:.4g}", flush=True)
+    print(f"{r.budget.where_step(prog.step)} {ep.phase:5s} train loss {train_loss:.4f} (since "
+          f"the last evaluation) {_metric_text(m)} lr {ep.lr:.4g}", flush=True)

@@ -260,16 +260,42 @@ BAD = [  # (overrides, what the one line must name)
     (["convert.weight_nm=[2,4,8]"], ["convert.weight_nm", "[2, 4, 8]"]),
     (["data=digits", "data.root=/nonexistent"], ["data.root", "/nonexistent"]),
     (["trainer.resume=/no/such/run"], ["trainer.resume", "/no/such/run"]),
+    # issue 23: these escaped (traceback, a run dir, a failed row) or hung
+    (["convert.weight_nm=[3,2]"], ["convert.weight_nm", "[3, 2]"]),
+    (["convert.weight_nm=[0,4]"], ["convert.weight_nm", "[0, 4]"]),
+    (["convert.weight_nm_every=0"], ["convert.weight_nm_every", "0"]),
+    (["convert.skip=bogus"], ["convert.skip", "bogus"]),
+    (["trainer.adapt_fallback=bogus"], ["trainer.adapt_fallback", "bogus"]),
+    (["optim=adamw", "optim.betas=[2,0.5]"], ["optim.betas", "[2, 0.5]"]),
+    (["optim=adamw", "optim.eps=-1"], ["optim.eps", "-1"]),
+    (["optim.lr=1e308"], ["optim.lr", "1e+308"]),
+    (["optim.lr=inf"], ["optim.lr", "inf"]),
+    (["sched.warmup_epochs=nan"], ["sched.warmup_epochs", "nan"]),
+    (["trainer.seed=abc"], ["trainer.seed", "abc"]),
+    (["trainer.seed=2**70"], ["trainer.seed", "2**70"]),
+    (["trainer.seed=null"], ["trainer.seed", "None"]),
+    (["trainer.seed=true"], ["trainer.seed", "True"]),
+    (["trainer.threads=100000"], ["trainer.threads", "100000"]),
+]
+BAD_BARE = [  # (environment, overrides without TINY, what the line must name)
+    ({"LOWPREC_BACKEND": "bogus"}, [], ["LOWPREC_BACKEND", "bogus"]),
+    ({"LOWPREC_CPU_NATIVE": "maybe"}, [], ["LOWPREC_CPU_NATIVE", "maybe"]),
+    ({}, ["model=chargpt", "model.kwargs.block_size=100000", "logger=none"],  # hung
+     ["model.kwargs.block_size", "100000"]),
 ]
 
 
 def test_bad_overrides_are_one_line_exit_2_nothing_written(tmp_path):
     procs = [start(tmp_path / str(i), *[a for a in TINY if not a.startswith("model.kwargs")],
                    *args) for i, (args, _) in enumerate(BAD)]
-    for i, ((args, names), (rc, out, err)) in enumerate(zip(BAD, finish(procs))):
+    procs += [start(tmp_path / f"bare{i}", *(args or TINY), **env)
+              for i, (env, args, _) in enumerate(BAD_BARE)]
+    cases = BAD + [(args, names) for _, args, names in BAD_BARE]
+    dirs = [str(i) for i in range(len(BAD))] + [f"bare{i}" for i in range(len(BAD_BARE))]
+    for i, ((args, names), (rc, out, err)) in enumerate(zip(cases, finish(procs))):
         line = one_error_line(rc, err)
         assert all(n in line for n in names), (args, line)
-        assert not list((tmp_path / str(i)).rglob("*")), (args, list((tmp_path / str(i)).rglob("*")))
+        assert not list((tmp_path / dirs[i]).rglob("*")), (args, list((tmp_path / dirs[i]).rglob("*")))
 
 
 def test_internal_error_during_training_keeps_its_traceback(tmp_path):
