@@ -190,3 +190,10 @@ def simulate(law: Law, grid, eff=(1.0, 1.0), noise: float = 0.0, seed: int = 0) 
     rng = np.random.default_rng(seed)
     return {(float(n), float(d)): float(law.loss(n, d, *eff)) * math.exp(noise * rng.standard_normal())
             for n, d in grid}
+
+
+def chargpt_non_embedding(width: int, n_layer: int = 2) -> int:
+    """N of lowprec.chargpt.CharGPT: n_layer·(12C² + 13C) + 2C, every parameter but the token and
+    position embeddings and the head (C = n_embd; the blocks' Linears, biases and LayerNorms and
+    the final LayerNorm)."""
+    return n_layer * (12 * width ** 2 + 13 * width) + 2 * width

@@ -10,7 +10,8 @@ table gets: final top-1 mean ± std over seeds, the seeds, the degradation vs th
 the command(s) and git commit from <out_root>/commands.jsonl, and the people-written notes from
 results/notes/<scale>/ (how the scale differs from the paper's; findings). The figure has test
 top-1 and train loss per epoch, mean over seeds, one line per row. The computation is
-lowprec.tables; the rendering lowprec.table_md.
+lowprec.tables; the rendering lowprec.table_md. The scaling grid (table `scaling`) is a fit,
+not a row per experiment: results/scaling_table.md and its figures (lowprec.scaling_table).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lowprec import adapt_table, table_md, tables
+from lowprec import adapt_table, scaling_table, table_md, tables
 
 
 def main(argv=None) -> int:
@@ -44,6 +45,10 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         trs = tables.table_rows(specs, found)
+        if table == "scaling":  # the grid's own table: the fit, not a row per experiment
+            md = scaling_table.write(trs, idx, out, plot_figs=not a.no_plot)
+            print(f"wrote {md} ({sum(len(t['seeds']) for t in trs)} runs)")
+            continue
         name = table if a.scale == "small" else f"{table}_{a.scale}"
         table_md.write_md(table, a.scale, specs, trs, idx, out / f"{name}.md", a.override,
                           notes=Path(a.notes))

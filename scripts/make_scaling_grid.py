@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""Write the scaling grid's experiment files, conf/experiment/small/scaling/<row>.yaml (issue 22).
+
+    python scripts/make_scaling_grid.py               # (re)write every row from the rules below
+    python scripts/make_scaling_grid.py --check       # exit 1 if a file differs from the rules
+
+One row per (recipe, width, budget): `<recipe>_c<width>_t<tokens per parameter>`. The rules,
+fixed before any grid run (results/notes/scaling_plan.md says how they were chosen):
+
+- shape: chargpt with 2 layers and 2 heads (its defaults), context 64; only the width C varies.
+  Non-embedding parameters N = 2·(12C² + 13C) + 2C (the blocks and the final LayerNorm; not the
+  token/position embeddings or the head), C ∈ WIDTHS: 14.5k, 28.7k, 56.6k, 112.9k (7.8×).
+- budget: D = N · tokens-per-parameter, TPP ∈ (25, 50, 100, 200) (Quartet's range); tokens =
+  characters predicted = steps × batch 16 × context 64, so steps = round(N·TPP / 1024).
+- schedule over each run's own budget: linear warm-up over 10% of its steps (the LM tables'
+  40 of 400), then cosine to 0 at its last step; validation loss once, at the end.
+- learning rate: lr(C) = LR0 · (C / 64)^(−LR_EXP), AdamW (chargpt's other defaults). LR0 = 3e-3,
+  LR_EXP = 0 (chargpt's tuned default at C = 64) until the fp32 sweep of the plan fixes them;
+  rerun this script with --lr0/--lr-exp before the launch, never after.
+- recipes (RECIPES): fp32; luq4; INT4 forward + luq4; NVFP4 forward + nvfp4_sr; MXFP4 forward +
+  mxfp4_sr; mvue24; mvue24_luq4. Every row shares conf/experiment/small/scaling/_base.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lowprec.scaling import chargpt_non_embedding
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "conf" / "experiment" / "small" / "scaling"
+WIDTHS = (24, 34, 48, 68)
+TPP = (25, 50, 100, 200)
+TOKENS_PER_STEP = 16 * 64
+# row prefix -> (fwd, grad)
+RECIPES = {"fp32": ("fp32", "fp32"), "luq4": ("fp32", "luq4"), "fwd4_luq4": ("int4", "luq4"),
+           "fwdnv_nvfp4_sr": ("nvfp4", "nvfp4_sr"), "fwdmx_mxfp4_sr": ("mxfp4", "mxfp4_sr"),
+           "mvue24": ("fp32", "mvue24"), "mvue24_luq4": ("fp32", "mvue24_luq4")}
+# The grid point with 3 extra seeds per recipe (run-to-run noise): the middle of the grid.
+NOISE_POINT = (48, 100)
+
+
+def steps(width: int, tpp: int) -> int:
+    return round(chargpt_non_embedding(width) * tpp / TOKENS_PER_STEP)
+
+
+def lr(width: int, lr0: float, lr_exp: float) -> float:
+    return float(f"{lr0 * (width / 64) ** -lr_exp:.4g}")
+
+
+def row_name(recipe: str, width: int, tpp: int) -> str:
+    return f"{recipe}_c{width}_t{tpp}"
+
+
+def row_yaml(recipe: str, width: int, tpp: int, lr0: float, lr_exp: float) -> str:
+    fwd, grad = RECIPES[recipe]
+    n, s = chargpt_non_embedding(width), steps(width, tpp)
+    return (f"# @package _global_\n"
+            f"# Scaling grid row (written by scripts/make_scaling_grid.py; edit the script, not this):\n"
+            f"# {recipe} at width {width} (N = {n} non-embedding parameters), {tpp} tokens per\n"
+            f"# parameter (D = {s * TOKENS_PER_STEP} tokens = {s} steps x {TOKENS_PER_STEP}).\n"
+            f"defaults:\n"
+            f"  - /experiment/small/scaling/_base\n"
+            f"  - override /fwd: {fwd}\n"
+            f"  - override /grad: {grad}\n"
+            f"model:\n  kwargs:\n    n_embd: {width}\n"
+            f"optim:\n  lr: {lr(width, lr0, lr_exp)}\n"
+            f"sched:\n  warmup_steps: {max(1, round(s / 10))}\n"
+            f"trainer:\n  max_steps: {s}\n  eval_every: {s}\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    p.add_argument("--lr0", type=float, default=3e-3)
+    p.add_argument("--lr-exp", type=float, default=0.0)
+    p.add_argument("--check", action="store_true", help="compare, write nothing")
+    a = p.parse_args(argv)
+    if not (0 < a.lr0 < 1):
+        print(f"error: --lr0={a.lr0}: expected 0 < lr0 < 1", file=sys.stderr)
+        return 2
+    want = {row_name(r, w, t) + ".yaml": row_yaml(r, w, t, a.lr0, a.lr_exp)
+            for r in RECIPES for w in WIDTHS for t in TPP}
+    if a.check:
+        bad = [f for f, txt in want.items() if not (OUT / f).exists() or (OUT / f).read_text() != txt]
+        extra = [p.name for p in OUT.glob("*.yaml") if not p.name.startswith("_") and p.name not in want]
+        for f in bad + extra:
+            print(f"differs: {OUT / f}", file=sys.stderr)
+        return 1 if bad or extra else 0
+    OUT.mkdir(parents=True, exist_ok=True)
+    for f, txt in want.items():
+        (OUT / f).write_text(txt)
+    print(f"wrote {len(want)} rows to {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
