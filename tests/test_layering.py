@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("convert",),
     ("data", "models", "chargpt", "hf_models", "model_defaults", "zoo", "text_data", "runs", "logging", "config", "distributed", "checkpoint", "provenance",
      "summary", "adapt", "optim", "evaluation", "budget"),
-    ("tables", "train", "table_md", "adapt_table"),
+    ("tables", "train", "table_md", "adapt_table", "scaling_table"),
     ("prepare",),  # run preparation: config -> baseline -> train -> record (run.py's body)
 ]
 
