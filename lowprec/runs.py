@@ -11,7 +11,9 @@ either fully there or not at all. WAL needs a local (or lock-honouring) filesyst
 
 Status: every run that ends gets a row, its `status` column saying how: ok, diverged (more than
 trainer.max_skip_frac of its steps skipped as non-finite) or failed (the error is in the summary's
-`error`). Only `ok` rows (and rows from before the column, NULL) are ever used as baselines.
+`error`). Only `ok` rows (and rows from before the column, NULL) are ever used as baselines, and
+only those that pass `row_problem` when read (JSON summary, numbers where numbers belong, top-1 in
+[0, 100], a finite loss >= 0); another is skipped with one warning.
 
 Run directories: `run_dir_lock` holds an exclusive flock on <run dir>/.lock for a run's life, so
 two processes never write one directory; `check_index` opens the index and proves it readable

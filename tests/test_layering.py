@@ -31,7 +31,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("qgemm", "layers", "layers_mha", "layers_hf"),  # qgemm: the per-GEMM state and the one backward
     ("convert",),
     ("data", "models", "chargpt", "hf_models", "model_defaults", "zoo", "text_data", "runs", "logging", "config", "distributed", "checkpoint", "provenance",
-     "summary", "adapt", "optim", "evaluation", "budget"),
+     "summary", "adapt", "optim", "evaluation", "budget",
+     "preflight"),
     ("tables", "train", "table_md", "adapt_table", "scaling_table"),
     ("prepare",),  # run preparation: config -> baseline -> train -> record (run.py's body)
 ]
