@@ -3,6 +3,8 @@
 
     python scripts/make_scaling_grid.py               # (re)write every row from the rules below
     python scripts/make_scaling_grid.py --check       # exit 1 if a file differs from the rules
+    python scripts/make_scaling_grid.py --lr-sweep outputs/small_scaling/runs.sqlite
+                                                      # the fp32 LR sweep's losses per width, LR
 
 One row per (recipe, width, budget): `<recipe>_c<width>_t<tokens per parameter>`. The rules,
 fixed before any grid run (results/notes/scaling_plan.md says how they were chosen):
@@ -71,12 +73,39 @@ def row_yaml(recipe: str, width: int, tpp: int, lr0: float, lr_exp: float) -> st
             f"trainer:\n  max_steps: {s}\n  eval_every: {s}\n")
 
 
+def lr_sweep(index: str) -> int:
+    """One line per fp32/fp32 chargpt run of the index: width, steps, lr, seed, val loss."""
+    import json
+
+    from lowprec import runs
+
+    if not Path(index).exists():
+        print(f"error: --lr-sweep {index}: no such run index", file=sys.stderr)
+        return 2
+    out = []
+    for r in runs.rows(index):
+        s = json.loads(r["summary"]) if isinstance(r.get("summary"), str) else (r.get("summary") or {})
+        ident = s.get("identity") or {}
+        if (r["fwd"], r["grad"], r["model"]) != ("fp32", "fp32", "chargpt"):
+            continue
+        kw, tr = (ident.get("model") or {}).get("kwargs") or {}, ident.get("trainer") or {}
+        lr_ = (ident.get("optim") or {}).get("lr")
+        out.append((kw.get("n_embd"), tr.get("max_steps"), lr_, r["seed"], s.get("val_loss")))
+    for w, st, lr_, seed, v in sorted(out, key=lambda x: tuple(str(y) for y in x)):
+        print(f"width {w}  steps {st}  lr {lr_}  seed {seed}  val loss {v}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     p.add_argument("--lr0", type=float, default=3e-3)
     p.add_argument("--lr-exp", type=float, default=0.0)
     p.add_argument("--check", action="store_true", help="compare, write nothing")
+    p.add_argument("--lr-sweep", metavar="INDEX", help="print the fp32 runs' final val loss per "
+                   "(width, steps, lr) from a run index, write nothing")
     a = p.parse_args(argv)
+    if a.lr_sweep:
+        return lr_sweep(a.lr_sweep)
     if not (0 < a.lr0 < 1):
         print(f"error: --lr0={a.lr0}: expected 0 < lr0 < 1", file=sys.stderr)
         return 2

@@ -20,8 +20,10 @@ seed are already in the index (e.g. the fp32 row shared by two tables). Each lau
 <out_root>/commands.jsonl (command, git commit, time) for make_tables.py.
 
 --jobs N (N > 1) runs N multirun processes side by side, in two phases: first the fp32/fp32
-rows, their seeds split over the N processes (so no later job trains a baseline twice), then the
-other rows dealt round-robin to the N processes, each over every seed. Each process writes its
+rows, their seeds split over the N processes (so no later job trains a baseline twice; with
+fewer seeds than processes the rows are split instead), then the other rows dealt to the N
+processes by cost (steps × width², longest first to the least-loaded; round-robin when all rows
+cost the same), each over every seed. Each process writes its
 output to <out_root>/reproduce_<table>_<phase>_<i>.log. The launch log gets a second record at the
 end with the measured wall time (`wall_s`), which make_tables.py prints.
 
@@ -49,22 +51,46 @@ def build_command(table: str, scale: str, seeds: list[int], extra: list[str],
             f"experiment={','.join(rows)}", *extra]
 
 
+def cost(spec) -> float:
+    """A row's relative training cost for dealing rows to processes: its steps (or epochs) times
+    the square of its model width when the model states one (n_embd: the scaling grid)."""
+    ident = spec.identity or {}
+    tr, kw = ident.get("trainer") or {}, (ident.get("model") or {}).get("kwargs") or {}
+    return float(tr.get("max_steps") or spec.epochs or 1) * float(kw.get("n_embd") or 1) ** 2
+
+
+def deal(rows: list[str], weights: dict[str, float], jobs: int) -> list[list[str]]:
+    """Rows to `jobs` processes, longest first to the least-loaded (ties: the lower index); with
+    equal weights this is round-robin in the given order (rows[i::jobs])."""
+    loads, out = [0.0] * jobs, [[] for _ in range(jobs)]
+    for r in sorted(rows, key=lambda r: -weights[r]):  # stable: equal weights keep their order
+        i = min(range(jobs), key=lambda k: (loads[k], k))
+        out[i].append(r)
+        loads[i] += weights[r]
+    return [o for o in out if o]
+
+
 def plan(table: str, scale: str, seeds: list[int], extra: list[str], rows: list[str],
          jobs: int) -> list[list[list[str]]]:
-    """Phases of parallel commands (--jobs): [[fp32 rows, seeds split], [other rows, dealt]]."""
+    """Phases of parallel commands (--jobs): [[fp32 rows, seeds split (rows dealt when there are
+    fewer seeds than jobs)], [other rows, dealt by cost]]."""
     if jobs <= 1:
         return [[build_command(table, scale, seeds, extra, rows)]]
     specs = {r: tables.compose_row(r, extra) for r in rows}
     base = [r for r in rows if (specs[r].grad, specs[r].fwd) == ("fp32", "fp32")
             and not specs[r].fnt_epochs]
     rest = [r for r in rows if r not in base]
+    w = {r: cost(specs[r]) for r in rows}
     phases = []
-    if base:
+    if base and len(seeds) >= jobs:
         phases.append([build_command(table, scale, seeds[i::jobs], extra, base)
                        for i in range(min(jobs, len(seeds)))])
+    elif base:
+        phases.append([build_command(table, scale, seeds, extra, part)
+                       for part in deal(base, w, jobs)])
     if rest:
-        phases.append([build_command(table, scale, seeds, extra, rest[i::jobs])
-                       for i in range(min(jobs, len(rest)))])
+        phases.append([build_command(table, scale, seeds, extra, part)
+                       for part in deal(rest, w, jobs)])
     return phases
 
 

@@ -117,3 +117,22 @@ def test_scaling_table_renders_from_synthetic_rows(tmp_path):
     assert "std 0.0040 nats over 4 seeds" in text and "Quartet (MXFP4): eff_N 0.65" in text
     assert (tmp_path / "scaling_table.png").stat().st_size > 1000
     assert (tmp_path / "scaling_table_eff.png").stat().st_size > 1000
+
+
+def test_reproduce_deals_rows_by_cost_and_keeps_round_robin_for_equal_rows():
+    """--jobs: rows of unequal cost (the scaling grid) go longest first to the least-loaded
+    process, so two processes end within one row's cost of each other; rows of equal cost are
+    dealt round-robin in their order (the LM tables' launches unchanged)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("reproduce", root / "scripts" / "reproduce.py")
+    rp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rp)
+    rows = [f"r{i}" for i in range(7)]
+    assert rp.deal(rows, dict.fromkeys(rows, 1.0), 2) == [rows[0::2], rows[1::2]]
+    w = {"a": 8.0, "b": 4.0, "c": 2.0, "d": 1.0, "e": 1.0}
+    parts = rp.deal(list(w), w, 2)
+    loads = [sum(w[r] for r in p) for p in parts]
+    assert sorted(loads) == [8.0, 8.0] and parts[0] == ["a"]
