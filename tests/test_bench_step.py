@@ -27,10 +27,15 @@ def test_quick_runs_every_path(tmp_path):
         for recipe in GRAD_NAMES:
             if recipe != "fp32":
                 assert f"| {recipe} | native |" in section, (wl, recipe)
+                row = section.split(f"| {recipe} | native |", 1)[1].split("\n", 1)[0]
+                assert "| 1.3x |" in row, (wl, recipe, row)  # every named recipe is held to 1.3x
+                assert f"{recipe} " in section.split("Targets on the automatic CPU path:", 1)[1]
         for recipe in ("luq4", "mvue12", "mvue24", "mvue24_approx", "mvue24_luq4"):
             for mode in ("torch", "reference"):
                 assert f"| {recipe} | {mode} |" in section, (wl, recipe, mode)
         assert "Targets on the automatic CPU path: luq4 " in section and "mvue24_luq4 " in section
+        n = len(GRAD_NAMES) - 1
+        assert f" of {n} recipes within 1.3x" in section.split("Verdict:", 1)[1].split("\n", 1)[0], (wl, n)
     for est in ("luq4", "mvue12", "mvue24", "mvue24_approx"):
         assert text.count(f"| {est} | [") == 2, est
 

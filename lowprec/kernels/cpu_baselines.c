@@ -46,11 +46,16 @@ static inline float intsr_elem(float x, float u, float s, float qmax) {
             const float* xp = x + i0 * xs[0] + i1 * xs[1];                                                  \
             float* op = out + i0 * xs[0] + i1 * xs[1];                                                      \
             const uint64_t ub = (uint64_t)(i0 * us[0] + i1 * us[1]);                                        \
-            if (s2 == 1 && t2 == 1 && (!STOCH || u)) { /* contiguous rows: loops the compiler vectorizes */  \
+            if (s2 == 1 && (!STOCH || (t2 == 1 && u))) { /* contiguous rows: loops that vectorize */        \
                 const float* up = STOCH ? u + ub : 0;                                                       \
                 for (int64_t i = 0; i < n2; i++) {                                                          \
                     const float xv = xp[i], uv = STOCH ? up[i] : 0.0f;                                     \
                     (void)uv;                                                                               \
+                    op[i] = EXPR;                                                                           \
+                }                                                                                           \
+            } else if (s2 == 1 && STOCH && !u) { /* uniform index affine in i: the hash vectorizes */     \
+                for (int64_t i = 0; i < n2; i++) {                                                          \
+                    const float xv = xp[i], uv = hash_u(key, ub + (uint64_t)(i * t2));                     \
                     op[i] = EXPR;                                                                           \
                 }                                                                                           \
             } else {                                                                                        \

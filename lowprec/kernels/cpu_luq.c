@@ -23,13 +23,13 @@ void lp_luq_f32(const float* x, float* out, const float* u, uint64_t key, const 
             const float* xp = x + i0 * xs[0] + i1 * xs[1];
             float* op = out + i0 * xs[0] + i1 * xs[1];
             const uint64_t ub = (uint64_t)(i0 * us[0] + i1 * us[1]);
-            if (s2 == 1 && t2 == 1) { /* the common contiguous case: a loop the compiler vectorizes */
-                if (u) {
-                    const float* up = u + ub;
-                    for (int64_t i = 0; i < n2; i++) op[i] = luq_elem(xp[i], up[i], m, alpha);
-                } else {
-                    for (int64_t i = 0; i < n2; i++) op[i] = luq_elem(xp[i], hash_u(key, ub + (uint64_t)i), m, alpha);
-                }
+            if (s2 == 1 && t2 == 1 && u) { /* the common contiguous case: a loop the compiler vectorizes */
+                const float* up = u + ub;
+                for (int64_t i = 0; i < n2; i++) op[i] = luq_elem(xp[i], up[i], m, alpha);
+            } else if (s2 == 1 && !u) { /* contiguous in memory, uniform index affine in i (a transposed
+                                           Linear δ: t2 = tokens): the hash vectorizes too */
+                for (int64_t i = 0; i < n2; i++)
+                    op[i] = luq_elem(xp[i], hash_u(key, ub + (uint64_t)(i * t2)), m, alpha);
             } else {
                 for (int64_t i = 0; i < n2; i++) {
                     const uint64_t k = ub + (uint64_t)(i * t2);
