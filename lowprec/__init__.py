@@ -19,6 +19,8 @@ from .stats import compare, estimator_stats
 from .dispatch import int_quant, luq, luq_pack, luq_unpack, nm_luq, nm_prune  # noqa: E402
 from .dispatch import block_luq, mxfp4, nvfp4  # noqa: E402
 from .convert import ConvertReport, collect_stats, convert, set_recipes, unconvert  # noqa: E402
-from .layers import QConv2d, QLinear  # noqa: E402
+from .layers import QConv1d, QConv2d, QLinear  # noqa: E402
+from .layers_hf import QConv1D  # noqa: E402
+from .layers_mha import QMultiheadAttention  # noqa: E402
 
 __version__ = "0.1.0"

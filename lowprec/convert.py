@@ -1,15 +1,24 @@
-"""Turn a model's nn.Linear / nn.Conv2d layers into QLinear / QConv2d and back; their run-time state.
+"""Turn a model's weight layers into converted ones and back; their run-time state.
 
-`convert()` swaps the class of eligible nn.Linear / nn.Conv2d modules in place (the module object,
-its Parameters, buffers and hooks are kept; state_dict keys are unchanged) and returns a
-`ConvertReport` naming every linear/conv layer with what happened to it and why. Converting a model
-that already holds converted layers is a ValueError; use `set_recipes()` to change recipes in place
-(e.g. for FNT) or `unconvert()` first. `collect_stats()` averages and clears the layers' statistics.
+`convert()` swaps the class of eligible modules in place (the module object, its Parameters,
+buffers and hooks are kept; state_dict keys are unchanged) and returns a `ConvertReport` naming
+every weight layer with what happened to it and why:
 
-`layer_state()` / `load_layer_state()` carry what state_dict does not: per converted layer
-(qualified name) the dict of `QLinear.lp_state_dict()` — the estimators' state (LUQ's in-hindsight
-max) and the weight-N:M mask with the forward count that schedules its recomputation — so that a
-resumed run takes the same steps as an uninterrupted one.
+    nn.Linear -> QLinear, nn.Conv1d -> QConv1d, nn.Conv2d -> QConv2d (lowprec.layers),
+    nn.MultiheadAttention -> QMultiheadAttention (lowprec.layers_mha; its input projection; its
+        out_proj is an nn.Linear child converted like any other, so it is its own layer),
+    transformers' Conv1D -> QConv1D (lowprec.layers_hf; recognized when transformers is imported).
+
+Converting a model that already holds converted layers is a ValueError; use `set_recipes()` to
+change recipes in place (e.g. for FNT) or `unconvert()` first. `collect_stats()` averages and
+clears the layers' statistics.
+
+`converted_layers()` yields every converted GEMM with its per-GEMM state (lowprec.qgemm.GemmState):
+a converted module by its name, a converted attention's input projection as `<name>.in_proj` (or
+`<name>.q_proj`, `.k_proj`, `.v_proj` with separate weights). `layer_state()` / `load_layer_state()`
+carry what state_dict does not, per such name: `lp_state_dict()` — the estimators' state (LUQ's
+in-hindsight max) and the weight-N:M mask with the forward count that schedules its
+recomputation — so that a resumed run takes the same steps as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -20,50 +29,64 @@ from typing import Any, Callable, Iterator, Sequence
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from .layers import QConv2d, QLinear, recipe_name, resolve_fwd, resolve_grad
+from .layers import QConv1d, QConv2d, QLinear, recipe_name, resolve_fwd, resolve_grad
+from .layers_hf import QConv1D, hf_conv1d_class
+from .layers_mha import QMultiheadAttention
+from .qgemm import GemmState
 from .weight_nm import check_weight_nm, format_weight_nm
 
 __all__ = ["convert", "set_recipes", "unconvert", "collect_stats", "ConvertReport", "converted_layers",
            "layer_state", "load_layer_state"]
 
-_MAKE = {nn.Linear: QLinear.from_linear, nn.Conv2d: QConv2d.from_conv}
+# (base class, converter) in the order they are tested; transformers' Conv1D is added when imported
+_MAKE = ((nn.Linear, QLinear.from_linear), (nn.Conv2d, QConv2d.from_conv), (nn.Conv1d, QConv1d.from_conv),
+         (nn.MultiheadAttention, QMultiheadAttention.from_mha))
 # every torch conv layer (the report lists the unsupported ones as skipped, with the reason)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-def converted_layers(model: nn.Module) -> Iterator[tuple[str, QLinear | QConv2d]]:
-    """(qualified name, layer) for every converted layer of `model`, in module order."""
+def _makers() -> tuple[tuple[type, Any], ...]:
+    hf = hf_conv1d_class()
+    return _MAKE if hf is None else (*_MAKE, (hf, QConv1D.from_hf))
+
+
+def converted_layers(model: nn.Module) -> Iterator[tuple[str, GemmState]]:
+    """(name, per-GEMM state) for every converted GEMM of `model`, in module order: converted
+    modules by their name, an attention's input projection(s) as `<name>.in_proj` etc."""
     for name, m in model.named_modules():
-        if isinstance(m, (QLinear, QConv2d)):
+        if isinstance(m, GemmState):
             yield name, m
+        elif isinstance(m, QMultiheadAttention):
+            for slot, st in m.lp_slots.items():
+                yield (f"{name}.{slot}" if name else slot), st
 
 
 def layer_state(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """{layer name: layer.lp_state_dict()} for every converted layer (the checkpoint's "layer_state")."""
+    """{layer name: layer.lp_state_dict()} for every converted GEMM (the checkpoint's "layer_state")."""
     return {n: m.lp_state_dict() for n, m in converted_layers(model)}
 
 
 def load_layer_state(model: nn.Module, states: dict[str, dict[str, Any]]) -> None:
     """Inverse of layer_state(); call it after load_state_dict (which resets the weight masks)."""
-    mods = dict(model.named_modules())
+    layers = dict(converted_layers(model))
     for n, st in states.items():
-        mods[n].load_lp_state_dict(st)
+        if n not in layers:
+            raise ValueError(f"load_layer_state: no converted layer {n!r} in the model")
+        layers[n].load_lp_state_dict(st)
 
 
-def _ineligible_reason(mod: nn.Module, parent: nn.Module | None) -> tuple[type | None, str | None]:
-    """(base class, None) if convertible, else (base or None, reason)."""
-    base = nn.Linear if isinstance(mod, nn.Linear) else nn.Conv2d if isinstance(mod, nn.Conv2d) else None
+def _ineligible_reason(mod: nn.Module, makers) -> tuple[Any, str | None]:
+    """(converter, None) if convertible, else (converter or None, reason)."""
+    base, make = next(((b, f) for b, f in makers if isinstance(mod, b)), (None, None))
     if base is None:
         return None, f"unsupported layer type {type(mod).__name__}"
     if type(mod).forward is not base.forward:
-        return base, f"{type(mod).__name__} overrides forward"
+        return make, f"{type(mod).__name__} overrides forward"
     if parametrize.is_parametrized(mod):
-        return base, "parametrized module"
-    if isinstance(mod.weight, nn.parameter.UninitializedParameter):
-        return base, "uninitialized (lazy) module"
-    if isinstance(parent, nn.MultiheadAttention):
-        return base, "inside nn.MultiheadAttention (weights used functionally)"
-    return base, None
+        return make, "parametrized module"
+    if isinstance(getattr(mod, "weight", None), nn.parameter.UninitializedParameter):
+        return make, "uninitialized (lazy) module"
+    return make, None
 
 
 @dataclass
@@ -114,7 +137,7 @@ def convert(
     stats_every: int = 0,
     weight_nm_transposable: bool = True,
 ) -> ConvertReport:
-    """Convert eligible nn.Linear / nn.Conv2d modules of `model` in place; return a report.
+    """Convert eligible weight layers of `model` in place (module docstring); return a report.
 
     fwd / grad: a FwdRecipe / GradRecipe or a registry name ("int4", "luq4", ...).
     skip: "first_last" keeps the first and last eligible layers (module order, before the filter)
@@ -123,9 +146,11 @@ def convert(
     module_filter_fn(module, fqn) -> bool: convert only where True.
     weight_nm=(N, M): N:M-sparse weights in forward; weight_nm_transposable (default, spec §4.5)
         makes the mask N:M along both weight dimensions so the backward GEMM's Wᵀ is N:M too.
-    Eligible: nn.Linear / nn.Conv2d and subclasses that do not override forward, not
-    parametrized, not lazy, not the out_proj of nn.MultiheadAttention. Other ones are reported as
-    skipped with the reason. Converting nothing while a non-identity recipe (or weight_nm) was asked
+    Eligible: nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention, transformers' Conv1D and
+    subclasses that do not override forward, not parametrized, not lazy; an attention's out_proj
+    only when the attention is converted. Other ones are reported as skipped with the reason. The
+    report names an attention by its module name (its input projection; the per-GEMM state is
+    `<name>.in_proj` in converted_layers()). Converting nothing while a non-identity recipe (or weight_nm) was asked
     for raises ValueError. A model that already has converted layers raises ValueError
     (use set_recipes() to change recipes, or unconvert()).
     """
@@ -148,20 +173,27 @@ def convert(
             "use lowprec.convert.set_recipes(model, ...) or unconvert(model) first")
 
     report = ConvertReport(fwd=recipe_name(fwd_r), grad=recipe_name(grad_r), weight_nm=nm, stats_every=stats_every)
-    candidates: list[tuple[str, nn.Module, type]] = []
+    candidates: list[tuple[str, nn.Module, Any]] = []
     parents: dict[int, nn.Module] = {}
     for _, m in model.named_modules():
         for child in m.children():
             parents.setdefault(id(child), m)
+    makers = _makers()
+    kinds = (nn.Linear, *_CONVS, *(b for b, _ in makers))
+    eligible: set[int] = set()
     for name, mod in model.named_modules():
-        if not isinstance(mod, (nn.Linear, *_CONVS)):
+        if not isinstance(mod, kinds):
             continue
         report.types[name] = type(mod).__name__
-        base, reason = _ineligible_reason(mod, parents.get(id(mod)))
+        make, reason = _ineligible_reason(mod, makers)
+        parent = parents.get(id(mod))
+        if reason is None and isinstance(parent, nn.MultiheadAttention) and id(parent) not in eligible:
+            reason = "inside an nn.MultiheadAttention that cannot be converted (its weights used functionally)"
         if reason is not None:
             report.skipped[name] = reason
         else:
-            candidates.append((name, mod, base))
+            eligible.add(id(mod))
+            candidates.append((name, mod, make))
 
     if isinstance(skip, list):
         unknown = [s for s in skip if s not in report.types]
@@ -172,16 +204,21 @@ def convert(
     if skip == "first_last" and candidates:
         first_last = {candidates[0][0], candidates[-1][0]}
 
-    for name, mod, base in candidates:
+    done: set[int] = set()
+    for name, mod, make in candidates:
+        parent = parents.get(id(mod))
         if isinstance(skip, list) and name in skip:
             report.skipped[name] = "in skip list"
         elif name in first_last:
             report.skipped[name] = ("first" if name == candidates[0][0] else "last") + " layer (skip='first_last')"
         elif module_filter_fn is not None and not module_filter_fn(mod, name):
             report.skipped[name] = "module_filter_fn returned False"
+        elif isinstance(parent, nn.MultiheadAttention) and id(parent) not in done:
+            report.skipped[name] = "inside an unconverted nn.MultiheadAttention (its weights used functionally)"
         else:
-            _MAKE[base](mod, fwd=fwd_r, grad=grad_r, weight_nm=nm, weight_nm_every=weight_nm_every,
-                        stats_every=stats_every)
+            make(mod, fwd=fwd_r, grad=grad_r, weight_nm=nm, weight_nm_every=weight_nm_every,
+                 stats_every=stats_every)
+            done.add(id(mod))
             report.converted.append(name)
 
     identity = grad_r.identity and fwd_r.weight is None and fwd_r.act is None and nm is None
@@ -216,11 +253,12 @@ def set_recipes(model: nn.Module, *, fwd: Any = None, grad: Any = None, stats_ev
 
 
 def unconvert(model: nn.Module) -> list[str]:
-    """Turn every converted layer back into its original class in place; returns their names."""
+    """Turn every converted module back into its original class in place; returns their names."""
     names = []
-    for name, m in list(converted_layers(model)):
-        m.restore_class()
-        names.append(name)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, GemmState) or isinstance(m, QMultiheadAttention):
+            m.restore_class()
+            names.append(name)
     return names
 
 

@@ -357,6 +357,10 @@ class _LinearGemms(_Gemms):
         return self.a2.t().mm(d2).t() if self.t else d2.t().mm(self.a2)
 
     def grad_bias(self, d):
+        if self.a.dim() > 2 and not (self.a.dim() == 3 and self.a.is_contiguous()):
+            # F.linear is matmul + add here (addmm only for 2-d and contiguous 3-d input); the
+            # add's gradient sums δ over the leading dims, in that order
+            return d.sum(tuple(range(d.dim() - 1)))
         return d.reshape(-1, self.out).sum(0)
 
 

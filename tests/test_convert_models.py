@@ -13,8 +13,11 @@ from lowprec.chargpt import LM_MODELS
 from lowprec.models import build_model
 
 CONF = os.path.join(os.path.dirname(__file__), "..", "conf")
+# image models only: LMs take token ids (tests/test_chargpt.py); model=hf builds any transformers
+# architecture (lowprec.hf_models and its tests)
 MODEL_YAMLS = sorted(p for p in glob.glob(os.path.join(CONF, "model", "*.yaml"))
-                     if os.path.basename(p)[:-5] not in LM_MODELS)  # those take token ids: tests/test_chargpt.py
+                     if os.path.basename(p)[:-5] not in LM_MODELS
+                     and OmegaConf.load(p).get("_target_") == "lowprec.models.ModelSpec")
 
 
 def tiny(name, **kw):

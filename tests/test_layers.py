@@ -466,17 +466,26 @@ def test_convert_skip_options_and_errors():
         convert(mlp(), grad="luq5")
 
 
-def test_convert_skips_mha_out_proj_and_custom_forward():
+def test_convert_reports_attention_conv1d_and_skips_custom_forward():
+    """Guards the report: attention (in-projection and out_proj), Conv1d are converted; a custom
+    forward, the out_proj of an attention that cannot be converted, and Conv3d are skipped with
+    the reason."""
     class MyLinear(nn.Linear):
         def forward(self, x):
             return super().forward(x) * 2
 
+    class MyAttention(nn.MultiheadAttention):
+        def forward(self, *a, **k):
+            return super().forward(*a, **k)
+
     model = nn.ModuleDict(dict(a=nn.Linear(4, 4), att=nn.MultiheadAttention(4, 2), c=MyLinear(4, 4),
-                               d=nn.Conv1d(2, 2, 1), e=nn.Linear(4, 4)))
+                               d=nn.Conv1d(2, 2, 1), my=MyAttention(4, 2), v=nn.Conv3d(1, 1, 1),
+                               e=nn.Linear(4, 4)))
     r = convert(model, grad="luq4", skip=None)
-    assert r.converted == ["a", "e"]
-    assert "MultiheadAttention" in r.skipped["att.out_proj"] and "forward" in r.skipped["c"]
-    assert "unsupported" in r.skipped["d"]
+    assert r.converted == ["a", "att", "att.out_proj", "d", "e"]
+    assert "MultiheadAttention" in r.skipped["my.out_proj"] and "forward" in r.skipped["c"]
+    assert "forward" in r.skipped["my"] and "unsupported" in r.skipped["v"]
+    assert [n for n, _ in converted_layers(model)] == ["a", "att.in_proj", "att.out_proj", "d", "e"]
 
 
 def test_convert_resnet18_and_checkpoint_roundtrip():
