@@ -49,14 +49,16 @@ SPLIT = GradRecipe("split", backward=Scale(4.0), update=Scale(0.5))
 LUQH = GradRecipe("luq_h", backward=LUQ(4, hindsight=0.5), update=LUQ(4, hindsight=0.5))  # has update state
 
 
-def grads_of(model, inputs, loss_fn, seed=0):
-    """(outputs, {name: grad}) of one forward/backward; inputs get grads too ("input<i>")."""
+def grads_of(model, inputs, loss_fn, seed=0, model_of=None):
+    """(outputs, {name: grad}) of one forward/backward; inputs get grads too ("input<i>").
+    `model` may be a callable wrapping the module `model_of`."""
+    mod = model if model_of is None else model_of
     inputs = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
-    model.zero_grad(set_to_none=True)
+    mod.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
     out = model(*inputs)
     loss_fn(out).backward()
-    g = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    g = {n: p.grad for n, p in mod.named_parameters() if p.grad is not None}
     g.update({f"input{i}": x.grad for i, x in enumerate(inputs) if x.grad is not None})
     return out, g
 
@@ -212,6 +214,24 @@ def test_transformer_encoder_layer_and_vit_fp32_exact_and_luq4_acts():
         g_ref, g_l4 = grads_of(model, xs, wsum)[1], grads_of(l4, xs, wsum)[1]
         w = next(k for k in g_ref if k.endswith("in_proj_weight"))
         assert not torch.equal(g_ref[w], g_l4[w]) and torch.isfinite(g_l4[w]).all()
+
+
+def test_nn_transformer_encoder_decoder_fp32_exact():
+    """nn.Transformer: self-attention in both stacks and the decoder's encoder-decoder attention
+    (key is value: the q rows and the kv rows of the packed weight), with causal and padding masks."""
+    torch.manual_seed(0)
+    ref = nn.Transformer(d_model=E, nhead=H, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=16,
+                         dropout=0.0, batch_first=True)
+    q = copy.deepcopy(ref)
+    rep = convert(q, grad="fp32", skip=None)
+    assert sum(t == "MultiheadAttention" for n, t in rep.types.items() if n in rep.converted) == 3
+    src, tgt = torch.randn(N, S, E), torch.randn(N, L, E)
+    pad = torch.tensor([[False] * (S - 1) + [True], [False] * S])
+
+    def fwd(m):
+        return lambda s, t: m(s, t, tgt_mask=nn.Transformer.generate_square_subsequent_mask(L),
+                              src_key_padding_mask=pad, memory_key_padding_mask=pad, tgt_is_causal=True)
+    assert_same(grads_of(fwd(ref), [src, tgt], wsum, model_of=ref), grads_of(fwd(q), [src, tgt], wsum, model_of=q))
 
 
 def test_mha_state_stats_noise_nm_and_exact_resume():
