@@ -151,3 +151,48 @@ def test_lm_checks_are_one_holm_family(fwd4):
     assert len(body) == 2 and all("over 2 tests" in l and "95% CI" in l and "p = " in l
                                   for l in body)
     assert any("fwd4_luq4 worse than fp32: shown (paired over 4 seeds" in l for l in body)
+
+
+def test_make_tables_renders_an_lm_table_with_paired_verdicts(tmp_path):
+    """make_tables on a synthetic LM index (lm_fwd4_table, 5 seeds, one row with 3): the Δ column
+    has a 95% CI, the FNT row is measured against its matched-length fp32 run, and every claim
+    line carries the pairs, p, the Holm-adjusted p and the family size."""
+    import importlib.util
+    from pathlib import Path
+
+    from lowprec import runs
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("mt", root / "scripts" / "make_tables.py")
+    mt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mt)
+    idx = tmp_path / "runs.sqlite"
+    vals = {"fp32": 2.44, "fwd4_fp32": 2.46, "fwd4_luq4": 2.48, "fwd4_luq4_smp2": 2.475,
+            "fwd4_fp4_rdn": 2.52, "fwd4_luq4_fnt100": 2.42}
+    for label, v in vals.items():
+        sp = X.compose_row(f"small/lm_fwd4_table/{label}")
+        for seed in range(3 if label == "fwd4_fp4_rdn" else 5):
+            d = tmp_path / f"{label}_{seed}"
+            d.mkdir()
+            ident = json.loads(json.dumps(sp.identity))
+            ident["trainer"]["seed"] = seed
+            val = v + 0.01 * seed + 0.002 * ((seed * 7 + len(label)) % 3)
+            (d / "metrics.jsonl").write_text(json.dumps({"step": 400, "val_loss": val}) + "\n")
+            runs.insert(idx, {
+                "run_dir": str(d), "model": sp.model, "data": sp.data, "fwd": sp.fwd,
+                "grad": sp.grad, "epochs": sp.epochs, "fnt_epochs": sp.fnt_epochs, "seed": seed,
+                "batch_size": sp.batch_size, "is_baseline": label == "fp32", "key": "k",
+                "final_top1": 30.0, "best_top1": 30.0, "baseline_top1": 30.0,
+                "degradation": 0.03 + 0.001 * seed if "fnt" in label else None,
+                "wall_time": 60.0, "metric": "val_loss", "val_loss": val, "identity": ident,
+                "num_classes": 84, "bits_per_char": val / math.log(2)})
+    out = tmp_path / "out"
+    assert mt.main(["lm_fwd4_table", "--index", str(idx), "--out", str(out), "--no-plot"]) == 0
+    md = (out / "lm_fwd4_table.md").read_text()
+    lines = {l.split("|")[1].strip(): l for l in md.splitlines() if l.startswith("| ")}
+    assert "95% CI of Δ" in lines["row"] and "[+" in lines["fwd4_luq4"]
+    assert "0.0320 ± 0.0016" in lines["fwd4_luq4_fnt100"]  # the matched-length Δ, not −0.02
+    claims = [l for l in md.splitlines() if l.startswith("- ") and "nats →" in l]
+    assert len(claims) == 6 and all("Holm-adjusted p" in l and "over 6 tests" in l
+                                    and "95% CI [" in l for l in claims)
+    assert any("paired over 3 seeds" in l for l in claims)  # fp4_rdn has 3 of the 5 seeds
