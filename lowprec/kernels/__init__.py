@@ -8,7 +8,7 @@ called (normally through :mod:`lowprec.dispatch`). They import the references be
 device helpers in :mod:`lowprec.kernels.common`; ``fused`` also calls the LUQ kernel for N == M. ``TRITON_INTERPRET=0 python -m lowprec.kernels.aot_check``
 compiles every kernel for sm_90 without a GPU and checks the PTX (IEEE division, no FMA, no spills).
 :mod:`lowprec.kernels.cpu` holds the CPU twins (no Triton): the references' results in one pass, as C
-functions (:mod:`lowprec.kernels.native` builds ``cpu_native.c``) or torch cores; the dispatcher uses
+functions (:mod:`lowprec.kernels.native` builds the ``cpu_*.c`` files) or torch cores; the dispatcher uses
 them for CPU tensors.
 
 Every kernel does its math in fp32 and mirrors its reference operation for operation, so that given

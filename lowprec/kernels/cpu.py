@@ -6,9 +6,12 @@ on a CPU their cost is the number of passes over the tensor and ``torch.rand``, 
 argument checks here and run a *core* per call:
 
 - the C twins of :mod:`lowprec.kernels.native` (LUQ, N:M MVUE / approximate MVUE / MSE, NVFP4,
-  MXFP4, block LUQ; one pass, any strided layout, uniforms drawn in the pass, the non-finite test
-  inside it) for fp32 work (fp32, fp16 and bf16 inputs) when a C compiler is found;
-- else the torch cores below (the block formats: their references, fed the same hashed uniforms):
+  MXFP4, block LUQ, radix4, fp4_rdn, int_sr, the block RHT's FWHT; one pass, any strided layout,
+  uniforms drawn in the pass, the non-finite test inside it) for fp32 work (fp32, fp16 and bf16
+  inputs) when a C compiler is found;
+- else the torch cores below (the block formats, the baselines and the FWHT: their references, fed
+  the same hashed uniforms), returning the C twins' memory layout (:func:`_in_c_layout`: the next
+  GEMM's summation order follows it, so a run's numbers do not depend on whether a compiler was found):
   :func:`luq_core`, LUQ with ``2^e`` read from the exponent field
   (``clamp(y, 1)`` with its mantissa bits cleared) instead of ``frexp``/``ldexp`` and the two
   stochastic decisions folded into one count: with ``r = (|x| - l)/l`` (negative below α, where

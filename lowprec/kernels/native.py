@@ -1,4 +1,4 @@
-"""The C twins of the CPU cores (``cpu_native.c``): built once per machine with the system C compiler,
+"""The C twins of the CPU cores (the ``cpu_*.c`` files here): built once per machine with the system C compiler,
 loaded with ctypes, used by :mod:`lowprec.kernels.cpu` when available.
 
 Why C: on a CPU an estimator's cost is its passes over δ and its random numbers. ``torch.rand``
@@ -9,12 +9,14 @@ one pass over δ, read and write it in place in any strided layout (no transpose
 uniforms from a counter-based hash (below), and skip the water-filling rounds that cannot change
 anything (a round that caps no new entry would repeat itself bit for bit).
 
-Bit-exactness: each C function (LUQ; N:M MVUE, approximate MVUE and MSE; NVFP4, MXFP4, block LUQ)
+Bit-exactness: each C function (LUQ; N:M MVUE, approximate MVUE and MSE; NVFP4, MXFP4, block LUQ;
+radix4, fp4_rdn, int_sr; the block RHT's fast Walsh–Hadamard transform)
 mirrors its reference (through the torch core of :mod:`lowprec.kernels.cpu` where there is one)
 operation for operation in fp32: IEEE division, no FMA contraction (``-ffp-contract=off``), no
 fast-math, sums left to right; ``-fno-trapping-math`` only lets guarded divisions be vectorized (IEEE
 results unchanged, traps are masked anyway). So given the same uniforms the outputs equal the
-references' (``tests/test_native.py``).
+references' (``tests/test_native.py``, ``tests/test_native_baselines.py``,
+``tests/test_twin_boundaries.py``; the layout of the output too: ``tests/test_twin_layouts.py``).
 
 Uniforms: ``U(key, i)`` = the top 24 bits of ``splitmix64(key + (i+1)·0x9E3779B97F4A7C15)`` times
 ``2^-24`` (torch.rand's fp32 grid), ``i`` the uniform's index in the reference's ``noise=`` layout,
