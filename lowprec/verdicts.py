@@ -51,12 +51,15 @@ class Paired:
 
 
 def paired(worse: dict, better: dict | None = None, level: float = 0.95) -> Paired:
-    """Paired t-test of {seed: value} rows (better None: a one-sample test of worse against 0)."""
+    """Paired t-test of {seed: value} rows (better None: a one-sample test of worse against 0);
+    a seed pairs when both rows have a finite value for it."""
     from scipy import stats
 
-    seeds = sorted(s for s in worse if better is None or s in better)
+    def ok(x):
+        return x is not None and math.isfinite(x)
+
+    seeds = sorted(s for s in worse if ok(worse[s]) and (better is None or ok(better.get(s))))
     d = [worse[s] - (0.0 if better is None else better[s]) for s in seeds]
-    d = [x for x in d if x is not None and math.isfinite(x)]
     n = len(d)
     if n == 0:
         return Paired(0, None, None, None, None, None, tuple(seeds))

@@ -82,6 +82,8 @@ def test_unequal_seed_counts_pair_only_common_seeds():
     line = V.family([(r, "A worse than B")], 4, " nats")[0]
     assert "paired over 3 seeds" in line and "A worse than B: not shown" in line
     assert f"p = {r.p:.3g}" in line and "Holm-adjusted p" in line and "95% CI [" in line
+    assert V.paired({0: 1.0, 1: None, 2: 2.0, 3: 3.0}, {0: 0.0, 1: 0.0, 2: float("nan"),
+                                                         3: 1.0}).seeds == (0, 3)
     one = V.family([(V.paired({0: 1.0, 1: 2.0}, {1: 0.0, 5: 0.0}), "C")])[0]
     assert one.startswith("C: not shown (1 common seed: no paired test")
 
