@@ -23,7 +23,7 @@ from lowprec.estimators import LUQ
 from lowprec.convert import collect_stats, convert, converted_layers, layer_state, load_layer_state, unconvert
 from lowprec.layers import QConv1d
 from lowprec.layers_mha import QMultiheadAttention
-from lowprec.recipes import GradRecipe
+from lowprec.recipes import GRAD_NAMES, GradRecipe, grad_recipe
 
 
 @dataclass(frozen=True)
@@ -375,3 +375,49 @@ def test_convert_model_with_conv1d_and_mha_reports_and_luq4_steps():
     rep = convert(model, grad="luq4")
     assert rep.converted == ["1"] and set(rep.skipped) == {"0", "2"}
     assert "Conv1d" in str(rep)
+
+
+class _Mixed(nn.Module):
+    """Every new layer kind once: Conv1d, self- and cross-attention (packed), transformers Conv1D."""
+
+    def __init__(self, conv1d_cls):
+        super().__init__()
+        self.inp = nn.Linear(4, E)
+        self.conv = nn.Conv1d(E, E, 3, padding=1)
+        self.attn = nn.MultiheadAttention(E, H, batch_first=True)
+        self.cross = nn.MultiheadAttention(E, H, batch_first=True)
+        self.mlp = conv1d_cls(E, E) if conv1d_cls is not None else nn.Linear(E, E)
+        self.out = nn.Linear(E, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + self.conv(h.transpose(1, 2)).transpose(1, 2)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        mem = h.flip(1)
+        h = h + self.cross(h, mem, mem)[0]
+        return self.out(torch.tanh(self.mlp(h)))
+
+
+@pytest.mark.parametrize("grad", GRAD_NAMES)
+def test_every_recipe_on_the_new_layer_kinds(grad):
+    """Every registered recipe (every route, block format, SMP, RHT) runs on each new layer kind:
+    finite gradients, and a non-identity recipe changes every converted weight gradient."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        Conv1D = None
+    torch.manual_seed(0)
+    ref = _Mixed(Conv1D)
+    model = copy.deepcopy(ref)
+    rep = convert(model, grad=grad)
+    assert rep.converted == ["conv", "attn", "attn.out_proj", "cross", "cross.out_proj", "mlp"]
+    x = [torch.randn(2, 16, 4)]
+    g_ref, g = grads_of(ref, x, wsum)[1], grads_of(model, x, wsum)[1]
+    assert g.keys() == g_ref.keys() and all(torch.isfinite(v).all() for v in g.values())
+    weights = ["conv.weight", "attn.in_proj_weight", "attn.out_proj.weight", "cross.in_proj_weight", "mlp.weight"]
+    differs = [not torch.equal(g[k], g_ref[k]) for k in weights]
+    route = grad_recipe(grad).route
+    if route == "backward":  # exact δ in the update GEMMs: the last layer's (mlp) weight gradient is exact
+        assert differs == [True] * 4 + [False]
+    else:
+        assert all(differs) if route != "dense" else not any(differs)
