@@ -37,8 +37,9 @@ The last three are for the task modules (lowprec.mlm, lowprec.translation, lowpr
 trainer runs ``causal-lm`` and ``image-classification`` today (``source`` "hf" pairs with image data).
 
 Input errors are one-line ValueErrors naming the key and value (an unknown model_type, an arch the
-model_type has no head for, a config field the model_type does not have, a missing path), raised
-when the spec is built, as ModelSpec's are.
+model_type has no head for, a config field the model_type does not have), raised when the spec is
+built, as ModelSpec's are; a missing or unreadable ``path`` when the model is built (run.py builds
+it once before training, so it is still an input error before anything runs).
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ class HFModelSpec:
             raise ValueError(f"model.weights={self.weights!r}; allowed: true, false")
         if self.weights and self.path is None:
             raise ValueError("model.weights=true needs model.path=<a local checkpoint directory>")
-        hf_config(self)  # names, path and config keys, checked now (one line each)
+        if self.path is None:  # names and config keys, checked now (one line each); a path when built
+            hf_config(self)    # (an experiment may name a checkpoint that only the cluster has)
 
 
 def _known_fields(cfg) -> set[str]:

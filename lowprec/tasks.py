@@ -75,7 +75,7 @@ class TaskDataSpec:
         if not 0 < self.mlm_probability < 1 or not 0 <= self.label_smoothing < 1:
             raise ValueError(f"data.mlm_probability={self.mlm_probability} must be in (0, 1) and "
                              f"data.label_smoothing={self.label_smoothing} in [0, 1)")
-        if self.doc_stride >= self.max_length:
+        if self.task == "qa" and self.doc_stride >= self.max_length:
             raise ValueError(f"data.doc_stride={self.doc_stride} must be < data.max_length={self.max_length}")
 
 

@@ -111,6 +111,13 @@ def test_other_heads_shapes(arch, name, config, check):
         assert m(ids, torch.randint(0, 50, (2, 5))).shape == (2, 50, 5)
 
 
+def test_missing_path_is_one_line_when_built():
+    spec = HFModelSpec(path="/nonexistent/dir")  # an experiment may name a cluster-only checkpoint
+    with pytest.raises(ValueError) as e:
+        build_hf(spec, num_classes=30, in_channels=1, image_size=16)
+    assert "model.path=/nonexistent/dir: no config.json there" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_local_config_and_checkpoint_directory(tmp_path):
     """model.path: the config from a saved directory (the name is then its model_type);
     weights=true loads the saved weights (a block's weights equal bit for bit)."""
@@ -131,7 +138,6 @@ def test_local_config_and_checkpoint_directory(tmp_path):
     (dict(name="bert", arch="seq2seq"), "model.arch='seq2seq' has no bert model; bert has: causal-lm, masked-lm"),
     (dict(name="gpt2", config={"n_layers": 2}), "model.config.n_layers=2: gpt2's config has no field 'n_layers' "
                                                 "(did you mean 'n_layer'?)"),
-    (dict(path="/nonexistent/dir"), "model.path=/nonexistent/dir: no config.json there"),
     (dict(arch="lm"), "model.arch='lm' is not a Hugging Face head here"),
     (dict(kwargs={"block": 3}), "model.kwargs key 'block' is not known"),
     (dict(weights=True), "model.weights=true needs model.path"),
