@@ -81,6 +81,24 @@ cp {prebuilt} "$out"
     return str(script)
 
 
+def _built():
+    """The library this process loads (built or cached in the user's cache)."""
+    native.set_enabled(None)
+    assert native.library() is not None
+    return native.cache_dir() / native._state["path"]
+
+
+def _seeded(root):
+    """A private cache under ``root`` holding a copy of the library this process built (a real build
+    takes tens of seconds on a busy machine; what these tests check is the trust, not the compiler)."""
+    built = _built()
+    d = root / "native"
+    d.mkdir(parents=True, mode=0o700)
+    shutil.copy2(built, d / built.name)
+    os.chmod(d / built.name, 0o700)
+    return root
+
+
 def _fresh(monkeypatch, cache, cc=None):
     monkeypatch.setenv(native.CACHE_ENV, str(cache))
     if cc is not None:
@@ -139,7 +157,7 @@ def _one_warning_then_torch(match: str):
 @needs_cc
 def test_cache_is_created_private(monkeypatch, tmp_path):
     try:
-        _fresh(monkeypatch, tmp_path / "new")
+        _fresh(monkeypatch, tmp_path / "new", _fake_cc(tmp_path, (), _built()))
         assert native.library() is not None
         d = tmp_path / "new" / "native"
         assert stat.S_IMODE(d.stat().st_mode) == 0o700
@@ -165,8 +183,8 @@ def test_untrusted_cache_or_library_is_refused(monkeypatch, tmp_path, attack):
     assert native.library() is not None
     good = native.cache_dir() / native._state["path"]
     try:
-        _fresh(monkeypatch, tmp_path / "c")
-        assert native.library() is not None  # builds (or links) the real library into the new cache
+        _fresh(monkeypatch, _seeded(tmp_path / "c"))
+        assert native.library() is not None  # the copy of the real library, trusted
         d = tmp_path / "c" / "native"
         so = next(d.glob("*.so"))
         uid = os.getuid()
@@ -239,3 +257,16 @@ def test_backend_info_names_the_backend(monkeypatch):
         assert triton == ("triton" if __import__("lowprec.kernels").kernels.triton_available() else "reference")
     finally:
         native.set_enabled(None)
+
+
+@needs_cc
+def test_reloading_does_not_leak_descriptors():
+    """set_enabled(None) forgets the library and the next call loads it again (tests do this hundreds
+    of times): the same file must not cost a new open descriptor each time."""
+    native.set_enabled(None)
+    assert native.library() is not None
+    before = len(native._FDS)
+    for _ in range(20):
+        native.set_enabled(None)
+        assert native.library() is not None
+    assert len(native._FDS) == before

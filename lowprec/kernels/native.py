@@ -95,6 +95,7 @@ SIGNATURES = {
 _state: dict = {"lib": None, "failed": None, "enabled": None, "rung": None, "path": None}
 _I64x3 = ctypes.c_int64 * 3
 _FDS: list[int] = []
+_LOADED: dict[tuple, ctypes.CDLL] = {}
 
 
 def set_enabled(enabled: bool | None) -> None:
@@ -240,16 +241,22 @@ def _load(path: Path):
         return ctypes.CDLL(str(path.resolve()))
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
-        why = untrusted(path, directory=False, st=os.fstat(fd))  # the file now open is the one loaded
+        st = os.fstat(fd)
+        why = untrusted(path, directory=False, st=st)  # the file now open is the one loaded
         if why:
             raise RuntimeError(f"refusing the C library: {why}")
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if key in _LOADED:  # this very file is loaded already (a reload after set_enabled)
+            os.close(fd)
+            return _LOADED[key]
         lib = ctypes.CDLL(str(proc / str(fd)))
     except BaseException:
         os.close(fd)
         raise
-    # kept open: a loaded library is never unloaded, and a later dlopen of a reused /proc/self/fd/N
-    # name would be answered with the library already loaded under that name
+    # kept open (one per distinct library, which is never unloaded anyway): a later dlopen of a reused
+    # /proc/self/fd/N name would be answered with the library already loaded under that name
     _FDS.append(fd)
+    _LOADED[key] = lib
     return lib
 
 
