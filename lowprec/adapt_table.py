@@ -2,10 +2,13 @@
 
 Section: per row its controller policy, the 4-bit (low-precision) fraction of update-GEMM MACs
 (`lowp_fraction`, SMP draws counted: 2.0 = SMP-2 everywhere; lowprec.adapt), the number of
-controller events and the late_hp step, mean over seeds.
+controller events, the late_hp step, and the first measured step at which each whole-model ratio
+fell below √3: lowprec's r (`noise/global/r`) and, where the runs log it, the paper's r_full
+(`noise/global/r_full`, lowprec.noise.full_ratio); means over seeds, "never" when no seed crossed.
 Figure (<stem>_r_gap.png): left, r = ‖g‖/‖ĝ − g‖ per converted layer over training for the fixed
-(policy none) rows, mean over seeds, log scale, with the √3 line; right, the validation-loss gap
-to the fp32 row over training (same seed paired, then the mean), one line per row.
+(policy none) rows, mean over seeds, log scale, with the √3 line, and r_full dashed where logged;
+right, the validation-loss gap to the fp32 row over training (same seed paired, then the mean),
+one line per row.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ def _mean(xs):
 def section_md(trs) -> str:
     """Markdown: row, policy, seeds, lowp_fraction, events per run, late_hp step (means)."""
     lines = ["## Adaptive precision: cost and decisions", "",
-             "| row | policy | seeds | low-precision update MACs (lowp_fraction) | events / run | late_hp step |",
-             "|---|---|---|---|---|---|"]
+             "| row | policy | seeds | low-precision update MACs (lowp_fraction) | events / run | "
+             "late_hp step | first step r < √3 | first step r_full < √3 |",
+             "|---|---|---|---|---|---|---|---|"]
     for t in trs:
         ss = [T.summary_of(r) for r in t["runs"]]
         lf = _mean([s.get("lowp_fraction") for s in ss])
@@ -39,17 +43,43 @@ def section_md(trs) -> str:
         lh = [s.get("late_hp_step") for s in ss if s.get("late_hp_step") is not None]
         lines.append(f"| {t['spec'].label} | {_policy(t)} | {len(ss)} | "
                      f"{'—' if lf is None else f'{lf:.3f}'} | {'—' if ev is None else f'{ev:.1f}'} | "
-                     f"{', '.join(map(str, lh)) or '—'} |")
+                     f"{', '.join(map(str, lh)) or '—'} | {_crossing(t, 'global')} | "
+                     f"{_crossing(t, 'global_full')} |")
     return "\n".join(lines) + "\n"
 
 
+def _crossing(t, curve: str) -> str:
+    """Mean over seeds of the first step where the curve is below √3 ("never (n)" if no seed
+    crossed, "—" if no seed logged it); "k of n seeds" when only some crossed."""
+    firsts, logged = [], 0
+    for r in t["runs"]:
+        pts = noise_curves(r).get(curve)
+        if not pts:
+            continue
+        logged += 1
+        below = [st for st, v in pts if v < TAU]
+        if below:
+            firsts.append(min(below))
+    if not logged:
+        return "—"
+    if not firsts:
+        return f"never ({logged} seeds)"
+    m = _mean(firsts)
+    return f"{m:.0f}" + (f" ({len(firsts)} of {logged} seeds)" if len(firsts) < logged else "")
+
+
 def noise_curves(r: dict) -> dict[str, list[tuple[int, float]]]:
-    """{layer: [(step, exact r), ...]} from a run's metrics.jsonl noise records."""
+    """{layer: [(step, exact r), ...]} from a run's metrics.jsonl noise records, plus
+    "global_full" for the paper's whole-model ratio (noise/global/r_full) where logged."""
     out: dict[str, list[tuple[int, float]]] = {}
     for x in _records(r):
         for k, v in x.items():
-            if k.startswith("noise/") and k.endswith("/r") and v is not None:
+            if v is None or not k.startswith("noise/"):
+                continue
+            if k.endswith("/r"):
                 out.setdefault(k[len("noise/"):-len("/r")], []).append((x["step"], v))
+            elif k == "noise/global/r_full":
+                out.setdefault("global_full", []).append((x["step"], v))
     return out
 
 
@@ -79,9 +109,12 @@ def plot_r_gap(trs, path: Path) -> None:
                         per_layer.setdefault(layer, {}).setdefault(st, []).append(v)
             for j, (layer, by_step) in enumerate(sorted(per_layer.items())):
                 xs = sorted(by_step)
+                whole = layer in ("global", "global_full")
                 ax[0].plot(xs, [statistics.fmean(by_step[s]) for s in xs], color=f"C{i % 10}",
-                           lw=2.2 if layer == "global" else 0.8, alpha=1 if layer == "global" else 0.5,
-                           label=f"{t['spec'].label} global" if layer == "global" else None)
+                           lw=2.2 if whole else 0.8, alpha=1 if whole else 0.5,
+                           ls="--" if layer == "global_full" else "-",
+                           label=(f"{t['spec'].label} global" if layer == "global" else
+                                  f"{t['spec'].label} r_full (paper's)" if whole else None))
         gaps: dict[int, list[float]] = {}
         for r in t["runs"]:
             b = base_curves.get(r["seed"], {})

@@ -198,3 +198,34 @@ def test_tau_patience_and_cadence_at_values_that_are_not_powers_of_two(policy):
     assert acted[0] == 5  # the third consecutive measurement below τ after the reset at index 2
     if policy == "smp":
         assert acted == [5]  # the count restarts after an action: next at index 8
+
+
+def test_adapt_table_reports_where_r_and_r_full_cross_sqrt3(tmp_path):
+    """adapt_table's section: the first step below √3 of lowprec's whole-model r and of the
+    paper's r_full (noise/global/r_full), averaged over the seeds that crossed, 'never' when none
+    did, '—' when no seed logged it; the figure draws both. Guards `<` vs `<=` at √3 too: a
+    value of exactly √3 is not a crossing."""
+    from types import SimpleNamespace
+
+    from lowprec import adapt_table
+    from lowprec.noise import TAU
+
+    def run(seed, r_full):
+        d = tmp_path / f"s{seed}"
+        d.mkdir()
+        recs = [{"step": st, "noise/global/r": 4.0, "noise/0/r": 4.0,
+                 **({"noise/global/r_full": v} if v is not None else {})}
+                for st, v in zip((10, 20, 30, 40), r_full)]
+        recs.append({"step": 40, "val_loss": 2.5})
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in recs) + "\n")
+        return {"seed": seed, "run_dir": str(d), "summary": json.dumps({"lowp_fraction": 1.0})}
+
+    spec = SimpleNamespace(label="luq4", grad="luq4", fwd="fp32")
+    t = {"spec": spec, "runs": [run(0, (3.0, TAU, 1.5, 1.0)), run(1, (2.0, 1.7, 1.2, 1.0)),
+                                run(2, (3.0, 3.0, 3.0, 3.0))]}
+    line = adapt_table.section_md([t]).splitlines()[-1]
+    assert line.endswith("| never (3 seeds) | 25 (2 of 3 seeds) |"), line
+    t2 = {"spec": spec, "runs": [run(3, (None,) * 4)]}
+    assert adapt_table.section_md([t2]).splitlines()[-1].endswith("| never (1 seeds) | — |")
+    adapt_table.plot_r_gap([t], tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 1000
