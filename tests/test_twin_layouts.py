@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from lowprec import fp4
 from lowprec.convert import convert
 from lowprec.kernels import cpu, native
 from lowprec.recipes import GRAD_NAMES
@@ -87,3 +88,32 @@ def test_layer_gradients_identical_with_and_without_the_c_twins(recipe, monkeypa
     b = _with(False, lambda: _grads(recipe), monkeypatch)
     for i, (p, q) in enumerate(zip(a, b)):
         assert torch.equal(p, q), f"{recipe}: parameter {i} differs by up to {float((p - q).abs().max()):.3g}"
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4_sr", "nvfp4_rtn", "mxfp4_sr", "luq4_b16", "luq3_b32"])
+def test_fp4_twins_read_views_in_memory_order(fmt):
+    """The block FP4 C twins take a dense view (a transposed Linear δ, a permuted 3-/4-d tensor) in its
+    own memory order, uniforms indexed in its logical order (no transposing copy): equal to the
+    reference given those uniforms, in every blocked dim, the output in the input's layout."""
+    fns = {"nvfp4_sr": (lambda x, d, **k: cpu.nvfp4(x, dim=d, rounding="sr", **k),
+                        lambda x, d, u: fp4.nvfp4(x, dim=d, rounding="sr", noise=u)),
+           "nvfp4_rtn": (lambda x, d, **k: cpu.nvfp4(x, dim=d, **k), lambda x, d, u: fp4.nvfp4(x, dim=d)),
+           "mxfp4_sr": (lambda x, d, **k: cpu.mxfp4(x, dim=d, rounding="sr", **k),
+                        lambda x, d, u: fp4.mxfp4(x, dim=d, rounding="sr", noise=u)),
+           "luq4_b16": (lambda x, d, **k: cpu.block_luq(x, dim=d, **k), lambda x, d, u: fp4.block_luq(x, dim=d, noise=u)),
+           "luq3_b32": (lambda x, d, **k: cpu.block_luq(x, 3, block=32, dim=d, **k),
+                        lambda x, d, u: fp4.block_luq(x, 3, block=32, dim=d, noise=u))}
+    twin, ref = fns[fmt]
+    base = heavy_tailed((6, 5, 7, 36), sigma=3.0, seed=9)
+    views = [base.reshape(-1, 36).t(), base.permute(3, 0, 2, 1), base.permute(1, 3, 0, 2).reshape(5, 36, 42),
+             base.permute(2, 0, 1, 3), base[:, :, :, :20], base.permute(0, 3, 1, 2)]
+    assert sum(cpu._blocked_view(x, d) is not None for x in views for d in range(x.dim())) >= 6
+    for x in views:
+        for d in range(x.dim()):
+            g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+            y = twin(x, d, generator=g())
+            assert torch.equal(y, ref(x, d, cpu.uniforms(cpu.draw_seed(g()), x.shape))), (tuple(x.stride()), d)
+            if cpu._blocked_view(x, d) is not None:  # read in memory order: written in it too
+                assert y.stride() == x.stride(), (x.stride(), y.stride(), d)
+            else:  # a permutation whose uniform index is not affine in the memory order: a contiguous copy
+                assert y.is_contiguous()

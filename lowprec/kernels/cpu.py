@@ -242,14 +242,55 @@ def _fp4(fmt: str, reference, x: Tensor, *, dim: int, size: int, block_2d: bool,
         outer, length, inner = block_dims(x, dim)
     u, seed = _draw(generator, noise, x.shape, fmt) if sr else (None, 0)
     lib = _c_lib(x)
+    view = None if block_2d else _blocked_view(x, dim)
     if lib is None:
         if sr and u is None:
             u = uniforms(seed, x.shape)
-        # contiguous, as the C twin's output (see _in_c_layout: the next GEMM must see the same layout)
-        return reference(x, **ref_kwargs, noise=u if sr else None, nonfinite=nonfinite).contiguous()
-    rc, out = native.run_fp4(lib, x.detach().float().contiguous(), u, key_of(seed), fmt, outer, length, inner,
-                             size, 16 if block_2d else 1, sr, levels_minus_1)
-    return torch.zeros_like(x) if _zeros_for_nonfinite(rc, x, nonfinite, fmt) else out.view(x.shape).to(x.dtype)
+        out = reference(x, **ref_kwargs, noise=u if sr else None, nonfinite=nonfinite)
+        # the C twin's layout (see _in_c_layout: the next GEMM must see the same one)
+        if view is None:
+            return out.contiguous()
+        return out if out.stride() == x.stride() else torch.empty_like(x).copy_(out)
+    if view is None:
+        rc, out = native.run_fp4(lib, x.detach().float().contiguous(), u, key_of(seed), fmt, outer, length, inner,
+                                 size, 16 if block_2d else 1, sr, levels_minus_1)
+        out = out.view(x.shape)
+    else:  # x read and written in its own memory order (a transposed Linear δ: no transposing copy)
+        (outer, length, inner), us = view
+        rc, out = native.run_fp4(lib, x.detach().float(), u, key_of(seed), fmt, outer, length, inner, size, 1, sr,
+                                 levels_minus_1, us)
+    return torch.zeros_like(x) if _zeros_for_nonfinite(rc, x, nonfinite, fmt) else out.to(x.dtype)
+
+
+def _blocked_view(x: Tensor, dim: int):
+    """``((outer, length, inner), uniform strides)`` when x's memory is one dense block whose dims, in
+    memory order, read as ``[outer, length = x.shape[dim], inner]`` with the uniform index (x's logical C
+    order) affine in each of outer and inner; None otherwise (the caller copies to contiguous)."""
+    if not _is_dense(x) or x.dim() == 0:
+        return None
+    d = dim % x.dim()
+    logical = [1] * x.dim()
+    for k in range(x.dim() - 2, -1, -1):
+        logical[k] = logical[k + 1] * x.shape[k + 1]
+    order = sorted((k for k in range(x.dim()) if x.shape[k] != 1 and k != d), key=lambda k: -x.stride(k))
+    outer_dims = [k for k in order if x.shape[d] == 1 or x.stride(k) > x.stride(d)]
+    inner_dims = [k for k in order if k not in outer_dims]
+
+    def fold(group):  # the group's flat memory index -> (count, uniform stride), or None when not affine
+        count, ustride = 1, 0
+        for k in reversed(group):  # innermost first
+            if count == 1:
+                count, ustride = x.shape[k], logical[k]
+            elif logical[k] == ustride * count:
+                count *= x.shape[k]
+            else:
+                return None
+        return count, ustride
+
+    o, i = fold(outer_dims), fold(inner_dims)
+    if o is None or i is None:
+        return None
+    return (o[0], x.shape[d], i[0]), (o[1], logical[d], i[1])
 
 
 def nvfp4(x: Tensor, *, dim: int = -1, rounding: str = "rtn", block_2d: bool = False,

@@ -75,7 +75,8 @@ __attribute__((always_inline)) static inline float fp4_elem(float xv, float uv, 
 
 /* Rows o0..o0+no-1 and columns l0..l0+nl-1 of one block (inner = 1). */
 __attribute__((always_inline)) static inline void fp4_block_row(const float* x, float* out, const float* u,
-                                                               uint64_t key, int64_t length, int64_t o0, int64_t no,
+                                                               uint64_t key, const int64_t* us, int64_t length,
+                                                               int64_t o0, int64_t no,
                                                                int64_t l0, int64_t nl, float s_enc, float s_dec,
                                                                int lm1, const int FMT, const int SR) {
     float m = 0.0f, p0 = 0.0f, p1 = 1.0f, p2 = 1.0f;
@@ -89,7 +90,10 @@ __attribute__((always_inline)) static inline void fp4_block_row(const float* x, 
         const int64_t base = o * length + l0;
         float ub[32];
         if (SR || FMT == 2)
-            for (int64_t l = 0; l < nl; l++) ub[l] = u ? u[base + l] : hash_u(key, (uint64_t)(base + l));
+            for (int64_t l = 0; l < nl; l++) {
+                const int64_t k = o * us[0] + (l0 + l) * us[1];
+                ub[l] = u ? u[k] : hash_u(key, (uint64_t)k);
+            }
         else
             for (int64_t l = 0; l < nl; l++) ub[l] = 0.0f;
         for (int64_t l = 0; l < nl; l++) out[base + l] = fp4_elem(x[base + l], ub[l], p0, p1, p2, s_dec, FMT, SR);
@@ -98,7 +102,8 @@ __attribute__((always_inline)) static inline void fp4_block_row(const float* x, 
 
 /* Blocks of `size` along l at inner positions i0..i0+ni-1 (inner > 1), IC of them side by side. */
 __attribute__((always_inline)) static inline void fp4_block_cols(const float* x, float* out, const float* u,
-                                                                uint64_t key, int64_t length, int64_t inner,
+                                                                uint64_t key, const int64_t* us, int64_t length,
+                                                                int64_t inner,
                                                                 int64_t o, int64_t l0, int64_t nl, int64_t i0,
                                                                 int64_t ni, float s_enc, float s_dec, int lm1,
                                                                 const int FMT, const int SR) {
@@ -118,7 +123,10 @@ __attribute__((always_inline)) static inline void fp4_block_cols(const float* x,
     for (int64_t l = l0; l < l0 + nl; l++) {
         const int64_t base = (o * length + l) * inner + i0;
         if (SR || FMT == 2)
-            for (int64_t i = 0; i < ni; i++) ub[i] = u ? u[base + i] : hash_u(key, (uint64_t)(base + i));
+            for (int64_t i = 0; i < ni; i++) {
+                const int64_t k = o * us[0] + l * us[1] + (i0 + i) * us[2];
+                ub[i] = u ? u[k] : hash_u(key, (uint64_t)k);
+            }
         else
             for (int64_t i = 0; i < ni; i++) ub[i] = 0.0f;
         for (int64_t i = 0; i < ni; i++)
@@ -127,8 +135,9 @@ __attribute__((always_inline)) static inline void fp4_block_cols(const float* x,
 }
 
 #define FP4_SPECIAL(NAME, FMT, SR)                                                                          \
-    static void NAME(const float* x, float* out, const float* u, uint64_t key, int64_t outer, int64_t length, \
-                     int64_t inner, int size, int rows, int lm1, float s_enc, float s_dec, int nthreads) {    \
+    static void NAME(const float* x, float* out, const float* u, uint64_t key, const int64_t* us, int64_t outer, \
+                     int64_t length, int64_t inner, int size, int rows, int lm1, float s_enc, float s_dec,          \
+                     int nthreads) {                                                                         \
         const int64_t nob = (outer + rows - 1) / rows, nb = (length + size - 1) / size;                     \
         const int64_t nic = (inner + IC - 1) / IC;                                                           \
         _Pragma("omp parallel for collapse(2) num_threads(nthreads) if (nthreads > 1 && outer * length * inner >= 65536)") \
@@ -138,11 +147,11 @@ __attribute__((always_inline)) static inline void fp4_block_cols(const float* x,
                 const int64_t no = o0 + rows <= outer ? rows : outer - o0;                                   \
                 const int64_t nl = l0 + size <= length ? size : length - l0;                                 \
                 if (inner == 1) {                                                                            \
-                    fp4_block_row(x, out, u, key, length, o0, no, l0, nl, s_enc, s_dec, lm1, FMT, SR);       \
+                    fp4_block_row(x, out, u, key, us, length, o0, no, l0, nl, s_enc, s_dec, lm1, FMT, SR);       \
                 } else {                                                                                     \
                     for (int64_t c = 0; c < nic; c++) {                                                      \
                         const int64_t i0 = c * IC, ni = i0 + IC <= inner ? IC : inner - i0;                  \
-                        fp4_block_cols(x, out, u, key, length, inner, o0, l0, nl, i0, ni, s_enc, s_dec, lm1, \
+                        fp4_block_cols(x, out, u, key, us, length, inner, o0, l0, nl, i0, ni, s_enc, s_dec, lm1, \
                                        FMT, SR);                                                             \
                     }                                                                                        \
                 }                                                                                            \
@@ -155,9 +164,11 @@ FP4_SPECIAL(fp4_mx_sr, 1, 1)
 FP4_SPECIAL(fp4_bluq, 2, 1)
 
 /* x contiguous [outer, length, inner], blocks of `size` along length (`rows` > 1: size x size tiles of
- * [outer, length], inner = 1). Returns 1 when x holds a NaN/Inf, -1 for an unknown format. */
-int lp_fp4_f32(const float* x, float* out, const float* u, uint64_t key, int64_t outer, int64_t length,
-               int64_t inner, int size, int rows, int fmt, int sr, int lm1, int nthreads) {
+ * [outer, length], inner = 1). us: the uniform index of element (o, l, i) is o·us[0] + l·us[1] + i·us[2]
+ * (its position in x's logical C order: a transposed view is read in memory order, no copy). Returns 1
+ * when x holds a NaN/Inf, -1 for an unknown format. */
+int lp_fp4_f32(const float* x, float* out, const float* u, uint64_t key, const int64_t* us, int64_t outer,
+               int64_t length, int64_t inner, int size, int rows, int fmt, int sr, int lm1, int nthreads) {
     const int64_t n = outer * length * inner;
     uint32_t mb = 0;
     for (int64_t k = 0; k < n; k++) {
@@ -169,11 +180,11 @@ int lp_fp4_f32(const float* x, float* out, const float* u, uint64_t key, int64_t
     float s_enc = 2688.0f / bits_f(mb); /* 6 * 448 over the tensor max (nvfp4) */
     s_enc = s_enc > 0x1.fffffep127f ? 0x1.fffffep127f : s_enc;
     const float s_dec = 1.0f / s_enc;
-    if (fmt == 0 && !sr) fp4_nv_rtn(x, out, u, key, outer, length, inner, size, rows, lm1, s_enc, s_dec, nthreads);
-    else if (fmt == 0) fp4_nv_sr(x, out, u, key, outer, length, inner, size, rows, lm1, s_enc, s_dec, nthreads);
-    else if (fmt == 1 && !sr) fp4_mx_rtn(x, out, u, key, outer, length, inner, size, rows, lm1, s_enc, s_dec, nthreads);
-    else if (fmt == 1) fp4_mx_sr(x, out, u, key, outer, length, inner, size, rows, lm1, s_enc, s_dec, nthreads);
-    else if (fmt == 2) fp4_bluq(x, out, u, key, outer, length, inner, size, rows, lm1, s_enc, s_dec, nthreads);
+    if (fmt == 0 && !sr) fp4_nv_rtn(x, out, u, key, us, outer, length, inner, size, rows, lm1, s_enc, s_dec, nthreads);
+    else if (fmt == 0) fp4_nv_sr(x, out, u, key, us, outer, length, inner, size, rows, lm1, s_enc, s_dec, nthreads);
+    else if (fmt == 1 && !sr) fp4_mx_rtn(x, out, u, key, us, outer, length, inner, size, rows, lm1, s_enc, s_dec, nthreads);
+    else if (fmt == 1) fp4_mx_sr(x, out, u, key, us, outer, length, inner, size, rows, lm1, s_enc, s_dec, nthreads);
+    else if (fmt == 2) fp4_bluq(x, out, u, key, us, outer, length, inner, size, rows, lm1, s_enc, s_dec, nthreads);
     else return -1;
     return 0;
 }

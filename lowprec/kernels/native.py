@@ -87,7 +87,7 @@ SIGNATURES = {
     "lp_luq_auto_f32": (_INT, [_P, _P, _P, _U64, _I64P, _I64P, _I64P, _F32, _F32, _INT, _INT, _INT]),
     "lp_nm_f32": (_INT, [_P, _P, _P, _U64, _I64P, _I64P, _I64P, _I64, _INT, _INT, _INT, _F32, _INT]),
     "lp_mse_f32": (_INT, [_P, _P, _I64P, _I64P, _I64, _INT, _INT, _INT]),
-    "lp_fp4_f32": (_INT, [_P, _P, _P, _U64, _I64, _I64, _I64, _INT, _INT, _INT, _INT, _INT, _INT]),
+    "lp_fp4_f32": (_INT, [_P, _P, _P, _U64, _I64P, _I64, _I64, _I64, _INT, _INT, _INT, _INT, _INT, _INT]),
     "lp_elem_f32": (_INT, [_P, _P, _P, _U64, _I64P, _I64P, _I64P, _INT, _INT, _F32, _INT, _INT]),
     "lp_fwht_f32": (_INT, [_P, _P, _P, _I64, _I64, _I64, _INT, _INT, _INT]),
 }
@@ -376,12 +376,16 @@ FP4_FORMATS = {"nvfp4": 0, "mxfp4": 1, "block_luq": 2}
 
 
 def run_fp4(lib, x: Tensor, u: Tensor | None, key: int, fmt: str, outer: int, length: int, inner: int,
-            size: int, rows: int = 1, sr: bool = False, levels_minus_1: int = 0) -> tuple[int, Tensor]:
-    """``(status, out)``: a block FP4 format of :mod:`lowprec.fp4` on fp32 ``x`` (contiguous, seen as
-    ``[outer, length, inner]``, blocks of ``size`` along length, ``rows`` > 1: 2-D tiles); status 1
-    when x holds a NaN/Inf. ``u``: contiguous uniforms of x's shape, or None to draw them from ``key``."""
+            size: int, rows: int = 1, sr: bool = False, levels_minus_1: int = 0,
+            ustrides: tuple[int, int, int] | None = None) -> tuple[int, Tensor]:
+    """``(status, out)``: a block FP4 format of :mod:`lowprec.fp4` on fp32 ``x`` (its memory one dense
+    ``[outer, length, inner]`` block, blocks of ``size`` along length, ``rows`` > 1: 2-D tiles) into a
+    tensor with x's strides; status 1 when x holds a NaN/Inf. ``ustrides``: the uniform index of element
+    (o, l, i) is o·us[0] + l·us[1] + i·us[2] (None: x contiguous, C order); ``u``: contiguous uniforms in
+    x's logical order, or None to draw them from ``key``."""
     out = torch.empty_like(x)
-    rc = lib.lp_fp4_f32(_ptr(x), _ptr(out), _ptr(u), key, outer, length, inner, size, rows, FP4_FORMATS[fmt],
+    us = _I64x3(*(ustrides or (length * inner, inner, 1)))
+    rc = lib.lp_fp4_f32(_ptr(x), _ptr(out), _ptr(u), key, us, outer, length, inner, size, rows, FP4_FORMATS[fmt],
                         int(sr), levels_minus_1, _threads())
     return rc, out
 
