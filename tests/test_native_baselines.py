@@ -144,7 +144,7 @@ def test_fwht_twin_bit_identical(n, dtype):
             same(y, hadamard.block_rht(x, s, dim, inverse=inverse))
             same(y, dispatch.block_rht(x, s, dim, inverse=inverse))
             same(y, torch_core(lambda: cpu.block_rht(x, s, dim, inverse=inverse)))
-            assert y.is_contiguous()
+            assert y.is_contiguous() or y.t().is_contiguous() and x.t().is_contiguous()  # transposed in, transposed out
 
 
 def test_fwht_inverse_undoes_and_preserves_products():

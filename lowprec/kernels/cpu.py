@@ -373,6 +373,11 @@ def block_rht(x: Tensor, signs: Tensor, dim: int, *, inverse: bool = False) -> T
     check_float(x, "block_rht")
     n = signs.numel()
     hadamard.check_rht_size(n)
+    if x.dim() == 2 and x.shape[0] > 1 and x.shape[1] > 1 and x.stride() == (1, x.shape[0]):
+        # a transposed matrix (a Linear δ as [out, T]): rotate its contiguous transpose along the other
+        # dim (the same numbers: each block's values and operations do not depend on the layout), no
+        # transposing copy; the result keeps the transposed layout, with or without the C twin
+        return block_rht(x.t(), signs, 1 - dim % 2, inverse=inverse).t()
     lib = _c_lib(x)
     if lib is None or x.requires_grad and torch.is_grad_enabled():
         return hadamard.block_rht(x, signs, dim, inverse=inverse)
