@@ -137,9 +137,11 @@ def run_one(entry) -> dict:
 
 
 def _skips(cov) -> str:
-    out = []
+    """The first/last layers by name, then the other reasons with their counts."""
+    out = [f"{r.split()[0]}: `{n}`" for n, r in cov.skipped.items() if "skip='first_last'" in r]
     for reason, n in sorted(cov.reasons().items(), key=lambda kv: -kv[1]):
-        out.append(f"{n}× {reason}")
+        if "skip='first_last'" not in reason:
+            out.append(f"{n}× {reason}")
     return "; ".join(out).replace("|", "/")
 
 
@@ -177,7 +179,7 @@ def render(results: list[dict], *, cmd: str, elapsed: float, quick: bool) -> str
         "and last layers first_last keeps. `≥99%`: the issue-19 bar on `% rule` (a model below it names "
         "the skipped layers). Step: one luq4 training step, finite loss and gradients, and (k/n) converted "
         "layers whose weight gradients differ from the unconverted model's (of those with non-zero ones).", "",
-        "| model | input | params | converted | skipped | % all | % rule | ≥99% | luq4 step | s | skipped: reasons |",
+        "| model | input | params | converted | skipped | % all | % rule | ≥99% | luq4 step | s | kept first/last; other skips |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
         *[row(r) for r in results], "",
         f"{sum(1 for r in ok if r['cov'].frac_rule >= ACCEPT)} of {len(results)} models at ≥ 99% (first/last "
@@ -185,8 +187,11 @@ def render(results: list[dict], *, cmd: str, elapsed: float, quick: bool) -> str
         f"{len(results) - len(ok)} failed to build or step.",
     ]
     below = [r for r in ok if r["cov"].frac_rule < ACCEPT]
-    if below:
+    failed = [r for r in results if "error" in r]
+    if below or failed:
         lines += ["", "## Not covered", ""]
+        for r in failed:
+            lines.append(f"- {r['label']}: failed to build or step: {r['error']}")
         for r in below:
             c = r["cov"]
             miss = sorted(((v, n) for n, v in c.flops.items() if n in c.skipped
