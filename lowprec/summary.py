@@ -11,11 +11,11 @@ the LM analogue of "accuracy below twice chance". summary.json says so (`baselin
 Status (`run_status`). A run ends `ok` or `diverged`; diverged when any of:
 - more than trainer.max_skip_frac of its steps were skipped as non-finite;
 - its final validation loss is not finite;
-- its final validation loss is above DIVERGE_FACTOR × ln C, C the number of classes (the
-  vocabulary for a language model): ln C is the loss of a uniform guess, where an initialized
-  network starts, so the loss ended far above its start (every task; an lr of 1e4 on digits ends
-  near 2e4 nats, while an overconfident tiny run that merely overfits stays near 10 nats, below
-  the 23 of ten classes).
+- its final training loss (the mean of the last epoch that took a step) is above DIVERGE_FACTOR × ln C, C the number
+  of classes (the vocabulary for a language model): ln C is the loss of a uniform guess, where an
+  initialized network starts, so the loss ended far above its start (every task; an lr of 1e4 on
+  digits ends near 2e4 nats). The training loss, not the validation loss: a tiny run that merely
+  overfits can reach a validation loss of 40 nats while it trains well.
 A diverged run exits 3 and is never a baseline. A run that ends near chance (the baseline
 quality rule below, applied to the run itself) is `ok` but flagged (`quality`: "near chance")
 and printed with a caution, as a near-chance baseline is.
@@ -56,17 +56,19 @@ DIVERGE_FACTOR = 10.0
 
 
 def run_status(skipped: int, steps: int, max_skip_frac: float, val_loss: float | None,
-               num_classes: int) -> tuple[str, str | None]:
-    """("ok", None) or ("diverged", why) by the module docstring's rule."""
+               train_loss: float | None, num_classes: int) -> tuple[str, str | None]:
+    """("ok", None) or ("diverged", why) by the module docstring's rule. `train_loss`: the mean
+    training loss of the last epoch that took a step (NaN or None: not counted)."""
     if steps and skipped / steps > max_skip_frac:
         return "diverged", (f"{skipped} of {steps} steps skipped as non-finite (more than "
                             f"trainer.max_skip_frac={max_skip_frac})")
     if val_loss is not None and not math.isfinite(val_loss):
         return "diverged", f"final validation loss {val_loss}"
-    if val_loss is not None and num_classes > 1 and val_loss > DIVERGE_FACTOR * math.log(num_classes):
-        return "diverged", (f"final validation loss {val_loss:.4g} is above {DIVERGE_FACTOR:g} x "
-                            f"ln {num_classes} = {DIVERGE_FACTOR * math.log(num_classes):.3g}, "
-                            "the loss of a uniform guess it started near")
+    bound = DIVERGE_FACTOR * math.log(num_classes) if num_classes > 1 else math.inf
+    if train_loss is not None and not math.isnan(train_loss) and not train_loss <= bound:
+        return "diverged", (f"final training loss {train_loss:.4g} is above {DIVERGE_FACTOR:g} x "
+                            f"ln {num_classes} = {bound:.3g}, the loss of a uniform guess it "
+                            "started near")
     return "ok", None
 
 

@@ -153,7 +153,8 @@ def _results(exp: Experiment, r: "_Run", prog: Progress, d: Dist, ran: float) ->
               "estimator_backend": backend_info(d.device),  # C twins, torch cores, Triton, reference
               **r.adapt.summary()}
     result["status"], result["status_reason"] = run_status(
-        prog.skipped, prog.step, t.max_skip_frac, prog.last.get("val_loss"), r.ds.num_classes)
+        prog.skipped, prog.step, t.max_skip_frac, prog.last.get("val_loss"),
+        prog.extra.get("train_loss"), r.ds.num_classes)
     if d.main and prog.skipped:
         print(f"skipped {prog.skipped} of {prog.step} steps ({100 * prog.skipped / prog.step:.1f}%, "
               f"non-finite loss or gradient; trainer.max_skip_frac={t.max_skip_frac}): "
@@ -443,10 +444,11 @@ def _end_epoch(exp: Experiment, r: _Run, prog: Progress, ep: _Epoch, logger: Log
     """Mean train loss over the ranks; rank 0 evaluates, updates best/last, logs and prints."""
     train_loss = (ep.loss_sum / ep.n_steps).item() if ep.n_steps else float("nan")
     train_loss = mean_over_ranks(train_loss, d)  # as the gradient is
+    if not math.isnan(train_loss):  # the divergence rule reads the last epoch that took steps
+        prog.extra["train_loss"] = train_loss
     if not d.main:
         return
     m = _evaluated(exp, r, prog, d)
-    top1, top5 = m["top1"], m["top5"]
     rec = {"epoch": ep.epoch + 1, "phase": ep.phase, "train_loss": train_loss, **m,
            "lr": ep.lr, "epoch_time": ep.time,
            "img_per_s": ep.images / max(ep.time, 1e-9), "skipped_steps": prog.skipped}

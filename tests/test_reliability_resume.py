@@ -155,18 +155,22 @@ def test_divergence_rule_for_every_task():
     """Before: only skipped steps made a run diverged, so lr=1e4 on digits (val loss ~2e4, at
     chance) was indexed ok and became a baseline. Now a non-finite or far-above-start final loss
     is diverged for classification and language models alike."""
-    ok = S.run_status(0, 100, 0.01, 0.3, 10)
+    ok = S.run_status(0, 100, 0.01, 0.3, 0.2, 10)
     assert ok == ("ok", None)
-    assert S.run_status(2, 100, 0.01, 0.3, 10)[0] == "diverged"
-    assert S.run_status(0, 100, 0.01, float("nan"), 10)[0] == "diverged"
-    assert S.run_status(0, 100, 0.01, 2e4, 10)[0] == "diverged"
-    assert S.run_status(0, 100, 0.01, 41.0, 65)[0] == "ok"     # LM: 10 x ln 65 = 41.7
-    assert S.run_status(0, 100, 0.01, 42.0, 65)[0] == "diverged"
-    assert S.run_status(0, 100, 0.01, 10.6, 10)[0] == "ok"     # a tiny run that overfits
+    assert S.run_status(2, 100, 0.01, 0.3, 0.2, 10)[0] == "diverged"             # skipped
+    assert S.run_status(0, 100, 0.01, float("nan"), 0.2, 10)[0] == "diverged"    # non-finite end
+    assert S.run_status(0, 100, 0.01, 2e4, 2e4, 10)[0] == "diverged"             # lr=1e4
+    assert S.run_status(0, 100, 0.01, 41.8, 1.0, 10)[0] == "ok"   # overfit: val high, train low
+    assert S.run_status(0, 100, 0.01, 5.0, float("inf"), 10)[0] == "diverged"
+    assert S.run_status(0, 100, 0.01, 5.0, float("nan"), 10)[0] == "ok"  # no step taken: skip rule's
+    assert S.run_status(0, 100, 0.01, 4.0, 41.0, 65)[0] == "ok"     # LM: 10 x ln 65 = 41.7
+    assert S.run_status(0, 100, 0.01, 4.0, 42.0, 65)[0] == "diverged"
+    assert S.run_status(0, 100, 0.01, 2.0, 22.9, 10)[0] == "ok"     # 10 x ln 10 = 23.03 (not 2^k)
+    assert S.run_status(0, 100, 0.01, 2.0, 23.1, 10)[0] == "diverged"
 
 
 def test_a_diverged_run_exits_3_is_recorded_and_never_a_baseline(conf, tmp_path):
-    with pytest.raises(prepare.RunFailed, match="diverged: final validation loss"):
+    with pytest.raises(prepare.RunFailed, match="diverged: final (training|validation) loss"):
         run_here(tmp_path, "grad=fp32", "trainer.epochs=2", "optim.lr=1e4")
     (row,) = runs.rows(tmp_path / "runs.sqlite")
     assert row["status"] == "diverged"
