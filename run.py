@@ -29,8 +29,8 @@ Exit status: 0 the run finished with status ok; 2 an input error (unknown option
 out of range, N > M, a missing dataset path, a corrupt checkpoint or index, an unwritable
 out_root, a run dir in use...), one `error: ...` line naming the key or file, before any training
 (LOWPREC_DEBUG=1 shows the traceback); 3 a run (the fp32 baseline trained first, or the requested
-run) diverged (more than trainer.max_skip_frac of its steps skipped as non-finite, or a final
-validation loss non-finite or above 10 x ln classes; lowprec/summary.py) or failed on a non-finite
+run) diverged (more than trainer.max_skip_frac of its steps skipped as non-finite, a non-finite
+final validation loss, or a final training loss above 10 x ln classes; lowprec/summary.py) or failed on a non-finite
 value: one `error:` line naming which, the index row has status diverged/failed; 1 anything else
 during training, with its traceback (a bug). Resuming a finished run rewrites nothing.
 
