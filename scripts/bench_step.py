@@ -377,6 +377,14 @@ def check_twins(shape) -> list[str]:
         if not torch.equal(cpu_twins.nm_prune(x, n, m, method=method, noise=un),
                            nm_reference(x, n, m, method=method, noise=un)):
             bad.append(f"{method}{n}{m}")
+    from lowprec import baselines, hadamard
+    if not (torch.equal(cpu_twins.radix4(x), baselines.radix4(x)) and torch.equal(cpu_twins.fp4_rdn(x), baselines.fp4_rdn(x))):
+        bad.append("radix4/fp4_rdn")
+    if not torch.equal(cpu_twins.int_sr(x, noise=u), baselines.int_sr(x, noise=u)):
+        bad.append("int4_sr")
+    s = hadamard.random_signs(16, generator=torch.Generator().manual_seed(0))
+    if not all(torch.equal(cpu_twins.block_rht(x, s, d), hadamard.block_rht(x, s, d)) for d in (0, -1)):
+        bad.append("block_rht")
     return [f"- CPU twins vs references on {list(shape)} with the same uniforms: "
             + ("bit-identical" if not bad else f"DIFFER for {bad}")]
 
