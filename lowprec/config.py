@@ -174,6 +174,8 @@ class TrainConfig:
     fnt_steps: int = _D["fnt_steps"]
     eval_every: int = _D["eval_every"]
     limit_batches: int = _D["limit_batches"]
+    dry_run: int = _D["dry_run"]              # > 0: N steps on synthetic inputs (lowprec.dry_run)
+    dry_run_batch: int = _D["dry_run_batch"]  # 0: automatic
     skip_nonfinite: bool = _D["skip_nonfinite"]
     max_skip_frac: float = _D["max_skip_frac"]
     threads: int = _D["threads"]
@@ -206,7 +208,8 @@ class TrainConfig:
             if isinstance(getattr(self, k), bool) or not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
                 raise ValueError(f"trainer.{k}={getattr(self, k)!r}: expected an integer >= 1")
         for k in ("epochs", "fnt_epochs", "workers", "checkpoint_every", "checkpoint_steps", "stats_every",
-                  "max_steps", "limit_batches", "threads", "fnt_steps", "eval_every", "noise_every"):
+                  "max_steps", "limit_batches", "threads", "fnt_steps", "eval_every", "noise_every",
+                  "dry_run", "dry_run_batch"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"trainer.{k}={v!r}: expected an integer >= 0")

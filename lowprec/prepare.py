@@ -72,6 +72,12 @@ class Session:
 
     def run(self, cfg, *, names: dict[str, str], run_dir, name: str | None = None) -> float:
         exp = experiment_from_cfg(cfg, names=names, run_dir=run_dir, name=name)
+        if exp.trainer.dry_run:  # synthetic inputs at the real shapes; reads no data, writes nothing
+            from .dry_run import dry_run
+            try:
+                return dry_run(exp)["final_loss"]
+            finally:
+                self.drop_new_run_dir(run_dir)  # Hydra's own files only: no run dir is left
         d = setup_distributed(exp.trainer.device)  # the one DDP set-up of this process
         try:
             # Every rank uses rank 0's run dir (their ${now:} may differ by a second).

@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("data", "models", "chargpt", "hf_models", "model_defaults", "zoo", "tasks", "squad", "translation", "mlm", "text_data", "runs", "logging", "config", "distributed", "checkpoint", "provenance",
      "summary", "adapt", "optim", "evaluation", "budget",
      "preflight"),
-    ("tables", "train", "table_md", "adapt_table", "scaling_table"),
+    ("tables", "train", "table_md", "adapt_table", "scaling_table", "dry_run"),
     ("prepare",),  # run preparation: config -> baseline -> train -> record (run.py's body)
 ]
 
