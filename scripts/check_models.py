@@ -48,13 +48,20 @@ QUICK_MODELS = ("resnet20", "mobilenet_v2")
 QUICK_OVERRIDES = ("trainer.epochs=1", "trainer.limit_batches=2", "trainer.checkpoint_every=0")
 
 
+def is_language_model(cfg: dict) -> bool:
+    """A model config that trains on text: `source: lm` (chargpt) or a Hugging Face `arch` other
+    than image-classification (conf/model/hf.yaml: causal-lm)."""
+    arch = cfg.get("arch")
+    return cfg.get("source") == "lm" or (arch is not None and arch != "image-classification")
+
+
 def model_names() -> tuple[list[str], list[str]]:
-    """(image models, language models): conf/model/*.yaml by their `source`. A language model
-    (source lm, e.g. chargpt) trains on text data, not on the default digits, so top-1 against an
-    image bar means nothing for it: it is listed as skipped."""
+    """(image models, language models): conf/model/*.yaml by is_language_model. A language model
+    (e.g. chargpt, hf's causal-lm) trains on text data, not on the default digits, so top-1 against
+    an image bar means nothing for it: it is listed as skipped."""
     image, lm = [], []
     for p in sorted(MODEL_DIR.glob("*.yaml")):
-        (lm if (yaml.safe_load(p.read_text()) or {}).get("source") == "lm" else image).append(p.stem)
+        (lm if is_language_model(yaml.safe_load(p.read_text()) or {}) else image).append(p.stem)
     return image, lm
 
 
