@@ -66,7 +66,7 @@ from .config import Experiment
 from .convert import convert
 from .optim import make_optimizer
 
-__all__ = ["AUTO_BATCH", "Shapes", "dry_run", "shapes_of", "dry_model_spec", "auto_batch"]
+__all__ = ["AUTO_BATCH", "Shapes", "dry_run", "shapes_of", "dry_model_spec", "build_dry_model", "auto_batch"]
 
 AUTO_BATCH = 2          # trainer.dry_run_batch=0: min(trainer.batch_size, AUTO_BATCH)
 DECODE_TOKENS = 2       # translation: tokens decoded in the evaluation
@@ -131,6 +131,16 @@ def dry_model_spec(spec: Any) -> tuple[Any, str]:
     return new, (f"model.path={spec.path} is not on this machine: built from transformers' default "
                  f"{mt!r} config{' + model.config' if spec.config else ''} (the checkpoint's "
                  "architecture), randomly initialized")
+
+
+def build_dry_model(exp: Experiment) -> tuple[nn.Module, str]:
+    """The model a dry run of ``exp`` uses, unconverted, seeded from trainer.seed; (model, note)."""
+    from .models import build_model
+
+    sh = shapes_of(exp)
+    spec, note = dry_model_spec(exp.model)
+    seed_everything(exp.trainer.seed)
+    return build_model(spec, num_classes=sh.num_classes, in_channels=sh.in_channels, image_size=sh.size), note
 
 
 def auto_batch(exp: Experiment) -> tuple[int, str]:
@@ -317,10 +327,12 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def dry_run(exp: Experiment, *, out: Callable[[str], None] | None = None) -> dict[str, Any]:
+def dry_run(exp: Experiment, *, out: Callable[[str], None] | None = None,
+            model: nn.Module | None = None) -> dict[str, Any]:
     """Run ``exp`` as a dry run of trainer.dry_run steps (module docstring); print the report
-    through ``out`` (print by default) and return its numbers."""
-    from .models import build_model
+    through ``out`` (print by default) and return its numbers. ``model``: ``build_dry_model(exp)``'s
+    model, built beforehand (a caller dry-running several rows of one model builds it once and
+    passes copies); it is converted in place."""
     from .train import enter_fnt
 
     say = out or (lambda s: print(s, flush=True))
@@ -333,7 +345,7 @@ def dry_run(exp: Experiment, *, out: Callable[[str], None] | None = None) -> dic
         torch.set_num_threads(t.threads)
     B, why = auto_batch(exp)
     sh = shapes_of(exp)
-    spec, model_note = dry_model_spec(exp.model)
+    model_note = dry_model_spec(exp.model)[1]
     fnt = (t.fnt_steps if t.max_steps else t.fnt_epochs) > 0
     label = exp.name or f"model={exp.names['model']} data={exp.names['data']}"
     say(f"dry run: {label} (grad={exp.names['grad']} fwd={exp.names['fwd']}), task {sh.task}, "
@@ -344,9 +356,11 @@ def dry_run(exp: Experiment, *, out: Callable[[str], None] | None = None) -> dic
     mem_kind = "CUDA max_memory_allocated" if dev.type == "cuda" else _reset_peak()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    seed_everything(t.seed)
     t0 = time.perf_counter()
-    model = build_model(spec, num_classes=sh.num_classes, in_channels=sh.in_channels, image_size=sh.size)
+    built_here = model is None
+    if model is None:
+        model = build_dry_model(exp)[0]
+    seed_everything(t.seed)
     model = model.to(dev)
     report = convert(model, fwd=exp.fwd, grad=exp.grad, stats_every=t.stats_every, **exp.convert)
     build_s = time.perf_counter() - t0
@@ -354,7 +368,7 @@ def dry_run(exp: Experiment, *, out: Callable[[str], None] | None = None) -> dic
     params = sum(p.numel() for p in model.parameters())
     task = _task(exp, sh, model, B, dev)
     say(f"dry run: {params:,} parameters; {report.num_converted} layers converted, "
-        f"{report.num_skipped} kept in high precision; built and converted in {build_s:.1f} s")
+        f"{report.num_skipped} kept in high precision; {'built and ' if built_here else ''}converted in {build_s:.1f} s")
     say(f"dry run: batch {B} ({why}); inputs: {task.shapes}")
     say(f"dry run: loss: {task.loss_name}; lr optim.lr={t.optim.lr:g} (no schedule)"
         + ("; the last step in FNT (exact δ, weights still quantized)" if fnt and steps >= 2 else ""))
