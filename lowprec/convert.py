@@ -7,6 +7,10 @@ every weight layer with what happened to it and why:
     nn.Linear -> QLinear, nn.Conv1d -> QConv1d, nn.Conv2d -> QConv2d (lowprec.layers),
     nn.MultiheadAttention -> QMultiheadAttention (lowprec.layers_mha; its input projection; its
         out_proj is an nn.Linear child converted like any other, so it is its own layer),
+    a module that applies its Linear children's weights functionally (torchvision's Swin
+        attention, lowprec.layers_fn): its children converted, the module wrapped so its
+        F.linear calls on their weights run them,
+    subclasses of these whose forward is the base's or named in EQUIVALENT_FORWARD (timm's Linear),
     transformers' Conv1D -> QConv1D (lowprec.layers_hf; recognized when transformers is imported).
 
 Converting a model that already holds converted layers is a ValueError; use `set_recipes()` to
@@ -30,19 +34,33 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .layers import QConv1d, QConv2d, QLinear, recipe_name, resolve_fwd, resolve_grad
+from .layers_fn import QWeightOwner, functional_children, wrap_owner
 from .layers_hf import QConv1D, hf_conv1d_class
 from .layers_mha import QMultiheadAttention
 from .qgemm import GemmState
 from .weight_nm import check_weight_nm, format_weight_nm
 
 __all__ = ["convert", "set_recipes", "unconvert", "collect_stats", "ConvertReport", "converted_layers",
-           "layer_state", "load_layer_state"]
+           "layer_state", "load_layer_state", "EQUIVALENT_FORWARD"]
 
 # (base class, converter) in the order they are tested; transformers' Conv1D is added when imported
 _MAKE = ((nn.Linear, QLinear.from_linear), (nn.Conv2d, QConv2d.from_conv), (nn.Conv1d, QConv1d.from_conv),
          (nn.MultiheadAttention, QMultiheadAttention.from_mha))
 # every torch conv layer (the report lists the unsupported ones as skipped, with the reason)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+# subclasses whose forward is known to equal their base's (qualified name of the class defining
+# forward): converted like the base. timm.layers.Linear only adds a cast under TorchScript.
+EQUIVALENT_FORWARD: set[str] = {"timm.layers.linear.Linear"}
+
+
+def _forward_equivalent(cls: type, base: type) -> bool:
+    """True if cls's forward is base's or one named in EQUIVALENT_FORWARD (defined by a subclass of base)."""
+    if cls.forward is base.forward:
+        return True
+    owner = next(c for c in cls.__mro__ if "forward" in c.__dict__)
+    return issubclass(owner, base) and f"{owner.__module__}.{owner.__qualname__}" in EQUIVALENT_FORWARD
 
 
 def _makers() -> tuple[tuple[type, Any], ...]:
@@ -80,8 +98,9 @@ def _ineligible_reason(mod: nn.Module, makers) -> tuple[Any, str | None]:
     base, make = next(((b, f) for b, f in makers if isinstance(mod, b)), (None, None))
     if base is None:
         return None, f"unsupported layer type {type(mod).__name__}"
-    if type(mod).forward is not base.forward:
-        return make, f"{type(mod).__name__} overrides forward"
+    if not _forward_equivalent(type(mod), base):
+        return make, (f"{type(mod).__name__} overrides forward (not known to equal {base.__name__}'s: "
+                      "lowprec.convert.EQUIVALENT_FORWARD)")
     if parametrize.is_parametrized(mod):
         return make, "parametrized module"
     if isinstance(getattr(mod, "weight", None), nn.parameter.UninitializedParameter):
@@ -147,7 +166,7 @@ def convert(
     weight_nm=(N, M): N:M-sparse weights in forward; weight_nm_transposable (default, spec §4.5)
         makes the mask N:M along both weight dimensions so the backward GEMM's Wᵀ is N:M too.
     Eligible: nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention, transformers' Conv1D and
-    subclasses that do not override forward, not parametrized, not lazy; an attention's out_proj
+    subclasses that do not override forward (or whose forward is in EQUIVALENT_FORWARD), not parametrized, not lazy; an attention's out_proj
     only when the attention is converted. Other ones are reported as skipped with the reason. The
     report names an attention by its module name (its input projection; the per-GEMM state is
     `<name>.in_proj` in converted_layers()). Converting nothing while a non-identity recipe (or weight_nm) was asked
@@ -218,6 +237,8 @@ def convert(
         else:
             make(mod, fwd=fwd_r, grad=grad_r, weight_nm=nm, weight_nm_every=weight_nm_every,
                  stats_every=stats_every)
+            if parent is not None and name.rsplit(".", 1)[-1] in (functional_children(parent) or ()):
+                wrap_owner(parent)  # its F.linear on this weight now runs the converted layer
             done.add(id(mod))
             report.converted.append(name)
 
@@ -256,9 +277,11 @@ def unconvert(model: nn.Module) -> list[str]:
     """Turn every converted module back into its original class in place; returns their names."""
     names = []
     for name, m in list(model.named_modules()):
-        if isinstance(m, GemmState) or isinstance(m, QMultiheadAttention):
+        if isinstance(m, (GemmState, QMultiheadAttention)):
             m.restore_class()
             names.append(name)
+        elif isinstance(m, QWeightOwner):  # a wrapper, not a layer: restored, not listed
+            m.restore_class()
     return names
 
 

@@ -52,6 +52,7 @@ from .weight_nm import check_weight_nm
 __all__ = ["QLinear", "QConv1d", "QConv2d", "QModule", "resolve_fwd", "resolve_grad", "recipe_name"]
 
 _LINEAR = LinearOp()
+_OWN = object()  # QLinear.forward's default bias: the module's own
 
 
 class QModule(GemmState):
@@ -90,8 +91,11 @@ class QLinear(QModule, nn.Linear):
                     weight_nm_every: int = 100, stats_every: int = 0) -> "QLinear":
         return cls._convert(lin, fwd, grad, weight_nm, weight_nm_every, stats_every)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return QGemmFn.apply(x, self.weight, self.bias, self, self.current_mask(), _LINEAR)
+    def forward(self, x: torch.Tensor, *, lp_bias=_OWN) -> torch.Tensor:
+        # lp_bias: another bias than self.bias (a module applying this weight functionally with a
+        # bias of its own making, lowprec.layers_fn)
+        b = self.bias if lp_bias is _OWN else lp_bias
+        return QGemmFn.apply(x, self.weight, b, self, self.current_mask(), _LINEAR)
 
 
 class _QConvNd(QModule):

@@ -435,6 +435,11 @@ class QGemmFn(torch.autograd.Function):
                                          conv=op.channels_first)
         with no_autocast(x, cast):
             z = op.forward(a, w, b)
+        if z._base is not None:
+            # F.linear folds >2-d input and views its result back, but an output that is a view
+            # made inside a Function cannot be written in place (wav2vec2's SpecAugment does);
+            # _unsafe_view is the same alias, untracked, as at::linear's own result is
+            z = torch.ops.aten._unsafe_view(z, z.shape) if z.is_contiguous() else z.clone()
         # what the backward GEMMs must see: the quantized (and masked) a and W, and the
         # high-precision W, a where a backward slot re-quantizes them (else None)
         ctx.save_for_backward(a, w, *hp)

@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("verdicts", "scaling"),  # pure statistics (scipy): paired tests and Holm; scaling-law fits
     ("recipes",),
     ("forward", "backward"),  # a layer's GEMM operands and δ routing (pure functions)
-    ("qgemm", "layers", "layers_mha", "layers_hf"),  # qgemm: the per-GEMM state and the one backward
+    ("qgemm", "layers", "layers_mha", "layers_hf", "layers_fn"),  # qgemm: the per-GEMM state and the one backward
     ("convert",),
     ("data", "models", "chargpt", "hf_models", "model_defaults", "zoo", "tasks", "squad", "translation", "mlm", "text_data", "runs", "logging", "config", "distributed", "checkpoint", "provenance",
      "summary", "adapt", "optim", "evaluation", "budget",
