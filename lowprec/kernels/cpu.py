@@ -387,3 +387,14 @@ def block_rht(x: Tensor, signs: Tensor, dim: int, *, inverse: bool = False) -> T
     out = native.run_fwht(lib, xc, s, outer, length, inner, n, inverse)
     d = dim % x.dim()
     return out.view(*x.shape[:d], out.shape[1], *x.shape[d + 1:]).to(x.dtype)
+
+
+def im2col(x: Tensor, kernel, stride, padding, dilation) -> Tensor:
+    """The im2col matrix ``[N·Ho·Wo, C·kh·kw]`` of ``x`` ``[N, C, H, W]`` (pairs of ints): one C pass
+    on fp32 CPU tensors (no ``[N, K, L]`` intermediate, no transposing copy; data movement only, so
+    the same numbers), else ``F.unfold`` and the transposing copy."""
+    lib = native.library() if x.dtype == torch.float32 and x.device.type == "cpu" else None
+    if lib is not None and not (x.requires_grad and torch.is_grad_enabled()):
+        return native.run_im2col(lib, x.detach().contiguous(), kernel, stride, padding, dilation)
+    cols = torch.nn.functional.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])

@@ -90,6 +90,7 @@ SIGNATURES = {
     "lp_fp4_f32": (_INT, [_P, _P, _P, _U64, _I64P, _I64, _I64, _I64, _INT, _INT, _INT, _INT, _INT, _INT]),
     "lp_elem_f32": (_INT, [_P, _P, _P, _U64, _I64P, _I64P, _I64P, _INT, _INT, _F32, _INT, _INT]),
     "lp_fwht_f32": (_INT, [_P, _P, _P, _I64, _I64, _I64, _INT, _INT, _INT]),
+    "lp_im2col_f32": (_INT, [_P, _P, _I64P, _INT]),
 }
 
 _state: dict = {"lib": None, "failed": None, "enabled": None, "rung": None, "path": None}
@@ -415,6 +416,19 @@ def run_fwht(lib, x: Tensor, signs: Tensor, outer: int, n_in: int, inner: int, n
     rc = lib.lp_fwht_f32(_ptr(x), _ptr(out), _ptr(signs), outer, n_in, inner, n, int(inverse), _threads())
     if rc < 0:
         raise ValueError(f"lp_fwht_f32: unsupported block size {n}")
+    return out
+
+
+def run_im2col(lib, x: Tensor, kernel, stride, padding, dilation) -> Tensor:
+    """The im2col matrix ``[N·Ho·Wo, C·kh·kw]`` of fp32 ``x`` (contiguous ``[N, C, H, W]``) for a 2-d
+    convolution (``kernel``, ``stride``, ``padding``, ``dilation``: pairs), as
+    ``F.unfold(x, ...).transpose(1, 2).reshape(-1, C·kh·kw)`` in one pass."""
+    n, c, h, w = x.shape
+    ho = (h + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    out = torch.empty((n * ho * wo, c * kernel[0] * kernel[1]), dtype=torch.float32)
+    g = (ctypes.c_int64 * 14)(n, c, h, w, *kernel, *stride, *padding, *dilation, ho, wo)
+    lib.lp_im2col_f32(_ptr(x), _ptr(out), g, _threads())
     return out
 
 

@@ -1,0 +1,47 @@
+"""The C im2col (lowprec.kernels.cpu.im2col, used by backward.im2col_of for the update GEMM's
+activation operand under act_upd/update_rht) is the same matrix, bit for bit, as F.unfold followed by
+the transposing reshape it replaces: guards the update GEMM's numbers (nvfp4_sr_rht on convolutions)
+against an off-by-one in the padding, stride or dilation arithmetic."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowprec.backward import im2col_of
+from lowprec.kernels import cpu, native
+
+CASES = [((2, 3, 7, 9), (3, 3), (1, 1), (1, 1), (1, 1)),
+         ((3, 4, 10, 11), (3, 2), (2, 3), (0, 2), (2, 1)),
+         ((2, 5, 1, 13), (1, 3), (1, 2), (0, 1), (1, 2)),
+         ((1, 2, 5, 5), (5, 5), (1, 1), (2, 2), (1, 1)),
+         ((2, 3, 6, 6), (1, 1), (2, 2), (0, 0), (1, 1))]
+
+
+def _unfold(x, k, s, p, d):
+    cols = F.unfold(x, k, dilation=d, padding=p, stride=s)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+@pytest.mark.parametrize("use_c", [True, False])
+@pytest.mark.parametrize("case", CASES)
+def test_im2col_matches_unfold(case, use_c):
+    if use_c and native.library() is None:
+        pytest.skip("no C compiler")
+    shape, k, s, p, d = case
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    native.set_enabled(use_c)
+    try:
+        assert torch.equal(cpu.im2col(x, k, s, p, d), _unfold(x, k, s, p, d))
+    finally:
+        native.set_enabled(None)
+
+
+def test_im2col_of_conv1d_and_strided_input():
+    """A 1-d convolution goes through the 2-d one of height 1; a non-contiguous input is read right."""
+    x = torch.randn(3, 4, 12, generator=torch.Generator().manual_seed(1))
+    w = torch.empty(5, 4, 3)
+    got = im2col_of(w, ([2], [1], [1]))(x)
+    assert torch.equal(got, _unfold(x.unsqueeze(2), (1, 3), (1, 2), (0, 1), (1, 1)))
+    x4 = torch.randn(4, 3, 6, 6).transpose(0, 1)
+    w4 = torch.empty(2, 4, 3, 3)
+    assert torch.equal(im2col_of(w4, ([1, 1], [1, 1], [1, 1]))(x4), _unfold(x4, (3, 3), (1, 1), (1, 1), (1, 1)))
