@@ -304,14 +304,20 @@ def _reset_peak() -> str:
         return "CPU peak resident set of the process since it started (ru_maxrss; could not reset it)"
 
 
-def _cpu_peak() -> int:
+def _status(field: str) -> int | None:
+    """A memory field of /proc/self/status in bytes (None where there is none)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    return None
+
+
+def _cpu_peak() -> int:
+    peak = _status("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
 def _gib(n: int) -> str:
@@ -356,6 +362,7 @@ def dry_run(exp: Experiment, *, out: Callable[[str], None] | None = None,
     mem_kind = "CUDA max_memory_allocated" if dev.type == "cuda" else _reset_peak()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+    start_mem = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else (_status("VmRSS") or 0)
     t0 = time.perf_counter()
     built_here = model is None
     if model is None:
@@ -376,7 +383,7 @@ def dry_run(exp: Experiment, *, out: Callable[[str], None] | None = None,
     opt = make_optimizer(model, t.optim)
     g = torch.Generator().manual_seed(t.seed)
     model.train()
-    losses, secs = [], []
+    losses, secs, phases = [], [], []
     for i in range(steps):
         phase = "main"
         if fnt and steps >= 2 and i == steps - 1:
@@ -397,6 +404,7 @@ def dry_run(exp: Experiment, *, out: Callable[[str], None] | None = None,
             torch.cuda.synchronize(dev)
         secs.append(time.perf_counter() - ts)
         losses.append(float(loss.detach()))
+        phases.append(phase)
         say(f"dry run: step {i + 1}/{steps} ({phase}) loss {losses[-1]:.4f} {secs[-1]:.2f} s")
     te = time.perf_counter()
     model.eval()
@@ -404,14 +412,16 @@ def dry_run(exp: Experiment, *, out: Callable[[str], None] | None = None,
     model.train()
     eval_s = time.perf_counter() - te
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else _cpu_peak()
-    per_step = sum(secs[1:]) / (len(secs) - 1) if len(secs) > 1 else secs[0]
+    main = [s for s, p in zip(secs, phases) if p == "main"]  # FNT's exact-δ step is reported apart
+    per_step = sum(main[1:]) / (len(main) - 1) if len(main) > 1 else main[0]
     say("dry run: evaluation (synthetic batch): "
         + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in ev.items())
         + f" in {eval_s:.2f} s")
     say(f"dry run: {per_step:.3f} s per step at batch {B} "
-        + ("(mean of steps 2.." + str(steps) + "; the first took " + f"{secs[0]:.2f} s)" if steps > 1
-           else "(one step: includes one-time costs)"))
-    say(f"dry run: peak memory {_gib(peak)} ({mem_kind})")
+        + (f"(mean of steps 2..{len(main)}; the first took {secs[0]:.2f} s)" if len(main) > 1
+           else "(one step: includes one-time costs)")
+        + (f"; the FNT step {secs[-1]:.2f} s" if phases[-1] == "fnt" else ""))
+    say(f"dry run: peak memory {_gib(peak)} ({mem_kind}; {_gib(start_mem)} at its start)")
     finite = all(map(lambda v: v == v and abs(v) != float("inf"), losses))
     say(f"dry run: {'ok' if finite else 'NON-FINITE LOSS'}; nothing written (no run dir, checkpoint, "
         "index row or baseline)")
@@ -421,4 +431,5 @@ def dry_run(exp: Experiment, *, out: Callable[[str], None] | None = None,
             "skipped": report.num_skipped, "report": str(report), "losses": losses,
             "final_loss": losses[-1], "finite": finite, "step_seconds": secs, "seconds_per_step": per_step,
             "build_seconds": build_s, "eval": ev, "eval_seconds": eval_s, "peak_memory_bytes": peak,
+            "start_memory_bytes": start_mem,
             "memory_kind": mem_kind, "fnt_step": fnt and steps >= 2}

@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.time()
     for row in names:
         exp = experiment(row, over)
+        if (exp.trainer.fnt_steps if exp.trainer.max_steps else exp.trainer.fnt_epochs) and a.steps >= 2:
+            # one more step: the last runs FNT's recipes, s/step is the main phase's
+            exp = experiment(row, [*over, f"trainer.dry_run={a.steps + 1}"])
         key = model_key(exp)
         print(f"=== {row}", flush=True)
         try:
@@ -156,8 +159,9 @@ def write(a, results: dict, seconds: float, argv: list[str]) -> None:
          "machine), torch " + torch.__version__ + ".", "",
          "Columns: *converted* = layers `convert` runs in low precision / kept in high precision "
          "(first and last); *s/step* = seconds per optimizer step at the dry-run batch (the mean of the "
-         "steps after the first); *peak* = the process's peak resident memory during the row (model, "
-         "optimizer state, activations at that batch; the Python process itself is ~0.5 GiB); "
+         "steps after the first; a row with FNT takes one more step, in FNT, left out of the mean); *peak* = the process's peak resident memory during the row (model, "
+         "optimizer state, activations at that batch, and the process itself: its resident memory at the "
+         "row's start in parentheses, which holds the row's model already built); "
          "*GPU-days* = a rough estimate for the paper's length (below).", ""]
     L += ["| row | model | task | grad / fwd | parameters | converted | batch | s/step | peak GiB | length | GPU-days |",
           "|---|---|---|---|---:|---|---:|---:|---:|---|---:|"]
@@ -175,7 +179,9 @@ def write(a, results: dict, seconds: float, argv: list[str]) -> None:
             notes.setdefault(r["model_note"], []).append(row)
         L.append(f"| {row} | {r['model_name']} | {r['task']} | {r['grad']} / {r['fwd']} | {r['params']:,} | "
                  f"{r['converted']} / {r['skipped']} | {r['batch']} | {r['seconds_per_step']:.2f} | "
-                 f"{r['peak_memory_bytes'] / 2**30:.2f} | {r['samples_how']} | {gpu} |")
+                 f"{r['peak_memory_bytes'] / 2**30:.2f}"
+                 + (f" ({r['start_memory_bytes'] / 2**30:.2f})" if r.get("start_memory_bytes") else "")
+                 + f" | {r['samples_how']} | {gpu} |")
     L += ["", "## GPU-days: how they are estimated (rough)", ""]
     if ratio:
         L += [f"R = one GPU's training throughput / this CPU's, calibrated on ResNet-50: {a.gpu_images_per_s:,.0f} "
