@@ -22,7 +22,8 @@ Routing rules (one place: `route`):
 
 Update-GEMM operands (`update_operands`, used when `grad.act_upd` or `grad.update_rht` is set,
 `custom_update`): δ_u as [C_out, T] and a as [T, K] (linear: a.reshape(-1, in); conv: the im2col
-matrix, `im2col_of`, so blocks along tokens are exact). `act_upd` quantizes the high-precision a
+matrix, `im2col_of`, so blocks along tokens are exact; an `Im2col`, made when asked: with update_rht
+gathered straight into the rotation in one C pass on the CPU). `act_upd` quantizes the high-precision a
 (the caller passes it). `update_rht = n` rotates both operands along tokens with the block random
 Hadamard transform R of lowprec.hadamard (signs drawn by the caller, fresh each backward): with R
 orthogonal, (δ R)(Rᵀ a) = δ a, so the rotation changes only the quantization noise; δ is rotated
@@ -53,8 +54,8 @@ from .kernels import cpu as cpu_twins  # im2col: one C pass on CPU tensors
 from .noise import noise_terms
 from .stats import compare
 
-__all__ = ["token_matrix", "estimate", "update_draws", "route", "custom_update", "im2col_of", "update_operands", "noise_record",
-           "stats_record"]
+__all__ = ["token_matrix", "estimate", "update_draws", "route", "custom_update", "Im2col", "im2col_of",
+           "update_operands", "noise_record", "stats_record"]
 
 
 def token_matrix(to2d, delta):
@@ -112,17 +113,36 @@ def custom_update(g) -> bool:
     return getattr(g, "act_upd", None) is not None or getattr(g, "update_rht", None) is not None
 
 
+class Im2col:
+    """The im2col matrix [tokens, C_in·kh·kw] of ``t`` (a 2-d convolution's input), made when asked:
+    `matrix()`, or `rotated(signs)` = ``block_rht(matrix(), signs, 0)`` in one C pass on the CPU (the
+    rows gathered straight into the FWHT: the matrix, 9x the input for a 3x3 kernel, is never written)."""
+
+    def __init__(self, t, k, s, p, d):
+        self.t, self.geom = t, (k, s, p, d)
+
+    def matrix(self):
+        return cpu_twins.im2col(self.t, *self.geom)  # F.unfold and a transposing copy off the CPU
+
+    def rotated(self, signs):
+        if self.t.device.type != "cpu":
+            return block_rht(self.matrix(), signs, 0)
+        return cpu_twins.im2col_rht(self.t, *self.geom, signs)
+
+
+def _matrix(a2):
+    return a2.matrix() if isinstance(a2, Im2col) else a2
+
+
 def im2col_of(w, conv):
-    """t -> the im2col matrix [tokens, C_in·kh·kw] of the convolution with weight w, args `conv`
-    (stride, padding, dilation, ...: the layout of aten.convolution_backward's arguments)."""
+    """t -> the `Im2col` of the convolution with weight w, args `conv` (stride, padding, dilation, ...:
+    the layout of aten.convolution_backward's arguments)."""
     k, (s, p, d) = tuple(w.shape[2:]), conv[:3]
     if len(k) == 1:  # a 1-d convolution is a 2-d one of height 1
         k, s, p, d = (1, *k), (1, *s), (0, *p), (1, *d)
 
     def im2col(t):
-        if t.dim() == 3:
-            t = t.unsqueeze(2)
-        return cpu_twins.im2col(t, k, s, p, d)  # F.unfold and a transposing copy off the CPU
+        return Im2col(t.unsqueeze(2) if t.dim() == 3 else t, k, s, p, d)
     return im2col
 
 
@@ -133,6 +153,7 @@ def update_operands(g, delta, d_u, a2, signs, to2d, from2d, *, state, generator=
     ``state``/``generator``: the update state and the RNG of the draws (None: torch's RNG)."""
     ones = None
     if g.update_rht is None:
+        a2 = _matrix(a2)
         d_u2 = to2d(d_u)
         unrotated = d_u
     else:
@@ -140,7 +161,7 @@ def update_operands(g, delta, d_u, a2, signs, to2d, from2d, *, state, generator=
         if g.update is not None:  # d2 is already the [C_out, tokens] view the estimator expects
             d2 = SMP(g.update, int(g.samples)).draws(d2, generator=generator, state=state)[1]
         d_u2 = d2
-        a2 = block_rht(a2, signs, 0)
+        a2 = a2.rotated(signs) if isinstance(a2, Im2col) else block_rht(a2, signs, 0)
         tokens = delta.numel() // d2.shape[0]
         ones = block_rht(torch.ones(tokens, 1, dtype=a2.dtype, device=a2.device), signs, 0)
 

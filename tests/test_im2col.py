@@ -40,8 +40,23 @@ def test_im2col_of_conv1d_and_strided_input():
     """A 1-d convolution goes through the 2-d one of height 1; a non-contiguous input is read right."""
     x = torch.randn(3, 4, 12, generator=torch.Generator().manual_seed(1))
     w = torch.empty(5, 4, 3)
-    got = im2col_of(w, ([2], [1], [1]))(x)
+    got = im2col_of(w, ([2], [1], [1]))(x).matrix()
     assert torch.equal(got, _unfold(x.unsqueeze(2), (1, 3), (1, 2), (0, 1), (1, 1)))
     x4 = torch.randn(4, 3, 6, 6).transpose(0, 1)
     w4 = torch.empty(2, 4, 3, 3)
-    assert torch.equal(im2col_of(w4, ([1, 1], [1, 1], [1, 1]))(x4), _unfold(x4, (3, 3), (1, 1), (1, 1), (1, 1)))
+    assert torch.equal(im2col_of(w4, ([1, 1], [1, 1], [1, 1]))(x4).matrix(), _unfold(x4, (3, 3), (1, 1), (1, 1), (1, 1)))
+
+
+@pytest.mark.parametrize("n", [16, 32])
+@pytest.mark.parametrize("case", CASES)
+def test_im2col_rht_is_the_rotation_of_the_matrix(case, n):
+    """The fused im2col + FWHT (Im2col.rotated, one C pass) equals block_rht of the im2col matrix bit
+    for bit, the zero-padded tail block (tokens not a multiple of n) included."""
+    from lowprec.dispatch import block_rht
+    from lowprec.hadamard import random_signs
+    shape, k, s, p, d = case
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    signs = random_signs(n, generator=torch.Generator().manual_seed(3))
+    got = cpu.im2col_rht(x, k, s, p, d, signs)
+    want = block_rht(_unfold(x, k, s, p, d), signs, 0)
+    assert got.shape == want.shape and torch.equal(got, want)

@@ -398,3 +398,13 @@ def im2col(x: Tensor, kernel, stride, padding, dilation) -> Tensor:
         return native.run_im2col(lib, x.detach().contiguous(), kernel, stride, padding, dilation)
     cols = torch.nn.functional.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def im2col_rht(x: Tensor, kernel, stride, padding, dilation, signs: Tensor) -> Tensor:
+    """``block_rht(im2col(x, ...), signs, 0)``, the same numbers: on fp32 CPU tensors one C pass that
+    gathers the im2col rows straight into the FWHT (the matrix is never written), else those two calls."""
+    lib = native.library() if x.dtype == torch.float32 and x.device.type == "cpu" else None
+    if lib is None or x.requires_grad and torch.is_grad_enabled():
+        return block_rht(im2col(x, kernel, stride, padding, dilation), signs, 0)
+    s = signs.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    return native.run_im2col_fwht(lib, x.detach().contiguous(), kernel, stride, padding, dilation, s)

@@ -97,3 +97,64 @@ int lp_fwht_f32(const float* x, float* out, const float* signs, int64_t outer, i
             }
     return 0;
 }
+
+/* The block RHT along tokens (dim 0) of the im2col matrix [T = N·Ho·Wo, K = C·kh·kw] of x (contiguous
+ * [N, C, H, W]; g as lp_im2col_f32's), gathered straight into the butterfly buffer: the same numbers as
+ * lp_fwht_f32 on lp_im2col_f32's matrix (forward: the same loads, butterflies, scaling and signs per
+ * element; padding rows are zeros), without writing and re-reading the im2col matrix. */
+static inline void fwht_im2col_cols(const float* x, float* out, const float* sg, const int64_t* g, int64_t b,
+                                    int64_t T, int64_t K, int64_t i0, int64_t ni, int n, float c) {
+    const int64_t C = g[1], H = g[2], W = g[3], kh = g[4], kw = g[5], sh = g[6], sw = g[7];
+    const int64_t ph = g[8], pw = g[9], dh = g[10], dw = g[11], Ho = g[12], Wo = g[13];
+    float v[MAXN][FC];
+    int64_t coff[FC], di[FC], dj[FC];
+    for (int64_t i = 0; i < ni; i++) {
+        const int64_t k = i0 + i, ij = k % (kh * kw);
+        coff[i] = (k / (kh * kw)) * H * W;
+        di[i] = (ij / kw) * dh;
+        dj[i] = (ij % kw) * dw;
+    }
+    (void)C;
+    for (int r = 0; r < n; r++) {
+        const int64_t t = b * n + r;
+        if (t >= T) {
+            for (int64_t i = 0; i < ni; i++) v[r][i] = 0.0f;
+            continue;
+        }
+        const int64_t wo = t % Wo, ho = (t / Wo) % Ho, nn = t / (Wo * Ho);
+        const float* xn = x + nn * C * H * W;
+        const int64_t h0 = ho * sh - ph, w0 = wo * sw - pw;
+        for (int64_t i = 0; i < ni; i++) {
+            const int64_t hi = h0 + di[i], wi = w0 + dj[i];
+            v[r][i] = (hi >= 0 && hi < H && wi >= 0 && wi < W) ? xn[coff[i] + hi * W + wi] : 0.0f;
+        }
+    }
+    for (int h = 1; h < n; h *= 2)
+        for (int gg = 0; gg < n; gg += 2 * h)
+            for (int r = gg; r < gg + h; r++)
+                for (int64_t i = 0; i < ni; i++) {
+                    const float a = v[r][i], bb = v[r + h][i];
+                    v[r][i] = a + bb;
+                    v[r + h][i] = a - bb;
+                }
+    for (int r = 0; r < n; r++) {
+        float* op = out + (b * n + r) * K + i0;
+        const float s = sg[r];
+        for (int64_t i = 0; i < ni; i++) op[i] = (v[r][i] * c) * s;
+    }
+}
+
+/* out: contiguous [ceil(T/n)·n, K]. Returns 0, or -1 for n not a power of two in [2, 32]. */
+int lp_im2col_fwht_f32(const float* x, float* out, const int64_t* g, const float* signs, int n, int nthreads) {
+    if (n < 2 || n > MAXN || (n & (n - 1))) return -1;
+    const float c = (float)(1.0 / sqrt((double)n));
+    const int64_t T = g[0] * g[12] * g[13], K = g[1] * g[4] * g[5];
+    const int64_t nb = (T + n - 1) / n, nic = (K + FC - 1) / FC;
+#pragma omp parallel for collapse(2) num_threads(nthreads) if (nthreads > 1 && nb * n * K >= 65536)
+    for (int64_t b = 0; b < nb; b++)
+        for (int64_t ic = 0; ic < nic; ic++) {
+            const int64_t i0 = ic * FC, ni = i0 + FC <= K ? FC : K - i0;
+            fwht_im2col_cols(x, out, signs, g, b, T, K, i0, ni, n, c);
+        }
+    return 0;
+}

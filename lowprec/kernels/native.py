@@ -91,6 +91,7 @@ SIGNATURES = {
     "lp_elem_f32": (_INT, [_P, _P, _P, _U64, _I64P, _I64P, _I64P, _INT, _INT, _F32, _INT, _INT]),
     "lp_fwht_f32": (_INT, [_P, _P, _P, _I64, _I64, _I64, _INT, _INT, _INT]),
     "lp_im2col_f32": (_INT, [_P, _P, _I64P, _INT]),
+    "lp_im2col_fwht_f32": (_INT, [_P, _P, _I64P, _P, _INT, _INT]),
 }
 
 _state: dict = {"lib": None, "failed": None, "enabled": None, "rung": None, "path": None}
@@ -429,6 +430,20 @@ def run_im2col(lib, x: Tensor, kernel, stride, padding, dilation) -> Tensor:
     out = torch.empty((n * ho * wo, c * kernel[0] * kernel[1]), dtype=torch.float32)
     g = (ctypes.c_int64 * 14)(n, c, h, w, *kernel, *stride, *padding, *dilation, ho, wo)
     lib.lp_im2col_f32(_ptr(x), _ptr(out), g, _threads())
+    return out
+
+
+def run_im2col_fwht(lib, x: Tensor, kernel, stride, padding, dilation, signs: Tensor) -> Tensor:
+    """``run_fwht`` along dim 0 of ``run_im2col``'s matrix (the same numbers) in one pass: a new
+    contiguous ``[ceil(T/n)·n, C·kh·kw]`` tensor, n = ``signs.numel()``."""
+    n, c, h, w = x.shape
+    ho = (h + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    t, m = n * ho * wo, signs.numel()
+    out = torch.empty((-(-t // m) * m, c * kernel[0] * kernel[1]), dtype=torch.float32)
+    g = (ctypes.c_int64 * 14)(n, c, h, w, *kernel, *stride, *padding, *dilation, ho, wo)
+    if lib.lp_im2col_fwht_f32(_ptr(x), _ptr(out), g, _ptr(signs), m, _threads()) < 0:
+        raise ValueError(f"lp_im2col_fwht_f32: unsupported block size {m}")
     return out
 
 
