@@ -438,7 +438,7 @@ class QGemmFn(torch.autograd.Function):
         if z._base is not None:
             # F.linear folds >2-d input and views its result back, but an output that is a view
             # made inside a Function cannot be written in place (wav2vec2's SpecAugment does);
-            # _unsafe_view is the same alias, untracked, as at::linear's own result is
+            # _unsafe_view: the same storage and shape, not tracked as a view (no copy)
             z = torch.ops.aten._unsafe_view(z, z.shape) if z.is_contiguous() else z.clone()
         # what the backward GEMMs must see: the quantized (and masked) a and W, and the
         # high-precision W, a where a backward slot re-quantizes them (else None)
