@@ -9,7 +9,8 @@ adding it to the module that owns the parameter (a *unit*):
 - conv: 2·(C_in/groups)·prod(kernel) per output element (per input element when transposed);
 - so ``nn.MultiheadAttention``'s packed input projection counts under the module's own name and
   its output projection under ``<name>.out_proj``, though both are used functionally, as are the
-  projections of torchvision's Swin attention.
+  projections of torchvision's Swin attention (which convert routes to its converted children,
+  lowprec.layers_fn; an unknown module doing the same shows up below as never called).
 
 Attention's score and value products have no weight and are not counted. A unit is *converted*
 when its module, or an enclosing one, is in ``ConvertReport.converted`` and its forward ran in the
