@@ -7,6 +7,7 @@ adding it to the module that owns the parameter (a *unit*):
 
 - linear (y = x·Wᵀ), transformers' ``Conv1D`` (addmm, W [in, out]), x @ W: 2·in·out per token;
 - conv: 2·(C_in/groups)·prod(kernel) per output element (per input element when transposed);
+- a parametrized layer's computed weight (weight norm) counts for that layer when it runs it;
 - so ``nn.MultiheadAttention``'s packed input projection counts under the module's own name and
   its output projection under ``<name>.out_proj``, though both are used functionally, as are the
   projections of torchvision's Swin attention (which convert routes to its converted children,
@@ -36,6 +37,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .convert import convert
 
@@ -110,6 +112,7 @@ def weight_gemm_flops(model: nn.Module) -> tuple[dict[str, float], Callable[[], 
             owners.setdefault(p.untyped_storage().data_ptr(), []).append(mn)
     running: list[str] = []
     names = {m: n for n, m in model.named_modules()}
+    mods = dict(model.named_modules())
 
     class Count(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -125,6 +128,10 @@ def weight_gemm_flops(model: nn.Module) -> tuple[dict[str, float], Callable[[], 
         if own:
             name = next((n for n in reversed(running) if n in own), own[0])
             flops[name] = flops.get(name, 0.0) + f
+        elif isinstance(w, torch.Tensor) and running and parametrize.is_parametrized(mods[running[-1]], "weight"):
+            # a parametrized layer (weight norm: wav2vec2's positional conv) computes its weight
+            # from other parameters in its own forward: the GEMM is that layer's
+            flops[running[-1]] = flops.get(running[-1], 0.0) + f
 
     def _mha(args, kwargs) -> None:
         """F.multi_head_attention_forward(query, key, value, E, heads, in_proj_weight, ...,

@@ -46,6 +46,23 @@ def test_flops_by_hand():
     assert flops["head"] == n * 2 * 8 * 5
 
 
+def test_parametrized_layer_counts_and_is_named_skipped():
+    """A weight-normed (parametrized) conv, as wav2vec2's positional conv, computes its weight in its
+    forward: its FLOPs count for it (they were missed: no parameter operand), and the coverage names
+    it skipped ('parametrized module'), so the rule's fraction falls below 100%."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.Conv1d(4, 4, 3, padding=1),
+                      torch.nn.utils.parametrizations.weight_norm(nn.Conv1d(4, 4, 5, padding=2)),
+                      nn.Conv1d(4, 3, 1))
+    flops, remove = weight_gemm_flops(m)
+    m(torch.randn(2, 2, 6))
+    remove()
+    assert flops["2"] == 2 * 2 * (4 * 5) * (4 * 6)
+    cov = check_model(m, lambda: (torch.randn(2, 2, 6),), grad="luq4")
+    assert cov.skipped["2"] == "parametrized module" and cov.converted == ["1"]
+    assert cov.frac_rule == pytest.approx(flops["1"] / (flops["1"] + flops["2"]))
+
+
 def test_coverage_and_step():
     """luq4: first (conv) and last (head) kept; the rule's fraction counts what convert converted;
     converted weight gradients differ from fp32's. grad=fp32: identical gradients."""
