@@ -334,11 +334,12 @@ def _device(name: str) -> torch.device:
 
 
 def dry_run(exp: Experiment, *, out: Callable[[str], None] | None = None,
-            model: nn.Module | None = None) -> dict[str, Any]:
+            model: nn.Module | None = None, evaluate: bool = True) -> dict[str, Any]:
     """Run ``exp`` as a dry run of trainer.dry_run steps (module docstring); print the report
     through ``out`` (print by default) and return its numbers. ``model``: ``build_dry_model(exp)``'s
     model, built beforehand (a caller dry-running several rows of one model builds it once and
-    passes copies); it is converted in place."""
+    passes copies); it is converted in place. ``evaluate=False`` leaves the evaluation out (a test
+    that has evaluated another row of the same model: the same forward, under no_grad)."""
     from .train import enter_fnt
 
     say = out or (lambda s: print(s, flush=True))
@@ -408,7 +409,7 @@ def dry_run(exp: Experiment, *, out: Callable[[str], None] | None = None,
         say(f"dry run: step {i + 1}/{steps} ({phase}) loss {losses[-1]:.4f} {secs[-1]:.2f} s")
     te = time.perf_counter()
     model.eval()
-    ev = task.evaluate(model, task.make(g))
+    ev = task.evaluate(model, task.make(g)) if evaluate else {"skipped": "evaluate=False"}
     model.train()
     eval_s = time.perf_counter() - te
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else _cpu_peak()
