@@ -69,9 +69,8 @@ def token_matrix(to2d, delta):
 def estimate(est, delta, state, to2d, from2d, generator=None):
     """``est(δ)``; a block estimator (``elementwise == False``) sees δ as ``to2d(δ)`` (a view when it
     takes ``token_views``). Not `token_matrix` for the others: their result would come back in the
-    view's layout, and the bias gradient's sum over tokens rounds differently in that layout (the
-    GEMMs do not); the copy is small next to the format itself (char GPT nvfp4_sr: ~0.5 ms of copies
-    per step against ~9 ms in the C twins)."""
+    view's layout, and a Linear's bias gradient (a sum over tokens) rounds differently in that layout
+    (its GEMMs do not); `route` makes the copy once per backward instead."""
     if getattr(est, "elementwise", True):
         return est(delta, state=state, generator=generator)
     return from2d(est(to2d(delta, view=getattr(est, "token_views", False)), state=state, generator=generator))
@@ -87,10 +86,26 @@ def update_draws(g, delta, samples: int, to2d, from2d, state, generator=None):
     return SMP(draw, samples).draws(delta, generator=generator, state=state)
 
 
+def _once(to2d, delta):
+    """``to2d`` with its copy of ``delta`` made once: the backward and update estimates (and SMP draws)
+    share it, as estimators do not write their input (a Linear's copy is a transposing one, ~5x a
+    plain copy; on the char GPT with nvfp4_rtn the two copies per layer took ~0.8x the C format's time)."""
+    memo = []
+
+    def f(t, view=False):
+        if view or t is not delta:
+            return to2d(t, view=view)
+        if not memo:
+            memo.append(to2d(t))
+        return memo[0]
+    return f
+
+
 def route(g, lp_state, delta, need_b: bool, need_u: bool, to2d, from2d):
     """(δ_b, δ_u) of recipe ``g`` with the layer's ``lp_state``; either may be ``delta`` itself
     (exact), both may be the same object."""
     d_b = d_u = delta
+    to2d = _once(to2d, delta)
     s = int(g.samples)
     if g.shared and g.update is not None:
         if not (need_b or need_u):

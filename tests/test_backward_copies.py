@@ -1,0 +1,45 @@
+"""backward.route makes the [C_out, tokens] copy of δ once per backward and shares it between the
+backward and update estimates (and SMP draws): guards the char GPT's block-FP4 step time (each copy
+of a Linear δ is a transposing one) without changing a number."""
+
+import torch
+
+from lowprec.backward import route
+from lowprec.recipes import grad_recipe
+
+
+def _counting(delta):
+    calls = []
+
+    def to2d(t, view=False):
+        calls.append(view)
+        v = t.reshape(-1, t.shape[-1]).t()
+        return v if view else v.contiguous()
+
+    return to2d, (lambda t: t.t().reshape(delta.shape)), calls
+
+
+def test_one_copy_for_both_estimates_and_same_numbers():
+    delta = torch.randn(4, 32, 16)
+    to2d, from2d, calls = _counting(delta)
+    g = grad_recipe("nvfp4_sr")  # block estimators on both GEMMs, separate draws
+    torch.manual_seed(0)
+    d_b, d_u = route(g, {"backward": {}, "update": {}}, delta, True, True, to2d, from2d)
+    assert calls.count(False) == 1
+    # the same draws as with a fresh copy per estimate
+    torch.manual_seed(0)
+    ref_b = from2d(g.backward(to2d(delta), state={}))
+    ref_u = from2d(g.update(to2d(delta), state={}))
+    assert torch.equal(d_b, ref_b) and torch.equal(d_u, ref_u)
+    assert d_b.stride() == ref_b.stride() and d_u.stride() == ref_u.stride()
+
+
+def test_smp_draws_share_the_copy():
+    """Two SMP draws of a block estimator: one copy (each draw used to make its own)."""
+    from lowprec.estimators import NVFP4
+    from lowprec.recipes import GradRecipe
+    delta = torch.randn(2, 16, 8)
+    to2d, from2d, calls = _counting(delta)
+    g = GradRecipe("nvfp4_smp2", update=NVFP4("sr", dim=-1), samples=2)
+    route(g, {"backward": {}, "update": {}}, delta, True, True, to2d, from2d)
+    assert calls.count(False) == 1
