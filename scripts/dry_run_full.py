@@ -8,7 +8,8 @@ run's batch, the peak memory, and a rough estimate of its GPU-days from the pape
 
 Each row runs as ``python run.py experiment=<row> trainer.dry_run=<steps>`` would (lowprec.dry_run,
 in this process; nothing is written but the markdown file). A model is built once per architecture
-and copied for each of its rows.
+and copied for each of its rows, in one process per model
+(so that each model's peak memory is its own).
 
 GPU-days (rough): samples = (epochs + FNT epochs) x the training set's size, or (max_steps +
 fnt_steps) x batch_size for a step budget; CPU seconds = samples x (seconds per step / dry-run
@@ -94,22 +95,65 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu-images-per-s", type=float, default=GPU_IMAGES_PER_S,
                     help="one GPU's ResNet-50 training images/s, for the GPU-days ratio")
     ap.add_argument("--out", default=str(ROOT / "results" / "full_dry_run.md"))
+    ap.add_argument("--group", help=argparse.SUPPRESS)  # internal: rows of one model, in this process
+    ap.add_argument("--json", help=argparse.SUPPRESS)   # internal: where --group writes its results
     a = ap.parse_args(argv)
-    from lowprec.dry_run import build_dry_model, dry_run
-
+    over = [f"trainer.dry_run={a.steps}", f"trainer.dry_run_batch={a.batch}", f"trainer.threads={a.threads}",
+            "trainer.device=cpu"]
+    if a.group:
+        results = run_rows(a.group.split(","), over, a.steps)
+        Path(a.json).write_text(json.dumps(results))
+        return 0
     names = rows(a.rows)
     if not names:
         print(f"error: --rows {a.rows!r} matches no row under {FULL}", file=sys.stderr)
         return 2
-    over = [f"trainer.dry_run={a.steps}", f"trainer.dry_run_batch={a.batch}", f"trainer.threads={a.threads}",
-            "trainer.device=cpu"]
-    results, cache = {}, {}
+    commit, dirty = provenance()
+    # One process per model: each model's peak memory is its own (a process keeps what it freed).
+    groups: dict[str, list[str]] = {}
+    for row in names:
+        groups.setdefault(model_key(experiment(row, over)), []).append(row)
+    results = {}
     t_all = time.time()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, g in enumerate(groups.values()):
+            js = Path(tmp) / f"{i}.json"
+            cmd = [sys.executable, __file__, "--group", ",".join(g), "--json", str(js), "--steps", str(a.steps),
+                   "--batch", str(a.batch), "--threads", str(a.threads)]
+            subprocess.run(cmd, cwd=ROOT, check=False)
+            got = json.loads(js.read_text()) if js.exists() else {}
+            for row in g:
+                results[row] = got.get(row) or {"error": "the row's process died (see its output above)",
+                                                "samples": None, "samples_how": "", "model_name": "?",
+                                                "grad": "?", "fwd": "?"}
+    write(a, results, time.time() - t_all, argv if argv is not None else sys.argv[1:], commit, dirty)
+    print(f"wrote {a.out}")
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
+def provenance() -> tuple[str, str]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lowprec", "conf", "scripts"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit, dirty = "?", ""
+    return commit, dirty
+
+
+def run_rows(names: list[str], over: list[str], steps: int) -> dict:
+    """Dry-run ``names`` (rows of one model) in this process: {row: dry_run's numbers}."""
+    from lowprec.dry_run import build_dry_model, dry_run
+
+    results, cache = {}, {}
     for row in names:
         exp = experiment(row, over)
-        if (exp.trainer.fnt_steps if exp.trainer.max_steps else exp.trainer.fnt_epochs) and a.steps >= 2:
+        if (exp.trainer.fnt_steps if exp.trainer.max_steps else exp.trainer.fnt_epochs) and steps >= 2:
             # one more step: the last runs FNT's recipes, s/step is the main phase's
-            exp = experiment(row, [*over, f"trainer.dry_run={a.steps + 1}"])
+            exp = experiment(row, [*over, f"trainer.dry_run={steps + 1}"])
         key = model_key(exp)
         print(f"=== {row}", flush=True)
         try:
@@ -126,24 +170,16 @@ def main(argv: list[str] | None = None) -> int:
         r["samples"], r["samples_how"] = samples(exp)
         r["model_name"] = getattr(exp.model, "name", "?")
         r["grad"], r["fwd"] = exp.names["grad"], exp.names["fwd"]
+        r.pop("report", None)
         results[row] = r
         gc.collect()
-    write(a, results, time.time() - t_all, argv if argv is not None else sys.argv[1:])
-    print(f"wrote {a.out}")
-    return 1 if any("error" in r for r in results.values()) else 0
+    return results
 
 
-def write(a, results: dict, seconds: float, argv: list[str]) -> None:
+def write(a, results: dict, seconds: float, argv: list[str], commit: str, dirty: str) -> None:
     cal = results.get(CALIBRATION_ROW, {})
     cpu_ips = cal["batch"] / cal["seconds_per_step"] if "seconds_per_step" in cal else None
     ratio = a.gpu_images_per_s / cpu_ips if cpu_ips else None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lowprec", "conf", "scripts"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit, dirty = "?", ""
     import torch
 
     L = ["# Full-scale experiments: dry run", "",
@@ -154,14 +190,14 @@ def write(a, results: dict, seconds: float, argv: list[str]) -> None:
          f"trainer.dry_run={a.steps}` does (lowprec/dry_run.py): the real model at the real input shapes "
          "(224-px ImageNet images, the tasks' sequence lengths and vocabularies), converted with the row's "
          f"recipes, {a.steps} optimizer steps and one evaluation on synthetic inputs. Machine: "
-         f"{platform.machine()}, {torch.get_num_threads()} torch thread(s) of a 2-core CPU **shared with "
+         f"{platform.machine()}, {a.threads} torch thread(s) of a 2-core CPU **shared with "
          "other jobs running at the same time** (the step times are noisy, and slower than on a quiet "
          "machine), torch " + torch.__version__ + ".", "",
          "Columns: *converted* = layers `convert` runs in low precision / kept in high precision "
          "(first and last); *s/step* = seconds per optimizer step at the dry-run batch (the mean of the "
          "steps after the first; a row with FNT takes one more step, in FNT, left out of the mean); *peak* = the process's peak resident memory during the row (model, "
          "optimizer state, activations at that batch, and the process itself: its resident memory at the "
-         "row's start in parentheses, which holds the row's model already built); "
+         "row's start in parentheses, which holds the model already built; one process per model); "
          "*GPU-days* = a rough estimate for the paper's length (below).", ""]
     L += ["| row | model | task | grad / fwd | parameters | converted | batch | s/step | peak GiB | length | GPU-days |",
           "|---|---|---|---|---:|---|---:|---:|---:|---|---:|"]
