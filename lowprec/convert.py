@@ -11,6 +11,7 @@ every weight layer with what happened to it and why:
         attention, lowprec.layers_fn): its children converted, the module wrapped so its
         F.linear calls on their weights run them,
     subclasses of these whose forward is the base's or named in EQUIVALENT_FORWARD (timm's Linear),
+    parametrized Linear/Conv1d/Conv2d (weight norm: the GEMMs use the computed weight),
     transformers' Conv1D -> QConv1D (lowprec.layers_hf; recognized when transformers is imported).
 
 Converting a model that already holds converted layers is a ValueError; use `set_recipes()` to
@@ -33,7 +34,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from .layers import QConv1d, QConv2d, QLinear, recipe_name, resolve_fwd, resolve_grad
+from .layers import QConv1d, QConv2d, QLinear, QModule, recipe_name, resolve_fwd, resolve_grad
 from .layers_fn import QWeightOwner, functional_children, wrap_owner
 from .layers_hf import QConv1D, hf_conv1d_class
 from .layers_mha import QMultiheadAttention
@@ -61,6 +62,25 @@ def _forward_equivalent(cls: type, base: type) -> bool:
         return True
     owner = next(c for c in cls.__mro__ if "forward" in c.__dict__)
     return issubclass(owner, base) and f"{owner.__module__}.{owner.__qualname__}" in EQUIVALENT_FORWARD
+
+
+_PARAMETRIZED: dict[tuple[type, type], type] = {}
+
+
+def _parametrized_maker(make, mod: nn.Module):
+    """A converter for a parametrized QLinear/QConv kind (weight norm, spectral norm), else None.
+    The converted class derives from the layer kind and from parametrize's class of `mod`, so
+    `self.weight` stays the computed property: the GEMMs see the computed weight and its gradient
+    flows on through the parametrization to the original parameters, as in the unconverted layer."""
+    qcls = getattr(make, "__self__", None)
+    if not (isinstance(qcls, type) and issubclass(qcls, QModule)):
+        return None
+    key = (qcls, type(mod))
+    if key not in _PARAMETRIZED:
+        _PARAMETRIZED[key] = type(f"Parametrized{qcls.__name__}", key, {"__module__": qcls.__module__})
+    cls = _PARAMETRIZED[key]
+    return lambda m, *, fwd, grad, weight_nm, weight_nm_every, stats_every: cls._convert(
+        m, fwd, grad, weight_nm, weight_nm_every, stats_every)
 
 
 def _makers() -> tuple[tuple[type, Any], ...]:
@@ -102,7 +122,8 @@ def _ineligible_reason(mod: nn.Module, makers) -> tuple[Any, str | None]:
         return make, (f"{type(mod).__name__} overrides forward (not known to equal {base.__name__}'s: "
                       "lowprec.convert.EQUIVALENT_FORWARD)")
     if parametrize.is_parametrized(mod):
-        return make, "parametrized module"
+        pmake = _parametrized_maker(make, mod)
+        return (make, "parametrized module") if pmake is None else (pmake, None)
     if isinstance(getattr(mod, "weight", None), nn.parameter.UninitializedParameter):
         return make, "uninitialized (lazy) module"
     return make, None
@@ -166,7 +187,7 @@ def convert(
     weight_nm=(N, M): N:M-sparse weights in forward; weight_nm_transposable (default, spec §4.5)
         makes the mask N:M along both weight dimensions so the backward GEMM's Wᵀ is N:M too.
     Eligible: nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention, transformers' Conv1D and
-    subclasses that do not override forward (or whose forward is in EQUIVALENT_FORWARD), not parametrized, not lazy; an attention's out_proj
+    subclasses that do not override forward (or whose forward is in EQUIVALENT_FORWARD), not parametrized (but Linear/Conv1d/Conv2d may be), not lazy; an attention's out_proj
     only when the attention is converted. Other ones are reported as skipped with the reason. The
     report names an attention by its module name (its input projection; the per-GEMM state is
     `<name>.in_proj` in converted_layers()). Converting nothing while a non-identity recipe (or weight_nm) was asked

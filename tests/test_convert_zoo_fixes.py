@@ -7,7 +7,9 @@
   classifier of timm's mobilenetv3/ghostnet) are converted; an unknown subclass with its own
   forward stays skipped with the reason;
 - torchvision's Swin attention (ShiftedWindowAttention, V2), which applies its qkv/proj weights with
-  F.linear, runs those GEMMs through the converted layers (lowprec.layers_fn).
+  F.linear, runs those GEMMs through the converted layers (lowprec.layers_fn);
+- parametrized Linear/Conv layers (weight norm: wav2vec2's positional conv) convert, the GEMMs
+  on the computed weight, gradients flowing on to the original parameters.
 Each: grad=fp32 equals the unconverted model bit for bit; luq4 changes the converted weight gradients.
 """
 
@@ -182,3 +184,37 @@ def test_torchvision_swin_attention_runs_converted_qkv_and_proj(v2):
     assert type(attn) is type(rmods[qkv[0].rsplit(".", 1)[0]]) and not list(converted_layers(m))
     assert set(qkv) <= set(names)
     convert(m, grad="luq4")  # convertible again
+
+
+# ----------------------------------------------------------------------------- parametrized layers
+
+
+def test_weight_normed_layers_convert_and_restore():
+    """Guards wav2vec2's 'parametrized module' skip: weight-normed Conv1d (grouped) and Linear convert
+    (the class keeps parametrize's computed weight), fp32 bit-identical outputs and gradients of the
+    original parameters, luq4 changes them, state_dict keys unchanged, deepcopy works, unconvert
+    gives back the parametrized classes."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), weight_norm(nn.Conv1d(4, 4, 5, padding=2, groups=2)),
+                        nn.Flatten(), weight_norm(nn.Linear(24, 8)), nn.Linear(8, 3))
+    x = torch.randn(2, 2, 6)
+    kinds = (type(ref[1]), type(ref[3]))
+    for grad in ("fp32", "luq4"):
+        m = copy.deepcopy(ref)
+        rep = convert(m, grad=grad)
+        assert rep.converted == ["1", "3"] and [n for n, _ in converted_layers(m)] == ["1", "3"]
+        assert list(m.state_dict()) == list(ref.state_dict())
+        r = copy.deepcopy(ref)
+        assert torch.equal(_step(r, x), _step(m, x))
+        originals = [n for n, _ in m.named_parameters() if "original" in n]
+        assert len(originals) == 4
+        g = dict(m.named_parameters())
+        gr = dict(r.named_parameters())
+        same = [torch.equal(g[n].grad, gr[n].grad) for n in originals]
+        assert all(same) if grad == "fp32" else not any(same)
+        _step(copy.deepcopy(m), x)
+        unconvert(m)
+        assert (type(m[1]), type(m[3])) == kinds and parametrize.is_parametrized(m[1])
