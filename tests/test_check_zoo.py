@@ -103,4 +103,5 @@ def test_quick_cli(tmp_path):
     assert [r.split(" | ")[0][2:] for r in rows] == list(mod.QUICK)
     resnet = rows[0].split(" | ")
     assert resnet[6] == "100.00" and resnet[8].startswith("ok (19/19")  # every conv but the stem, fc
+    assert "## Not covered\n\nEvery listed model is at ≥ 99%" in text  # said, not left out
     assert mod.main(["--models", "tv:nope", "--out", str(out)]) == 2
