@@ -146,9 +146,10 @@ def provenance() -> tuple[str, str]:
 
 def run_rows(names: list[str], over: list[str], steps: int) -> dict:
     """Dry-run ``names`` (rows of one model) in this process: {row: dry_run's numbers}."""
-    from lowprec.dry_run import build_dry_model, dry_run
+    from lowprec.dry_run import build_dry_model, dry_model_spec, dry_run
 
     results, cache = {}, {}
+    before = calibrate(over)
     for row in names:
         exp = experiment(row, over)
         if (exp.trainer.fnt_steps if exp.trainer.max_steps else exp.trainer.fnt_epochs) and steps >= 2:
@@ -168,18 +169,32 @@ def run_rows(names: list[str], over: list[str], steps: int) -> dict:
             r = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"}
             print(f"    FAILED {r['error']}", flush=True)
         r["samples"], r["samples_how"] = samples(exp)
-        r["model_name"] = getattr(exp.model, "name", "?")
+        r["model_name"] = getattr(dry_model_spec(exp.model)[0], "name", "?")
         r["grad"], r["fwd"] = exp.names["grad"], exp.names["fwd"]
         r.pop("report", None)
         results[row] = r
         gc.collect()
+    cache.clear()
+    gc.collect()
+    cal = (before + calibrate(over)) / 2  # the load of a shared machine drifts: measured around the rows
+    for r in results.values():
+        r["calibration_images_per_s"] = cal
     return results
 
 
+def calibrate(over: list[str]) -> float:
+    """This CPU's training images/s, now: the calibration row (fp32 ResNet-50, 224 px), one step after
+    a first one that pays the one-time costs, at the dry-run batch, no evaluation."""
+    from lowprec.dry_run import dry_run
+
+    exp = experiment(CALIBRATION_ROW, [*over, "trainer.dry_run=2"])
+    r = dry_run(exp, out=lambda s: None, evaluate=False)
+    gc.collect()
+    return r["batch"] / r["seconds_per_step"]
+
+
 def write(a, results: dict, seconds: float, argv: list[str], commit: str, dirty: str) -> None:
-    cal = results.get(CALIBRATION_ROW, {})
-    cpu_ips = cal["batch"] / cal["seconds_per_step"] if "seconds_per_step" in cal else None
-    ratio = a.gpu_images_per_s / cpu_ips if cpu_ips else None
+    cals = [r["calibration_images_per_s"] for r in results.values() if r.get("calibration_images_per_s")]
     import torch
 
     L = ["# Full-scale experiments: dry run", "",
@@ -208,9 +223,10 @@ def write(a, results: dict, seconds: float, argv: list[str], commit: str, dirty:
                      f"{r['samples_how']} | |")
             continue
         gpu = "?"
-        if ratio and r["samples"]:
-            gpu_s = r["samples"] * r["seconds_per_step"] / r["batch"] / ratio
-            gpu = f"{gpu_s / 86400:.1f}"
+        if r.get("calibration_images_per_s") and r["samples"]:
+            ratio = a.gpu_images_per_s / r["calibration_images_per_s"]
+            days = r["samples"] * r["seconds_per_step"] / r["batch"] / ratio / 86400
+            gpu = f"{days:.0f}" if days >= 10 else f"{days:.1f}" if days >= 1 else f"{days:.2f}"
         if r.get("model_note"):
             notes.setdefault(r["model_note"], []).append(row)
         L.append(f"| {row} | {r['model_name']} | {r['task']} | {r['grad']} / {r['fwd']} | {r['params']:,} | "
@@ -219,15 +235,18 @@ def write(a, results: dict, seconds: float, argv: list[str], commit: str, dirty:
                  + (f" ({r['start_memory_bytes'] / 2**30:.2f})" if r.get("start_memory_bytes") else "")
                  + f" | {r['samples_how']} | {gpu} |")
     L += ["", "## GPU-days: how they are estimated (rough)", ""]
-    if ratio:
+    if cals:
         L += [f"R = one GPU's training throughput / this CPU's, calibrated on ResNet-50: {a.gpu_images_per_s:,.0f} "
               "images/s (an assumed single-A100 ResNet-50 training rate: NVIDIA's DeepLearningExamples "
               "publish on the order of 1,000-1,400 images/s in TF32 and ~2.5x that in mixed precision) over "
-              f"{cpu_ips:.2f} images/s measured here for `{CALIBRATION_ROW}`: R = {ratio:,.0f}. Each row: "
-              "GPU-days = samples x (s/step / batch) / R / 86,400, where samples = (epochs + FNT epochs) x "
+              f"the images/s this CPU trained `{CALIBRATION_ROW}` at (batch {a.batch or 2}, no evaluation), "
+              "measured in each model's process before and after its rows, because the load of the shared "
+              f"machine drifted: {min(cals):.2f}-{max(cals):.2f} images/s, R = {a.gpu_images_per_s / max(cals):,.0f}"
+              f"-{a.gpu_images_per_s / min(cals):,.0f}. Each row: "
+              "GPU-days = samples x (s/step / batch) / R / 86,400 with its own process's R, where samples = (epochs + FNT epochs) x "
               "training-set size (ImageNet 1,281,167; CIFAR-10 50,000; SQuAD v1.1 ~88,641 windows of 384 "
               "tokens) or (max_steps + fnt_steps) x batch_size for a step budget.", "",
-              "It is an order-of-magnitude estimate: the same R is used for every model and recipe, while "
+              "It is an order-of-magnitude estimate: R comes from ResNet-50 in fp32 for every model and recipe, while "
               "a GPU's advantage over a CPU differs between them (attention and large vocabularies, the "
               "quantizers as fused Triton kernels vs C twins, mixed precision, data loading and "
               "evaluation not counted), and the CPU measurement is one busy machine's. Runs on several "
