@@ -12,7 +12,13 @@ layer two more update GEMMs (the exact one and ĝ₂'s) plus the recipe's update
 off: nothing but the cost accounting below (a loop over the layers per step). Under DDP each rank
 measures its local gradient and the sums are averaged over the ranks, so decisions agree.
 
-Controller (`trainer.adapt`; reads r, or r2 with `trainer.adapt_r=two_draw`; τ =
+The paper's whole-model ratio (lowprec.noise_full, `trainer.noise_window = W > 0`, default 8): at
+the same steps, a second quantized backward of a copy of the model and two exact half-batch
+backwards give one `noise.full_terms`; `noise/global/r_full` (and `_se`) over the last W of them
+join the record. `measure_full` runs between the step's backward and its clipping (train._step).
+
+Controller (`trainer.adapt`; reads r, or r2 with `trainer.adapt_r=two_draw`, or the whole-model
+r_full with `trainer.adapt_r=full` — then smp and fallback read r_full for every layer; τ =
 `trainer.adapt_tau`, default √3; "stays below" = `trainer.adapt_patience` consecutive
 measurements with r < τ):
 - none: only measure;
@@ -34,7 +40,8 @@ gives 1.0, SMP-2 everywhere 2.0, fp32 0. Only converted layers count (the first/
 in high precision are in neither sum).
 
 State (`state_dict`, plain containers; the checkpoint's "extra"/"adapt"): per-layer SMP count,
-fallback flag and below-τ count, the global count, late_hp_step, the events, the MAC sums. On
+fallback flag and below-τ count, the global count, late_hp_step, the events, the MAC sums, the
+r_full window. On
 resume `load_state_dict` re-applies the recipe changes to layers that still have the experiment's
 recipe (not in FNT), without resetting the estimator state the checkpoint restored, so a resumed
 run takes the same steps and records the same events.
@@ -52,9 +59,12 @@ from .config import ADAPT_POLICIES
 from .convert import converted_layers
 from .distributed import Dist, all_gather
 from .noise import global_ratios, layer_ratios
+from .noise_full import FullMonitor
 from .recipes import grad_recipe
 
 __all__ = ["Controller", "signature", "lowp_factor"]
+
+_R_KEYS = {"exact": "r", "two_draw": "r2", "full": "r_full"}  # trainer.adapt_r -> the ratio read
 
 
 def signature(t: Any) -> dict[str, Any]:
@@ -67,6 +77,8 @@ def signature(t: Any) -> dict[str, Any]:
         return {"policy": "none"}
     sig = {"policy": policy, "tau": float(get("adapt_tau", 3 ** 0.5)), "patience": int(get("adapt_patience", 3)),
            "r": get("adapt_r", "exact"), "every": int(get("noise_every", 0))}
+    if sig["r"] == "full":
+        sig["window"] = int(get("noise_window", 8))
     if policy == "smp":
         sig["max_samples"] = int(get("adapt_max_samples", 16))
     else:
@@ -85,22 +97,25 @@ class Controller:
 
     def __init__(self, model: nn.Module, *, noise_every: int = 0, policy: str = "none",
                  tau: float = 3 ** 0.5, patience: int = 3, max_samples: int = 16, fallback: str = "fp32",
-                 r: str = "exact", seed: int = 0, rank: int = 0):
+                 r: str = "exact", seed: int = 0, rank: int = 0, window: int = 8):
         if policy not in ADAPT_POLICIES:
             raise ValueError(f"trainer.adapt={policy!r}; expected one of {ADAPT_POLICIES}")
         if policy != "none" and not noise_every:
             raise ValueError(f"trainer.adapt={policy} needs trainer.noise_every > 0 (it acts on measured r)")
+        if r == "full" and not window:
+            raise ValueError("trainer.adapt_r=full needs trainer.noise_window > 0 (r_full is measured over it)")
         try:
             self.fallback = grad_recipe(fallback)
         except ValueError as e:
             raise ValueError(f"trainer.adapt_fallback={fallback!r}: {e}") from None
-        self.layers = dict(converted_layers(model))
+        self.model, self.layers = model, dict(converted_layers(model))
         self.base = {n: m.grad_recipe for n, m in self.layers.items()}
         self.sig = signature({"adapt": policy, "adapt_tau": tau, "adapt_patience": patience, "adapt_r": r,
                               "noise_every": noise_every, "adapt_max_samples": max_samples,
-                              "adapt_fallback": fallback})
+                              "adapt_fallback": fallback, "noise_window": window})
         self.every, self.policy, self.tau, self.patience = noise_every, policy, float(tau), patience
-        self.max_samples, self.r_key, self.seed, self.rank = max_samples, "r2" if r == "two_draw" else "r", seed, rank
+        self.max_samples, self.r_key, self.seed, self.rank = max_samples, _R_KEYS[r], seed, rank
+        self.full = FullMonitor(window if noise_every else 0, seed=seed, rank=rank)
         self.state = {n: {"samples": int(g.samples), "fallback": False, "below": 0} for n, g in self.base.items()}
         self.global_below = 0
         self.late_hp_step: int | None = None
@@ -111,18 +126,26 @@ class Controller:
     @classmethod
     def from_trainer(cls, t, model: nn.Module, rank: int = 0) -> "Controller":
         return cls(model, noise_every=t.noise_every, policy=t.adapt, tau=t.adapt_tau, patience=t.adapt_patience,
-                   max_samples=t.adapt_max_samples, fallback=t.adapt_fallback, r=t.adapt_r, seed=t.seed, rank=rank)
+                   max_samples=t.adapt_max_samples, fallback=t.adapt_fallback, r=t.adapt_r, seed=t.seed, rank=rank,
+                   window=t.noise_window)
 
     # ---- per step
-    def before_step(self, step: int) -> None:
-        """Arm every layer when optimizer step `step` (0-based) is a measured one."""
+    def before_step(self, step: int, batch=None, bf16: bool = False) -> None:
+        """Arm every layer when optimizer step `step` (0-based) is a measured one; with the step's
+        batch `(x, y)`, also start the r_full measurement (before arming: the copy is unarmed)."""
         self.armed = bool(self.every) and (step + 1) % self.every == 0
         if not self.armed:
             return
+        if batch is not None:
+            self.full.start(self.model, step, *batch, bf16=bf16)
         for i, m in enumerate(self.layers.values()):
             gen = torch.Generator(device=m.weight.device)
             gen.manual_seed(((self.seed * 1_000_003 + self.rank) * 1_000_003 + step) * 1009 + i)
             m.arm_noise(gen)
+
+    def measure_full(self, model: nn.Module, d: Dist | None = None) -> None:
+        """After the step's backward, before clipping: one r_full measurement (if started)."""
+        self.full.measure(model, d)
 
     def after_step(self, step: int, d: Dist | None = None, **context) -> list[dict[str, Any]]:
         """Account the step's update MACs; on a measured step read r, decide, and return the
@@ -134,6 +157,7 @@ class Controller:
         if not self.armed:
             return []
         self.armed = False
+        self.full.drop()  # started but not measured: a skipped step
         terms = {n: t for n, t in ((n, m.pop_noise()) for n, m in self.layers.items()) if t is not None}
         if d is not None and d.world > 1:
             every = all_gather(terms, d)
@@ -142,9 +166,14 @@ class Controller:
             return []
         ratios = {n: layer_ratios(t) for n, t in terms.items()}
         ratios["global"] = global_ratios(terms)
+        full = self.full.record()
+        if full:
+            ratios["global"]["r_full"] = full["noise/global/r_full"]
         rec = {**context, "noise_step": step}
         for n, rr in ratios.items():
             rec[f"noise/{n}/r"], rec[f"noise/{n}/r2"] = rr["r"], rr["r2"]
+        rec.update(full)
+        self.full.last = None
         return [rec, *(self._event(e, context) for e in self._decide(step, ratios))]
 
     # ---- decisions
@@ -153,11 +182,13 @@ class Controller:
 
     def _decide(self, step: int, ratios: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
         new = []
+        if self.r_key not in ratios["global"]:  # r_full not measured at this step
+            return new
         if self.policy in ("smp", "fallback"):
             for n, st in self.state.items():
                 if n not in ratios or not self._low(n):
                     continue
-                r = ratios[n][self.r_key]
+                r = ratios[n].get(self.r_key, ratios["global"][self.r_key])  # r_full: whole model
                 st["below"] = st["below"] + 1 if r < self.tau else 0
                 if st["below"] < self.patience:
                     continue
@@ -210,7 +241,7 @@ class Controller:
     def state_dict(self) -> dict[str, Any]:
         return {"layers": {n: dict(st) for n, st in self.state.items()}, "global_below": self.global_below,
                 "late_hp_step": self.late_hp_step, "events": [dict(e) for e in self.events],
-                "macs_total": self.macs_total, "macs_lowp": self.macs_lowp}
+                "macs_total": self.macs_total, "macs_lowp": self.macs_lowp, "full_window": self.full.state_dict()}
 
     def load_state_dict(self, sd: dict[str, Any] | None) -> None:
         """Restore `state_dict()` (None: a checkpoint without controller state, nothing to do) and
@@ -224,6 +255,7 @@ class Controller:
         self.global_below, self.late_hp_step = sd["global_below"], sd["late_hp_step"]
         self.events = [dict(e) for e in sd["events"]]
         self.macs_total, self.macs_lowp = sd["macs_total"], sd["macs_lowp"]
+        self.full.load_state_dict(sd.get("full_window"))  # absent in older checkpoints
         for n, m in self.layers.items():
             if m.grad_recipe == self.base[n]:
                 self._apply(n)

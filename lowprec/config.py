@@ -187,7 +187,8 @@ class TrainConfig:
     adapt_patience: int = _D["adapt_patience"]
     adapt_max_samples: int = _D["adapt_max_samples"]
     adapt_fallback: str = _D["adapt_fallback"]
-    adapt_r: str = _D["adapt_r"]              # exact | two_draw
+    adapt_r: str = _D["adapt_r"]              # exact | two_draw | full
+    noise_window: int = _D["noise_window"]    # r_full's window (lowprec.noise_full); 0: not measured
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
 
@@ -200,7 +201,9 @@ class TrainConfig:
                 or not 0 <= self.max_skip_frac <= 1:
             raise ValueError(f"trainer.max_skip_frac={self.max_skip_frac!r}: expected a number in [0, 1]")
         _choice("trainer.adapt", self.adapt, ADAPT_POLICIES)
-        _choice("trainer.adapt_r", self.adapt_r, ("exact", "two_draw"))
+        _choice("trainer.adapt_r", self.adapt_r, ("exact", "two_draw", "full"))
+        if self.adapt_r == "full" and self.noise_window == 0:
+            raise ValueError("trainer.adapt_r=full needs trainer.noise_window > 0 (r_full is measured over it)")
         _positive("trainer.adapt_tau", self.adapt_tau)
         if self.adapt != "none" and not self.noise_every:
             raise ValueError(f"trainer.adapt={self.adapt} needs trainer.noise_every > 0 (it acts on measured r)")
@@ -208,7 +211,7 @@ class TrainConfig:
             if isinstance(getattr(self, k), bool) or not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
                 raise ValueError(f"trainer.{k}={getattr(self, k)!r}: expected an integer >= 1")
         for k in ("epochs", "fnt_epochs", "workers", "checkpoint_every", "checkpoint_steps", "stats_every",
-                  "max_steps", "limit_batches", "threads", "fnt_steps", "eval_every", "noise_every",
+                  "max_steps", "limit_batches", "threads", "fnt_steps", "eval_every", "noise_every", "noise_window",
                   "dry_run", "dry_run_batch"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:

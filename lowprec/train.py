@@ -326,7 +326,7 @@ def _train_epoch(exp: Experiment, r: _Run, model: nn.Module, prog: Progress, epo
             ep.phase = "fnt"
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         ep.lr = _set_lr(r.opt, exp, prog.step, b)
-        r.adapt.before_step(prog.step)
+        r.adapt.before_step(prog.step, (x, y), t.bf16)  # (x, y): the r_full measurement's batch
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=t.bf16):
             loss = F.cross_entropy(model(x).float(), y)
         if _step(loss, r, prog, d, t.skip_nonfinite, t.optim.clip_grad):
@@ -394,6 +394,7 @@ def _step(loss: torch.Tensor, r: _Run, prog: Progress, d: Dist, skip_nonfinite: 
         return False
     r.opt.zero_grad(set_to_none=True)
     if _backward(loss, skip_nonfinite) and _grads_finite(r.core, skip_nonfinite):
+        r.adapt.measure_full(r.core, d)  # r_full at a monitored step: on a copy, .grad untouched
         if clip_grad:
             torch.nn.utils.clip_grad_norm_(r.core.parameters(), clip_grad)
         r.opt.step()
