@@ -26,6 +26,12 @@ Logged with the monitor's record: `noise/global/r_full`, `noise/global/r_full_se
 measurement's own terms `noise/global/full_signal2`, `noise/global/full_noise2` (to re-window
 offline). The window is part of the controller's checkpoint state (an exact resume).
 
+DDP: every rank measures on its share of the batch and the three extra gradients are averaged
+over the ranks (all-reduce) before `full_terms`, so all ranks hold the same terms (checked with
+two gloo ranks: same weights with the monitor on and off). Like the step's own non-finite check,
+a gradient that turns non-finite on one rank only is not coordinated (that rank would skip the
+measurement's all-reduce and hang).
+
 Caveats: the halves use train-mode BatchNorm on half the batch (its statistics differ from the
 full batch's; part of what g_A, g_B estimate); the loss mirrors train.py's
 `F.cross_entropy(model(x).float(), y)`. Cost per measurement: one model copy (memory: the
