@@ -7,7 +7,7 @@ run's batch, the peak memory, and a rough estimate of its GPU-days from the pape
     python scripts/dry_run_full.py --rows 'luq_table/resnet50*' --out /tmp/x.md
 
 Each row runs as ``python run.py experiment=<row> trainer.dry_run=<steps>`` would (lowprec.dry_run,
-in this process; nothing is written but the markdown file). A model is built once per architecture
+nothing is written but the markdown file). A model is built once per architecture
 and copied for each of its rows, in one process per model
 (so that each model's peak memory is its own).
 
@@ -15,9 +15,10 @@ GPU-days (rough): samples = (epochs + FNT epochs) x the training set's size, or 
 fnt_steps) x batch_size for a step budget; CPU seconds = samples x (seconds per step / dry-run
 batch); GPU seconds = CPU seconds / R, where R is the ratio of one GPU's training throughput to this
 CPU's, calibrated on one model: the published ResNet-50 training rate of one A100
-(--gpu-images-per-s) over the fp32 ResNet-50 row's images/s measured here. The same R is applied to
-every row (models and recipes whose CPU/GPU speed ratio differs from ResNet-50's fp32 are off by
-that difference), so the estimate is an order of magnitude, not a plan.
+(--gpu-images-per-s) over the fp32 ResNet-50 row's images/s measured here, in each model's process
+before and after its rows (the load of a shared machine drifts). R comes from ResNet-50 in fp32 for
+every row (models and recipes whose CPU/GPU speed ratio differs from it are off by that
+difference), so the estimate is an order of magnitude, not a plan.
 """
 
 from __future__ import annotations

@@ -148,9 +148,10 @@ def test_fnt_row_takes_its_last_step_in_fnt():
 
 
 # ----------------------------------------------------------------------------- every full row
-# One step and the evaluation at batch 1 at the real shapes. Measured on the busy 2-core machine
-# (1 thread, load ~6-8): the ImageNet CNN rows 2-5 s each, ViT-B ~8 s, BERT SQuAD (384 tokens) and
-# MLM, Transformer-base (256 + 256 tokens, greedy and beam decoding of 2 tokens) ~8-20 s each; one
+# One step and the evaluation at batch 1 at the real shapes. Measured on the shared 2-core machine
+# (1 thread): this test 84 s for the 53 rows at load ~2-3 (the slowest: Transformer-base with its
+# decoding 7 s, BERT SQuAD at 384 tokens 4-6 s, ViT-B and BERT MLM ~4 s, ResNet-50 1-4 s), about 4.5 min
+# at load 7-12; the whole file 91 s at load ~2-3. One
 # model is built per architecture (BERT/Marian init ~5 s) and copied for each of its rows, and
 # evaluated for its first row only (the evaluation is the training forward under no_grad: Transformer
 # decoding and BERT at 384 tokens cost about a step each). A row
