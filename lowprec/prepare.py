@@ -32,7 +32,7 @@ from typing import Any
 
 from . import runs
 from .checkpoint import atomic_write_text, kill_point
-from .config import Experiment, experiment_from_cfg
+from .config import Experiment, experiment_from_cfg, trainer_defaults
 from .distributed import Dist, broadcast, setup_distributed, teardown_distributed
 from .preflight import (TRUE, check_env, check_group_options, compose_checked, resume_form,
                         user_error, value_of)
@@ -372,9 +372,14 @@ def check_run_dir(exp: Experiment) -> None:
                 + "; resume with the run's own options, or start a new run")
 
 
+# Keys that say how this invocation runs, not what the run is: a resume may change them.
+RUN_LOCAL_KEYS = frozenset({"trainer.resume", "trainer.dry_run", "trainer.dry_run_batch"})
+
+
 def config_changes(saved: dict, now: dict) -> list[tuple[str, Any, Any]]:
     """(dotted key, saved value, current value) for every resolved-config key whose value differs
-    between a checkpoint and this run, trainer.resume (the resume key) aside."""
+    between a checkpoint and this run, RUN_LOCAL_KEYS aside, and a trainer key the checkpoint predates
+    when it is at its default."""
     def flat(d, pre=""):
         out = {}
         for k, v in (d or {}).items():
@@ -386,8 +391,11 @@ def config_changes(saved: dict, now: dict) -> list[tuple[str, Any, Any]]:
 
     a, b = flat(saved), flat(now)
     missing = object()
+    # A trainer key newer than the checkpoint, now at its default, is the behaviour the run had.
+    newer = {f"trainer.{k}" for k, v in trainer_defaults().items() if f"trainer.{k}" not in a
+             and b.get(f"trainer.{k}", missing) == v}
     return [(k, a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b))
-            if k != "trainer.resume" and a.get(k, missing) != b.get(k, missing)]
+            if k not in RUN_LOCAL_KEYS and k not in newer and a.get(k, missing) != b.get(k, missing)]
 
 
 def _short(v) -> str:

@@ -306,3 +306,18 @@ def test_step_budget_is_labelled_in_steps_and_best_vs_final_reported():
     assert "30 steps" in lines[0] and "epochs" not in lines[0]
     assert any(ln.startswith("best vs final") and "1.5000" in ln for ln in lines)
     assert S.best_vs_final({**s, "val_loss": 1.51}) is None  # within noise
+
+
+def test_newer_trainer_keys_at_default_and_run_local_keys_are_not_changes():
+    """Guards the resume check against refusing every checkpoint written before a trainer key
+    existed (a key the checkpoint lacks, now at its default, is the behaviour the run had), and
+    against counting run-local keys (trainer.dry_run) as a change of the run; a newer key set to a
+    non-default value is still refused."""
+    from lowprec.config import trainer_defaults
+
+    d = trainer_defaults()
+    saved = {"trainer": {"threads": 1, "seed": 0}}
+    now = {"trainer": {"threads": 1, "seed": 0, "noise_window": d["noise_window"], "dry_run": 3}}
+    assert prepare.config_changes(saved, now) == []
+    now["trainer"]["noise_window"] = d["noise_window"] + 3
+    assert [k for k, *_ in prepare.config_changes(saved, now)] == ["trainer.noise_window"]
