@@ -1,6 +1,6 @@
 """The backward side of a converted layer (lowprec.qgemm) as pure functions of the recipe, the state and tensors.
 
-A layer's backward computes two GEMMs from the incoming gradient δ (spec/algorithms.md):
+A layer's backward computes two GEMMs from the incoming gradient δ (docs/routes.md):
 
     backward  g = Wᵀ δ_b       δ_b = grad.backward(δ)   (exact δ when None)
     update    ∂C/∂W = δ_u aᵀ   δ_u = mean of grad.samples draws of grad.update(δ)  (SMP)

@@ -184,7 +184,7 @@ def convert(
         in high precision; a list of qualified names skips those (unknown names: ValueError);
         None skips none.
     module_filter_fn(module, fqn) -> bool: convert only where True.
-    weight_nm=(N, M): N:M-sparse weights in forward; weight_nm_transposable (default, spec §4.5)
+    weight_nm=(N, M): N:M-sparse weights in forward; weight_nm_transposable (default, docs/algorithms.md#weight-nm-masks)
         makes the mask N:M along both weight dimensions so the backward GEMM's Wᵀ is N:M too.
     Eligible: nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention, transformers' Conv1D and
     subclasses that do not override forward (or whose forward is in EQUIVALENT_FORWARD), not parametrized (but Linear/Conv1d/Conv2d may be), not lazy; an attention's out_proj

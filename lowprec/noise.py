@@ -1,4 +1,4 @@
-"""The noise-to-signal ratio of a layer's weight gradient (spec/formats.md, "The noise criterion").
+"""The noise-to-signal ratio of a layer's weight gradient (docs/noise.md).
 
 FP4 All the Way (arXiv 2505.19115): training with stochastically rounded gradients stops making
 progress once ‖∇L‖ falls below about √3 times the quantization noise. Per converted layer we

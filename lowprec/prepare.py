@@ -407,7 +407,7 @@ def _short(v) -> str:
 
 
 def baseline_experiment(exp: Experiment, cfg) -> Experiment:
-    """`cfg` with the fp32 grad and fwd recipes (conf/grad/fp32.yaml, conf/fwd/fp32.yaml),
+    """`cfg` with the fp32 grad and fwd recipes (the registry in lowprec.recipes),
     everything else equal, in <out_root>/baselines/<name>/ (resumed if a previous try died)."""
     from hydra import compose
     from omegaconf import open_dict

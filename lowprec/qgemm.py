@@ -1,6 +1,6 @@
 """The one skeleton of every converted layer: its per-GEMM state and its autograd Function.
 
-A converted layer computes three GEMMs (docs: the layer's GEMMs and δ routes):
+A converted layer computes three GEMMs (docs/algorithms.md#notation-the-three-gemms; routes: docs/routes.md):
 
     forward   z = W a          W, a quantized by `fwd.weight` / `fwd.act` (round-to-nearest, STE)
     backward  g = Wᵀ δ_b       δ_b = grad.backward(δ)   (exact δ when None)

@@ -5,7 +5,7 @@ the backward GEMM ``Wᵀδ`` (grad-input) and the update GEMM ``δ aᵀ`` (grad-
 :class:`GradRecipe` names the estimator applied to δ for each, and the number of SMP samples the
 update GEMM averages. :class:`FwdRecipe` names the forward quantizers of ``W`` and ``a``.
 
-δ routes (spec/formats.md, "δ routes"): where an estimate of δ goes. N:M hardware needs the
+δ routes (docs/routes.md#routes): where an estimate of δ goes. N:M hardware needs the
 sparse operand's blocks along the reduction dimension of the GEMM it feeds; inside a layer δ is a
 ``[C_out, tokens]`` matrix, so ``NMPrune(dim=-1)`` blocks along tokens (the update GEMM's reduction
 dimension) and ``NMPrune(dim=0)`` along output channels (the backward GEMM's). ``GradRecipe.route``

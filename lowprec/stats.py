@@ -1,4 +1,4 @@
-"""Statistics of a gradient estimate: pure functions (spec §5).
+"""Statistics of a gradient estimate: pure functions (docs/algorithms.md#statistics-of-an-estimate).
 
 ``compare`` is cheap (one estimate) and runs inside training at a cadence; ``estimator_stats``
 draws K estimates of the same δ and measures bias and variance, beside the closed form when the
@@ -31,7 +31,8 @@ def compare(delta: Tensor, delta_hat: Tensor) -> dict[str, float]:
 
 
 def estimator_stats(delta: Tensor, est, *, ks=(1, 16, 256), generator: torch.Generator | None = None) -> dict:
-    """§5 statistics of ``est`` on ``delta`` from ``max(ks)`` independent draws.
+    """Bias and variance statistics (docs/algorithms.md#statistics-of-an-estimate) of ``est`` on
+    ``delta`` from ``max(ks)`` independent draws.
 
     ``bias@K`` = ‖mean of the first K draws - δ‖/‖δ‖ (falls like 1/√K for an unbiased estimator;
     stays for a biased one), with ``bias_floor@K`` = sqrt(measured total variance / K)/‖δ‖, the value

@@ -1,4 +1,4 @@
-"""N:M weight masks (spec §4.5): which weights the forward and backward GEMMs keep.
+"""N:M weight masks (docs/algorithms.md#weight-nm-masks): which weights the forward and backward GEMMs keep.
 
 Plain mask: in every block of M consecutive entries of `W.reshape(out, -1)` (linear:
 `in_features`; conv: C_in/groups·kh·kw in PyTorch's weight layout) keep the N of largest |w|.
@@ -36,7 +36,7 @@ def nm_weight_mask(weight: torch.Tensor, n: int, m: int, transposable: bool = Fa
     than `m` is padded with entries that are never preferred to a real one and then dropped.
 
     transposable: N:M along both dimensions of `weight.reshape(out, -1)`, so that W (forward GEMM)
-    and Wᵀ (backward GEMM) are both N:M (spec §4.5). Per m×m tile, the pattern with n ones per row
+    and Wᵀ (backward GEMM) are both N:M (docs/algorithms.md#weight-nm-masks). Per m×m tile, the pattern with n ones per row
     and per column that keeps the most |w| (exact: all patterns are scored; 90 for 2:4)."""
     if transposable:
         return _transposable_mask(weight, n, m)

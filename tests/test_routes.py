@@ -1,4 +1,4 @@
-"""δ routes (spec/formats.md, "δ routes"): which GEMM an N:M estimate of δ feeds, and along which axis.
+"""δ routes (docs/routes.md#routes): which GEMM an N:M estimate of δ feeds, and along which axis.
 
 update route (`<name>`): blocks along tokens, update GEMM only; backward route (`<name>_bwd`): blocks
 along output channels, backward GEMM only; both (`<name>_both`): one draw along output channels for
