@@ -151,6 +151,16 @@ class Datasets:
     # "classify": (image, label) items; "lm" (text_data): (x, y) int64 [T] windows, y = x shifted by
     # one, num_classes = vocabulary size, image_size = T, in_channels = 1
     task: str = "classify"
+    metric = property(lambda self: "val_loss" if self.task == "lm" else "top1")
+
+    def loss(self, model, x, y, step: int = 0, seed: int = 0):
+        """The training loss: cross-entropy of the logits (a language model's [B, V, T])."""
+        return torch.nn.functional.cross_entropy(model(x).float(), y)
+
+    def evaluate(self, model, loader, **kw) -> dict:
+        """top-1, top-5 and val_loss on ``loader`` (lowprec.evaluation.evaluate)."""
+        from .evaluation import evaluate
+        return evaluate(model, loader, **kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,7 +334,11 @@ def _imagenet(spec: DataSpec) -> tuple[Dataset, Dataset, int]:
 
 
 def build_datasets(spec: DataSpec) -> Datasets:
-    """Load ``spec``'s train and test sets (paths are checked first, see ``check_spec``)."""
+    """Load ``spec``'s train and test sets (paths are checked first, see ``check_spec``); a
+    translation, qa or mlm spec (lowprec.tasks.TaskDataSpec): lowprec.task_loop.build_task_data."""
+    if type(spec).__name__ == "TaskDataSpec":
+        from .task_loop import build_task_data
+        return build_task_data(spec)
     check_spec(spec)
     if isinstance(spec, TextDataSpec):
         t = build_text(spec)

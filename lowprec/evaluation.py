@@ -31,3 +31,16 @@ def evaluate(model: nn.Module, loader, *, device, bf16: bool, limit: int) -> dic
     model.train()
     return {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1),
             "val_loss": loss_sum / max(n, 1)}
+
+
+def metric_text(m: dict) -> str:
+    """An evaluation's numbers in one line of the training log."""
+    if "bleu" in m:
+        return f"val loss {m['val_loss']:.4f} BLEU {m['bleu']:.2f} top1 {m['top1']:6.2f}"
+    if "f1" in m:
+        return f"val loss {m['val_loss']:.4f} EM {m['exact_match']:.2f} F1 {m['f1']:.2f}"
+    if "masked_tokens" in m:
+        return f"val loss {m['val_loss']:.4f} (masked LM) top1 {m['top1']:6.2f}"
+    if "bits_per_char" in m:
+        return f"val loss {m['val_loss']:.4f} ({m['bits_per_char']:.3f} bpc) top1 {m['top1']:6.2f}"
+    return f"top1 {m['top1']:6.2f} top5 {m['top5']:6.2f}"

@@ -222,7 +222,7 @@ def row_problem(r: dict[str, Any]) -> str | None:
     for col, v in (("val_loss", r.get("val_loss")), ("summary val_loss", summ.get("val_loss"))):
         if v is not None and not _num(v, 0.0, math.inf):
             return f"{col}={v!r} is not a finite loss >= 0"
-    if r.get("metric") not in (None, "top1", "val_loss"):
+    if r.get("metric") not in (None, "top1", "val_loss", "bleu", "f1"):  # bleu, f1: lowprec.task_loop
         return f"metric={r.get('metric')!r}"
     return None
 

@@ -20,6 +20,12 @@ A diverged run exits 3 and is never a baseline. A run that ends near chance (the
 quality rule below, applied to the run itself) is `ok` but flagged (`quality`: "near chance")
 and printed with a caution, as a near-chance baseline is.
 
+Tasks (lowprec.task_loop): translation reports corpus BLEU (``metric`` "bleu"), question answering
+the SQuAD v1.1 F1 (``metric`` "f1", its EM beside it), both higher is better: degradation =
+baseline − run (points, > 0 worse), the baseline's value read from its summary. A masked LM reports
+its validation MLM loss (``metric`` "val_loss", lower is better), as a language model does.
+``higher_is_better`` in summary.json says the direction. No chance rule for BLEU or F1 (quality null).
+
 `describe` turns recipes into plain data for the summary.
 """
 
@@ -33,6 +39,7 @@ from typing import Any
 from .config import Experiment
 
 LN2 = math.log(2.0)
+HIGHER_SCORES = ("bleu", "f1")  # task metrics in points, higher is better (besides top1)
 
 
 def describe(obj) -> Any:
@@ -74,7 +81,7 @@ def run_status(skipped: int, steps: int, max_skip_frac: float, val_loss: float |
 
 def baseline_quality(metric: str, value: float | None, num_classes: int) -> str | None:
     """"near chance" / "ok" for a baseline's final metric (module docstring); None: no baseline."""
-    if value is None:
+    if value is None or metric in HIGHER_SCORES:
         return None
     if metric == "val_loss":
         near = value >= math.log(num_classes) - LN2 or not math.isfinite(value)
@@ -101,8 +108,15 @@ def summarize(exp: Experiment, result: dict[str, Any], baseline: dict[str, Any] 
     else:
         base_top1 = base_dir = None
     metric = result.get("metric", "top1")
+    base_score = None
+    if metric in HIGHER_SCORES:
+        bs = (baseline or {}).get("summary") if not exp.is_baseline else None
+        base_score = result.get(metric) if exp.is_baseline else \
+            (json.loads(bs) if isinstance(bs, str) else (bs or {})).get(metric)
     if base_top1 is None:
         deg = None
+    elif metric in HIGHER_SCORES:
+        deg = None if base_score is None or result.get(metric) is None else base_score - result[metric]
     elif metric == "val_loss":
         deg = None if base_val is None or result.get("val_loss") is None \
             else result["val_loss"] - base_val
@@ -122,7 +136,8 @@ def summarize(exp: Experiment, result: dict[str, Any], baseline: dict[str, Any] 
         "epochs": t.epochs, "fnt_epochs": t.fnt_epochs, "seed": t.seed,
         "batch_size": t.batch_size, "is_baseline": exp.is_baseline, "key": exp.key,
         **result,
-        "baseline_top1": base_top1, "baseline_val_loss": base_val,
+        "baseline_top1": base_top1, "baseline_val_loss": base_val, "higher_is_better": metric != "val_loss",
+        **({f"baseline_{metric}": base_score} if metric in HIGHER_SCORES else {}),
         "degradation": deg, "baseline_quality": quality,
         "baseline": baseline_status if base_top1 is not None else "no baseline",
         "baseline_run": base_dir,
@@ -133,7 +148,8 @@ def summarize(exp: Experiment, result: dict[str, Any], baseline: dict[str, Any] 
 
 
 # summary.json opens with these (in this order); the rest follows sorted by key.
-HEADLINE = ("status", "status_reason", "metric", "final_top1", "val_loss", "bits_per_char",
+HEADLINE = ("status", "status_reason", "metric", "higher_is_better", "bleu", "f1", "exact_match",
+            "baseline_bleu", "baseline_f1", "final_top1", "val_loss", "bits_per_char",
             "baseline_top1", "baseline_val_loss", "degradation", "quality", "baseline_quality",
             "best_top1", "best_val_loss", "model", "data", "fwd", "grad", "length", "seed",
             "steps", "skipped_steps", "wall_time", "run_dir")
@@ -163,9 +179,10 @@ def best_vs_final(s: dict[str, Any]) -> str | None:
 
 def final_line(s: dict[str, Any]) -> str:
     """The run's one closing line: status, the metric, the comparison, where it lies."""
-    lm = s.get("metric") == "val_loss"
-    val = s.get("val_loss") if lm else s.get("final_top1")
-    what = ("n/a" if val is None else f"val loss {val:.4f}" if lm else f"top-1 {val:.2f}%")
+    lm, score = s.get("metric") == "val_loss", s.get("metric") in HIGHER_SCORES
+    val = s.get("val_loss") if lm else s.get(s["metric"]) if score else s.get("final_top1")
+    what = ("n/a" if val is None else f"val loss {val:.4f}" if lm else
+            f"{s['metric'].upper()} {val:.2f}" if score else f"top-1 {val:.2f}%")
     deg = s.get("degradation")
     cmp = ("fp32 baseline itself" if s.get("baseline") == "self" else "no baseline" if deg is None
            else f"{deg:+.4f} nats vs fp32" if lm else f"{deg:+.2f} points below fp32")
@@ -196,11 +213,22 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
     cmp = "(this run is the fp32 baseline)" if s["baseline"] == "self" else None
     if lm:
         def nats(v):
-            return "   n/a" if v is None else f"{v:.4f} nats ({v / LN2:.3f} bits/char)"
+            if v is None:
+                return "   n/a"
+            return f"{v:.4f} nats" + ("" if s.get("task") == "mlm" else f" ({v / LN2:.3f} bits/char)")
         out += [f"val loss       {nats(s.get('val_loss'))}   (top-1 {pct(s['final_top1']).strip()})",
                 f"fp32 baseline  {nats(s.get('baseline_val_loss'))}   ({base})",
                 f"degradation    {'n/a' if shown is None else f'{shown:+.4f} nats'}   "
                 f"{cmp or '(val loss - baseline)'}"]
+    elif s.get("metric") in HIGHER_SCORES:
+        k = s["metric"]
+        em = f"   (EM {s['exact_match']:.2f})" if s.get("exact_match") is not None else ""
+        def pts(v):
+            return "   n/a" if v is None else f"{v:6.2f}"
+        out += [f"{k.upper():15s}{pts(s.get(k))}{em}   (top-1 {pct(s['final_top1']).strip()})",
+                f"fp32 baseline  {pts(s.get('baseline_' + k))}   ({base})",
+                f"degradation    {'n/a' if shown is None else f'{shown:+.2f} points'}   "
+                f"{cmp or f'(baseline - {k})'}"]
     else:
         best = "" if s.get("best_top1") is None else f"   (best {s['best_top1']:.2f}%)"
         out += [f"top-1          {pct(s['final_top1'])}{best}",

@@ -91,7 +91,9 @@ def train_tokenizer(files: Iterable[str | os.PathLike], *, vocab_size: int, kind
                     lowercase: bool = False):
     """A ``tokenizers.Tokenizer`` trained on local text files: byte-level BPE (``bpe``, as fairseq's
     and RoBERTa's) or WordPiece (``wordpiece``, BERT's), with the special tokens [PAD] (id 0),
-    [UNK], [CLS], [SEP], [MASK], <s>, </s> first. Deterministic for the same files."""
+    [UNK], [CLS], [SEP], [MASK], <s>, </s> first. BPE with the byte alphabet gave the same
+    vocabulary in repeated trainings; WordPiece did not (ties in hash order), so lowprec.task_loop
+    keeps a trained tokenizer next to the data for every later run."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     files = [str(f) for f in files]

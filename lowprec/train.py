@@ -11,7 +11,8 @@ needed, and the LR schedule (warm-up, cosine, step milestones) spans max_steps i
 epochs × steps per epoch. That choice is made once, in a `lowprec.budget.Budget` the loop asks. Evaluation at every epoch end, every `trainer.eval_every` steps, and at
 the end.
 
-Metric (top-1, or validation loss for a language model), degradation and summary.json: lowprec/summary.py.
+Metric (top-1; validation loss for a language model or masked LM; BLEU, SQuAD F1: the tasks'
+loss and evaluation are lowprec.task_loop's), degradation and summary.json: lowprec/summary.py.
 
 The configuration objects live in config.py, DDP set-up in distributed.py, checkpoints and RNG
 in checkpoint.py.
@@ -40,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
@@ -52,11 +52,12 @@ from .checkpoint import (Progress, kill_point, load_checkpoint, rng_state,
 from .config import Experiment
 from .convert import collect_stats, convert, set_recipes
 from .distributed import Dist, all_gather, all_true, broadcast, mean_over_ranks, setup_distributed
-from .evaluation import evaluate
+from .evaluation import metric_text as _metric_text
 from .kernels.cpu import backend_info
 from .logging import JsonlLogger, Logger, MultiLogger, make_wandb
 from .budget import Budget
 from .optim import make_optimizer
+from .task_loop import check_task, move  # noqa: F401 (check_task: prepare imports it from here)
 from .summary import LN2, baseline_quality, describe, run_status, summarize, summary_lines  # noqa: F401
 
 FNT_GRAD = "fp32"  # FNT epochs: exact δ
@@ -142,9 +143,10 @@ def _results(exp: Experiment, r: "_Run", prog: Progress, d: Dist, ran: float) ->
     lm = r.ds.task == "lm"
     result = {"final_top1": prog.last["top1"], "final_top5": prog.last["top5"],
               "best_top1": prog.best, "task": r.ds.task, "num_classes": r.ds.num_classes,
-              "metric": "val_loss" if lm else "top1", "val_loss": prog.last.get("val_loss"),
+              "metric": r.ds.metric, "val_loss": prog.last.get("val_loss"),
               "best_val_loss": prog.last.get("best_val_loss"),
               "bits_per_char": prog.last["val_loss"] / LN2 if lm and "val_loss" in prog.last else None,
+              **{k: prog.last[k] for k in ("bleu", "exact_match", "f1") if k in prog.last},
               "max_steps": t.max_steps, "fnt_steps": t.fnt_steps,
               "steps": prog.step, "skipped_steps": prog.skipped,
               "wall_time": prog.elapsed + ran, "weights_sha256": weights_hash(r.core),
@@ -255,17 +257,6 @@ def _start_logging(exp: Experiment, report, prog: Progress, d: Dist) -> Logger:
     return logger
 
 
-def check_task(exp: Experiment, ds) -> None:
-    """A language model needs text data and an image model image data (one ValueError line)."""
-    lm_model, lm_data = exp.model.source == "lm", ds.task == "lm"
-    if lm_model != lm_data:
-        raise ValueError(
-            f"model={exp.names['model']} (source {exp.model.source!r}) does not fit "
-            f"data={exp.names['data']} (task {ds.task!r}): "
-            + ("a language model needs data=shakespeare_char or data=text data.path=FILE"
-               if lm_model else "text data needs a language model (model=chargpt)"))
-
-
 def check_world(exp: Experiment, d: Dist) -> None:
     """The global batch must split evenly over the DDP ranks."""
     if exp.trainer.batch_size % d.world:
@@ -324,11 +315,11 @@ def _train_epoch(exp: Experiment, r: _Run, model: nn.Module, prog: Progress, epo
         if b.fnt_before_step(prog.step):  # the step budget's FNT phase starts
             enter_fnt(r.core, exp)
             ep.phase = "fnt"
-        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        x, y = x.to(dev, non_blocking=True), move(y, dev)
         ep.lr = _set_lr(r.opt, exp, prog.step, b)
         r.adapt.before_step(prog.step, (x, y), t.bf16)  # (x, y): the r_full measurement's batch
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=t.bf16):
-            loss = F.cross_entropy(model(x).float(), y)
+            loss = r.ds.loss(model, x, y, prog.step, t.seed)  # lowprec.data / task_loop
         if _step(loss, r, prog, d, t.skip_nonfinite, t.optim.clip_grad):
             ep.loss_sum += loss.detach()
             ep.n_steps += 1
@@ -462,24 +453,17 @@ def _end_epoch(exp: Experiment, r: _Run, prog: Progress, ep: _Epoch, logger: Log
           f"{ep.time:5.1f}s {rec['img_per_s']:.0f} samples/s", flush=True)
 
 
-def _metric_text(m: dict) -> str:
-    if "bits_per_char" in m:
-        return f"val loss {m['val_loss']:.4f} ({m['bits_per_char']:.3f} bpc) top1 {m['top1']:6.2f}"
-    return f"top1 {m['top1']:6.2f} top5 {m['top5']:6.2f}"
-
-
 def _evaluated(exp: Experiment, r: _Run, prog: Progress, d: Dist) -> dict:
     """Rank 0: evaluate at this step (once per step) and update prog.best / prog.last."""
     if r.evaluated is not None and r.evaluated[0] == prog.step:
         return r.evaluated[1]
-    m = evaluate(r.core, r.test_loader, device=d.device, bf16=exp.trainer.bf16,
+    m = r.ds.evaluate(r.core, r.test_loader, device=d.device, bf16=exp.trainer.bf16,
                  limit=exp.trainer.limit_batches)
     if r.ds.task == "lm":
         m["bits_per_char"] = m["val_loss"] / LN2
     prev = (prog.last or {}).get("best_val_loss")
     prog.best = max(prog.best, m["top1"])
-    prog.last = {"top1": m["top1"], "top5": m["top5"], "val_loss": m["val_loss"],
-                 "best_val_loss": m["val_loss"] if prev is None else min(prev, m["val_loss"])}
+    prog.last = {**m, "best_val_loss": m["val_loss"] if prev is None else min(prev, m["val_loss"])}
     r.evaluated = (prog.step, m)
     return m
 

@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("forward", "backward"),  # a layer's GEMM operands and δ routing (pure functions)
     ("qgemm", "layers", "layers_mha", "layers_hf", "layers_fn"),  # qgemm: the per-GEMM state and the one backward
     ("convert",),
-    ("data", "models", "chargpt", "hf_models", "model_defaults", "zoo", "tasks", "squad", "translation", "mlm", "text_data", "runs", "logging", "config", "distributed", "checkpoint", "provenance",
+    ("data", "models", "chargpt", "hf_models", "model_defaults", "zoo", "tasks", "squad", "translation", "mlm", "task_loop", "text_data", "runs", "logging", "config", "distributed", "checkpoint", "provenance",
      "summary", "adapt", "noise_full", "optim", "evaluation", "budget",
      "preflight"),
     ("tables", "train", "table_md", "adapt_table", "scaling_table", "dry_run"),
