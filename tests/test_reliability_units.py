@@ -224,3 +224,14 @@ def test_wandb_online_stays_online_when_the_check_passes(tmp_path, monkeypatch):
     monkeypatch.setattr(lplog, "ONLINE_CHECK", {})
     lplog.make_wandb(LoggerConfig(mode="online"), run_dir=tmp_path, name="x")
     assert modes == ["online"]
+
+
+def test_skip_fraction_exactly_at_the_limit_is_ok_and_one_more_diverges():
+    """The divergence rule is 'more than trainer.max_skip_frac of the steps skipped': exactly at the
+    limit is ok (guards `>` turned into `>=`, which only the boundary tells apart), one more is
+    diverged; 0.07 is not a power of two."""
+    from lowprec.summary import run_status
+
+    assert run_status(7, 100, 0.07, 1.0, 1.0, 10) == ("ok", None)
+    status, why = run_status(8, 100, 0.07, 1.0, 1.0, 10)
+    assert status == "diverged" and "8 of 100" in why
