@@ -29,7 +29,7 @@ Inputs and loss per task (the data spec decides the task):
   decoded ids against the target ids (full-length decoding would take max_target_length passes).
 - qa: [CLS] question (QUESTION_TOKENS) [SEP] context [SEP] = max_length ids, token types 0 / 1, an
   answer span of at most max_answer_length context tokens; loss (CE(start) + CE(end)) / 2, the loss
-  of transformers' ``BertForQuestionAnswering`` (lowprec.squad has none); evaluation: that loss,
+  of transformers' ``BertForQuestionAnswering`` (``task_loop.qa_loss``, the trainer's); evaluation: that loss,
   ``squad.best_answer`` on a synthetic context (words w0 w1 ...) and ``squad.squad_metrics``.
 - mlm: [CLS] ids [SEP] blocks of max_length, ``mlm.mask_tokens`` (data.mlm_probability, 80/10/10);
   cross-entropy over the selected tokens; evaluation: the MLM loss of another masked batch.
@@ -231,6 +231,7 @@ def _task(exp: Experiment, sh: Shapes, model: nn.Module, B: int, dev: torch.devi
 
     if sh.task == "qa":
         from .squad import best_answer, squad_metrics
+        from .task_loop import qa_loss  # the trainer's
 
         Q, A = min(QUESTION_TOKENS, L // 4), d.max_answer_length
         n_ctx = L - Q - 3
@@ -249,13 +250,12 @@ def _task(exp: Experiment, sh: Shapes, model: nn.Module, B: int, dev: torch.devi
             return ids.to(dev), torch.ones(B, L, dtype=torch.long, device=dev), types.to(dev), s.to(dev), e.to(dev)
 
         def loss(m, b):
-            start, end = m(b[0], attention_mask=b[1], token_type_ids=b[2])
-            return (F.cross_entropy(start.float(), b[3]) + F.cross_entropy(end.float(), b[4])) / 2
+            return qa_loss(m(b[0], attention_mask=b[1], token_type_ids=b[2]), b[3], b[4])
 
         def ev(m, b):
             with torch.no_grad(), torch.autocast(**ac):
                 start, end = m(b[0], attention_mask=b[1], token_type_ids=b[2])
-                val = float((F.cross_entropy(start.float(), b[3]) + F.cross_entropy(end.float(), b[4])) / 2)
+                val = float(qa_loss((start, end), b[3], b[4]))
             preds, exs = {}, []
             for i in range(B):
                 s, e = int(b[3][i]) - Q - 2, int(b[4][i]) - Q - 2

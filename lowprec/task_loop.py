@@ -12,9 +12,9 @@ Per task (the data spec's ``task``; the model's ``arch`` must match, ``check_tas
 * translation (``model.arch=seq2seq``): x = source ids + </s>, padded with [PAD]; y = (decoder
   input = <s> + target[:-1], target = target ids + </s>), padded. Loss: label-smoothed
   cross-entropy over the non-pad targets (lowprec.translation). Evaluation: the plain cross-entropy
-  (no smoothing) of the validation targets (teacher forcing), next-token top-1/top-5, and corpus BLEU (sacrebleu, 13a) of the
-  detokenized greedy (``beam`` 1) or beam-search hypotheses against the raw reference lines.
-  Metric ``bleu``, higher is better.
+  (no smoothing) of the validation targets (teacher forcing), next-token top-1/top-5, and corpus
+  BLEU (sacrebleu, 13a) of the detokenized greedy (``beam`` 1) or beam-search hypotheses against
+  the raw reference lines (a target longer than max_target_length cannot be matched in full). Metric ``bleu``, higher is better.
 * qa (``model.arch=question-answering``): run_qa windows (lowprec.squad.qa_features); x = ids,
   y = (attention mask, token types, start, end). Loss: (CE(start) + CE(end)) / 2. Evaluation:
   every window's logits, the best span per question over its windows (squad.best_answer) and the
@@ -178,7 +178,8 @@ class TaskData:
         for w, i in enumerate(win["example"][:len(outs)]):
             by_ex.setdefault(i, []).append(w)
         preds = {exs[i]["id"]: best_answer(exs[i]["context"], [outs[w][0] for w in ws], [outs[w][1] for w in ws],
-                                           [win["offsets"][w] for w in ws], max_answer_length=self.spec.max_answer_length)
+                                           [win["offsets"][w] for w in ws],
+                                           max_answer_length=self.spec.max_answer_length)
                  for i, ws in by_ex.items()}
         return squad_metrics([exs[i] for i in by_ex], preds)
 
@@ -300,7 +301,8 @@ def _mlm(spec, root: Path) -> TaskData:
     else:  # no validation shard: the last 5% of the blocks (at least one)
         k = max(1, len(blocks) // 20)
         if len(blocks) < 2:
-            raise ValueError(f"data.root={spec.root}: one block of {spec.max_length} tokens; need 2 (train, validation)")
+            raise ValueError(f"data.root={spec.root}: one block of {spec.max_length} tokens; "
+                             "need 2 (train, validation)")
         blocks, val = blocks[:-k], blocks[-k:]
     td = TaskData(_Items(blocks, blocks), None, tok.get_vocab_size(), 1, spec.max_length, "mlm", spec, tok, ids)
     vx, vy = td._mask(val, torch.Generator().manual_seed(spec.seed))  # fixed validation masks

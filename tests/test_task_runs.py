@@ -174,3 +174,25 @@ def test_wrong_arch_for_the_task_is_one_line(data):
     with pytest.raises(ValueError, match="model.arch=question-answering") as e:
         check_task(exp, td)
     assert "\n" not in str(e.value)
+
+
+def test_mlm_run_killed_after_a_mid_epoch_checkpoint_resumes_exactly(data, tmp_path):
+    """The training masks come from (seed, step): a masked-LM run killed after a checkpoint inside
+    an epoch and resumed ends with the weights and metrics of an uninterrupted run."""
+    import signal
+
+    from test_reliability_resume import finish, metrics, start
+
+    overrides, sub, _ = ROWS["mlm"]
+    args = [*overrides, *(a for a in COMMON if "max_steps" not in a), "trainer.max_steps=5",
+            "trainer.checkpoint_steps=2", "trainer.baseline=skip",
+            f"data.root={data / sub}"]
+    res = finish([start(tmp_path / "s", *args, f"hydra.run.dir={tmp_path / 's' / 'run'}"),
+                  start(tmp_path / "k", *args, f"hydra.run.dir={tmp_path / 'k' / 'run'}", LOWPREC_TEST_KILL_AT="step3")])
+    assert res[0][0] == 0, res[0][2][-2000:]
+    assert res[1][0] == -signal.SIGKILL, res[1][2][-2000:]
+    rc, out, err = finish([start(tmp_path / "k", *args, f"trainer.resume={tmp_path / 'k' / 'run'}")])[0]
+    assert rc == 0, (out[-2000:], err[-2000:])
+    want, got = (json.loads((tmp_path / d / "run" / "summary.json").read_text()) for d in ("s", "k"))
+    assert got["steps"] == 5 and got["weights_sha256"] == want["weights_sha256"]
+    assert got["val_loss"] == want["val_loss"] and metrics(tmp_path / "k" / "run") == metrics(tmp_path / "s" / "run")
