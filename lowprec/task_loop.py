@@ -60,6 +60,11 @@ def check_task(exp, ds) -> None:
                     f"data=tasks/<a {[k for k, v in ARCH_OF.items() if v == arch][0]} data set>")
             raise ValueError(f"model={exp.names['model']} (arch {arch!r}) does not fit "
                              f"data={exp.names['data']} (task {task!r}): it needs {need}")
+        t = exp.trainer
+        if getattr(t, "noise_every", 0) and getattr(t, "noise_window", 0):  # noise_full's backward: CE
+            raise ValueError(f"trainer.noise_window={t.noise_window}: the whole-model noise measurement "
+                             f"(r_full) takes the cross-entropy of image or character-LM batches, not "
+                             f"{task} batches; set trainer.noise_window=0 (the per-layer r still works)")
         return
     lm_model, lm_data = exp.model.source == "lm", task == "lm"
     if lm_model != lm_data:

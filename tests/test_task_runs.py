@@ -174,6 +174,9 @@ def test_wrong_arch_for_the_task_is_one_line(data):
     with pytest.raises(ValueError, match="model.arch=question-answering") as e:
         check_task(exp, td)
     assert "\n" not in str(e.value)
+    exp = _exp([*ROWS["qa"][0], "trainer.noise_every=2", "trainer.noise_window=4", f"data.root={data / 'squad'}"])
+    with pytest.raises(ValueError, match="trainer.noise_window=4"):  # r_full's loss is classification CE
+        check_task(exp, td)
 
 
 def test_mlm_run_killed_after_a_mid_epoch_checkpoint_resumes_exactly(data, tmp_path):
