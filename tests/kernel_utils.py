@@ -7,7 +7,7 @@ the ``cuda`` cases (marked ``gpu``) run the compiled kernels with ``TRITON_INTER
 import pytest
 import torch
 
-from lowprec.kernels import interpreter_enabled
+from lowprec.kernels import interpreter_enabled, native
 
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(not interpreter_enabled(), reason="needs TRITON_INTERPRET=1")),
@@ -34,3 +34,12 @@ def same(a, b):
     a, b = a.cpu(), b.cpu()
     bad = (a != b) & ~(a.isnan() & b.isnan())
     assert torch.equal(a, b), f"{int(bad.sum())} of {a.numel()} differ, e.g. kernel {a[bad][:4]} vs reference {b[bad][:4]}"
+
+
+def torch_core(fn):
+    """``fn()`` with the C twins off: the torch cores (same uniforms) run."""
+    native.set_enabled(False)
+    try:
+        return fn()
+    finally:
+        native.set_enabled(None)

@@ -8,16 +8,6 @@ from lowprec.luq import luq_scale
 from stat_utils import assert_unbiased, draws, grid_mean, heavy_tailed
 
 
-@pytest.fixture(params=["auto", "reference"])
-def backend(request, monkeypatch):
-    """The defining-property tests run on the plain-PyTorch reference itself
-    (LOWPREC_BACKEND=reference) as well as on the automatic path (the C twins on the CPU). Guards
-    a bug in the reference's arithmetic (e.g. rounding up with half the right probability), which
-    otherwise shows only as "the twin differs" in the twin-equality tests."""
-    monkeypatch.setenv("LOWPREC_BACKEND", request.param)
-    return request.param
-
-
 def test_levels_decision_and_override():
     assert lp.luq_levels(4) == 7 and lp.luq_levels(3) == 3 and lp.luq_levels(2) == 1
     assert lp.luq_levels(4, 8) == 8

@@ -16,6 +16,7 @@ from lowprec.kernels import cpu, native
 from lowprec.luq import luq as luq_ref
 from lowprec.nm import nm_noise_shape
 from lowprec.nm import nm_prune as nm_ref
+from kernel_utils import torch_core
 from stat_utils import boundary_uniforms, heavy_tailed
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"C twins unavailable: {native.status()}")
@@ -33,14 +34,6 @@ def grad_like(shape, seed=0, dtype=torch.float32):
     x.view(-1)[::5] = 0.0
     x.view(-1)[3::11] *= 1e-30  # blocks spanning many binades: capped entries, underflowing shares
     return torch.where(torch.isfinite(x.to(dtype)), x, 0.0).to(dtype)
-
-
-def torch_core(fn):
-    native.set_enabled(False)
-    try:
-        return fn()
-    finally:
-        native.set_enabled(None)
 
 
 def test_uniforms_equal_torch_rendering_and_grid():

@@ -14,6 +14,7 @@ import torch
 from lowprec import baselines, dispatch, hadamard
 from lowprec.estimators import FP4RDN, IntSR, Radix4
 from lowprec.kernels import cpu, native
+from kernel_utils import torch_core
 from stat_utils import boundary_uniforms, heavy_tailed
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"C twins unavailable: {native.status()}")
@@ -23,14 +24,6 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 def same(a, b):
     assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, a.dtype, b.shape, b.dtype)
     assert torch.equal(a, b), f"{int((a != b).sum())} of {a.numel()} differ"
-
-
-def torch_core(fn):
-    native.set_enabled(False)
-    try:
-        return fn()
-    finally:
-        native.set_enabled(None)
 
 
 def grad_like(shape, seed=0, dtype=torch.float32):

@@ -10,16 +10,6 @@ from lowprec.nm import mvue_probs
 from stat_utils import assert_unbiased, draws, grid_mean, heavy_tailed
 
 
-@pytest.fixture(params=["auto", "reference"])
-def backend(request, monkeypatch):
-    """The defining-property tests run on the plain-PyTorch reference itself
-    (LOWPREC_BACKEND=reference) as well as on the automatic path (the C twins on the CPU). Guards
-    a bug in the reference's arithmetic (e.g. rounding up with half the right probability), which
-    otherwise shows only as "the twin differs" in the twin-equality tests."""
-    monkeypatch.setenv("LOWPREC_BACKEND", request.param)
-    return request.param
-
-
 def blocks_of(y, m, dim=-1):
     yt = y.movedim(dim, -1)
     pad = (-yt.shape[-1]) % m

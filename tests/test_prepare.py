@@ -16,8 +16,7 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from hydra import compose
 
 from lowprec import config, prepare, runs
 from lowprec import train as T
@@ -28,15 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.train_subset=64", "data.test_subset=32", "data.image_size=16",
         "model.kwargs.width=0.25", "trainer.batch_size=32", "trainer.eval_batch_size=64",
         "logger=none", "trainer.epochs=1", "trainer.threads=1"]
-
-
-@pytest.fixture
-def conf():
-    config.register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        yield
-    GlobalHydra.instance().clear()
 
 
 def _names(cfg_overrides):

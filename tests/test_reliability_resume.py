@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from hydra import compose
 
 from lowprec import config, prepare, runs
 from lowprec import summary as S
@@ -58,15 +57,6 @@ def metrics(d: Path) -> list[dict]:
     drop = ("epoch_time", "img_per_s", "wall_time")
     return [{k: v for k, v in json.loads(x).items() if k not in drop}
             for x in (d / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture
-def conf():
-    config.register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        yield
-    GlobalHydra.instance().clear()
 
 
 def run_here(tmp: Path, *ov, run_dir="r", session=None):

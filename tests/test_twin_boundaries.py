@@ -23,6 +23,7 @@ from lowprec.kernels import cpu, interpreter_enabled, native, triton_available
 from lowprec.luq import luq as luq_ref
 from lowprec.nm import nm_noise_shape
 from lowprec.nm import nm_prune as nm_ref
+from kernel_utils import torch_core
 from stat_utils import boundary_uniforms
 
 HALF = [torch.float16, torch.bfloat16]
@@ -82,14 +83,6 @@ def underflow_blocks(dtype, seed=1):
 def inputs(dtype):
     cases = [(f"max {k}", near_tiny(dtype, v, seed=i)) for i, (k, v) in enumerate(tops(dtype).items())]
     return cases + [("underflowing block scales", underflow_blocks(dtype))]
-
-
-def torch_core(fn):
-    native.set_enabled(False)
-    try:
-        return fn()
-    finally:
-        native.set_enabled(None)
 
 
 # ----------------------------------------------------------------------------- CPU twins (C and torch cores)
