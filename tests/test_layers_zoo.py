@@ -12,7 +12,6 @@ Dimensions are tiny (the CI machine has two shared cores).
 """
 
 import copy
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -24,25 +23,7 @@ from lowprec.convert import collect_stats, convert, converted_layers, layer_stat
 from lowprec.layers import QConv1d
 from lowprec.layers_mha import QMultiheadAttention
 from lowprec.recipes import GRAD_NAMES, GradRecipe, grad_recipe
-
-
-@dataclass(frozen=True)
-class Scale:
-    """Deterministic elementwise stand-in: δ -> k·δ (k a power of two: exact)."""
-
-    k: float
-    unbiased = False
-    elementwise = True
-
-    @property
-    def name(self):
-        return f"x{self.k}"
-
-    def __call__(self, x, *, generator=None, state=None):
-        return x * self.k
-
-    def expected_variance(self, x):
-        return None
+from test_layers import Scale  # the deterministic elementwise stand-in the layer tests use
 
 
 SPLIT = GradRecipe("split", backward=Scale(4.0), update=Scale(0.5))
