@@ -148,9 +148,8 @@ def summarize(exp: Experiment, result: dict[str, Any], baseline: dict[str, Any] 
 
 
 # summary.json opens with these (in this order); the rest follows sorted by key.
-HEADLINE = ("status", "status_reason", "metric", "higher_is_better", "bleu", "f1", "exact_match",
-            "baseline_bleu", "baseline_f1", "final_top1", "val_loss", "bits_per_char",
-            "baseline_top1", "baseline_val_loss", "degradation", "quality", "baseline_quality",
+HEADLINE = ("status", "status_reason", "metric", "final_top1", "bleu", "f1", "exact_match", "val_loss",
+            "bits_per_char", "higher_is_better", "baseline_bleu", "baseline_f1", "baseline_top1", "baseline_val_loss", "degradation", "quality", "baseline_quality",
             "best_top1", "best_val_loss", "model", "data", "fwd", "grad", "length", "seed",
             "steps", "skipped_steps", "wall_time", "run_dir")
 # best vs final: reported when they differ by more than this (top-1 points; nats for a loss)
