@@ -76,7 +76,7 @@ def plan(table: str, scale: str, seeds: list[int], extra: list[str], rows: list[
     fewer seeds than jobs)], [other rows, dealt by cost]]."""
     if jobs <= 1:
         return [[build_command(table, scale, seeds, extra, rows)]]
-    specs = {r: tables.compose_row(r, extra) for r in rows}
+    specs = {r: tables.compose_row(r, one_point(extra)) for r in rows}
     base = [r for r in rows if (specs[r].grad, specs[r].fwd) == ("fp32", "fp32")
             and not specs[r].fnt_epochs]
     rest = [r for r in rows if r not in base]
@@ -108,6 +108,17 @@ def _run_parallel(phases, env, logdir, table) -> int:
             rc = p.wait() or rc
             f.close()
     return rc
+
+
+def one_point(extra: list[str]) -> list[str]:
+    """`extra` with every sweep override (k=a,b) cut to its first value: what composing a row
+    for its output root, index and cost needs (the sweep itself goes to the multirun as given)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    out = []
+    for text, o in zip(extra, OverridesParser.create().parse_overrides(extra)):
+        out.append(f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}"
+                   if o.is_sweep_override() else text)
+    return out
 
 
 def main(argv=None) -> int:
@@ -146,7 +157,7 @@ def main(argv=None) -> int:
     if a.skip_done:
         keep = []
         for r in rows:
-            spec = tables.compose_row(r, a.extra)
+            spec = tables.compose_row(r, one_point(a.extra))
             done = {x["seed"] for x in tables.matching_runs(
                 spec, tables.index_rows(tables.REPO / spec.index))}
             if set(seeds) <= done:
@@ -171,7 +182,7 @@ def main(argv=None) -> int:
     env.setdefault("WANDB_MODE", "offline")
     if a.scale == "small":
         env.setdefault("OMP_NUM_THREADS", "1")
-    spec = tables.compose_row(rows[0], a.extra)
+    spec = tables.compose_row(rows[0], one_point(a.extra))
     me = ["python", "scripts/reproduce.py", *argv]
     rec = {"table": a.table, "scale": a.scale, "seeds": seeds,
            "command": shlex.join(cmd if a.jobs <= 1 else me),
