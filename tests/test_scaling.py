@@ -82,7 +82,7 @@ def test_grid_files_follow_the_rules_and_compose_to_their_n_and_d():
     spec.loader.exec_module(grid)
     assert grid.main(["--check"]) == 0
     assert len(X.rows("small", "scaling")) == len(grid.RECIPES) * len(grid.WIDTHS) * len(grid.TPP)
-    for name, width, tpp in (("fwdnv_nvfp4_sr_c68_t200", 68, 200), ("fp32_c24_t25", 24, 25)):
+    for name, width, tpp in (("fwdnv_nvfp4_sr_c48_t200", 48, 200), ("fp32_c16_t25", 16, 25)):
         row = X.compose_row(f"small/scaling/{name}")
         rc, n, d = ST.point_of({"spec": row})
         assert (rc, n) == (name.split("_c")[0], S.chargpt_non_embedding(width))
