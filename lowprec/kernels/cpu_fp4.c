@@ -16,42 +16,52 @@ static inline float e2m1(float y, float u, int sr) { /* fp4.e2m1_round */
     return q * step;
 }
 
-static inline float e4m3(float t, int up) { /* fp4.e4m3_round, t in [0, 448] */
-    int e = floor_log2f(t > 0.0f ? t : 1.0f);
-    e = e < -6 ? -6 : e;
-    const float r = t * pow2f(3 - e);
-    return (up ? ceilf(r) : rhe(r)) * pow2f(e - 3);
-}
-
-/* The block formats of lowprec.fp4, vectorized along the tensor's contiguous axis: with blocks
- * along the last dim (inner = 1) the lanes are a block's elements and its scale is one number;
- * otherwise (blocks along an outer dim, inner > 1) the lanes are IC consecutive inner positions, i.e.
- * IC blocks side by side, each with its own scale. Per block: P0, P1, P2 as the format needs them
- * (nvfp4: s_b, d_b = s_b·s_dec; mxfp4: m, 2^-e, 2^e; block LUQ: m, α); then every element is the
- * branch-free `fp4_elem`, the reference's operations in the same order. */
+/* The block formats of lowprec.fp4, vectorized along the tensor's contiguous axis. Blocks along the
+ * last dim (inner = 1): G blocks of one row at a time, their maxima and scales with the blocks in the
+ * lanes, then their elements with a block's elements in the lanes (a short row's blocks, and the
+ * tail, one by one). Blocks along an outer dim (inner > 1): the lanes are IC consecutive inner
+ * positions, i.e. IC blocks side by side, each with its own scale. Per block: P0, P1, P2 as the
+ * format needs them (nvfp4: s_b, d_b = s_b·s_dec; mxfp4: m, 2^-e, 2^e; block LUQ: m, α); then every
+ * element is the branch-free `fp4_elem`, the reference's operations in the same order.
+ *
+ * A block's max|x| is the max of its magnitude bits (the same number for finite values; a NaN/Inf
+ * reads >= 0x7F800000): the NaN/Inf test is that max, so MXFP4 and block LUQ read x in one pass (a
+ * block holding one is not written and the call returns 1: its output is discarded). */
 #define IC 64
+#define G 16
+#define NONFINITE 0x7F800000u
 
-__attribute__((always_inline)) static inline void fp4_params(float m, float s_enc, float s_dec, int lm1, float* p0,
-                                                            float* p1, float* p2, const int FMT, const int SR) {
-    if (FMT == 0) {
+/* The block parameters from mb = max|x| as bits, branch-free (lanes = blocks). floor(log2 v) is read
+ * from the exponent field: for a subnormal v that gives -127, not v's own exponent (< -126), and
+ * both clamp to the same value (NVFP4's E4M3 exponent at -6; MXFP4's e = floor(log2 m) - 2 at -126),
+ * so the powers of two below are normal numbers (pow2_bits). c2 = 2^-(L-1) (block LUQ). */
+__attribute__((always_inline)) static inline void fp4_params(uint32_t mb, float s_enc, float s_dec, float c2,
+                                                            float* p0, float* p1, float* p2, const int FMT,
+                                                            const int SR) {
+    const float m = bits_f(mb);
+    if (FMT == 0) { /* fp4.e4m3_round of t in [0, 448], up for SR */
         float t = m / 6.0f * s_enc;
         t = t > 448.0f ? 448.0f : t;
-        *p0 = e4m3(t, SR);
+        int e = (int)(f_bits(t > 0.0f ? t : 1.0f) >> 23) - 127;
+        e = e < -6 ? -6 : e;
+        const float r = t * pow2_bits(3 - e);
+        *p0 = (SR ? ceilf(r) : rhe(r)) * pow2_bits(e - 3);
         *p1 = *p0 * s_dec;
+        *p2 = 1.0f;
     } else if (FMT == 1) {
-        int e = floor_log2f(m > 0.0f ? m : 1.0f) - 2;
+        int e = (int)(f_bits(m > 0.0f ? m : 1.0f) >> 23) - 129;
         e = e < -126 ? -126 : e;
-        if (SR) e += m * pow2f(-e) > 6.0f;
-        e = e > 127 ? 127 : e;
+        if (SR) e += m * pow2_bits(-e) > 6.0f;
+        e = e > 127 ? 127 : e; /* never: e <= 126 */
         *p0 = m;
-        *p1 = pow2f(-e);
-        *p2 = pow2f(e);
+        *p1 = pow2_bits(-e);
+        *p2 = pow2_bits(e);
     } else {
         *p0 = m;
-        *p1 = m > 0.0f ? m * pow2f(-lm1) : 1.0f; /* = ldexp(m, -(L-1)): one rounding either way */
+        *p1 = m > 0.0f ? m * c2 : 1.0f; /* = ldexp(m, -(L-1)): one rounding either way */
+        *p2 = 1.0f;
     }
 }
-
 
 __attribute__((always_inline)) static inline float fp4_elem(float xv, float uv, float p0, float p1, float p2,
                                                            float s_dec, const int FMT, const int SR) {
@@ -73,89 +83,139 @@ __attribute__((always_inline)) static inline float fp4_elem(float xv, float uv, 
     return copysignf(mag, xv);
 }
 
-/* Rows o0..o0+no-1 and columns l0..l0+nl-1 of one block (inner = 1). */
-__attribute__((always_inline)) static inline void fp4_block_row(const float* x, float* out, const float* u,
-                                                               uint64_t key, const int64_t* us, int64_t length,
-                                                               int64_t o0, int64_t no,
-                                                               int64_t l0, int64_t nl, float s_enc, float s_dec,
-                                                               int lm1, const int FMT, const int SR) {
-    float m = 0.0f, p0 = 0.0f, p1 = 1.0f, p2 = 1.0f;
+static inline uint32_t mag_bits(float v) { return f_bits(v) & 0x7FFFFFFFu; }
+
+/* G full blocks of SIZE at x[0, G·SIZE) of one row (inner = 1); k0, ks: the uniform index of x[0] and
+ * its step along the row. Returns 1, writing nothing, when one holds a NaN/Inf. */
+__attribute__((always_inline)) static inline int fp4_group(const float* restrict x, float* restrict out,
+                                                          const float* restrict u, uint64_t key, int64_t k0,
+                                                          int64_t ks, float s_enc, float s_dec, float c2,
+                                                          const int FMT, const int SR, const int SIZE) {
+    uint32_t mb[G], top = 0;
+    float p0[G], p1[G], p2[G];
+    float ub[G * 32] __attribute__((aligned(64)));
+    for (int g = 0; g < G; g++) {
+        uint32_t m = 0;
+        for (int j = 0; j < SIZE; j++) m = mag_bits(x[g * SIZE + j]) > m ? mag_bits(x[g * SIZE + j]) : m;
+        mb[g] = m;
+    }
+    for (int g = 0; g < G; g++) top = mb[g] > top ? mb[g] : top;
+    if (top >= NONFINITE) return 1;
+    for (int g = 0; g < G; g++) fp4_params(mb[g], s_enc, s_dec, c2, &p0[g], &p1[g], &p2[g], FMT, SR);
+    if (SR && u)
+        for (int i = 0; i < G * SIZE; i++) ub[i] = u[k0 + i * ks];
+    else if (SR)
+        for (int i = 0; i < G * SIZE; i++) ub[i] = hash_u(key, (uint64_t)(k0 + i * ks));
+    for (int g = 0; g < G; g++)
+        for (int j = 0; j < SIZE; j++)
+            out[g * SIZE + j] = fp4_elem(x[g * SIZE + j], SR ? ub[g * SIZE + j] : 0.0f, p0[g], p1[g], p2[g], s_dec,
+                                         FMT, SR);
+    return 0;
+}
+
+/* Rows o0..o0+no-1 and columns l0..l0+nl-1 of one block (inner = 1): a tile, or one block of a row. */
+__attribute__((always_inline)) static inline int fp4_block_row(const float* x, float* out, const float* u,
+                                                              uint64_t key, const int64_t* us, int64_t length,
+                                                              int64_t o0, int64_t no, int64_t l0, int64_t nl,
+                                                              float s_enc, float s_dec, float c2, const int FMT,
+                                                              const int SR) {
+    uint32_t mb = 0;
+    float p0, p1, p2;
     for (int64_t o = o0; o < o0 + no; o++)
-        for (int64_t l = l0; l < l0 + nl; l++) {
-            const float a = fabsf(x[o * length + l]);
-            m = a > m ? a : m;
-        }
-    fp4_params(m, s_enc, s_dec, lm1, &p0, &p1, &p2, FMT, SR);
+        for (int64_t l = l0; l < l0 + nl; l++) mb = mag_bits(x[o * length + l]) > mb ? mag_bits(x[o * length + l]) : mb;
+    if (mb >= NONFINITE) return 1;
+    fp4_params(mb, s_enc, s_dec, c2, &p0, &p1, &p2, FMT, SR);
     for (int64_t o = o0; o < o0 + no; o++) {
         const int64_t base = o * length + l0;
         float ub[32];
-        if (SR || FMT == 2)
-            for (int64_t l = 0; l < nl; l++) {
-                const int64_t k = o * us[0] + (l0 + l) * us[1];
-                ub[l] = u ? u[k] : hash_u(key, (uint64_t)k);
-            }
-        else
-            for (int64_t l = 0; l < nl; l++) ub[l] = 0.0f;
+        for (int64_t l = 0; l < nl; l++) {
+            const int64_t k = o * us[0] + (l0 + l) * us[1];
+            ub[l] = !SR ? 0.0f : u ? u[k] : hash_u(key, (uint64_t)k);
+        }
         for (int64_t l = 0; l < nl; l++) out[base + l] = fp4_elem(x[base + l], ub[l], p0, p1, p2, s_dec, FMT, SR);
     }
+    return 0;
 }
 
 /* Blocks of `size` along l at inner positions i0..i0+ni-1 (inner > 1), IC of them side by side. */
-__attribute__((always_inline)) static inline void fp4_block_cols(const float* x, float* out, const float* u,
-                                                                uint64_t key, const int64_t* us, int64_t length,
-                                                                int64_t inner,
-                                                                int64_t o, int64_t l0, int64_t nl, int64_t i0,
-                                                                int64_t ni, float s_enc, float s_dec, int lm1,
-                                                                const int FMT, const int SR) {
-    float m[IC], p0[IC], p1[IC], p2[IC], ub[IC];
-    for (int64_t i = 0; i < ni; i++) m[i] = 0.0f;
+__attribute__((always_inline)) static inline int fp4_block_cols(const float* x, float* out, const float* u,
+                                                               uint64_t key, const int64_t* us, int64_t length,
+                                                               int64_t inner, int64_t o, int64_t l0, int64_t nl,
+                                                               int64_t i0, int64_t ni, float s_enc, float s_dec,
+                                                               float c2, const int FMT, const int SR) {
+    uint32_t mb[IC], top = 0;
+    float p0[IC], p1[IC], p2[IC], ub[IC];
+    for (int64_t i = 0; i < ni; i++) mb[i] = 0;
     for (int64_t l = l0; l < l0 + nl; l++) {
         const float* xp = x + (o * length + l) * inner + i0;
-        for (int64_t i = 0; i < ni; i++) {
-            const float a = fabsf(xp[i]);
-            m[i] = a > m[i] ? a : m[i];
-        }
+        for (int64_t i = 0; i < ni; i++) mb[i] = mag_bits(xp[i]) > mb[i] ? mag_bits(xp[i]) : mb[i];
     }
-    for (int64_t i = 0; i < ni; i++) {
-        p1[i] = p2[i] = 1.0f;
-        fp4_params(m[i], s_enc, s_dec, lm1, &p0[i], &p1[i], &p2[i], FMT, SR);
-    }
+    for (int64_t i = 0; i < ni; i++) top = mb[i] > top ? mb[i] : top;
+    if (top >= NONFINITE) return 1;
+    for (int64_t i = 0; i < ni; i++) fp4_params(mb[i], s_enc, s_dec, c2, &p0[i], &p1[i], &p2[i], FMT, SR);
     for (int64_t l = l0; l < l0 + nl; l++) {
         const int64_t base = (o * length + l) * inner + i0;
-        if (SR || FMT == 2)
-            for (int64_t i = 0; i < ni; i++) {
-                const int64_t k = o * us[0] + l * us[1] + (i0 + i) * us[2];
-                ub[i] = u ? u[k] : hash_u(key, (uint64_t)k);
-            }
-        else
-            for (int64_t i = 0; i < ni; i++) ub[i] = 0.0f;
+        for (int64_t i = 0; i < ni; i++) {
+            const int64_t k = o * us[0] + l * us[1] + (i0 + i) * us[2];
+            ub[i] = !SR ? 0.0f : u ? u[k] : hash_u(key, (uint64_t)k);
+        }
         for (int64_t i = 0; i < ni; i++)
             out[base + i] = fp4_elem(x[base + i], ub[i], p0[i], p1[i], p2[i], s_dec, FMT, SR);
     }
+    return 0;
+}
+
+/* One row's work item `gi` (inner = 1, rows = 1): group gi < ng, else the blocks after the groups. */
+__attribute__((always_inline)) static inline int fp4_row_item(const float* x, float* out, const float* u,
+                                                             uint64_t key, const int64_t* us, int64_t length,
+                                                             int64_t o, int64_t gi, int64_t ng, int size,
+                                                             float s_enc, float s_dec, float c2, const int FMT,
+                                                             const int SR) {
+    if (gi < ng) {
+        const int64_t l0 = gi * G * size, off = o * length + l0, k0 = o * us[0] + l0 * us[1];
+        if (size == 16) return fp4_group(x + off, out + off, u, key, k0, us[1], s_enc, s_dec, c2, FMT, SR, 16);
+        return fp4_group(x + off, out + off, u, key, k0, us[1], s_enc, s_dec, c2, FMT, SR, 32);
+    }
+    int bad = 0;
+    for (int64_t l0 = ng * G * size; l0 < length; l0 += size)
+        bad |= fp4_block_row(x, out, u, key, us, length, o, 1, l0, l0 + size <= length ? size : length - l0, s_enc,
+                             s_dec, c2, FMT, SR);
+    return bad;
 }
 
 #define FP4_SPECIAL(NAME, FMT, SR)                                                                          \
-    static void NAME(const float* x, float* out, const float* u, uint64_t key, const int64_t* us, int64_t outer, \
-                     int64_t length, int64_t inner, int size, int rows, int lm1, float s_enc, float s_dec,          \
-                     int nthreads) {                                                                         \
+    static int NAME(const float* x, float* out, const float* u, uint64_t key, const int64_t* us, int64_t outer, \
+                    int64_t length, int64_t inner, int size, int rows, float c2, float s_enc, float s_dec,        \
+                    int nthreads) {                                                                          \
+        const int par = nthreads > 1 && outer * length * inner >= 65536;                                     \
+        int bad = 0;                                                                                         \
+        if (inner == 1 && rows == 1) {                                                                       \
+            const int64_t ng = size == 16 || size == 32 ? length / (G * size) : 0;                           \
+            _Pragma("omp parallel for collapse(2) num_threads(nthreads) if (par) reduction(|:bad)")           \
+            for (int64_t o = 0; o < outer; o++)                                                              \
+                for (int64_t gi = 0; gi <= ng; gi++)                                                         \
+                    bad |= fp4_row_item(x, out, u, key, us, length, o, gi, ng, size, s_enc, s_dec, c2, FMT, SR); \
+            return bad;                                                                                      \
+        }                                                                                                    \
         const int64_t nob = (outer + rows - 1) / rows, nb = (length + size - 1) / size;                     \
         const int64_t nic = (inner + IC - 1) / IC;                                                           \
-        _Pragma("omp parallel for collapse(2) num_threads(nthreads) if (nthreads > 1 && outer * length * inner >= 65536)") \
+        _Pragma("omp parallel for collapse(2) num_threads(nthreads) if (par) reduction(|:bad)")              \
         for (int64_t ob = 0; ob < nob; ob++)                                                                 \
             for (int64_t b = 0; b < nb; b++) {                                                               \
                 const int64_t o0 = ob * rows, l0 = b * size;                                                 \
                 const int64_t no = o0 + rows <= outer ? rows : outer - o0;                                   \
                 const int64_t nl = l0 + size <= length ? size : length - l0;                                 \
                 if (inner == 1) {                                                                            \
-                    fp4_block_row(x, out, u, key, us, length, o0, no, l0, nl, s_enc, s_dec, lm1, FMT, SR);       \
+                    bad |= fp4_block_row(x, out, u, key, us, length, o0, no, l0, nl, s_enc, s_dec, c2, FMT, SR); \
                 } else {                                                                                     \
                     for (int64_t c = 0; c < nic; c++) {                                                      \
                         const int64_t i0 = c * IC, ni = i0 + IC <= inner ? IC : inner - i0;                  \
-                        fp4_block_cols(x, out, u, key, us, length, inner, o0, l0, nl, i0, ni, s_enc, s_dec, lm1, \
-                                       FMT, SR);                                                             \
+                        bad |= fp4_block_cols(x, out, u, key, us, length, inner, o0, l0, nl, i0, ni, s_enc, s_dec, \
+                                              c2, FMT, SR);                                                  \
                     }                                                                                        \
                 }                                                                                            \
             }                                                                                                \
+        return bad;                                                                                          \
     }
 FP4_SPECIAL(fp4_nv_rtn, 0, 0)
 FP4_SPECIAL(fp4_nv_sr, 0, 1)
@@ -166,25 +226,29 @@ FP4_SPECIAL(fp4_bluq, 2, 1)
 /* x contiguous [outer, length, inner], blocks of `size` along length (`rows` > 1: size x size tiles of
  * [outer, length], inner = 1). us: the uniform index of element (o, l, i) is o·us[0] + l·us[1] + i·us[2]
  * (its position in x's logical C order: a transposed view is read in memory order, no copy). Returns 1
- * when x holds a NaN/Inf, -1 for an unknown format. */
+ * when x holds a NaN/Inf (out is then garbage), -1 for an unknown format. Only NVFP4 (its tensor
+ * scale) and the tiles read x in a first pass for max|x|; the others test each block as they go. */
 int lp_fp4_f32(const float* x, float* out, const float* u, uint64_t key, const int64_t* us, int64_t outer,
                int64_t length, int64_t inner, int size, int rows, int fmt, int sr, int lm1, int nthreads) {
-    const int64_t n = outer * length * inner;
-    uint32_t mb = 0;
-    for (int64_t k = 0; k < n; k++) {
-        const uint32_t v = f_bits(x[k]) & 0x7FFFFFFFu;
-        mb = v > mb ? v : mb;
+    if (size < 1 || size > 32 || (rows > 1 && (inner != 1 || rows > 16)) || fmt < 0 || fmt > 2) return -1;
+    float s_enc = 1.0f, s_dec = 1.0f;
+    if (fmt == 0 || rows > 1) {
+        const int64_t n = outer * length * inner;
+        uint32_t mb = 0;
+        for (int64_t k = 0; k < n; k++) mb = mag_bits(x[k]) > mb ? mag_bits(x[k]) : mb;
+        if (mb >= NONFINITE) return 1;
+        s_enc = 2688.0f / bits_f(mb); /* 6 * 448 over the tensor max (nvfp4) */
+        s_enc = s_enc > 0x1.fffffep127f ? 0x1.fffffep127f : s_enc;
+        s_dec = 1.0f / s_enc;
     }
-    if (mb >= 0x7F800000u) return 1;
-    if (size > 32 || (rows > 1 && (inner != 1 || rows > 16))) return -1;
-    float s_enc = 2688.0f / bits_f(mb); /* 6 * 448 over the tensor max (nvfp4) */
-    s_enc = s_enc > 0x1.fffffep127f ? 0x1.fffffep127f : s_enc;
-    const float s_dec = 1.0f / s_enc;
-    if (fmt == 0 && !sr) fp4_nv_rtn(x, out, u, key, us, outer, length, inner, size, rows, lm1, s_enc, s_dec, nthreads);
-    else if (fmt == 0) fp4_nv_sr(x, out, u, key, us, outer, length, inner, size, rows, lm1, s_enc, s_dec, nthreads);
-    else if (fmt == 1 && !sr) fp4_mx_rtn(x, out, u, key, us, outer, length, inner, size, rows, lm1, s_enc, s_dec, nthreads);
-    else if (fmt == 1) fp4_mx_sr(x, out, u, key, us, outer, length, inner, size, rows, lm1, s_enc, s_dec, nthreads);
-    else if (fmt == 2) fp4_bluq(x, out, u, key, us, outer, length, inner, size, rows, lm1, s_enc, s_dec, nthreads);
-    else return -1;
-    return 0;
+    if (inner == 1 && rows == 1 && length % size == 0 && us[0] == length * us[1]) {
+        length *= outer; /* rows back to back, the uniform index running on: one long row (short rows fill groups) */
+        outer = 1;
+    }
+    const float c2 = pow2f(-lm1);
+#define FP4_ARGS x, out, u, key, us, outer, length, inner, size, rows, c2, s_enc, s_dec, nthreads
+    if (fmt == 0) return sr ? fp4_nv_sr(FP4_ARGS) : fp4_nv_rtn(FP4_ARGS);
+    if (fmt == 1) return sr ? fp4_mx_sr(FP4_ARGS) : fp4_mx_rtn(FP4_ARGS);
+    return fp4_bluq(FP4_ARGS);
+#undef FP4_ARGS
 }

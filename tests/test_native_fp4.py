@@ -1,0 +1,127 @@
+"""The block FP4 C twins' fast paths (lowprec/kernels/cpu_fp4.c): blocks along a row G at a time
+(their maxima and scales with the blocks in the vector lanes), short rows folded into one long row
+when the uniform index runs on, and each block's own NaN/Inf test (MXFP4 and block LUQ read x once).
+Bit for bit equal to lowprec.fp4 given the twins' uniforms and to the torch cores, with partial groups
+and tail blocks, in transposed layouts, at extreme scales, for fp32/bf16/fp16; a NaN/Inf anywhere
+raises or gives zeros as the reference does; the thread count changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowprec import NonFiniteError, fp4
+from lowprec.kernels import cpu, native
+from kernel_utils import torch_core
+from stat_utils import boundary_uniforms, heavy_tailed
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason=f"C twins unavailable: {native.status()}")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+FP4 = {  # name: (twin(x, dim, **kw), reference(x, dim, uniforms), stochastic)
+    "nvfp4_rtn": (lambda x, d, **k: cpu.nvfp4(x, dim=d, **k), lambda x, d, u: fp4.nvfp4(x, dim=d), False),
+    "nvfp4_sr": (lambda x, d, **k: cpu.nvfp4(x, dim=d, rounding="sr", **k),
+                 lambda x, d, u: fp4.nvfp4(x, dim=d, rounding="sr", noise=u), True),
+    "mxfp4_rtn": (lambda x, d, **k: cpu.mxfp4(x, dim=d, **k), lambda x, d, u: fp4.mxfp4(x, dim=d), False),
+    "mxfp4_sr": (lambda x, d, **k: cpu.mxfp4(x, dim=d, rounding="sr", **k),
+                 lambda x, d, u: fp4.mxfp4(x, dim=d, rounding="sr", noise=u), True),
+    "luq4_b16": (lambda x, d, **k: cpu.block_luq(x, dim=d, **k), lambda x, d, u: fp4.block_luq(x, dim=d, noise=u),
+                 True),
+    "luq3_b32": (lambda x, d, **k: cpu.block_luq(x, 3, block=32, dim=d, **k),
+                 lambda x, d, u: fp4.block_luq(x, 3, block=32, dim=d, noise=u), True),
+}
+
+
+def same(a, b, what=""):
+    assert a.shape == b.shape and a.dtype == b.dtype, what
+    assert torch.equal(a, b), f"{what}: {int((a != b).sum())} of {a.numel()} differ"
+
+
+def grad_like(shape, seed=0, dtype=torch.float32):
+    x = heavy_tailed(shape, sigma=3.0, seed=seed)
+    x.view(-1)[::5] = 0.0
+    x.view(-1)[3::11] *= 1e-30  # blocks spanning many binades
+    return torch.where(torch.isfinite(x.to(dtype)), x, 0.0).to(dtype)
+
+
+def extremes(dtype):
+    """[16, 512] (folded into one row: 2 groups of 16 blocks of 16, one of 32) with special rows."""
+    x = grad_like((16, 512), seed=9)
+    x[0] *= 1e-30  # E4M3 subnormal / zero block scales, MXFP4 scales clamped at 2^-126
+    x[1] *= 1e30
+    x[2, :16] = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0] * 2)  # grid ties
+    x[3] = 1e-42  # fp32 subnormals
+    x[4, 5] = 1e6  # an outlier: the other blocks' NVFP4 scales underflow E4M3
+    x[5] = 0.0  # all-zero blocks
+    x[6, 100:140] = -7.0  # equal magnitudes
+    x[7, ::3] = 3.0e38  # near fp32's max (inf in bf16/fp16: zeroed below)
+    x[8, :256] = torch.linspace(-1e-38, 1e-38, 256)  # around the smallest normal
+    return torch.where(torch.isfinite(x.to(dtype)), x, 0.0).to(dtype)
+
+
+def layouts(dtype):
+    """(name, x, dim): every path of the row kernel and the column kernel."""
+    t = grad_like((300, 520), 4, dtype).t()  # [520, 300] with strides (1, 520): a Linear δ's token view
+    return [("long rows, partial group and tail", grad_like((3, 700), 1, dtype), -1),
+            ("short rows folded into one", grad_like((40, 96), 2, dtype), -1),
+            ("short rows with a tail (not folded)", grad_like((50, 40), 3, dtype), -1),
+            ("transposed: blocks along memory rows", t, 0),
+            ("transposed: blocks across memory rows", t, -1),
+            ("transposed, whole blocks per row (not folded: the uniform index jumps)",
+             grad_like((300, 512), 7, dtype).t(), 0),
+            ("transposed, short rows of whole blocks", grad_like((40, 96), 8, dtype).t(), 0),
+            ("3-D, blocks along an outer dim", grad_like((4, 600, 3), 5, dtype), 1),
+            ("3-D, blocks along the last dim", grad_like((2, 3, 1100), 6, dtype), -1),
+            ("extremes", extremes(dtype), -1),
+            ("extremes along dim 0", extremes(dtype), 0)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(FP4))
+def test_fp4_fast_paths_bit_identical(case, dtype):
+    twin, ref, sr = FP4[case]
+    for name, x, d in layouts(dtype):
+        g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+        y = twin(x, d, generator=g())
+        same(y, ref(x, d, cpu.uniforms(cpu.draw_seed(g()), x.shape)), f"C twin vs reference, {name}")
+        same(y, torch_core(lambda: twin(x, d, generator=g())), f"C twin vs torch core, {name}")
+        if sr:
+            u = boundary_uniforms(x.shape, seed=1)
+            same(twin(x, d, noise=u), ref(x, d, u), f"given uniforms, {name}")
+
+
+@pytest.mark.parametrize("case", list(FP4))
+def test_fp4_nonfinite_anywhere_raises_or_zeros(case):
+    """A NaN/Inf in a group, in a row's tail block, in a column block, or in the last element: the
+    block that reads it reports it (MXFP4 and block LUQ have no separate max pass)."""
+    twin, ref, _ = FP4[case]
+    for shape, d, where in [((3, 700), -1, (1, 300)), ((3, 700), -1, (2, 699)), ((40, 96), -1, (39, 95)),
+                            ((64, 48), 0, (40, 7)), ((4, 600, 3), 1, (3, 599, 2)), ((16, 512), -1, (0, 0))]:
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            x = grad_like(shape, 8)
+            x[where] = bad
+            with pytest.raises(NonFiniteError):
+                ref(x, d, boundary_uniforms(x.shape))
+            with pytest.raises(NonFiniteError):
+                twin(x, d, generator=torch.Generator().manual_seed(0))
+            same(twin(x, d, generator=torch.Generator().manual_seed(0), nonfinite="skip"), torch.zeros_like(x),
+                 f"skip, {shape} {where} {bad}")
+
+
+@pytest.mark.parametrize("case", list(FP4))
+def test_fp4_thread_count_does_not_change_results(case):
+    twin, _, _ = FP4[case]
+    before = torch.get_num_threads()
+    try:
+        for x, d in ((grad_like((64, 2048), 10), -1), (grad_like((64, 2048), 11), 0), (grad_like((8, 16384), 12), -1)):
+            outs = []
+            for t in (1, 3):
+                torch.set_num_threads(t)
+                outs.append(twin(x, d, generator=torch.Generator().manual_seed(2)))
+            same(*outs, f"threads, {tuple(x.shape)} dim {d}")
+            x[-1, -1] = float("nan")
+            with pytest.raises(NonFiniteError):
+                twin(x, d, generator=torch.Generator().manual_seed(2))
+    finally:
+        torch.set_num_threads(before)
