@@ -19,9 +19,10 @@ fixed before any grid run (results/notes/scaling_plan.md says how they were chos
   characters predicted = steps × batch 16 × context 64, so steps = round(N·TPP / 1024).
 - schedule over each run's own budget: linear warm-up over 10% of its steps (the LM tables'
   40 of 400), then cosine to 0 at its last step; validation loss once, at the end.
-- learning rate: lr(C) = LR0 · (C / 64)^(−LR_EXP), AdamW (chargpt's other defaults). LR0 = 3e-3,
-  LR_EXP = 0 (chargpt's tuned default at C = 64) until the fp32 sweep of the plan fixes them;
-  rerun this script with --lr0/--lr-exp before the launch, never after.
+- learning rate: lr(C) = LR0 · (C / 64)^(−LR_EXP), AdamW (chargpt's other defaults). LR0 = 2e-2,
+  LR_EXP = 0, fixed by the plan's fp32 sweep before any grid run (50 tokens per parameter,
+  seed 0): the best of {1, 2, 3, 6} e-3 and 1, 2, 3 e-2 was 2e-2 at both end widths 16 and 48
+  (results/notes/scaling_plan.md has the losses); never changed after a grid run.
 - recipes (RECIPES): fp32; luq4; INT4 forward + luq4; NVFP4 forward + nvfp4_sr; MXFP4 forward +
   mxfp4_sr; mvue24; mvue24_luq4. Every row shares conf/experiment/small/scaling/_base.yaml.
 """
@@ -39,6 +40,7 @@ OUT = ROOT / "conf" / "experiment" / "small" / "scaling"
 WIDTHS = (16, 24, 34, 48)
 TPP = (25, 50, 100, 200)
 TOKENS_PER_STEP = 16 * 64
+LR0, LR_EXP = 2e-2, 0.0  # the LR rule, from the fp32 sweep (module docstring)
 # row prefix -> (fwd, grad)
 RECIPES = {"fp32": ("fp32", "fp32"), "luq4": ("fp32", "luq4"), "fwd4_luq4": ("int4", "luq4"),
            "fwdnv_nvfp4_sr": ("nvfp4", "nvfp4_sr"), "fwdmx_mxfp4_sr": ("mxfp4", "mxfp4_sr"),
@@ -101,8 +103,8 @@ def lr_sweep(index: str) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    p.add_argument("--lr0", type=float, default=3e-3)
-    p.add_argument("--lr-exp", type=float, default=0.0)
+    p.add_argument("--lr0", type=float, default=LR0)
+    p.add_argument("--lr-exp", type=float, default=LR_EXP)
     p.add_argument("--check", action="store_true", help="compare, write nothing")
     p.add_argument("--lr-sweep", metavar="INDEX", help="print the fp32 runs' final val loss per "
                    "(width, steps, lr) from a run index, write nothing")
