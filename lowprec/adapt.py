@@ -27,7 +27,10 @@ measurements with r < τ):
 - fallback: such a layer's grad recipe becomes `trainer.adapt_fallback` (default fp32: exact δ)
   for the rest of training (its estimator state is reset);
 - late_hp: when the whole-model r stays below τ, every layer switches to `trainer.adapt_fallback`
-  for the rest of training; the step is recorded (`late_hp_step`).
+  for the rest of training; the step is recorded (`late_hp_step`);
+- switch_at: the same switch at a fixed step, after `trainer.adapt_switch_step` steps, whatever r
+  says (no measurement needed): the control for late_hp, with the LR schedule of the same run
+  (FNT instead restarts its own schedule); `late_hp_step` records it too.
 Only layers whose update GEMM is estimated are acted on (not FNT's exact phase, not a layer
 already switched). Each decision is an event: a metrics.jsonl record {"event": "adapt", "layer",
 "action", "r", "step", …} with W&B keys `adapt/<layer>/r` and `adapt/<layer>/samples`,
@@ -75,6 +78,9 @@ def signature(t: Any) -> dict[str, Any]:
     policy = get("adapt", "none")
     if policy == "none":
         return {"policy": "none"}
+    if policy == "switch_at":
+        return {"policy": policy, "step": int(get("adapt_switch_step", 0)),
+                "fallback": str(get("adapt_fallback", "fp32"))}
     sig = {"policy": policy, "tau": float(get("adapt_tau", 3 ** 0.5)), "patience": int(get("adapt_patience", 3)),
            "r": get("adapt_r", "exact"), "every": int(get("noise_every", 0))}
     if sig["r"] == "full":
@@ -97,10 +103,10 @@ class Controller:
 
     def __init__(self, model: nn.Module, *, noise_every: int = 0, policy: str = "none",
                  tau: float = 3 ** 0.5, patience: int = 3, max_samples: int = 16, fallback: str = "fp32",
-                 r: str = "exact", seed: int = 0, rank: int = 0, window: int = 8):
+                 r: str = "exact", seed: int = 0, rank: int = 0, window: int = 8, switch_step: int = 0):
         if policy not in ADAPT_POLICIES:
             raise ValueError(f"trainer.adapt={policy!r}; expected one of {ADAPT_POLICIES}")
-        if policy != "none" and not noise_every:
+        if policy not in ("none", "switch_at") and not noise_every:
             raise ValueError(f"trainer.adapt={policy} needs trainer.noise_every > 0 (it acts on measured r)")
         if r == "full" and not window:
             raise ValueError("trainer.adapt_r=full needs trainer.noise_window > 0 (r_full is measured over it)")
@@ -112,8 +118,10 @@ class Controller:
         self.base = {n: m.grad_recipe for n, m in self.layers.items()}
         self.sig = signature({"adapt": policy, "adapt_tau": tau, "adapt_patience": patience, "adapt_r": r,
                               "noise_every": noise_every, "adapt_max_samples": max_samples,
-                              "adapt_fallback": fallback, "noise_window": window})
+                              "adapt_fallback": fallback, "noise_window": window,
+                              "adapt_switch_step": switch_step})
         self.every, self.policy, self.tau, self.patience = noise_every, policy, float(tau), patience
+        self.switch_step = switch_step
         self.max_samples, self.r_key, self.seed, self.rank = max_samples, _R_KEYS[r], seed, rank
         self.full = FullMonitor(window if noise_every else 0, seed=seed, rank=rank)
         self.state = {n: {"samples": int(g.samples), "fallback": False, "below": 0} for n, g in self.base.items()}
@@ -127,7 +135,7 @@ class Controller:
     def from_trainer(cls, t, model: nn.Module, rank: int = 0) -> "Controller":
         return cls(model, noise_every=t.noise_every, policy=t.adapt, tau=t.adapt_tau, patience=t.adapt_patience,
                    max_samples=t.adapt_max_samples, fallback=t.adapt_fallback, r=t.adapt_r, seed=t.seed, rank=rank,
-                   window=t.noise_window)
+                   window=t.noise_window, switch_step=t.adapt_switch_step)
 
     # ---- per step
     def before_step(self, step: int, batch=None, bf16: bool = False) -> None:
@@ -154,8 +162,9 @@ class Controller:
             macs = m.pop_update_macs()
             self.macs_total += macs
             self.macs_lowp += macs * lowp_factor(m.grad_recipe)
+        switched = self._switch_at(step, context)
         if not self.armed:
-            return []
+            return switched
         self.armed = False
         self.full.drop()  # started but not measured: a skipped step
         terms = {n: t for n, t in ((n, m.pop_noise()) for n, m in self.layers.items()) if t is not None}
@@ -174,7 +183,19 @@ class Controller:
             rec[f"noise/{n}/r"], rec[f"noise/{n}/r2"] = rr["r"], rr["r2"]
         rec.update(full)
         self.full.last = None
-        return [rec, *(self._event(e, context) for e in self._decide(step, ratios))]
+        return [rec, *switched, *(self._event(e, context) for e in self._decide(step, ratios))]
+
+    def _switch_at(self, step: int, context: dict[str, Any]) -> list[dict[str, Any]]:
+        """switch_at: every layer to the fallback once `step` steps are done (the fixed control)."""
+        if self.policy != "switch_at" or self.late_hp_step is not None or step < self.switch_step:
+            return []
+        self.late_hp_step = step
+        for n, st in self.state.items():
+            st["fallback"] = True
+            self._apply(n, reset=True)
+        e = {"step": step, "layer": "global", "action": f"switch_at {self.fallback.name}", "r": None}
+        self.events.append(e)
+        return [self._event(e, context)]
 
     # ---- decisions
     def _low(self, n: str) -> bool:

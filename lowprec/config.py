@@ -31,7 +31,7 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 BASELINE_MODES = ("auto", "skip", "require")
 CONVERT_OPTIONS = ("skip", "weight_nm", "weight_nm_every", "weight_nm_transposable")
-ADAPT_POLICIES = ("none", "smp", "fallback", "late_hp")  # lowprec.adapt
+ADAPT_POLICIES = ("none", "smp", "fallback", "late_hp", "switch_at")  # lowprec.adapt
 
 # Trainer options that change what is trained (and so must match between a run and its baseline).
 IDENTITY_TRAINER = ("epochs", "fnt_epochs", "batch_size", "seed", "bf16", "max_steps",
@@ -182,7 +182,8 @@ class TrainConfig:
     # Noise monitor and adaptive precision (lowprec.adapt; not in the identity: a fixed and an
     # adaptive run share their fp32 baseline, and the monitor does not change training)
     noise_every: int = _D["noise_every"]
-    adapt: str = _D["adapt"]                  # none | smp | fallback | late_hp
+    adapt: str = _D["adapt"]                  # none | smp | fallback | late_hp | switch_at
+    adapt_switch_step: int = _D["adapt_switch_step"]  # switch_at: steps done before the switch
     adapt_tau: float = _D["adapt_tau"]
     adapt_patience: int = _D["adapt_patience"]
     adapt_max_samples: int = _D["adapt_max_samples"]
@@ -205,13 +206,18 @@ class TrainConfig:
         if self.adapt_r == "full" and self.noise_window == 0:
             raise ValueError("trainer.adapt_r=full needs trainer.noise_window > 0 (r_full is measured over it)")
         _positive("trainer.adapt_tau", self.adapt_tau)
-        if self.adapt != "none" and not self.noise_every:
+        if self.adapt not in ("none", "switch_at") and not self.noise_every:
             raise ValueError(f"trainer.adapt={self.adapt} needs trainer.noise_every > 0 (it acts on measured r)")
+        if self.adapt == "switch_at" and (isinstance(self.adapt_switch_step, bool) or not isinstance(
+                self.adapt_switch_step, int) or self.adapt_switch_step < 1):
+            raise ValueError(f"trainer.adapt_switch_step={self.adapt_switch_step!r}: trainer.adapt=switch_at "
+                             "needs an integer >= 1 (the steps done before every layer switches)")
         for k in ("adapt_patience", "adapt_max_samples"):
             if isinstance(getattr(self, k), bool) or not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
                 raise ValueError(f"trainer.{k}={getattr(self, k)!r}: expected an integer >= 1")
         for k in ("epochs", "fnt_epochs", "workers", "checkpoint_every", "checkpoint_steps", "stats_every",
                   "max_steps", "limit_batches", "threads", "fnt_steps", "eval_every", "noise_every", "noise_window",
+                  "adapt_switch_step",
                   "dry_run", "dry_run_batch"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:

@@ -229,3 +229,35 @@ def test_adapt_table_reports_where_r_and_r_full_cross_sqrt3(tmp_path):
     assert adapt_table.section_md([t2]).splitlines()[-1].endswith("| never (1 seeds) | — |")
     adapt_table.plot_r_gap([t], tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_switch_at_switches_every_layer_at_its_step_whatever_r_says():
+    for signal in (False, True):  # r = 0 or r >> tau: the fixed switch does not read it
+        m, x, delta = _crafted(signal)
+        ctl = Controller(m, policy="switch_at", switch_step=3)  # no monitor needed
+        names = []
+        for i in range(5):
+            ctl.before_step(i)
+            m.zero_grad(set_to_none=True)
+            m(x).backward(delta)
+            recs = ctl.after_step(i + 1, epoch=1, phase="train")
+            names.append(m[0].grad_recipe.name)
+            assert [r["step"] for r in recs] == ([3] if i + 1 == 3 else [])
+        assert names == ["luq4", "luq4", "fp32", "fp32", "fp32"]
+        assert ctl.late_hp_step == 3 and [(e["step"], e["layer"], e["r"]) for e in ctl.events] == [(3, "global", None)]
+        assert ctl.summary()["adapt"] == {"policy": "switch_at", "step": 3, "fallback": "fp32"}
+    with pytest.raises(ValueError, match="trainer.adapt_switch_step=0"):
+        config.TrainConfig(adapt="switch_at")
+
+
+def test_switch_at_trains_the_fixed_run_until_its_step(tmp_path):
+    """A switch after the last step is the fixed run, weight for weight; a switch half-way keeps
+    the update GEMMs low precision for exactly half of the MACs and then trains differently."""
+    fixed = T.train(_exp(tmp_path / "fixed", "trainer.adapt=none", "trainer.noise_every=0"))
+    late = T.train(_exp(tmp_path / "late", "trainer.adapt=switch_at", "trainer.adapt_switch_step=8",
+                        "trainer.noise_every=0"))
+    half = T.train(_exp(tmp_path / "half", "trainer.adapt=switch_at", "trainer.adapt_switch_step=4",
+                        "trainer.noise_every=0"))
+    assert late["weights_sha256"] == fixed["weights_sha256"] and late["late_hp_step"] == 8
+    assert half["weights_sha256"] != fixed["weights_sha256"]
+    assert half["late_hp_step"] == 4 and half["lowp_fraction"] == 0.5
