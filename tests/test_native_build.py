@@ -24,7 +24,8 @@ from stat_utils import heavy_tailed
 CC = native._compiler()
 needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler")
 
-C_TYPES = {"float*": ctypes.c_void_p, "const float*": ctypes.c_void_p, "const int64_t*": ctypes.POINTER(ctypes.c_int64),
+C_TYPES = {"float*": ctypes.c_void_p, "const float*": ctypes.c_void_p, "uint32_t*": ctypes.c_void_p,
+           "const int64_t*": ctypes.POINTER(ctypes.c_int64),
            "int64_t": ctypes.c_int64, "uint64_t": ctypes.c_uint64, "int": ctypes.c_int, "float": ctypes.c_float}
 
 

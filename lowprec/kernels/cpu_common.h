@@ -51,6 +51,83 @@ static inline float pow2f(int k) { /* 2^k exactly (ldexpf only for the subnormal
     return k >= -126 ? bits_f((uint32_t)(k + 127) << 23) : ldexpf(1.0f, k);
 }
 
+/* The next position of a loop nest of three (Layout above), i2 fastest. */
+static inline void nest_next(int64_t* i0, int64_t* i1, int64_t* i2, const int64_t* size) {
+    if (++*i2 < size[2]) return;
+    *i2 = 0;
+    if (++*i1 < size[1]) return;
+    *i1 = 0;
+    ++*i0;
+}
+
 static inline float pow2_bits(int k) { return bits_f((uint32_t)(k + 127) << 23); } /* normal 2^k */
+
+/* |v|'s bits: ordered as |v| for finite v, a NaN/Inf reads >= 0x7F800000 (max|x| and the finite test in one). */
+static inline uint32_t mag_bits(float v) { return f_bits(v) & 0x7FFFFFFFu; }
+static inline uint32_t mag_max(uint32_t m, float v) { return mag_bits(v) > m ? mag_bits(v) : m; }
+
+/* VW floats in the lanes of a GCC/Clang vector type (on any target: the compiler splits what the
+ * hardware lacks), and branch-free lane helpers (masks are -1/0 per lane). */
+#define VW 16
+typedef float vf __attribute__((vector_size(4 * VW)));
+typedef int32_t vi __attribute__((vector_size(4 * VW)));
+
+static inline vf sel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
+static inline vf vsplat(float v) { return (vf){0} + v; }
+static inline vf vmin(vf a, vf b) { return sel(a < b, a, b); }
+static inline vf vmax(vf a, vf b) { return sel(a < b, b, a); }
+static inline vf vcount(vi m) { return __builtin_convertvector(-m, vf); } /* mask (-1/0) -> 1.0f/0.0f */
+static inline int vany(vi m) { /* any lane set: eight 64-bit ORs, not sixteen lane extractions */
+    uint64_t w[VW / 2], o = 0;
+    memcpy(w, &m, sizeof(vi));
+    for (int i = 0; i < VW / 2; i++) o |= w[i];
+    return o != 0;
+}
+
+/* Blocks of M = 2 or 4 floats back to back at p (VW blocks) <-> M vectors, lane l = block l, element j
+ * in vector j: two-input shuffles (a loop of scalar moves through memory would stall every vector
+ * load on store forwarding). Other M, or a compiler without __builtin_shufflevector: that loop. */
+#if VW == 16 && (defined(__clang__) || __GNUC__ >= 12)
+#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#define EVEN8 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30
+#define ODD8 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31
+#define LO_LO 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define HI_HI 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#define ZIP_LO 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23
+#define ZIP_HI 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31
+__attribute__((always_inline)) static inline int vdeinterleave(const float* p, vf* xv, const int M) {
+    vf v[4];
+    if (M != 2 && M != 4) return 0;
+    memcpy(v, p, (size_t)M * sizeof(vf));
+    if (M == 2) {
+        xv[0] = SHUF(v[0], v[1], EVEN8);
+        xv[1] = SHUF(v[0], v[1], ODD8);
+        return 1;
+    }
+    const vf e01 = SHUF(v[0], v[1], EVEN8), o01 = SHUF(v[0], v[1], ODD8); /* j = 0, 2 | 1, 3 of blocks 0-7 */
+    const vf e23 = SHUF(v[2], v[3], EVEN8), o23 = SHUF(v[2], v[3], ODD8); /* ... of blocks 8-15 */
+    const vf a = SHUF(e01, e23, EVEN8), b = SHUF(e01, e23, ODD8); /* j = 0 | 2 of all 16 */
+    const vf c = SHUF(o01, o23, EVEN8), d = SHUF(o01, o23, ODD8); /* j = 1 | 3 */
+    xv[0] = a, xv[1] = c, xv[2] = b, xv[3] = d;
+    return 1;
+}
+__attribute__((always_inline)) static inline int vinterleave(float* p, const vf* o, const int M) {
+    vf v[4];
+    if (M != 2 && M != 4) return 0;
+    if (M == 2) {
+        v[0] = SHUF(o[0], o[1], ZIP_LO);
+        v[1] = SHUF(o[0], o[1], ZIP_HI);
+    } else {
+        const vf a = SHUF(o[0], o[2], ZIP_LO), b = SHUF(o[0], o[2], ZIP_HI); /* the inverse of the above */
+        const vf c = SHUF(o[1], o[3], ZIP_LO), d = SHUF(o[1], o[3], ZIP_HI);
+        v[0] = SHUF(a, c, ZIP_LO), v[1] = SHUF(a, c, ZIP_HI), v[2] = SHUF(b, d, ZIP_LO), v[3] = SHUF(b, d, ZIP_HI);
+    }
+    memcpy(p, v, (size_t)M * sizeof(vf));
+    return 1;
+}
+#else
+static inline int vdeinterleave(const float* p, vf* xv, const int M) { return (void)p, (void)xv, (void)M, 0; }
+static inline int vinterleave(float* p, const vf* o, const int M) { return (void)p, (void)o, (void)M, 0; }
+#endif
 
 #endif

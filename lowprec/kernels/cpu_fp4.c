@@ -83,8 +83,6 @@ __attribute__((always_inline)) static inline float fp4_elem(float xv, float uv, 
     return copysignf(mag, xv);
 }
 
-static inline uint32_t mag_bits(float v) { return f_bits(v) & 0x7FFFFFFFu; }
-
 /* G full blocks of SIZE at x[0, G·SIZE) of one row (inner = 1); k0, ks: the uniform index of x[0] and
  * its step along the row. Returns 1, writing nothing, when one holds a NaN/Inf. */
 __attribute__((always_inline)) static inline int fp4_group(const float* restrict x, float* restrict out,

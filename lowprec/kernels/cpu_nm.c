@@ -67,7 +67,7 @@ static inline void mvue_keep(const float* s, float u, int n, int M, float* p, in
 }
 
 /* The approximate MVUE's exact inclusion probabilities (the end of lowprec.nm._approx_draw), for
- * one block (T = float) or W blocks in vector lanes (T = vf): t_i = s_i/S and, for n = 2,
+ * one block (T = float) or VW blocks in vector lanes (T = vf): t_i = s_i/S and, for n = 2,
  * p_i = t_i + s_i·Σ_{j≠i} t_j/Σ_{k≠j} s_k, every sum left to right from its first term. */
 #define DEFINE_APPROX_PROBS(NAME, T)                                                                       \
     __attribute__((always_inline)) static inline T NAME##_sum_except(const T* v, const int M, const int i) { \
@@ -142,28 +142,12 @@ static inline int nm_block(const float* xp, float* op, int64_t es, const float* 
     return 0;
 }
 
-/* ------------------------------------------------------------------ N:M, W blocks at once (SIMD) */
+/* ------------------------------------------------------------------ N:M, VW blocks at once (SIMD) */
 
-/* The same block functions over W blocks in the lanes of GCC/Clang vector types, branch-free: the
+/* The same block functions over VW blocks in the lanes of GCC/Clang vector types, branch-free: the
  * water-filling always runs its n+1 rounds (as the reference does), selects replace the branches,
  * floor(t) for 0 <= t < 2^31 is the truncating conversion. Lane for lane the same operations as the
  * scalar code above, so the same floats (the scalar code serves the tails of the block rows). */
-#define W 16
-typedef float vf __attribute__((vector_size(4 * W)));
-typedef int32_t vi __attribute__((vector_size(4 * W)));
-
-static inline vf sel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
-static inline vf vsplat(float v) { return (vf){0} + v; }
-static inline vf vmin(vf a, vf b) { return sel(a < b, a, b); }
-static inline vf vmax(vf a, vf b) { return sel(a < b, b, a); }
-static inline vf vcount(vi m) { return __builtin_convertvector(-m, vf); } /* mask (-1/0) -> 1.0f/0.0f */
-static inline int vany(vi m) { /* any lane set: eight 64-bit ORs, not sixteen lane extractions */
-    uint64_t w[W / 2], o = 0;
-    memcpy(w, &m, sizeof(vi));
-    for (int i = 0; i < W / 2; i++) o |= w[i];
-    return o != 0;
-}
-
 __attribute__((always_inline)) static inline void normalize_v(const vf* a, vf* s, const int M) {
     vf bmax = a[0];
     for (int j = 1; j < M; j++) bmax = vmax(bmax, a[j]);
@@ -251,190 +235,9 @@ __attribute__((always_inline)) static inline void approx_keep_v(const vf* s, con
     for (int j = 0; j < M; j++) keep[j] &= p[j] > zero;
 }
 
-/* W blocks: lane l's block at element offset off[l] (elements es apart), its uniforms at indices
- * ui[l]·k + r. LANES says how the offsets run, so that the loads and stores vectorize: 1 when
- * off[l] = off[0] + l (a transposed linear δ: each block element is one vector load), M when
- * off[l] = off[0] + l·M with es = 1 (blocks back to back: a deinterleave with constant strides),
- * 0 for anything else (a batch across a row end: a gather). Returns 1 when a NaN/Inf was read. */
-__attribute__((always_inline)) static inline int nm_blocks_v(const float* x, float* out, const float* u,
-                                                            uint64_t key, const int64_t* off, const uint64_t* ui,
-                                                            int64_t es, float big, const int N_, const int M_,
-                                                            const int APPROX_, const int LANES) {
-    const int k = APPROX_ ? N_ : 1;
-    float buf[MAXM][W] __attribute__((aligned(64)));
-    float ubuf[MAXM][W] __attribute__((aligned(64)));
-    vf xv[MAXM], a[MAXM], s[MAXM], p[MAXM], uv[MAXM];
-    vi keep[MAXM];
-    const float* x0 = x + off[0];
-    if (LANES == 1) {
-        for (int j = 0; j < M_; j++) memcpy(&xv[j], x0 + j * es, sizeof(vf));
-    } else {
-        if (LANES == M_)
-            for (int l = 0; l < W; l++)
-                for (int j = 0; j < M_; j++) buf[j][l] = x0[l * M_ + j];
-        else
-            for (int l = 0; l < W; l++)
-                for (int j = 0; j < M_; j++) buf[j][l] = x[off[l] + j * es];
-        for (int j = 0; j < M_; j++) memcpy(&xv[j], buf[j], sizeof(vf));
-    }
-    if (u) {
-        for (int r = 0; r < k; r++)
-            for (int l = 0; l < W; l++) ubuf[r][l] = u[ui[l] * (uint64_t)k + (uint64_t)r];
-    } else {
-        for (int r = 0; r < k; r++)
-            for (int l = 0; l < W; l++) ubuf[r][l] = hash_u(key, ui[l] * (uint64_t)k + (uint64_t)r);
-    }
-    const vf zero = vsplat(0.0f), vbig = vsplat(big);
-    vf nz = zero;
-    vi bad = (vi){0};
-    for (int j = 0; j < M_; j++) {
-        a[j] = (vf)((vi)xv[j] & 0x7FFFFFFF);
-        nz = nz + vcount(a[j] > zero);
-        bad |= ~(a[j] <= vsplat(0x1.fffffep127f));
-    }
-    for (int r = 0; r < k; r++) memcpy(&uv[r], ubuf[r], sizeof(vf));
-    normalize_v(a, s, M_);
-    if (APPROX_)
-        approx_keep_v(s, uv, N_, M_, p, keep);
-    else
-        mvue_keep_v(s, uv[0], N_, M_, p, keep);
-    const vi sparse = nz <= vsplat((float)N_);
-    vf o[MAXM];
-    for (int j = 0; j < M_; j++) {
-        vf q = sel(keep[j], xv[j] / sel(keep[j], p[j], vsplat(1.0f)), zero);
-        q = sel(q < -vbig, -vbig, sel(q > vbig, vbig, q));
-        o[j] = sel(sparse, xv[j], q);
-    }
-    float* o0 = out + off[0];
-    if (LANES == 1) {
-        for (int j = 0; j < M_; j++) memcpy(o0 + j * es, &o[j], sizeof(vf));
-    } else {
-        for (int j = 0; j < M_; j++) memcpy(buf[j], &o[j], sizeof(vf));
-        if (LANES == M_)
-            for (int l = 0; l < W; l++)
-                for (int j = 0; j < M_; j++) o0[l * M_ + j] = buf[j][l];
-        else
-            for (int l = 0; l < W; l++)
-                for (int j = 0; j < M_; j++) out[off[l] + j * es] = buf[j][l];
-    }
-    return vany(bad);
-}
-
-/* Blocks lo..hi-1 of the loop nest in iteration order (innermost fastest), W at a time across row
- * ends (a convolution's H·W/M blocks per row can be fewer than W), the last < W one by one.
- * Returns 1 when a NaN/Inf was read. */
-__attribute__((always_inline)) static inline int nm_span(const float* x, float* out, const float* u, uint64_t key,
-                                                        const int64_t* size, const int64_t* xs, const int64_t* us,
-                                                        int64_t es, float big, int64_t lo, int64_t hi,
-                                                        const int N_, const int M_, const int APPROX_) {
-    int64_t i2 = lo % size[2], i1 = (lo / size[2]) % size[1], i0 = lo / size[2] / size[1];
-    int64_t off[W];
-    uint64_t ui[W];
-    int bad = 0;
-    for (int64_t b = lo; b < hi;) {
-        const int nl = hi - b >= W && N_ < M_ ? W : 1;
-        if (nl == W && i2 + W <= size[2]) { /* a batch inside one row: offsets in arithmetic progression */
-            const int64_t o0 = i0 * xs[0] + i1 * xs[1] + i2 * xs[2];
-            const uint64_t u0 = (uint64_t)(i0 * us[0] + i1 * us[1] + i2 * us[2]);
-            for (int l = 0; l < W; l++) {
-                off[l] = o0 + l * xs[2];
-                ui[l] = u0 + (uint64_t)(l * us[2]);
-            }
-            if (xs[2] == 1)
-                bad |= nm_blocks_v(x, out, u, key, off, ui, es, big, N_, M_, APPROX_, 1);
-            else if (xs[2] == M_ && es == 1)
-                bad |= nm_blocks_v(x, out, u, key, off, ui, es, big, N_, M_, APPROX_, M_);
-            else
-                bad |= nm_blocks_v(x, out, u, key, off, ui, es, big, N_, M_, APPROX_, 0);
-            i2 += W;
-        } else {
-            for (int l = 0; l < nl; l++) {
-                off[l] = i0 * xs[0] + i1 * xs[1] + i2 * xs[2];
-                ui[l] = (uint64_t)(i0 * us[0] + i1 * us[1] + i2 * us[2]);
-                if (++i2 == size[2]) {
-                    i2 = 0;
-                    if (++i1 == size[1]) {
-                        i1 = 0;
-                        ++i0;
-                    }
-                }
-            }
-            if (nl == W) {
-                bad |= nm_blocks_v(x, out, u, key, off, ui, es, big, N_, M_, APPROX_, 0);
-            } else {
-                const int k = APPROX_ ? N_ : 1;
-                float ubl[MAXM];
-                for (int r = 0; r < k; r++)
-                    ubl[r] = u ? u[ui[0] * (uint64_t)k + (uint64_t)r] : hash_u(key, ui[0] * (uint64_t)k + (uint64_t)r);
-                bad |= nm_block(x + off[0], out + off[0], es, ubl, N_, M_, APPROX_, big);
-            }
-        }
-        if (i2 == size[2]) {
-            i2 = 0;
-            if (++i1 == size[1]) {
-                i1 = 0;
-                ++i0;
-            }
-        }
-        b += nl;
-    }
-    return bad;
-}
-
-#define CHUNK (W * 256) /* blocks per OpenMP work item */
-
-/* One function per specialization, so that N_, M_, APPROX_ are literals inside the OpenMP region
- * (an outlined parallel body does not see a caller's constants). */
-#define NM_SPECIAL(NAME, N_, M_, A_)                                                                        \
-    static int NAME(const float* x, float* out, const float* u, uint64_t key, const int64_t* size,          \
-                    const int64_t* xs, const int64_t* us, int64_t es, float big, int nthreads) {             \
-        const int64_t total = size[0] * size[1] * size[2], chunks = (total + CHUNK - 1) / CHUNK;            \
-        int bad = 0;                                                                                         \
-        _Pragma("omp parallel for num_threads(nthreads) if (nthreads > 1 && total >= 4096) reduction(|:bad)") \
-        for (int64_t c = 0; c < chunks; c++) {                                                               \
-            const int64_t lo = c * CHUNK, hi = lo + CHUNK < total ? lo + CHUNK : total;                      \
-            bad |= nm_span(x, out, u, key, size, xs, us, es, big, lo, hi, N_, M_, A_);                       \
-        }                                                                                                    \
-        return bad;                                                                                          \
-    }
-NM_SPECIAL(nm_12, 1, 2, 0)
-NM_SPECIAL(nm_24, 2, 4, 0)
-NM_SPECIAL(nm_24a, 2, 4, 1)
-
-static int nm_generic(const float* x, float* out, const float* u, uint64_t key, const int64_t* size,
-                      const int64_t* xs, const int64_t* us, int64_t es, float big, int nthreads, int n, int m,
-                      int approx) {
-    const int64_t total = size[0] * size[1] * size[2], chunks = (total + CHUNK - 1) / CHUNK;
-    int bad = 0;
-#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && total >= 4096) reduction(|:bad)
-    for (int64_t c = 0; c < chunks; c++) {
-        const int64_t lo = c * CHUNK, hi = lo + CHUNK < total ? lo + CHUNK : total;
-        int64_t i2 = lo % size[2], i1 = (lo / size[2]) % size[1], i0 = lo / size[2] / size[1];
-        const int k = approx ? n : 1;
-        for (int64_t b = lo; b < hi; b++) {
-            const int64_t off = i0 * xs[0] + i1 * xs[1] + i2 * xs[2];
-            const uint64_t ub = (uint64_t)(i0 * us[0] + i1 * us[1] + i2 * us[2]) * (uint64_t)k;
-            float ubl[MAXM];
-            for (int r = 0; r < k; r++) ubl[r] = u ? u[ub + (uint64_t)r] : hash_u(key, ub + (uint64_t)r);
-            bad |= nm_block(x + off, out + off, es, ubl, n, m, approx, big);
-            if (++i2 == size[2]) {
-                i2 = 0;
-                if (++i1 == size[1]) {
-                    i1 = 0;
-                    ++i0;
-                }
-            }
-        }
-    }
-    return bad;
-}
-
-
-
 /* lowprec.nm._mse_mask for one block, branch-free (the comparisons are data: branches on them
  * mispredict): keep the n largest |x| (ties: the lower index), the rest +0. Returns 1 on a NaN/Inf. */
-__attribute__((always_inline)) static inline int mse_block(const float* xp, float* op, int64_t es, const int n,
-                                                          const int M) {
+static inline int mse_block(const float* xp, float* op, int64_t es, const int n, const int M) {
     float xv[MAXM], a[MAXM];
     int bad = 0;
     for (int j = 0; j < M; j++) {
@@ -451,39 +254,245 @@ __attribute__((always_inline)) static inline int mse_block(const float* xp, floa
     return bad;
 }
 
-#define MSE_SPECIAL(NAME, N_, M_)                                                                           \
-    static int NAME(const float* x, float* out, const int64_t* size, const int64_t* xs, int64_t es,        \
-                    int n, int m, int nthreads) {                                                            \
-        const int nn = N_ ? N_ : n, mm = M_ ? M_ : m;                                                        \
-        const int64_t rows = size[0] * size[1];                                                              \
+/* VW blocks: lane l's block at element offset off[l] (elements es apart), its uniforms at indices
+ * ui[l]·k + r. LANES says how the offsets run, so that the loads and stores vectorize: 1 when
+ * off[l] = off[0] + l (a transposed linear δ: each block element is one vector load), M when
+ * off[l] = off[0] + l·M with es = 1 (blocks back to back: a deinterleave with constant strides),
+ * 0 for anything else (a batch across a row end: a gather). MODE: 0 MVUE, 1 approximate MVUE,
+ * 2 MSE (mse_block lane for lane). Returns 1 when a NaN/Inf was read; *om: the running lane-wise
+ * max of the outputs' magnitude bits (what LUQ after the prune needs, lowprec.kernels.cpu.nm_luq). */
+__attribute__((always_inline)) static inline int nm_blocks_v(const float* x, float* out, const float* u,
+                                                            uint64_t key, const int64_t* off, const uint64_t* ui,
+                                                            int64_t es, float big, const int N_, const int M_,
+                                                            const int MODE, const int OMAX_, const int LANES,
+                                                            vi* om) {
+    const int k = MODE == 1 ? N_ : MODE == 0;
+    float buf[MAXM][VW] __attribute__((aligned(64)));
+    float ubuf[MAXM][VW] __attribute__((aligned(64)));
+    vf xv[MAXM], a[MAXM], s[MAXM], p[MAXM], uv[MAXM];
+    vi keep[MAXM];
+    const float* x0 = x + off[0];
+    if (LANES == 1) {
+        for (int j = 0; j < M_; j++) memcpy(&xv[j], x0 + j * es, sizeof(vf));
+    } else if (LANES != M_ || !vdeinterleave(x0, xv, M_)) {
+        if (LANES == M_)
+            for (int l = 0; l < VW; l++)
+                for (int j = 0; j < M_; j++) buf[j][l] = x0[l * M_ + j];
+        else
+            for (int l = 0; l < VW; l++)
+                for (int j = 0; j < M_; j++) buf[j][l] = x[off[l] + j * es];
+        for (int j = 0; j < M_; j++) memcpy(&xv[j], buf[j], sizeof(vf));
+    }
+    if (u) {
+        for (int r = 0; r < k; r++)
+            for (int l = 0; l < VW; l++) ubuf[r][l] = u[ui[l] * (uint64_t)k + (uint64_t)r];
+    } else {
+        for (int r = 0; r < k; r++)
+            for (int l = 0; l < VW; l++) ubuf[r][l] = hash_u(key, ui[l] * (uint64_t)k + (uint64_t)r);
+    }
+    const vf zero = vsplat(0.0f), vbig = vsplat(big);
+    vf nz = zero;
+    vi bad = (vi){0};
+    for (int j = 0; j < M_; j++) {
+        a[j] = (vf)((vi)xv[j] & 0x7FFFFFFF);
+        nz = nz + vcount(a[j] > zero);
+        bad |= ~(a[j] <= vsplat(0x1.fffffep127f));
+    }
+    vf o[MAXM];
+    if (MODE == 2) {
+        for (int i = 0; i < M_; i++) {
+            vi rank = (vi){0};
+            for (int j = 0; j < M_; j++) /* a_j > a_i, or a tie with j < i (no NaN gets through: bad) */
+                if (j != i) rank -= j < i ? a[j] >= a[i] : a[j] > a[i];
+            o[i] = (vf)((vi)xv[i] & (rank < N_));
+        }
+    } else {
+        for (int r = 0; r < k; r++) memcpy(&uv[r], ubuf[r], sizeof(vf));
+        normalize_v(a, s, M_);
+        if (MODE == 1)
+            approx_keep_v(s, uv, N_, M_, p, keep);
+        else
+            mvue_keep_v(s, uv[0], N_, M_, p, keep);
+        const vi sparse = nz <= vsplat((float)N_);
+        for (int j = 0; j < M_; j++) {
+            vf q = sel(keep[j], xv[j] / sel(keep[j], p[j], vsplat(1.0f)), zero);
+            q = sel(q < -vbig, -vbig, sel(q > vbig, vbig, q));
+            o[j] = sel(sparse, xv[j], q);
+        }
+    }
+    for (int j = 0; OMAX_ && j < M_; j++) {
+        const vi mag = (vi)o[j] & 0x7FFFFFFF;
+        *om = (*om & ~(*om < mag)) | (mag & (*om < mag));
+    }
+    float* o0 = out + off[0];
+    if (LANES == 1) {
+        for (int j = 0; j < M_; j++) memcpy(o0 + j * es, &o[j], sizeof(vf));
+    } else if (LANES != M_ || !vinterleave(o0, o, M_)) {
+        for (int j = 0; j < M_; j++) memcpy(buf[j], &o[j], sizeof(vf));
+        if (LANES == M_)
+            for (int l = 0; l < VW; l++)
+                for (int j = 0; j < M_; j++) o0[l * M_ + j] = buf[j][l];
+        else
+            for (int l = 0; l < VW; l++)
+                for (int j = 0; j < M_; j++) out[off[l] + j * es] = buf[j][l];
+    }
+    return vany(bad);
+}
+
+/* Blocks lo..hi-1 of the loop nest in iteration order (innermost fastest), VW at a time across row
+ * ends (a convolution's H·VW/M blocks per row can be fewer than VW), the last < VW one by one.
+ * Returns 1 when a NaN/Inf was read; OMAX_: raises *omax to the outputs' max magnitude bits. */
+__attribute__((always_inline)) static inline int nm_span(const float* x, float* out, const float* u, uint64_t key,
+                                                        const int64_t* size, const int64_t* xs, const int64_t* us,
+                                                        int64_t es, float big, int64_t lo, int64_t hi, const int N_,
+                                                        const int M_, const int MODE, const int OMAX_,
+                                                        uint32_t* omax) {
+    int64_t i2 = lo % size[2], i1 = (lo / size[2]) % size[1], i0 = lo / size[2] / size[1];
+    int64_t off[VW];
+    uint64_t ui[VW];
+    int bad = 0;
+    vi om = (vi){0};
+    uint32_t oms = 0, lanes[VW];
+    for (int64_t b = lo; b < hi;) {
+        const int nl = hi - b >= VW && N_ < M_ ? VW : 1;
+        if (nl == VW && i2 + VW <= size[2]) { /* a batch inside one row: offsets in arithmetic progression */
+            const int64_t o0 = i0 * xs[0] + i1 * xs[1] + i2 * xs[2];
+            const uint64_t u0 = (uint64_t)(i0 * us[0] + i1 * us[1] + i2 * us[2]);
+            for (int l = 0; l < VW; l++) {
+                off[l] = o0 + l * xs[2];
+                ui[l] = u0 + (uint64_t)(l * us[2]);
+            }
+            if (xs[2] == 1)
+                bad |= nm_blocks_v(x, out, u, key, off, ui, es, big, N_, M_, MODE, OMAX_, 1, &om);
+            else if (xs[2] == M_ && es == 1)
+                bad |= nm_blocks_v(x, out, u, key, off, ui, es, big, N_, M_, MODE, OMAX_, M_, &om);
+            else
+                bad |= nm_blocks_v(x, out, u, key, off, ui, es, big, N_, M_, MODE, OMAX_, 0, &om);
+            i2 += VW - 1;
+            nest_next(&i0, &i1, &i2, size);
+        } else {
+            for (int l = 0; l < nl; l++) {
+                off[l] = i0 * xs[0] + i1 * xs[1] + i2 * xs[2];
+                ui[l] = (uint64_t)(i0 * us[0] + i1 * us[1] + i2 * us[2]);
+                nest_next(&i0, &i1, &i2, size);
+            }
+            int unit = 1, packed = es == 1; /* across row ends, memory may still run on */
+            for (int l = 1; l < nl; l++) {
+                unit &= off[l] == off[0] + l;
+                packed &= off[l] == off[0] + l * M_;
+            }
+            if (nl == VW && unit) {
+                bad |= nm_blocks_v(x, out, u, key, off, ui, es, big, N_, M_, MODE, OMAX_, 1, &om);
+            } else if (nl == VW && packed) {
+                bad |= nm_blocks_v(x, out, u, key, off, ui, es, big, N_, M_, MODE, OMAX_, M_, &om);
+            } else if (nl == VW) {
+                bad |= nm_blocks_v(x, out, u, key, off, ui, es, big, N_, M_, MODE, OMAX_, 0, &om);
+            } else {
+                const int k = MODE == 1 ? N_ : MODE == 0;
+                float ubl[MAXM];
+                for (int r = 0; r < k; r++)
+                    ubl[r] = u ? u[ui[0] * (uint64_t)k + (uint64_t)r] : hash_u(key, ui[0] * (uint64_t)k + (uint64_t)r);
+                bad |= MODE == 2 ? mse_block(x + off[0], out + off[0], es, N_, M_)
+                                 : nm_block(x + off[0], out + off[0], es, ubl, N_, M_, MODE, big);
+                for (int j = 0; OMAX_ && j < M_; j++) oms = mag_max(oms, out[off[0] + j * es]);
+            }
+        }
+        b += nl;
+    }
+    memcpy(lanes, &om, sizeof(vi));
+    for (int l = 0; OMAX_ && l < VW; l++) oms = lanes[l] > oms ? lanes[l] : oms;
+    *omax = oms > *omax ? oms : *omax;
+    return bad;
+}
+
+#define CHUNK (VW * 256) /* blocks per OpenMP work item */
+
+/* One function per specialization, so that N_, M_, MODE are literals inside the OpenMP region
+ * (an outlined parallel body does not see a caller's constants); OMAX_: *omax = max|out| too. */
+#define NM_SPECIAL(NAME, N_, M_, MODE, OMAX_)                                                               \
+    static int NAME(const float* x, float* out, const float* u, uint64_t key, const int64_t* size,          \
+                    const int64_t* xs, const int64_t* us, int64_t es, float big, int nthreads, uint32_t* omax) { \
+        const int64_t total = size[0] * size[1] * size[2], chunks = (total + CHUNK - 1) / CHUNK;            \
         int bad = 0;                                                                                         \
-        _Pragma("omp parallel for num_threads(nthreads) if (nthreads > 1 && rows * size[2] >= 4096) reduction(|:bad)") \
-        for (int64_t row = 0; row < rows; row++) {                                                           \
-            const int64_t base = (row / size[1]) * xs[0] + (row % size[1]) * xs[1];                          \
-            for (int64_t i2 = 0; i2 < size[2]; i2++)                                                         \
-                bad |= mse_block(x + base + i2 * xs[2], out + base + i2 * xs[2], es, nn, mm);                \
+        uint32_t om = 0;                                                                                     \
+        _Pragma("omp parallel for num_threads(nthreads) if (nthreads > 1 && total >= 4096) reduction(|:bad) reduction(max:om)") \
+        for (int64_t c = 0; c < chunks; c++) {                                                               \
+            const int64_t lo = c * CHUNK, hi = lo + CHUNK < total ? lo + CHUNK : total;                      \
+            bad |= nm_span(x, out, u, key, size, xs, us, es, big, lo, hi, N_, M_, MODE, OMAX_, &om);         \
         }                                                                                                    \
+        if (omax) *omax = om;                                                                                \
         return bad;                                                                                          \
     }
-MSE_SPECIAL(mse_12, 1, 2)
-MSE_SPECIAL(mse_24, 2, 4)
-MSE_SPECIAL(mse_any, 0, 0)
+NM_SPECIAL(nm_12, 1, 2, 0, 0)
+NM_SPECIAL(nm_24, 2, 4, 0, 0)
+NM_SPECIAL(nm_24a, 2, 4, 1, 0)
+NM_SPECIAL(nm_12_max, 1, 2, 0, 1)
+NM_SPECIAL(nm_24_max, 2, 4, 0, 1)
+NM_SPECIAL(nm_24a_max, 2, 4, 1, 1)
+NM_SPECIAL(mse_12, 1, 2, 2, 0)
+NM_SPECIAL(mse_24, 2, 4, 2, 0)
+
+/* Any (n, m) and mode (MODE above), one block at a time. */
+static int nm_generic(const float* x, float* out, const float* u, uint64_t key, const int64_t* size,
+                      const int64_t* xs, const int64_t* us, int64_t es, float big, int nthreads, int n, int m,
+                      int mode, uint32_t* omax) {
+    const int64_t total = size[0] * size[1] * size[2], chunks = (total + CHUNK - 1) / CHUNK;
+    int bad = 0;
+    uint32_t om = 0;
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && total >= 4096) reduction(|:bad) reduction(max:om)
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t lo = c * CHUNK, hi = lo + CHUNK < total ? lo + CHUNK : total;
+        int64_t i2 = lo % size[2], i1 = (lo / size[2]) % size[1], i0 = lo / size[2] / size[1];
+        const int k = mode == 1 ? n : mode == 0;
+        for (int64_t b = lo; b < hi; b++) {
+            const int64_t off = i0 * xs[0] + i1 * xs[1] + i2 * xs[2];
+            const uint64_t ub = (uint64_t)(i0 * us[0] + i1 * us[1] + i2 * us[2]) * (uint64_t)k;
+            float ubl[MAXM];
+            for (int r = 0; r < k; r++) ubl[r] = u ? u[ub + (uint64_t)r] : hash_u(key, ub + (uint64_t)r);
+            bad |= mode == 2 ? mse_block(x + off, out + off, es, n, m)
+                             : nm_block(x + off, out + off, es, ubl, n, m, mode, big);
+            for (int j = 0; omax && j < m; j++) om = mag_max(om, out[off + j * es]);
+            nest_next(&i0, &i1, &i2, size);
+        }
+    }
+    if (omax) *omax = om;
+    return bad;
+}
+
+/* MSE 1:2 block by block along the nest's rows: when blocks sit side by side (xs[2] = 1) the compiler
+ * vectorizes this loop itself, faster than the VW-lane batches for so little work per block. */
+static int mse_12_rows(const float* x, float* out, const int64_t* size, const int64_t* xs, int64_t es,
+                       int nthreads) {
+    const int64_t rows = size[0] * size[1];
+    int bad = 0;
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && rows * size[2] >= 4096) reduction(|:bad)
+    for (int64_t row = 0; row < rows; row++) {
+        const int64_t base = (row / size[1]) * xs[0] + (row % size[1]) * xs[1];
+        for (int64_t i2 = 0; i2 < size[2]; i2++)
+            bad |= mse_block(x + base + i2 * xs[2], out + base + i2 * xs[2], es, 1, 2);
+    }
+    return bad;
+}
 
 /* The MSE mask over the nest (deterministic: no uniforms). Returns 0, 1 on a NaN/Inf, -1 for bad (n, m). */
 int lp_mse_f32(const float* x, float* out, const int64_t* size, const int64_t* xs, int64_t es, int n, int m,
                int nthreads) {
     if (m < 1 || m > MAXM || n < 1 || n > m) return -1;
-    if (n == 1 && m == 2) return mse_12(x, out, size, xs, es, n, m, nthreads);
-    if (n == 2 && m == 4) return mse_24(x, out, size, xs, es, n, m, nthreads);
-    return mse_any(x, out, size, xs, es, n, m, nthreads);
+    if (n == 1 && m == 2 && xs[2] == 1) return mse_12_rows(x, out, size, xs, es, nthreads);
+    if (n == 1 && m == 2) return mse_12(x, out, NULL, 0, size, xs, xs, es, 0.0f, nthreads, NULL);
+    if (n == 2 && m == 4) return mse_24(x, out, NULL, 0, size, xs, xs, es, 0.0f, nthreads, NULL);
+    return nm_generic(x, out, NULL, 0, size, xs, xs, es, 0.0f, nthreads, n, m, 2, NULL);
 }
 
-/* Returns 0, 1 when x holds a NaN/Inf (out is then garbage), or -1 for an (n, m) it does not take. */
+/* Returns 0, 1 when x holds a NaN/Inf (out is then garbage), or -1 for an (n, m) it does not take.
+ * omax (may be NULL): the max magnitude bits of the output (its max|.|). */
 int lp_nm_f32(const float* x, float* out, const float* u, uint64_t key, const int64_t* size, const int64_t* xs,
-              const int64_t* us, int64_t es, int n, int m, int approx, float big, int nthreads) {
+              const int64_t* us, int64_t es, int n, int m, int approx, float big, int nthreads, uint32_t* omax) {
     if (m < 1 || m > MAXM || n < 1 || n > m) return -1;
-    if (n == 1 && m == 2 && !approx) return nm_12(x, out, u, key, size, xs, us, es, big, nthreads);
-    if (n == 2 && m == 4 && !approx) return nm_24(x, out, u, key, size, xs, us, es, big, nthreads);
-    if (n == 2 && m == 4 && approx) return nm_24a(x, out, u, key, size, xs, us, es, big, nthreads);
-    return nm_generic(x, out, u, key, size, xs, us, es, big, nthreads, n, m, approx);
+#define NM_ARGS x, out, u, key, size, xs, us, es, big, nthreads, omax
+    if (n == 1 && m == 2 && !approx) return omax ? nm_12_max(NM_ARGS) : nm_12(NM_ARGS);
+    if (n == 2 && m == 4 && !approx) return omax ? nm_24_max(NM_ARGS) : nm_24(NM_ARGS);
+    if (n == 2 && m == 4 && approx) return omax ? nm_24a_max(NM_ARGS) : nm_24a(NM_ARGS);
+#undef NM_ARGS
+    return nm_generic(x, out, u, key, size, xs, us, es, big, nthreads, n, m, approx, omax);
 }

@@ -85,7 +85,7 @@ SIGNATURES = {
     "lp_uniforms": (None, [_U64, _I64, _P]),
     "lp_luq_f32": (None, [_P, _P, _P, _U64, _I64P, _I64P, _I64P, _F32, _F32, _INT]),
     "lp_luq_auto_f32": (_INT, [_P, _P, _P, _U64, _I64P, _I64P, _I64P, _F32, _F32, _INT, _INT, _INT]),
-    "lp_nm_f32": (_INT, [_P, _P, _P, _U64, _I64P, _I64P, _I64P, _I64, _INT, _INT, _INT, _F32, _INT]),
+    "lp_nm_f32": (_INT, [_P, _P, _P, _U64, _I64P, _I64P, _I64P, _I64, _INT, _INT, _INT, _F32, _INT, _P]),
     "lp_mse_f32": (_INT, [_P, _P, _I64P, _I64P, _I64, _INT, _INT, _INT]),
     "lp_fp4_f32": (_INT, [_P, _P, _P, _U64, _I64P, _I64, _I64, _I64, _INT, _INT, _INT, _INT, _INT, _INT]),
     "lp_elem_f32": (_INT, [_P, _P, _P, _U64, _I64P, _I64P, _I64P, _INT, _INT, _F32, _INT, _INT]),
@@ -353,15 +353,20 @@ def run_luq(lib, x: Tensor, u: Tensor | None, key: int, max_abs: float | None, f
 
 
 def run_nm(lib, blocks: Tensor, u: Tensor | None, key: int, n: int, m: int, approx: bool,
-           big: float) -> tuple[int, Tensor]:
+           big: float, out_max: bool = False):
     """``(status, out)``: N:M of fp32 ``blocks`` (dense, last dim a multiple of m) into a tensor with its
-    strides; status 1 when a NaN/Inf was read (``out`` is then not meaningful)."""
+    strides; status 1 when a NaN/Inf was read (``out`` is then not meaningful). ``out_max``: also
+    max|out| (a float, read in the same pass), as a third item."""
     blocks, (size, xs, us), es = _nested(blocks, m)
     out = torch.empty_like(blocks)
-    rc = lib.lp_nm_f32(_ptr(blocks), _ptr(out), _ptr(u), key, size, xs, us, es, n, m, int(approx), big, _threads())
+    omax = ctypes.c_uint32(0) if out_max else None
+    rc = lib.lp_nm_f32(_ptr(blocks), _ptr(out), _ptr(u), key, size, xs, us, es, n, m, int(approx), big, _threads(),
+                       None if omax is None else ctypes.byref(omax))
     if rc < 0:
         raise ValueError(f"lp_nm_f32: unsupported n={n}, m={m}")
-    return rc, out
+    if omax is None:
+        return rc, out
+    return rc, out, ctypes.c_float.from_buffer_copy(omax).value
 
 
 def run_mse(lib, blocks: Tensor, n: int, m: int) -> tuple[int, Tensor]:
