@@ -421,6 +421,7 @@ def checks(trs, table: str = "this table") -> list[str]:
 
 # ----------------------------------------------------------------------------- LM claims
 
+ADAPT_RECIPES = ("luq4", "luq3", "nvfp4_sr", "mvue24")  # the adapt table's recipes
 # (worse, better, claim) pairs: "A is worse (higher Δ val loss) than B", the papers' claims
 # carried over to the LM workload; rows with a FWD_PREFIXES prefix get the same pairs within it.
 LM_CLAIMS = (
@@ -451,6 +452,11 @@ LM_CLAIMS = (
     ("mxfp4_sr", "nvfp4_sr", "MXFP4 (E8M0 per 32) worse than NVFP4 (E4M3 per 16), both SR"),
     ("nvfp4_sr", "nvfp4_sr_rht", "RHT improves NVFP4-SR"),
     ("luq4", "nvfp4_sr", "per-tensor LUQ-4 worse than the hardware format NVFP4-SR"),
+    # adapt_table (issue 21): the controller reading the paper's r_full, per recipe
+    *((r, f"{r}_late_hp", f"late_hp at the r_full crossing improves on fixed {r}") for r in ADAPT_RECIPES),
+    *((f"{r}_switch", f"{r}_late_hp", f"late_hp at the crossing better than a fixed switch at the "
+       f"same step ({r})") for r in ADAPT_RECIPES),
+    *((r, f"{r}_smp", f"SMP doubling on r_full improves on fixed {r}") for r in ADAPT_RECIPES),
 )
 # Row-name prefixes of rows with a low-precision forward (their claims are checked within the
 # prefix): lm_fwd4_table's INT4 forward, formats_table's NVFP4 forward.
@@ -464,7 +470,8 @@ def fwd_prefix(label: str) -> str:
 
 # Rows whose own Δ against fp32 is a paper claim ("≈ baseline" or "small degradation").
 LM_VS_BASELINE = ("luq4", "luq4_smp2", "mvue24", "mvue12", "mvue24_approx", "mvue24_luq4",
-                  "luq4_b16", "nvfp4_rtn", "nvfp4_sr", "mxfp4_rtn", "mxfp4_sr", "nvfp4_sr_rht")
+                  "luq4_b16", "nvfp4_rtn", "nvfp4_sr", "mxfp4_rtn", "mxfp4_sr", "nvfp4_sr_rht",
+                  *(f"{r}_late_hp" for r in ADAPT_RECIPES))
 
 
 def lm_checks(by: dict, table: str = "this table") -> list[str]:
