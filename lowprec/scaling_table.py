@@ -18,6 +18,7 @@ from pathlib import Path
 from . import scaling as S
 from . import tables as T
 from .provenance import launches
+from .table_md import NOTES
 
 ROW = re.compile(r"^(?P<recipe>.+)_c(?P<width>\d+)_t(?P<tpp>\d+)$")
 # Quartet (arXiv 2505.14669) Table 3: 30M-parameter Llama on C4, its own (eff_N, eff_D).
@@ -126,12 +127,19 @@ def write_md(trs, f, idx, path: Path, scale: str = "small") -> None:
     L.append("\nQuartet's other published rows: "
              + "; ".join(f"{k}: eff_N {v[0]}, eff_D {v[1]}" for k, v in QUARTET.items()
                          if k not in QUARTET_MATCH.values()) + ".")
-    L.append("\n**Extrapolation.** The gap at 1B parameters is the fitted law evaluated 10⁴× beyond "
-             "the largest model and ~10³× beyond the largest D of the grid. It assumes the law's "
-             "form, its exponents and each recipe's multipliers stay the same over that range; "
-             "none of that is tested by a grid of 14k-113k parameters, so read it as what these "
-             "fits imply, with the bootstrap interval as a lower bound on the uncertainty (it "
-             "carries the fit's noise, not the model's error).")
+    ns = sorted({n for p in pts.values() for n, _ in p})
+    dmax = max(d for p in pts.values() for _, d in p)
+    L.append(f"\n**Extrapolation.** The gap at 1B parameters is the fitted law evaluated "
+             f"{N1 / ns[-1]:.1e}× beyond the largest model and {D1 / dmax:.1e}× beyond the largest "
+             "D of the grid. It assumes the law's form, its exponents and each recipe's "
+             "multipliers stay the same over that range; none of that is tested by a grid of "
+             f"{ns[0] / 1e3:.1f}k-{ns[-1] / 1e3:.1f}k parameters, so read it as what these fits "
+             "imply, with the bootstrap interval as a lower bound on the uncertainty (it carries "
+             "the fit's noise, not the model's error).")
+    findings = NOTES / f"{scale}" / "scaling_table.findings.md"
+    if findings.exists():
+        L.append("\n## Findings\n")
+        L.append(findings.read_text().split("-->", 1)[-1].strip())
     L.append("\n![validation loss vs tokens, fitted curves](scaling_table.png)\n"
              "![eff_N and eff_D per recipe](scaling_table_eff.png)")
     L.append("\n## How this was made\n")
