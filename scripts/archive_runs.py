@@ -7,17 +7,20 @@
 An output root (outputs/ is not in git) holds the run index (runs.sqlite) and the launches
 (commands.jsonl). `save` writes every index row's summary, one JSON line per run, sorted by run
 directory, with the repository's absolute path cut from run directories (so the file names no
-machine), and copies the launches beside it (<name>.commands.jsonl). `load` inserts the archived
-runs whose run directories the index lacks and appends the launches it lacks, so that
-`scripts/reproduce.py --skip-done` resumes a long table where another session stopped, and
-`scripts/make_tables.py` renders it. A loaded run keeps its summary (its final metrics,
-identity, commit); its run directory (metrics.jsonl, checkpoints) is not archived: per-epoch
-figures need the run's own machine. Saving never drops a run the archive already has.
+machine), copies the launches beside it (<name>.commands.jsonl) and each run's metrics.jsonl,
+gzipped without a timestamp (<name>/<hash of the run directory>.metrics.jsonl.gz: the curves and
+noise records the tables' figures read). `load` inserts the archived runs whose run directories
+the index lacks, writes back their metrics.jsonl where the run directory has none, and appends
+the launches it lacks, so that `scripts/reproduce.py --skip-done` resumes a long table where
+another session stopped and `scripts/make_tables.py` renders it, figures included.
+Checkpoints are not archived. Saving never drops a run the archive already has.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -43,6 +46,10 @@ def _lines(path: Path) -> list[str]:
     return [ln for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
 
 
+def _metrics_file(dest: Path, rel_run_dir: str) -> Path:
+    return dest.with_suffix("") / (hashlib.sha1(rel_run_dir.encode()).hexdigest()[:16] + ".metrics.jsonl.gz")
+
+
 def save(out_root: Path, dest: Path) -> int:
     index = out_root / "runs.sqlite"
     if not index.exists():
@@ -53,6 +60,11 @@ def save(out_root: Path, dest: Path) -> int:
         s = json.loads(r["summary"])
         s.update({k: _rel(s.get(k)) for k in PATH_KEYS if k in s})
         old[s["run_dir"]] = runs.dumps(s, sort_keys=True)
+        m = Path(r["run_dir"]) / "metrics.jsonl"
+        if m.exists():
+            gz = _metrics_file(dest, s["run_dir"])
+            gz.parent.mkdir(parents=True, exist_ok=True)
+            gz.write_bytes(gzip.compress(m.read_bytes(), mtime=0))
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text("".join(old[k] + "\n" for k in sorted(old)))
     cmds = dest.with_suffix(".commands.jsonl")
@@ -72,7 +84,12 @@ def load(out_root: Path, src: Path) -> int:
     n = 0
     for ln in _lines(src):
         s = json.loads(ln)
+        gz = _metrics_file(src, s["run_dir"])
         s.update({k: _abs(s.get(k)) for k in PATH_KEYS if k in s})
+        m = Path(s["run_dir"]) / "metrics.jsonl"
+        if gz.exists() and not m.exists():
+            m.parent.mkdir(parents=True, exist_ok=True)
+            m.write_bytes(gzip.decompress(gz.read_bytes()))
         if s["run_dir"] not in have:
             out_root.mkdir(parents=True, exist_ok=True)
             runs.insert(index, s)

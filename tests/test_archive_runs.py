@@ -27,8 +27,16 @@ def test_save_then_load_round_trips_and_names_no_machine(tmp_path):
     runs.insert(src / "runs.sqlite", _summary(inside, 0, 1.5))
     runs.insert(src / "runs.sqlite", _summary(outside, 1, 1.25))
     (src / "commands.jsonl").write_text('{"command": "python run.py -m x"}\n')
+    curve = '{"step": 50, "val_loss": 2.5}\n{"step": 100, "val_loss": 2.25}\n'
+    Path(outside).mkdir(parents=True)
+    (Path(outside) / "metrics.jsonl").write_text(curve)
     arch = tmp_path / "arch" / "small_x.jsonl"
     assert A.main(["save", str(src), "--archive", str(arch)]) == 0
+    gz = sorted((tmp_path / "arch" / "small_x").glob("*.metrics.jsonl.gz"))
+    assert len(gz) == 1
+    first = gz[0].read_bytes()
+    assert A.main(["save", str(src), "--archive", str(arch)]) == 0 and gz[0].read_bytes() == first
+    (Path(outside) / "metrics.jsonl").unlink()  # another machine: no run directory
     text = arch.read_text()
     assert str(ROOT) not in text and '"run_dir": "outputs/small_x/run0"' in text
     assert A.main(["load", str(dst), "--archive", str(arch)]) == 0
@@ -40,6 +48,7 @@ def test_save_then_load_round_trips_and_names_no_machine(tmp_path):
         assert {c: v for c, v in a[k].items() if c not in ("id", "finished_at")} == {
             c: v for c, v in b[k].items() if c not in ("id", "finished_at")}
     assert (dst / "commands.jsonl").read_text().count("python run.py") == 1
+    assert (Path(outside) / "metrics.jsonl").read_text() == curve  # the curve is back
 
 
 def test_save_keeps_archived_runs_the_index_no_longer_has(tmp_path):
