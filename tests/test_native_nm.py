@@ -12,6 +12,7 @@ import torch
 
 from lowprec import NonFiniteError
 from lowprec.kernels import cpu, native
+from lowprec.luq import luq as luq_ref
 from lowprec.nm import nm_noise_shape
 from lowprec.nm import nm_prune as nm_ref
 from kernel_utils import torch_core
@@ -91,3 +92,95 @@ def test_nm_nonfinite_in_every_path_raises_or_zeros(n, m, method):
                 z = cpu.nm_prune(y, n, m, method=method, dim=d, generator=torch.Generator().manual_seed(0),
                                  nonfinite="skip")
                 assert torch.equal(z, torch.zeros_like(y)), (name, k, bad)
+
+
+# ----------------------------------------------------------------------------- N:M then LUQ, fused
+
+FUSED = [(1, 2, "mvue"), (2, 4, "mvue"), (2, 4, "mvue_approx"), (3, 8, "mvue"), (2, 4, "mse")]
+
+
+def two_steps(x, n, m, g, **kw):
+    luq_kw = {k: kw.pop(k) for k in ("bits", "levels") if k in kw}
+    y = cpu.nm_prune(x, n, m, generator=g, **kw)
+    return cpu.luq(y, luq_kw.pop("bits", 4), generator=g, nonfinite=kw.get("nonfinite", "raise"), **luq_kw)
+
+
+def fused_and_two_steps(x, n, m, **kw):
+    """Both ways from equal generators: (fused, two steps, whether the generators end equal)."""
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    a = cpu.nm_luq(x, n, m, generator=g1, **kw)
+    b = two_steps(x, n, m, g2, **kw)
+    return a, b, torch.equal(g1.get_state(), g2.get_state())
+
+
+@pytest.mark.parametrize("n,m,method", FUSED, ids=lambda v: str(v))
+def test_nm_luq_equals_the_two_steps_and_draws_the_same(n, m, method):
+    for name, x, d in layouts():
+        if x.shape[d] % m:
+            continue
+        for kw in ({}, {"bits": 3}, {"levels": 5}):
+            a, b, rng = fused_and_two_steps(x, n, m, method=method, dim=d, **kw)
+            same(a, b, f"{name} {kw}")
+            assert a.stride() == b.stride() and rng, name
+        # and the references, given the uniforms the twins draw (the prune's seed first, then LUQ's)
+        g = torch.Generator().manual_seed(4)
+        s1, s2 = cpu.draw_seed(g), cpu.draw_seed(g)
+        want = luq_ref(nm_ref(x, n, m, method=method, dim=d, noise=None if method == "mse" else cpu.uniforms(
+            s1, nm_noise_shape(x.shape, n, m, method, d))), noise=cpu.uniforms(s2 if method != "mse" else s1, x.shape))
+        same(cpu.nm_luq(x, n, m, method=method, dim=d, generator=torch.Generator().manual_seed(4)), want, name)
+
+
+def test_nm_luq_edge_inputs_and_the_global_rng():
+    x = grad_like((6, 256), 11)
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):  # the two steps (no fused C twin)
+        a, b, rng = fused_and_two_steps(x.to(dtype), 2, 4)
+        same(a, b, str(dtype))
+        assert rng
+    tail = grad_like((3, 4 * 37), 13)  # 111 blocks: 6 batches of 16 and 15 one by one, max|out| in the last one
+    tail[-1, -3] = 1e6
+    for y in (torch.zeros(4, 64), torch.zeros(0, 8), x[:, :6], x.unsqueeze(0), tail):  # zeros, empty, padded, ...
+        a, b, rng = fused_and_two_steps(y, 2, 4)
+        same(a, b, str(tuple(y.shape)))
+        assert rng
+    torch.manual_seed(3)
+    a = cpu.nm_luq(x, 2, 4)
+    after = torch.get_rng_state()
+    torch.manual_seed(3)
+    same(a, cpu.luq(cpu.nm_prune(x, 2, 4)))
+    assert torch.equal(after, torch.get_rng_state())
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    with pytest.raises(ValueError):  # LUQ's checks come after the prune's draw, as in the two steps
+        cpu.nm_luq(x, 2, 4, bits=1, generator=g1)
+    with pytest.raises(ValueError):
+        two_steps(x, 2, 4, g2, bits=1)
+    assert torch.equal(g1.get_state(), g2.get_state())
+
+
+@pytest.mark.parametrize("n,m,method", FUSED[:3], ids=lambda v: str(v))
+def test_nm_luq_nonfinite_draws_as_the_two_steps(n, m, method):
+    for name, x, d in layouts()[:3]:
+        y = poked(x, x.numel() // 2 + 1, float("nan"))
+        g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+        with pytest.raises(NonFiniteError):
+            cpu.nm_luq(y, n, m, method=method, dim=d, generator=g1)
+        with pytest.raises(NonFiniteError):
+            two_steps(y, n, m, g2, method=method, dim=d)
+        assert torch.equal(g1.get_state(), g2.get_state()), name
+        a, b, rng = fused_and_two_steps(y, n, m, method=method, dim=d, nonfinite="skip")
+        same(a, torch.zeros_like(y), name)
+        same(a, b, name)
+        assert rng and a.stride() == b.stride(), name
+
+
+def test_nm_luq_thread_count_and_torch_cores():
+    x = grad_like((64, 128, 16), 12).permute(1, 0, 2)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            outs.append(cpu.nm_luq(x, 2, 4, generator=torch.Generator().manual_seed(2)))
+    finally:
+        torch.set_num_threads(before)
+    same(*outs, "threads")
+    same(outs[0], torch_core(lambda: cpu.nm_luq(x, 2, 4, generator=torch.Generator().manual_seed(2))), "torch cores")

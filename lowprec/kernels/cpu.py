@@ -8,7 +8,7 @@ argument checks here and run a *core* per call:
 - the C twins of :mod:`lowprec.kernels.native` (LUQ, N:M MVUE / approximate MVUE / MSE, NVFP4,
   MXFP4, block LUQ, radix4, fp4_rdn, int_sr, the block RHT's FWHT; one pass, any strided layout,
   uniforms drawn in the pass, the non-finite test inside it) for fp32 work (fp32, fp16 and bf16
-  inputs) when a C compiler is found;
+  inputs) when a C compiler is found; N:M then LUQ (:func:`nm_luq`) in two passes, not three;
 - else the torch cores below (the block formats, the baselines and the FWHT: their references, fed
   the same hashed uniforms), returning the C twins' memory layout (:func:`_in_c_layout`: the next
   GEMM's summation order follows it, so a run's numbers do not depend on whether a compiler was found):
@@ -224,6 +224,35 @@ def nm_prune(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -1,
     u = uniforms(seed, ushape) if u is None else u
     out = from_blocks(nm_core(blocks, u, n, method, big), x, length, dim)
     return out if length % m else _in_c_layout(out, x, dim)  # padded blocks: no C twin, nothing to match
+
+
+def nm_luq(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -1, bits: int = 4, levels: int | None = None,
+           generator: torch.Generator | None = None, nonfinite: str = "raise") -> Tensor:
+    """``luq(nm_prune(x, n, m, ...), bits, ...)`` of this module, the same result and the same draws from
+    ``generator`` (the prune's seed, then LUQ's after the prune's checks), in two passes over fp32 δ where
+    the C twins run (the pruned values and their max in one, LUQ over them in place in the other: the
+    two steps read δ three times and write it twice); else those two steps (MSE, other dtypes, no C)."""
+    check_float(x, "nm_prune")
+    check_nm(n, m, method)
+    check_nonfinite_mode(nonfinite)
+    fused = (method != "mse" and x.dtype == torch.float32 and x.dim() > 0 and -x.dim() <= dim < x.dim()
+             and x.numel() > 0 and n != m)
+    xt = x.detach().movedim(dim, -1) if fused else None
+    lib = _c_lib(x, xt.shape[-1], m) if fused else None
+    if lib is None:
+        y = nm_prune(x, n, m, method=method, dim=dim, generator=generator, nonfinite=nonfinite)
+        return luq(y, bits, levels=levels, generator=generator, nonfinite=nonfinite)
+    seed = draw_seed(generator)
+    big = torch.finfo(torch.float32).max
+    rc, out, top = native.run_nm(lib, _dense(xt), None, key_of(seed), n, m, method == "mvue_approx", big, True)
+    skip = _zeros_for_nonfinite(rc, x, nonfinite, "nm_prune")  # raises before LUQ's draw, as nm_prune does
+    y = torch.zeros_like(x) if skip else out.movedim(-1, dim)
+    L = check_luq_args(y, bits, levels, None, nonfinite)
+    seed = draw_seed(generator)
+    if skip or not top > 0:
+        return torch.zeros_like(y)
+    _, q = native.run_luq(lib, y, None, key_of(seed), None, big, L, tiny_exponent(x.dtype), top=top, inplace=True)
+    return q
 
 
 # ----------------------------------------------------------------------------- block FP4 (lowprec.fp4)

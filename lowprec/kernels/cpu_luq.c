@@ -40,9 +40,23 @@ void lp_luq_f32(const float* x, float* out, const float* u, uint64_t key, const 
     }
 }
 
+/* LUQ with the top level m = min(top, fmax) known: α = m·2^-j with j = clamp(floor(log2 m) - e_tiny, 0,
+ * L-1) (lowprec.luq.luq_alpha), then lp_luq_f32 (x == out allowed: element i is read before it is
+ * written). Returns 2 (out untouched) when m is not > 0. */
+int lp_luq_top_f32(const float* x, float* out, const float* u, uint64_t key, const int64_t* size, const int64_t* xs,
+                   const int64_t* us, float top, float fmax, int L, int e_tiny, int nthreads) {
+    const float m = top < fmax ? top : fmax;
+    if (!(m > 0.0f)) return 2;
+    int e;
+    frexpf(m, &e);
+    int j = (e - 1) - e_tiny;
+    j = j < 0 ? 0 : (j > L - 1 ? L - 1 : j);
+    lp_luq_f32(x, out, u, key, size, xs, us, m, ldexpf(m, -j), nthreads);
+    return 0;
+}
+
 /* cpu.luq in full: max|x| and the non-finite test (pass 1, skipped when max_abs >= 0 is given: then
- * pass 2 tests), m = min(max|x| or max_abs, fmax), α = m·2^-j with j = clamp(floor(log2 m) - e_tiny,
- * 0, L-1) (lowprec.luq.luq_alpha), pass 2 = lp_luq_f32. Returns 0, 1 (a NaN/Inf in x: out is
+ * pass 2 tests), pass 2 = lp_luq_top_f32 with max|x| or max_abs. Returns 0, 1 (a NaN/Inf in x: out is
  * garbage, the caller raises or zeros) or 2 (m = 0: out untouched, the caller returns zeros). */
 int lp_luq_auto_f32(const float* x, float* out, const float* u, uint64_t key, const int64_t* size, const int64_t* xs,
                     const int64_t* us, float max_abs, float fmax, int L, int e_tiny, int nthreads) {
@@ -70,14 +84,7 @@ int lp_luq_auto_f32(const float* x, float* out, const float* u, uint64_t key, co
         if (mb >= 0x7F800000u) return 1;
         m = bits_f(mb);
     }
-    m = m < fmax ? m : fmax;
-    if (!(m > 0.0f)) return 2;
-    int e;
-    frexpf(m, &e);
-    int j = (e - 1) - e_tiny;
-    j = j < 0 ? 0 : (j > L - 1 ? L - 1 : j);
-    const float alpha = ldexpf(m, -j);
-    lp_luq_f32(x, out, u, key, size, xs, us, m, alpha, nthreads);
+    if (lp_luq_top_f32(x, out, u, key, size, xs, us, m, fmax, L, e_tiny, nthreads)) return 2;
     if (max_abs >= 0.0f) { /* the non-finite test pass 1 did not make */
         for (int64_t i0 = 0; i0 < n0; i0++)
             for (int64_t i1 = 0; i1 < n1; i1++)

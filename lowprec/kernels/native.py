@@ -85,6 +85,7 @@ SIGNATURES = {
     "lp_uniforms": (None, [_U64, _I64, _P]),
     "lp_luq_f32": (None, [_P, _P, _P, _U64, _I64P, _I64P, _I64P, _F32, _F32, _INT]),
     "lp_luq_auto_f32": (_INT, [_P, _P, _P, _U64, _I64P, _I64P, _I64P, _F32, _F32, _INT, _INT, _INT]),
+    "lp_luq_top_f32": (_INT, [_P, _P, _P, _U64, _I64P, _I64P, _I64P, _F32, _F32, _INT, _INT, _INT]),
     "lp_nm_f32": (_INT, [_P, _P, _P, _U64, _I64P, _I64P, _I64P, _I64, _INT, _INT, _INT, _F32, _INT, _P]),
     "lp_mse_f32": (_INT, [_P, _P, _I64P, _I64P, _I64, _INT, _INT, _INT]),
     "lp_fp4_f32": (_INT, [_P, _P, _P, _U64, _I64P, _I64, _I64, _I64, _INT, _INT, _INT, _INT, _INT, _INT]),
@@ -339,14 +340,18 @@ def _threads() -> int:
 
 
 def run_luq(lib, x: Tensor, u: Tensor | None, key: int, max_abs: float | None, fmax: float, levels: int,
-            e_tiny: int) -> tuple[int, Tensor]:
+            e_tiny: int, *, top: float | None = None, inplace: bool = False) -> tuple[int, Tensor]:
     """``(status, out)``: LUQ of fp32 ``x`` (dense) as :func:`lowprec.kernels.cpu.luq` computes it, into a
     tensor with ``x``'s strides (a contiguous one when they need more than three loops). ``u``:
     contiguous uniforms in ``x``'s logical order, or None to draw them from ``key``; ``max_abs``: the
     given top level (None: max|x|); ``fmax``/``e_tiny``: the input dtype's largest finite value and
-    smallest normal exponent. Status 0: done; 1: x holds a NaN/Inf; 2: the top level is 0."""
+    smallest normal exponent. Status 0: done; 1: x holds a NaN/Inf; 2: the top level is 0. ``top``:
+    max|x| already known (x finite): no pass for it. ``inplace``: written over x (or its contiguous copy)."""
     x, (size, xs, us), _ = _nested(x, 1)
-    out = torch.empty_like(x)
+    out = x if inplace else torch.empty_like(x)
+    if top is not None:
+        return lib.lp_luq_top_f32(_ptr(x), _ptr(out), _ptr(u), key, size, xs, us, top, fmax, levels, e_tiny,
+                                  _threads()), out
     rc = lib.lp_luq_auto_f32(_ptr(x), _ptr(out), _ptr(u), key, size, xs, us, -1.0 if max_abs is None else max_abs,
                              fmax, levels, e_tiny, _threads())
     return rc, out
