@@ -30,6 +30,7 @@ reproduce the twins exactly.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -109,8 +110,12 @@ def backend_info(device="cpu") -> dict:
 
 def _is_dense(t: Tensor) -> bool:
     """Whether ``t``'s memory is one dense block in some order (then ``empty_like`` keeps its strides)."""
+    return _is_dense_of(tuple(t.shape), t.stride())
+
+
+def _is_dense_of(shape: tuple, stride: tuple) -> bool:
     expect = 1
-    for size, st in sorted((d for d in zip(t.shape, t.stride()) if d[0] != 1), key=lambda d: d[1]):
+    for size, st in sorted((d for d in zip(shape, stride) if d[0] != 1), key=lambda d: d[1]):
         if st != expect:
             return False
         expect *= size
@@ -295,23 +300,29 @@ def _blocked_view(x: Tensor, dim: int):
     """``((outer, length, inner), uniform strides)`` when x's memory is one dense block whose dims, in
     memory order, read as ``[outer, length = x.shape[dim], inner]`` with the uniform index (x's logical C
     order) affine in each of outer and inner; None otherwise (the caller copies to contiguous)."""
-    if not _is_dense(x) or x.dim() == 0:
+    return _blocked_view_of(tuple(x.shape), x.stride(), dim)
+
+
+@functools.lru_cache(maxsize=1024)  # a model has a few dozen (shape, layout, dim); this ran ~10 us every call
+def _blocked_view_of(shape: tuple, stride: tuple, dim: int):
+    if not _is_dense_of(shape, stride) or len(shape) == 0:
         return None
-    d = dim % x.dim()
-    logical = [1] * x.dim()
-    for k in range(x.dim() - 2, -1, -1):
-        logical[k] = logical[k + 1] * x.shape[k + 1]
-    order = sorted((k for k in range(x.dim()) if x.shape[k] != 1 and k != d), key=lambda k: -x.stride(k))
-    outer_dims = [k for k in order if x.shape[d] == 1 or x.stride(k) > x.stride(d)]
+    n = len(shape)
+    d = dim % n
+    logical = [1] * n
+    for k in range(n - 2, -1, -1):
+        logical[k] = logical[k + 1] * shape[k + 1]
+    order = sorted((k for k in range(n) if shape[k] != 1 and k != d), key=lambda k: -stride[k])
+    outer_dims = [k for k in order if shape[d] == 1 or stride[k] > stride[d]]
     inner_dims = [k for k in order if k not in outer_dims]
 
     def fold(group):  # the group's flat memory index -> (count, uniform stride), or None when not affine
         count, ustride = 1, 0
         for k in reversed(group):  # innermost first
             if count == 1:
-                count, ustride = x.shape[k], logical[k]
+                count, ustride = shape[k], logical[k]
             elif logical[k] == ustride * count:
-                count *= x.shape[k]
+                count *= shape[k]
             else:
                 return None
         return count, ustride
@@ -319,7 +330,7 @@ def _blocked_view(x: Tensor, dim: int):
     o, i = fold(outer_dims), fold(inner_dims)
     if o is None or i is None:
         return None
-    return (o[0], x.shape[d], i[0]), (o[1], logical[d], i[1])
+    return (o[0], shape[d], i[0]), (o[1], logical[d], i[1])
 
 
 def nvfp4(x: Tensor, *, dim: int = -1, rounding: str = "rtn", block_2d: bool = False,
