@@ -1,4 +1,4 @@
-"""One switch between the plain-PyTorch references and the Triton kernels.
+"""One switch between the plain-PyTorch references, their CPU twins and the Triton kernels.
 
 ``backend``: ``"auto"`` uses the kernel for CUDA tensors when Triton is importable and the call is
 one the kernel covers (fp32/fp16/bf16, no ``noise=``, N:M with M <= 8, ...), else the reference;
@@ -9,19 +9,36 @@ CPU tensor without ``TRITON_INTERPRET=1``; ``noise=`` given, since the kernel dr
 uniforms; an unsupported dtype or configuration). ``backend=None`` reads the environment variable
 ``LOWPREC_BACKEND`` (default ``"auto"``): a global off switch for debugging runs.
 
+The table: :data:`ROUTES` holds one :class:`Route` per public function (same name): its plain-PyTorch
+``reference``; its CPU ``twin`` (None: the reference on CPU tensors too); its Triton ``kernel`` as
+``"module.function"`` in :mod:`lowprec.kernels`, imported at the first call (None: no kernel); and
+``why``, which checks the call's arguments and says why the kernel cannot take the call (None: it
+can). :func:`_route` serves every public function from it: the kernel when there is one and
+:func:`resolve` picks it (``noise=`` dropped, always None there); else the twin for a CPU tensor
+under ``"auto"``; else the reference. The public functions are thin wrappers (signatures, docs).
+Entries that adapt the call: ``luq`` (``return_amax``: the kernel gets max|x| from its own pass,
+the eager paths reduce once more), ``luq_pack`` (reference LUQ then packing; no twin),
+``luq_unpack`` (resolved on an empty probe of the output dtype: its input is uint8 codes),
+``nm_luq`` (eagerly N:M then LUQ, both references or both twins). ``radix4``, ``fp4_rdn``,
+``int_sr`` and ``block_rht`` have no kernel: CUDA tensors and every backend but ``"auto"``
+(``"triton"`` too) run the reference.
+
 Kernel randomness: one seed per call from ``generator`` (None: torch's global RNG), so
 ``torch.manual_seed`` reproduces a run; the kernel's draws differ from the reference's
 ``torch.rand`` draws (same distribution). Given the kernel's uniforms
 (``lowprec.kernels.common.uniforms``) as ``noise=``, the reference reproduces the kernel exactly.
 
-Layering: the references are imported here at the top; the Triton kernel modules only inside the
-functions that call them, so importing this module never imports Triton. The callers are the
+Layering: the references are imported here at the top; the Triton kernel modules only when a
+kernel is called, so importing this module never imports Triton. The callers are the
 estimator classes in :mod:`lowprec.estimators` (and tests and benchmarks that force a backend).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -84,7 +101,123 @@ def resolve(x: Tensor, backend: str | None = "auto", *, who: str = "lowprec", un
 def _eager(x: Tensor, backend: str | None, reference, twin):
     """The plain-PyTorch path for ``x``: the CPU twin (:mod:`lowprec.kernels.cpu`, bit-identical to the
     reference, fewer passes) for CPU tensors under ``"auto"``; the readable reference otherwise."""
-    return twin if (not x.is_cuda and _requested(backend) == "auto") else reference
+    return twin if (twin is not None and not x.is_cuda and _requested(backend) == "auto") else reference
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class Route:
+    """How one public function is routed (see the module docstring)."""
+    reference: Callable
+    twin: Callable | None = None  # bit-identical to the reference, given the same uniforms
+    kernel: str | None = None  # "module.function" in lowprec.kernels
+    why: Callable[..., str | None] | None = None  # (args after x) -> why the kernel can't, or None; may raise
+
+
+def _twin(name: str) -> Callable:
+    # looked up at each call, so a patched lowprec.kernels.cpu.<name> is the one that runs
+    return lambda *args, **kw: getattr(cpu_twins, name)(*args, **kw)
+
+
+def _with_amax(f: Callable) -> Callable:  # luq's eager paths: max|x| is one more reduction
+    def eager(x, *args, return_amax=False, **kw):
+        out = f(x, *args, **kw)
+        if not return_amax:
+            return out
+        wt = work_dtype(x.dtype)
+        cur = x.detach().abs().amax().to(wt) if x.numel() else torch.zeros((), dtype=wt, device=x.device)
+        return out, cur
+    return eager
+
+
+def _nm_then_luq(nm: Callable, lq: Callable) -> Callable:  # nm_luq's eager paths: two passes, not fused
+    def eager(x, n, m, *, method, dim, bits, levels, generator, nonfinite):
+        y = nm(x, n, m, method=method, dim=dim, generator=generator, nonfinite=nonfinite)
+        return lq(y, bits, levels=levels, generator=generator, nonfinite=nonfinite)
+    return eager
+
+
+def _luq_pack_eager(x, bits, *, levels, max_abs, generator, noise, nonfinite):
+    # quantized in x's dtype (its levels are exact there, so the fp32 copy is too), as the kernel does
+    q = luq_reference(x, bits, levels=levels, max_abs=max_abs, generator=generator, noise=noise,
+                      nonfinite=nonfinite).float()
+    _, alpha = luq_scale(x, bits, levels=luq_levels(bits, levels), max_abs=max_abs)
+    alpha = alpha.float()
+    return luq_pack_reference(q, alpha), alpha
+
+
+_NOISE = "noise= was given (the kernel draws its own uniforms)"
+
+
+def _levels_reason(L: int) -> str | None:  # the kernel's own limit (luq_levels caps L at 127 today)
+    return f"the kernel supports at most 127 levels, got {L}" if L > 127 else None
+
+
+def _m_reason(m: int) -> str | None:
+    return f"the kernel supports M <= 8, got M={m}" if m > 8 else None
+
+
+def _why_noise(*_, noise=None, **__) -> str | None:
+    return _NOISE if noise is not None else None
+
+
+def _why_luq(bits, *, levels, noise, **_) -> str | None:
+    L = luq_levels(bits, levels)
+    return _NOISE if noise is not None else _levels_reason(L)
+
+
+def _why_luq_pack(bits, *, levels, noise, **_) -> str | None:
+    L = luq_levels(bits, levels)
+    if L > MAX_PACKED_LEVELS:
+        raise ValueError(f"luq_pack: {L} levels + zero + sign do not fit a 4-bit code (at most {MAX_PACKED_LEVELS})")
+    return _why_noise(noise=noise)
+
+
+def _why_nm(n, m, *, method, noise, **_) -> str | None:
+    check_nm(n, m, method)
+    return _NOISE if noise is not None else _m_reason(m)
+
+
+def _why_nm_luq(n, m, *, method, bits, levels, **_) -> str | None:
+    check_nm(n, m, method)
+    L = luq_levels(bits, levels)
+    return _m_reason(m) or _levels_reason(L)
+
+
+ROUTES: dict[str, Route] = {
+    "luq": Route(_with_amax(luq_reference), _with_amax(_twin("luq")), "luq.luq", _why_luq),
+    "luq_pack": Route(_luq_pack_eager, None, "luq.luq_pack", _why_luq_pack),
+    "luq_unpack": Route(luq_unpack_reference, None, "luq.luq_unpack"),
+    "nm_prune": Route(nm_prune_reference, _twin("nm_prune"), "nm.nm_prune", _why_nm),
+    "int_quant": Route(int_quant_reference, None, "intq.int_quant"),
+    "nm_luq": Route(_nm_then_luq(nm_prune_reference, luq_reference), _nm_then_luq(_twin("nm_prune"), _twin("luq")),
+                    "fused.nm_luq", _why_nm_luq),
+    "nvfp4": Route(nvfp4_reference, _twin("nvfp4"), "fp4.nvfp4", _why_noise),
+    "mxfp4": Route(mxfp4_reference, _twin("mxfp4"), "fp4.mxfp4", _why_noise),
+    "block_luq": Route(block_luq_reference, _twin("block_luq"), "fp4.block_luq", _why_luq),
+    # no Triton kernel: CUDA tensors (and any backend but "auto") run the reference, CPU tensors the twin
+    "radix4": Route(radix4_reference, _twin("radix4")),
+    "fp4_rdn": Route(fp4_rdn_reference, _twin("fp4_rdn")),
+    "int_sr": Route(int_sr_reference, _twin("int_sr")),
+    "block_rht": Route(block_rht_reference, _twin("block_rht")),
+}
+
+
+def _route(name: str, backend: str | None, x, *args, on: Tensor | None = None, **kw):
+    """Run ``ROUTES[name]`` on ``x`` (resolving the backend on ``on`` when given) with ``args``/``kw``."""
+    r = ROUTES[name]
+    if r.kernel is not None:
+        why = None if r.why is None else r.why(*args, **kw)
+        if resolve(x if on is None else on, backend, who=name, unsupported=why) == "triton":
+            kw.pop("noise", None)  # None here: a given noise= rules the kernel out
+            module, fn = r.kernel.split(".")
+            return getattr(importlib.import_module(f".kernels.{module}", __package__), fn)(x, *args, **kw)
+    return _eager(x, backend, r.reference, r.twin)(x, *args, **kw)
+
+
+# ----------------------------------------------------------------------------- the public functions
 
 
 def luq(x: Tensor, bits: int = 4, *, levels: int | None = None, max_abs=None,
@@ -95,21 +228,8 @@ def luq(x: Tensor, bits: int = 4, *, levels: int | None = None, max_abs=None,
     ``return_amax=True`` also returns the current ``max|x|`` (fp32 0-d), what the in-hindsight
     estimate needs for its next step: with ``max_abs`` given, the kernel does both in one pass.
     """
-    L = luq_levels(bits, levels)
-    why = "noise= was given (the kernel draws its own uniforms)" if noise is not None else (
-        f"the kernel supports at most 127 levels, got {L}" if L > 127 else None)
-    if resolve(x, backend, who="luq", unsupported=why) == "triton":
-        from .kernels import luq as k
-        return k.luq(x, bits, levels=levels, max_abs=max_abs, generator=generator, nonfinite=nonfinite,
-                     return_amax=return_amax)
-    out = _eager(x, backend, luq_reference, cpu_twins.luq)(
-        x, bits, levels=levels, max_abs=max_abs, generator=generator, noise=noise,
-                        nonfinite=nonfinite)
-    if not return_amax:
-        return out
-    wt = work_dtype(x.dtype)
-    cur = x.detach().abs().amax().to(wt) if x.numel() else torch.zeros((), dtype=wt, device=x.device)
-    return out, cur
+    return _route("luq", backend, x, bits, levels=levels, max_abs=max_abs, generator=generator, noise=noise,
+                  nonfinite=nonfinite, return_amax=return_amax)
 
 
 def luq_pack(x: Tensor, bits: int = 4, *, levels: int | None = None, max_abs=None,
@@ -117,43 +237,23 @@ def luq_pack(x: Tensor, bits: int = 4, *, levels: int | None = None, max_abs=Non
              backend: str | None = "auto") -> tuple[Tensor, Tensor]:
     """LUQ to the packed 4-bit format ``(codes uint8[ceil(numel/2)], alpha fp32 0-d)``
     (see :mod:`lowprec.packing`)."""
-    L = luq_levels(bits, levels)
-    if L > MAX_PACKED_LEVELS:
-        raise ValueError(f"luq_pack: {L} levels + zero + sign do not fit a 4-bit code (at most {MAX_PACKED_LEVELS})")
-    why = "noise= was given (the kernel draws its own uniforms)" if noise is not None else None
-    if resolve(x, backend, who="luq_pack", unsupported=why) == "triton":
-        from .kernels import luq as k
-        return k.luq_pack(x, bits, levels=levels, max_abs=max_abs, generator=generator, nonfinite=nonfinite)
-    # quantized in x's dtype (its levels are exact there, so the fp32 copy is too), as the kernel does
-    q = luq_reference(x, bits, levels=levels, max_abs=max_abs, generator=generator, noise=noise,
-                      nonfinite=nonfinite).float()
-    _, alpha = luq_scale(x, bits, levels=L, max_abs=max_abs)
-    alpha = alpha.float()
-    return luq_pack_reference(q, alpha), alpha
+    return _route("luq_pack", backend, x, bits, levels=levels, max_abs=max_abs, generator=generator, noise=noise,
+                  nonfinite=nonfinite)
 
 
 def luq_unpack(codes: Tensor, alpha, shape, dtype: torch.dtype = torch.float32,
                backend: str | None = "auto") -> Tensor:
     """Decode :func:`luq_pack`'s output into a tensor of ``shape`` and ``dtype``."""
     probe = torch.empty(0, dtype=dtype, device=codes.device)
-    if resolve(probe, backend, who="luq_unpack") == "triton":
-        from .kernels import luq as k
-        return k.luq_unpack(codes, alpha, shape, dtype)
-    return luq_unpack_reference(codes, alpha, shape, dtype)
+    return _route("luq_unpack", backend, codes, alpha, shape, dtype, on=probe)
 
 
 def nm_prune(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -1,
              generator: torch.Generator | None = None, noise: Tensor | None = None, nonfinite: str = "raise",
              backend: str | None = "auto") -> Tensor:
     """:func:`lowprec.nm.nm_prune` through the chosen backend."""
-    check_nm(n, m, method)
-    why = "noise= was given (the kernel draws its own uniforms)" if noise is not None else (
-        f"the kernel supports M <= 8, got M={m}" if m > 8 else None)
-    if resolve(x, backend, who="nm_prune", unsupported=why) == "triton":
-        from .kernels import nm as k
-        return k.nm_prune(x, n, m, method=method, dim=dim, generator=generator, nonfinite=nonfinite)
-    return _eager(x, backend, nm_prune_reference, cpu_twins.nm_prune)(
-        x, n, m, method=method, dim=dim, generator=generator, noise=noise, nonfinite=nonfinite)
+    return _route("nm_prune", backend, x, n, m, method=method, dim=dim, generator=generator, noise=noise,
+                  nonfinite=nonfinite)
 
 
 def int_quant(x: Tensor, bits: int = 4, *, signed: bool | None = None, per_channel: bool = False,
@@ -163,10 +263,8 @@ def int_quant(x: Tensor, bits: int = 4, *, signed: bool | None = None, per_chann
     With ``clip`` given the two backends agree bit for bit; a SAWB clip computed by the kernel's
     reduction differs from the reference's in the last bits (summation order).
     """
-    if resolve(x, backend, who="int_quant") == "triton":
-        from .kernels import intq as k
-        return k.int_quant(x, bits, signed=signed, per_channel=per_channel, clip=clip, clip_method=clip_method)
-    return int_quant_reference(x, bits, signed=signed, per_channel=per_channel, clip=clip, clip_method=clip_method)
+    return _route("int_quant", backend, x, bits, signed=signed, per_channel=per_channel, clip=clip,
+                  clip_method=clip_method)
 
 
 def fuses_nm_luq(x: Tensor) -> bool:
@@ -184,80 +282,51 @@ def nm_luq(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -1, bi
            backend: str | None = "auto") -> Tensor:
     """N:M prune then LUQ (the ``mvue24_luq4`` composite): ``luq(nm_prune(x, ...), ...)``, one fused kernel
     (two passes over x, no intermediate tensor) on the Triton backend."""
-    check_nm(n, m, method)
-    L = luq_levels(bits, levels)
-    why = f"the kernel supports M <= 8, got M={m}" if m > 8 else (
-        f"the kernel supports at most 127 levels, got {L}" if L > 127 else None)
-    if resolve(x, backend, who="nm_luq", unsupported=why) == "triton":
-        from .kernels import fused as k
-        return k.nm_luq(x, n, m, method=method, dim=dim, bits=bits, levels=levels, generator=generator,
-                        nonfinite=nonfinite)
-    y = _eager(x, backend, nm_prune_reference, cpu_twins.nm_prune)(x, n, m, method=method, dim=dim,
-                                                                   generator=generator, nonfinite=nonfinite)
-    return _eager(x, backend, luq_reference, cpu_twins.luq)(y, bits, levels=levels, generator=generator,
-                                                            nonfinite=nonfinite)
+    return _route("nm_luq", backend, x, n, m, method=method, dim=dim, bits=bits, levels=levels, generator=generator,
+                  nonfinite=nonfinite)
 
 
 def nvfp4(x: Tensor, *, dim: int = -1, rounding: str = "rtn", block_2d: bool = False,
           generator: torch.Generator | None = None, noise: Tensor | None = None, nonfinite: str = "raise",
           backend: str | None = "auto") -> Tensor:
     """:func:`lowprec.fp4.nvfp4` through the chosen backend."""
-    why = "noise= was given (the kernel draws its own uniforms)" if noise is not None else None
-    if resolve(x, backend, who="nvfp4", unsupported=why) == "triton":
-        from .kernels import fp4 as k
-        return k.nvfp4(x, dim=dim, rounding=rounding, block_2d=block_2d, generator=generator, nonfinite=nonfinite)
-    return _eager(x, backend, nvfp4_reference, cpu_twins.nvfp4)(
-        x, dim=dim, rounding=rounding, block_2d=block_2d, generator=generator, noise=noise, nonfinite=nonfinite)
+    return _route("nvfp4", backend, x, dim=dim, rounding=rounding, block_2d=block_2d, generator=generator,
+                  noise=noise, nonfinite=nonfinite)
 
 
 def mxfp4(x: Tensor, *, dim: int = -1, rounding: str = "rtn", generator: torch.Generator | None = None,
           noise: Tensor | None = None, nonfinite: str = "raise", backend: str | None = "auto") -> Tensor:
     """:func:`lowprec.fp4.mxfp4` through the chosen backend."""
-    why = "noise= was given (the kernel draws its own uniforms)" if noise is not None else None
-    if resolve(x, backend, who="mxfp4", unsupported=why) == "triton":
-        from .kernels import fp4 as k
-        return k.mxfp4(x, dim=dim, rounding=rounding, generator=generator, nonfinite=nonfinite)
-    return _eager(x, backend, mxfp4_reference, cpu_twins.mxfp4)(
-        x, dim=dim, rounding=rounding, generator=generator, noise=noise, nonfinite=nonfinite)
+    return _route("mxfp4", backend, x, dim=dim, rounding=rounding, generator=generator, noise=noise,
+                  nonfinite=nonfinite)
 
 
 def block_luq(x: Tensor, bits: int = 4, *, block: int = 16, dim: int = -1, levels: int | None = None,
               generator: torch.Generator | None = None, noise: Tensor | None = None, nonfinite: str = "raise",
               backend: str | None = "auto") -> Tensor:
     """:func:`lowprec.fp4.block_luq` through the chosen backend."""
-    L = luq_levels(bits, levels)
-    why = "noise= was given (the kernel draws its own uniforms)" if noise is not None else (
-        f"the kernel supports at most 127 levels, got {L}" if L > 127 else None)
-    if resolve(x, backend, who="block_luq", unsupported=why) == "triton":
-        from .kernels import fp4 as k
-        return k.block_luq(x, bits, block=block, dim=dim, levels=levels, generator=generator, nonfinite=nonfinite)
-    return _eager(x, backend, block_luq_reference, cpu_twins.block_luq)(
-        x, bits, block=block, dim=dim, levels=levels, generator=generator, noise=noise, nonfinite=nonfinite)
-
-
-# ----------------------------------------------------------------------------- CPU-twin-only estimators
-# No Triton kernel: CUDA tensors (and backend="reference") run the reference, CPU tensors the CPU twin.
+    return _route("block_luq", backend, x, bits, block=block, dim=dim, levels=levels, generator=generator,
+                  noise=noise, nonfinite=nonfinite)
 
 
 def radix4(x: Tensor, *, levels: int = 7, nonfinite: str = "raise", backend: str | None = "auto") -> Tensor:
     """:func:`lowprec.baselines.radix4`; its C twin on CPU tensors."""
-    return _eager(x, backend, radix4_reference, cpu_twins.radix4)(x, levels=levels, nonfinite=nonfinite)
+    return _route("radix4", backend, x, levels=levels, nonfinite=nonfinite)
 
 
 def fp4_rdn(x: Tensor, bits: int = 4, *, levels: int | None = None, nonfinite: str = "raise",
             backend: str | None = "auto") -> Tensor:
     """:func:`lowprec.baselines.fp4_rdn`; its C twin on CPU tensors."""
-    return _eager(x, backend, fp4_rdn_reference, cpu_twins.fp4_rdn)(x, bits, levels=levels, nonfinite=nonfinite)
+    return _route("fp4_rdn", backend, x, bits, levels=levels, nonfinite=nonfinite)
 
 
 def int_sr(x: Tensor, bits: int = 4, *, generator: torch.Generator | None = None, noise: Tensor | None = None,
            nonfinite: str = "raise", backend: str | None = "auto") -> Tensor:
     """:func:`lowprec.baselines.int_sr`; its C twin on CPU tensors (the same result given ``noise``)."""
-    return _eager(x, backend, int_sr_reference, cpu_twins.int_sr)(x, bits, generator=generator, noise=noise,
-                                                                  nonfinite=nonfinite)
+    return _route("int_sr", backend, x, bits, generator=generator, noise=noise, nonfinite=nonfinite)
 
 
 def block_rht(x: Tensor, signs: Tensor, dim: int, *, inverse: bool = False, backend: str | None = "auto") -> Tensor:
     """:func:`lowprec.hadamard.block_rht` (the FWHT); one C pass on CPU tensors, bit-identical."""
-    _requested(backend)
-    return _eager(x, backend, block_rht_reference, cpu_twins.block_rht)(x, signs, dim, inverse=inverse)
+    _requested(backend)  # a bad backend= raises for CUDA tensors too (the twin-only routes check it on CPU only)
+    return _route("block_rht", backend, x, signs, dim, inverse=inverse)

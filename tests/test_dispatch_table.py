@@ -1,0 +1,176 @@
+"""The dispatcher's table (lowprec.dispatch.ROUTES) is wired right: every public function has its entry,
+and each entry reaches its own reference, CPU twin and Triton kernel, not a neighbour's.
+
+The reference is checked by value against the function in its home module (given ``noise=``, so the
+draw is fixed; nvfp4 vs mxfp4, luq vs block_luq... differ on these inputs), with every CPU twin
+patched to fail. The twin and the kernel are checked by patching ``lowprec.kernels.cpu.<name>`` and
+``lowprec.kernels.<module>.<name>`` to return a sentinel, which the dispatcher must hand back.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import pytest
+import torch
+
+from lowprec import baselines, dispatch, fp4, hadamard, intq, nm, packing
+from lowprec.kernels import cpu, interpreter_enabled, triton_available
+from lowprec.luq import luq as luq_ref
+from lowprec.luq import luq_scale
+from stat_utils import heavy_tailed
+
+X = heavy_tailed((8, 32), seed=4)
+U = torch.rand(X.shape, generator=torch.Generator().manual_seed(5))
+U_NM = torch.rand(nm.nm_noise_shape(X.shape, 2, 4), generator=torch.Generator().manual_seed(6))
+SIGNS = hadamard.random_signs(32, generator=torch.Generator().manual_seed(7))
+CODES, ALPHA = dispatch.luq_pack(X, 3, noise=U, backend="reference")
+
+
+def g():
+    return torch.Generator().manual_seed(9)
+
+
+def _luq_pack_ref():
+    q = luq_ref(X, 3, noise=U).float()
+    alpha = luq_scale(X, 3)[1].float()
+    return packing.luq_pack_reference(q, alpha), alpha
+
+
+def _nm_luq_ref():
+    gen = g()
+    return luq_ref(nm.nm_prune(X, 2, 4, generator=gen), 4, generator=gen)
+
+
+def _uses_noise(name):
+    return "noise" in inspect.signature(getattr(dispatch, name)).parameters
+
+
+# name: (call(backend, noise) through the dispatcher, its reference's result, CPU twins it runs (in order),
+#        its Triton kernel as (module in lowprec.kernels, function) or None)
+CASES = {
+    "luq": (lambda b, u: dispatch.luq(X, 3, noise=u, backend=b), lambda: luq_ref(X, 3, noise=U), ["luq"],
+            ("luq", "luq")),
+    "luq_pack": (lambda b, u: dispatch.luq_pack(X, 3, noise=u, backend=b), _luq_pack_ref, [], ("luq", "luq_pack")),
+    "luq_unpack": (lambda b, u: dispatch.luq_unpack(CODES, ALPHA, X.shape, torch.bfloat16, backend=b),
+                   lambda: packing.luq_unpack_reference(CODES, ALPHA, X.shape, torch.bfloat16), [],
+                   ("luq", "luq_unpack")),
+    "nm_prune": (lambda b, u: dispatch.nm_prune(X, 2, 4, noise=None if u is None else U_NM, backend=b),
+                 lambda: nm.nm_prune(X, 2, 4, noise=U_NM), ["nm_prune"], ("nm", "nm_prune")),
+    "int_quant": (lambda b, u: dispatch.int_quant(X, 4, backend=b), lambda: intq.int_quant(X, 4), [],
+                  ("intq", "int_quant")),
+    "nm_luq": (lambda b, u: dispatch.nm_luq(X, 2, 4, generator=g(), backend=b), _nm_luq_ref, ["nm_prune", "luq"],
+               ("fused", "nm_luq")),
+    "nvfp4": (lambda b, u: dispatch.nvfp4(X, rounding="sr", noise=u, backend=b),
+              lambda: fp4.nvfp4(X, rounding="sr", noise=U), ["nvfp4"], ("fp4", "nvfp4")),
+    "mxfp4": (lambda b, u: dispatch.mxfp4(X, rounding="sr", noise=u, backend=b),
+              lambda: fp4.mxfp4(X, rounding="sr", noise=U), ["mxfp4"], ("fp4", "mxfp4")),
+    "block_luq": (lambda b, u: dispatch.block_luq(X, 3, noise=u, backend=b), lambda: fp4.block_luq(X, 3, noise=U),
+                  ["block_luq"], ("fp4", "block_luq")),
+    "radix4": (lambda b, u: dispatch.radix4(X, backend=b), lambda: baselines.radix4(X), ["radix4"], None),
+    "fp4_rdn": (lambda b, u: dispatch.fp4_rdn(X, 3, backend=b), lambda: baselines.fp4_rdn(X, 3), ["fp4_rdn"], None),
+    "int_sr": (lambda b, u: dispatch.int_sr(X, 4, noise=u, backend=b), lambda: baselines.int_sr(X, 4, noise=U),
+               ["int_sr"], None),
+    "block_rht": (lambda b, u: dispatch.block_rht(X, SIGNS, -1, backend=b),
+                  lambda: hadamard.block_rht(X, SIGNS, -1), ["block_rht"], None),
+}
+TWINS = sorted({t for *_, twins, _ in CASES.values() for t in twins})
+
+
+def same(a, b):
+    if isinstance(a, tuple):
+        assert isinstance(b, tuple) and len(a) == len(b)
+        for p, q in zip(a, b):
+            same(p, q)
+        return
+    assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+def no_twins(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("a CPU twin ran")
+    for t in TWINS:
+        monkeypatch.setattr(cpu, t, boom)
+
+
+def sentinels(monkeypatch, module, names):
+    """Patch ``module.<name>`` for each name to return a fresh sentinel tensor and record (name, first argument);
+    the arguments must fit the real function's signature."""
+    calls, outs = [], {n: torch.full((1,), float(i + 1000)) for i, n in enumerate(names)}
+    for n in names:
+        def fake(*a, n=n, real=inspect.signature(getattr(module, n)), **k):
+            real.bind(*a, **k)  # TypeError when the dispatcher passes what the real function does not take
+            calls.append((n, a[0]))
+            return outs[n]
+        monkeypatch.setattr(module, n, fake)
+    return calls, outs
+
+
+def test_every_public_function_has_a_route():
+    public = {n for n, f in vars(dispatch).items() if inspect.isfunction(f) and f.__module__ == dispatch.__name__
+              and not n.startswith("_")} - {"resolve", "fuses_nm_luq"}
+    assert public == set(dispatch.ROUTES) == set(CASES)
+    for name, (*_, twins, kernel) in CASES.items():
+        r = dispatch.ROUTES[name]
+        assert (r.twin is None) == (not twins) and (r.kernel is None) == (kernel is None), name
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_reference_backend_runs_its_reference(name, monkeypatch):
+    call, ref, twins, _ = CASES[name]
+    no_twins(monkeypatch)
+    same(call("reference", U), ref())
+    if not twins:  # no twin: "auto" on a CPU tensor runs the reference too
+        same(call("auto", U), ref())
+
+
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c[2]])
+def test_auto_on_cpu_runs_its_twin(name, monkeypatch):
+    call, _, twins, _ = CASES[name]
+    calls, outs = sentinels(monkeypatch, cpu, twins)
+    assert call("auto", U) is outs[twins[-1]]
+    # each twin once, in order, the first on x and each next one on the previous one's output
+    assert [n for n, _ in calls] == twins
+    assert calls[0][1] is X and all(calls[i][1] is outs[twins[i - 1]] for i in range(1, len(calls)))
+
+
+def test_luq_return_amax_on_the_eager_paths(monkeypatch):
+    calls, outs = sentinels(monkeypatch, cpu, ["luq"])
+    out, cur = dispatch.luq(X, return_amax=True)
+    assert out is outs["luq"] and torch.equal(cur, X.abs().amax())
+    out, cur = dispatch.luq(X, 3, noise=U, return_amax=True, backend="reference")
+    same(out, luq_ref(X, 3, noise=U))
+    assert torch.equal(cur, X.abs().amax())
+
+
+needs_interpreter = pytest.mark.skipif(not (triton_available() and interpreter_enabled()),
+                                       reason="needs triton and TRITON_INTERPRET=1")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name", CASES)
+def test_triton_backend_runs_its_kernel(name, monkeypatch):
+    call, ref, _, kernel = CASES[name]
+    no_twins(monkeypatch)
+    if kernel is None:  # no kernel to force: "triton" runs the reference
+        same(call("triton", U), ref())
+        return
+    module, fn = kernel
+    calls, outs = sentinels(monkeypatch, importlib.import_module(f"lowprec.kernels.{module}"), [fn])
+    assert call("triton", None) is outs[fn]
+    assert calls == [(fn, CODES if name == "luq_unpack" else X)]
+
+
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c[3] is not None and _uses_noise(n)])
+def test_noise_rules_the_kernel_out(name):
+    call = CASES[name][0]
+    with pytest.raises(RuntimeError, match=rf"^{name}: backend='triton' requested but noise= was given"):
+        call("triton", U)
+
+
+@pytest.mark.parametrize("name", ["nm_prune", "nm_luq"])
+def test_m_above_8_rules_the_kernel_out(name):
+    why = "the kernel supports M <= 8, got M=16"
+    with pytest.raises(RuntimeError, match=rf"^{name}: backend='triton' requested but {why}"):
+        getattr(dispatch, name)(X, 2, 16, backend="triton")
