@@ -192,7 +192,7 @@ ROUTES: dict[str, Route] = {
     "luq_unpack": Route(luq_unpack_reference, None, "luq.luq_unpack"),
     "nm_prune": Route(nm_prune_reference, _twin("nm_prune"), "nm.nm_prune", _why_nm),
     "int_quant": Route(int_quant_reference, None, "intq.int_quant"),
-    "nm_luq": Route(_nm_then_luq(nm_prune_reference, luq_reference), _nm_then_luq(_twin("nm_prune"), _twin("luq")),
+    "nm_luq": Route(_nm_then_luq(nm_prune_reference, luq_reference), _twin("nm_luq"),
                     "fused.nm_luq", _why_nm_luq),
     "nvfp4": Route(nvfp4_reference, _twin("nvfp4"), "fp4.nvfp4", _why_noise),
     "mxfp4": Route(mxfp4_reference, _twin("mxfp4"), "fp4.mxfp4", _why_noise),
@@ -270,11 +270,13 @@ def int_quant(x: Tensor, bits: int = 4, *, signed: bool | None = None, per_chann
 def fuses_nm_luq(x: Tensor) -> bool:
     """Whether N:M-then-LUQ on ``x`` should take :func:`nm_luq` (one fused pass) rather than the two steps.
 
-    CUDA tensors only: there the fused kernel saves a full read and write of δ. Elsewhere the two
-    steps run one after the other, each through its own backend choice (so ``LOWPREC_BACKEND=triton``
-    under the interpreter exercises the separate kernels).
+    CUDA tensors: the fused kernel saves a full read and write of δ. CPU tensors under ``"auto"``
+    (``LOWPREC_BACKEND`` unset): the fused CPU twin (:func:`lowprec.kernels.cpu.nm_luq`, two passes
+    over δ instead of three, the same numbers and draws as the two twins). Otherwise the two steps
+    run one after the other, each through its own backend choice (so ``LOWPREC_BACKEND=triton``
+    under the interpreter exercises the separate kernels, and ``reference`` the references).
     """
-    return x.is_cuda
+    return x.is_cuda or _requested(None) == "auto"
 
 
 def nm_luq(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -1, bits: int = 4,

@@ -416,6 +416,9 @@ class Chain:
     def __call__(self, x: Tensor, *, generator=None, state: dict | None = None) -> Tensor:
         if dispatch.fuses_nm_luq(x) and self._fusable:
             nm, q = self.steps
+            if x.dim() > 2 and nm.dim % x.dim() == x.dim() - 1 and x.shape[-1] % nm.m:
+                # NMPrune's token-view rule: blocks run along the flattened tokens (LUQ is elementwise)
+                return self(x.reshape(x.shape[0], -1), generator=generator, state=state).view(x.shape)
             return dispatch.nm_luq(x, nm.n, nm.m, method=nm.method, dim=nm.dim, bits=q.bits, levels=q.levels,
                                    generator=generator, nonfinite=nm.nonfinite, backend=None)
         for i, s in enumerate(self.steps):
