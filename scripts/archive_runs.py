@@ -25,10 +25,9 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from lowprec import runs
 
-from lowprec import runs  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PATH_KEYS = ("run_dir", "baseline_run")
 
