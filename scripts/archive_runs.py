@@ -27,7 +27,7 @@ from pathlib import Path
 
 from lowprec import runs
 
-ROOT = Path(__file__).resolve().parents[1]
+REPO = ROOT = Path(__file__).resolve().parents[1]
 
 PATH_KEYS = ("run_dir", "baseline_run")
 
@@ -39,6 +39,14 @@ def _rel(p: str | None) -> str | None:
 
 def _abs(p: str | None) -> str | None:
     return p if p is None or Path(p).is_absolute() else str(ROOT / p)
+
+
+def _set_root(root: str | None) -> None:
+    """Paths are stored relative to `root` (default: this repository; a git worktree that ran the
+    table is the root of its runs)."""
+    global ROOT
+    if root is not None:
+        ROOT = Path(root).resolve()
 
 
 def _lines(path: Path) -> list[str]:
@@ -108,9 +116,12 @@ def main(argv=None) -> int:
     p.add_argument("action", choices=("save", "load"))
     p.add_argument("out_root", help="a table's output root, e.g. outputs/small_scaling")
     p.add_argument("--archive", default=None, help="default: results/runs/<out_root's name>.jsonl")
+    p.add_argument("--root", default=None, help="the checkout the runs' paths are relative to "
+                   "(default: this repository; e.g. the git worktree that ran them)")
     a = p.parse_args(argv)
+    _set_root(a.root)
     out_root = Path(a.out_root).resolve()
-    dest = Path(a.archive) if a.archive else ROOT / "results" / "runs" / f"{out_root.name}.jsonl"
+    dest = Path(a.archive) if a.archive else REPO / "results" / "runs" / f"{out_root.name}.jsonl"
     return (save if a.action == "save" else load)(out_root, dest.resolve())
 
 

@@ -68,3 +68,17 @@ def test_missing_index_or_archive_is_one_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(e.startswith("error: ") for e in err)
     assert not (tmp_path / "none").exists()
+
+
+def test_root_names_the_checkout_the_paths_are_relative_to(tmp_path):
+    """Runs made in another checkout (a git worktree) are stored relative to it, loaded back under it."""
+    wt = tmp_path / "worktree"
+    run = wt / "outputs" / "small_x" / "run0"
+    runs.insert(wt / "outputs" / "small_x" / "runs.sqlite", _summary(str(run), 0, 1.5))
+    arch = tmp_path / "small_x.jsonl"
+    assert A.main(["save", str(wt / "outputs" / "small_x"), "--archive", str(arch), "--root", str(wt)]) == 0
+    assert json.loads(arch.read_text())["run_dir"] == "outputs/small_x/run0"
+    other = tmp_path / "other"
+    assert A.main(["load", str(other / "outputs" / "small_x"), "--archive", str(arch), "--root", str(other)]) == 0
+    assert [r["run_dir"] for r in runs.rows(other / "outputs" / "small_x" / "runs.sqlite")] == [
+        str(other / "outputs" / "small_x" / "run0")]
