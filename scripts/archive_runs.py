@@ -45,8 +45,7 @@ def _set_root(root: str | None) -> None:
     """Paths are stored relative to `root` (default: this repository; a git worktree that ran the
     table is the root of its runs)."""
     global ROOT
-    if root is not None:
-        ROOT = Path(root).resolve()
+    ROOT = REPO if root is None else Path(root).resolve()
 
 
 def _lines(path: Path) -> list[str]:
