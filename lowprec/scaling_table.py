@@ -143,7 +143,13 @@ def write_md(trs, f, idx, path: Path, scale: str = "small") -> None:
     L.append("\n![validation loss vs tokens, fitted curves](scaling_table.png)\n"
              "![eff_N and eff_D per recipe](scaling_table_eff.png)")
     L.append("\n## How this was made\n")
+    sweep = [c for c in launches(Path(idx).parent, "scaling", scale) if "optim.lr=" in c["command"]]
+    if sweep:  # their runs are at other LRs, or were run again by the grid's own launch
+        L.append(f"- the fp32 LR sweep's {len(sweep)} launch records are not listed: none of its runs "
+                 "is a number here (results/notes/scaling_plan.md has the sweep and its commits)")
     for c in launches(Path(idx).parent, "scaling", scale):
+        if c in sweep:
+            continue
         L.append(f"- `{c['command']}`  \n  commit `{c['commit']}`, started {c['started']}"
                  + (f", wall time {c['wall_s'] / 60:.1f} min" if c.get("wall_s") is not None else ""))
     walls = [t["wall"][0] * len(t["seeds"]) for t in trs if t["wall"][0] is not None]
