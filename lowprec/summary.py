@@ -97,22 +97,18 @@ def summarize(exp: Experiment, result: dict[str, Any], baseline: dict[str, Any] 
     (nats); > 0: worse; null without a baseline. `baseline` is the baseline's index row (its
     val_loss is in its summary). `name`, `identity` and `key` are the experiment's."""
     t = exp.trainer
-    base_val = None
+    base = {}  # the baseline's summary: its val_loss, bleu, f1
     if exp.is_baseline:
-        base_top1, baseline_status, base_dir = result["final_top1"], "self", str(exp.run_dir)
-        base_val = result.get("val_loss")
+        base_top1, baseline_status, base_dir, base = result["final_top1"], "self", str(exp.run_dir), result
     elif baseline is not None:
         base_top1, base_dir = baseline["final_top1"], baseline["run_dir"]
         bs = baseline.get("summary")
-        base_val = (json.loads(bs) if isinstance(bs, str) else (bs or {})).get("val_loss")
+        base = json.loads(bs) if isinstance(bs, str) else (bs or {})
     else:
         base_top1 = base_dir = None
     metric = result.get("metric", "top1")
-    base_score = None
-    if metric in HIGHER_SCORES:
-        bs = (baseline or {}).get("summary") if not exp.is_baseline else None
-        base_score = result.get(metric) if exp.is_baseline else \
-            (json.loads(bs) if isinstance(bs, str) else (bs or {})).get(metric)
+    base_val = base.get("val_loss")
+    base_score = base.get(metric) if metric in HIGHER_SCORES else None
     if base_top1 is None:
         deg = None
     elif metric in HIGHER_SCORES:

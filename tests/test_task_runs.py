@@ -199,3 +199,25 @@ def test_mlm_run_killed_after_a_mid_epoch_checkpoint_resumes_exactly(data, tmp_p
     want, got = (json.loads((tmp_path / d / "run" / "summary.json").read_text()) for d in ("s", "k"))
     assert got["steps"] == 5 and got["weights_sha256"] == want["weights_sha256"]
     assert got["val_loss"] == want["val_loss"] and metrics(tmp_path / "k" / "run") == metrics(tmp_path / "s" / "run")
+
+
+@pytest.mark.parametrize("metric", ["bleu", "f1"])
+def test_summary_of_a_higher_is_better_score(metric):
+    """degradation = baseline − run (points; > 0 worse), the baseline's score and val_loss read from
+    its index row's summary (a JSON string) or, for the fp32 run itself, from its own result; no
+    chance rule (baseline_quality null). Guards the sign and the reading, which the end-to-end test
+    cannot (tiny models there often score 0 on both sides)."""
+    from test_lm_run import _exp as _plain, _result
+
+    from lowprec.summary import summarize
+
+    res = _result(metric=metric, val_loss=2.5, num_classes=100, **{metric: 27.5})
+    row = {"final_top1": 40.0, "run_dir": "/b", "summary": json.dumps({metric: 30.0, "val_loss": 2.0})}
+    s = summarize(_plain(), res, row, "found")
+    assert (s[f"baseline_{metric}"], s["baseline_val_loss"], s["baseline_top1"]) == (30.0, 2.0, 40.0)
+    assert s["degradation"] == pytest.approx(2.5) and s["higher_is_better"] is True
+    assert s["baseline_quality"] is None and s["baseline"] == "found"
+    s = summarize(_plain(), res, None, "skipped")
+    assert s[f"baseline_{metric}"] is None and s["degradation"] is None and s["baseline"] == "no baseline"
+    s = summarize(_plain("grad=fp32"), res, None, "trained")
+    assert (s[f"baseline_{metric}"], s["baseline_val_loss"], s["degradation"], s["baseline"]) == (27.5, 2.5, 0, "self")
