@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from .tasks import TaskDataSpec
 from .text_data import TEXT_DATASETS, TextDataSpec, build_text, check_text_spec
 
 __all__ = [
@@ -336,7 +337,7 @@ def _imagenet(spec: DataSpec) -> tuple[Dataset, Dataset, int]:
 def build_datasets(spec: DataSpec) -> Datasets:
     """Load ``spec``'s train and test sets (paths are checked first, see ``check_spec``); a
     translation, qa or mlm spec (lowprec.tasks.TaskDataSpec): lowprec.task_loop.build_task_data."""
-    if type(spec).__name__ == "TaskDataSpec":
+    if isinstance(spec, TaskDataSpec):
         from .task_loop import build_task_data
         return build_task_data(spec)
     check_spec(spec)
