@@ -18,7 +18,7 @@ from pathlib import Path
 from . import scaling as S
 from . import tables as T
 from .provenance import launches
-from .table_md import NOTES
+from .table_md import NOTES, note
 
 ROW = re.compile(r"^(?P<recipe>.+)_c(?P<width>\d+)_t(?P<tpp>\d+)$")
 # Quartet (arXiv 2505.14669) Table 3: 30M-parameter Llama on C4, its own (eff_N, eff_D).
@@ -136,20 +136,19 @@ def write_md(trs, f, idx, path: Path, scale: str = "small") -> None:
              f"{ns[0] / 1e3:.1f}k-{ns[-1] / 1e3:.1f}k parameters, so read it as what these fits "
              "imply, with the bootstrap interval as a lower bound on the uncertainty (it carries "
              "the fit's noise, not the model's error).")
-    findings = NOTES / f"{scale}" / "scaling_table.findings.md"
-    if findings.exists():
+    findings = note(NOTES, scale, "scaling_table.findings.md")
+    if findings is not None:
         L.append("\n## Findings\n")
-        L.append(findings.read_text().split("-->", 1)[-1].strip())
+        L.append(findings)
     L.append("\n![validation loss vs tokens, fitted curves](scaling_table.png)\n"
              "![eff_N and eff_D per recipe](scaling_table_eff.png)")
     L.append("\n## How this was made\n")
-    sweep = [c for c in launches(Path(idx).parent, "scaling", scale) if "optim.lr=" in c["command"]]
+    cmds = launches(Path(idx).parent, "scaling", scale)
+    sweep = [c for c in cmds if "optim.lr=" in c["command"]]
     if sweep:  # their runs are at other LRs, or were run again by the grid's own launch
         L.append(f"- the fp32 LR sweep's {len(sweep)} launch records are not listed: none of its runs "
                  "is a number here (results/notes/scaling_plan.md has the sweep and its commits)")
-    for c in launches(Path(idx).parent, "scaling", scale):
-        if c in sweep:
-            continue
+    for c in (c for c in cmds if c not in sweep):
         L.append(f"- `{c['command']}`  \n  commit `{c['commit']}`, started {c['started']}"
                  + (f", wall time {c['wall_s'] / 60:.1f} min" if c.get("wall_s") is not None else ""))
     walls = [t["wall"][0] * len(t["seeds"]) for t in trs if t["wall"][0] is not None]

@@ -5,6 +5,7 @@ tokens per parameter); small bootstrap counts so the test stays fast."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -91,12 +92,21 @@ def test_grid_files_follow_the_rules_and_compose_to_their_n_and_d():
     assert 7 <= ns[-1] / ns[0] <= 9  # ~8x in N, as the plan says
 
 
-def test_scaling_table_renders_from_synthetic_rows(tmp_path):
+def test_scaling_table_renders_from_synthetic_rows(tmp_path, monkeypatch):
     """results/scaling_table.md and both figures from rows whose losses follow a known law (the
-    table's reading of labels, N, D, seeds and the fit, end to end; no index needed)."""
+    table's reading of labels, N, D, seeds and the fit, end to end; no index needed); the findings
+    note without its leading comment; the grid's launch listed, the LR sweep's counted, not listed."""
     from types import SimpleNamespace
 
     from lowprec import scaling_table as ST
+
+    notes = tmp_path / "notes"
+    (notes / "small").mkdir(parents=True)
+    (notes / "small" / "scaling_table.findings.md").write_text("<!-- people -->\n- the grid ran\n")
+    monkeypatch.setattr(ST, "NOTES", notes)
+    launch = {"table": "scaling", "scale": "small", "commit": "abc", "started": "t0", "wall_s": 60}
+    (tmp_path / "commands.jsonl").write_text("".join(json.dumps({**launch, "command": c}) + "\n" for c in (
+        "python run.py -m +experiment=small/scaling/fp32_c16_t25 optim.lr=1e-3,2e-2", "python run.py -m grid")))
 
     trs = []
     for rc, e in (("fp32", (1.0, 1.0)), ("luq4", (0.5, 0.3))):
@@ -115,6 +125,9 @@ def test_scaling_table_renders_from_synthetic_rows(tmp_path):
     text = md.read_text()
     assert "| luq4 | 0.500 | [" in text and "| fp32 | 14.5k |" in text
     assert "std 0.0040 nats over 4 seeds" in text and "Quartet (MXFP4): eff_N 0.65" in text
+    assert "## Findings\n\n- the grid ran\n" in text and "people" not in text
+    assert "`python run.py -m grid`" in text and "optim.lr=1e-3" not in text
+    assert "the fp32 LR sweep's 1 launch records are not listed" in text
     assert (tmp_path / "scaling_table.png").stat().st_size > 1000
     assert (tmp_path / "scaling_table_eff.png").stat().st_size > 1000
 
