@@ -79,10 +79,7 @@ int lp_elem_f32(const float* x, float* out, const float* u, uint64_t key, const 
         for (int64_t i1 = 0; i1 < n1; i1++) {
             const float* xp = x + i0 * xs[0] + i1 * xs[1];
             uint32_t rm = 0;
-            for (int64_t i = 0; i < n2; i++) {
-                const uint32_t v = f_bits(xp[i * s2]) & 0x7FFFFFFFu;
-                rm = v > rm ? v : rm;
-            }
+            for (int64_t i = 0; i < n2; i++) rm = mag_max(rm, xp[i * s2]);
             mb = rm > mb ? rm : mb;
         }
     if (mb >= 0x7F800000u) return 1;

@@ -94,7 +94,7 @@ __attribute__((always_inline)) static inline int fp4_group(const float* restrict
     float ub[G * 32] __attribute__((aligned(64)));
     for (int g = 0; g < G; g++) {
         uint32_t m = 0;
-        for (int j = 0; j < SIZE; j++) m = mag_bits(x[g * SIZE + j]) > m ? mag_bits(x[g * SIZE + j]) : m;
+        for (int j = 0; j < SIZE; j++) m = mag_max(m, x[g * SIZE + j]);
         mb[g] = m;
     }
     for (int g = 0; g < G; g++) top = mb[g] > top ? mb[g] : top;
@@ -120,7 +120,7 @@ __attribute__((always_inline)) static inline int fp4_block_row(const float* x, f
     uint32_t mb = 0;
     float p0, p1, p2;
     for (int64_t o = o0; o < o0 + no; o++)
-        for (int64_t l = l0; l < l0 + nl; l++) mb = mag_bits(x[o * length + l]) > mb ? mag_bits(x[o * length + l]) : mb;
+        for (int64_t l = l0; l < l0 + nl; l++) mb = mag_max(mb, x[o * length + l]);
     if (mb >= NONFINITE) return 1;
     fp4_params(mb, s_enc, s_dec, c2, &p0, &p1, &p2, FMT, SR);
     for (int64_t o = o0; o < o0 + no; o++) {
@@ -146,7 +146,8 @@ __attribute__((always_inline)) static inline int fp4_block_cols(const float* x, 
     for (int64_t i = 0; i < ni; i++) mb[i] = 0;
     for (int64_t l = l0; l < l0 + nl; l++) {
         const float* xp = x + (o * length + l) * inner + i0;
-        for (int64_t i = 0; i < ni; i++) mb[i] = mag_bits(xp[i]) > mb[i] ? mag_bits(xp[i]) : mb[i];
+        for (int64_t i = 0; i < ni; i++) /* not mag_max: GCC 12 then spills in the strided-gather variant */
+            mb[i] = mag_bits(xp[i]) > mb[i] ? mag_bits(xp[i]) : mb[i];
     }
     for (int64_t i = 0; i < ni; i++) top = mb[i] > top ? mb[i] : top;
     if (top >= NONFINITE) return 1;
@@ -233,7 +234,7 @@ int lp_fp4_f32(const float* x, float* out, const float* u, uint64_t key, const i
     if (fmt == 0 || rows > 1) {
         const int64_t n = outer * length * inner;
         uint32_t mb = 0;
-        for (int64_t k = 0; k < n; k++) mb = mag_bits(x[k]) > mb ? mag_bits(x[k]) : mb;
+        for (int64_t k = 0; k < n; k++) mb = mag_max(mb, x[k]);
         if (mb >= NONFINITE) return 1;
         s_enc = 2688.0f / bits_f(mb); /* 6 * 448 over the tensor max (nvfp4) */
         s_enc = s_enc > 0x1.fffffep127f ? 0x1.fffffep127f : s_enc;

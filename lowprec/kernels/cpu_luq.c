@@ -69,15 +69,9 @@ int lp_luq_auto_f32(const float* x, float* out, const float* u, uint64_t key, co
                 const float* xp = x + i0 * xs[0] + i1 * xs[1];
                 uint32_t rm = 0;
                 if (s2 == 1) {
-                    for (int64_t i = 0; i < n2; i++) {
-                        const uint32_t v = f_bits(xp[i]) & 0x7FFFFFFFu;
-                        rm = v > rm ? v : rm;
-                    }
+                    for (int64_t i = 0; i < n2; i++) rm = mag_max(rm, xp[i]);
                 } else {
-                    for (int64_t i = 0; i < n2; i++) {
-                        const uint32_t v = f_bits(xp[i * s2]) & 0x7FFFFFFFu;
-                        rm = v > rm ? v : rm;
-                    }
+                    for (int64_t i = 0; i < n2; i++) rm = mag_max(rm, xp[i * s2]);
                 }
                 mb = rm > mb ? rm : mb;
             }
