@@ -51,8 +51,7 @@ __attribute__((always_inline)) static inline void fp4_params(uint32_t mb, float 
     } else if (FMT == 1) {
         int e = (int)(f_bits(m > 0.0f ? m : 1.0f) >> 23) - 129;
         e = e < -126 ? -126 : e;
-        if (SR) e += m * pow2_bits(-e) > 6.0f;
-        e = e > 127 ? 127 : e; /* never: e <= 126 */
+        if (SR) e += m * pow2_bits(-e) > 6.0f; /* e <= 126: m finite, so floor(log2 m) - 2 <= 125 */
         *p0 = m;
         *p1 = pow2_bits(-e);
         *p2 = pow2_bits(e);
@@ -225,13 +224,13 @@ FP4_SPECIAL(fp4_bluq, 2, 1)
 /* x contiguous [outer, length, inner], blocks of `size` along length (`rows` > 1: size x size tiles of
  * [outer, length], inner = 1). us: the uniform index of element (o, l, i) is o·us[0] + l·us[1] + i·us[2]
  * (its position in x's logical C order: a transposed view is read in memory order, no copy). Returns 1
- * when x holds a NaN/Inf (out is then garbage), -1 for an unknown format. Only NVFP4 (its tensor
- * scale) and the tiles read x in a first pass for max|x|; the others test each block as they go. */
+ * when x holds a NaN/Inf (out is then garbage), -1 for an unknown format. Only NVFP4 reads x in a
+ * first pass (max|x| for its tensor scale); the others test each block as they go. */
 int lp_fp4_f32(const float* x, float* out, const float* u, uint64_t key, const int64_t* us, int64_t outer,
                int64_t length, int64_t inner, int size, int rows, int fmt, int sr, int lm1, int nthreads) {
     if (size < 1 || size > 32 || (rows > 1 && (inner != 1 || rows > 16)) || fmt < 0 || fmt > 2) return -1;
     float s_enc = 1.0f, s_dec = 1.0f;
-    if (fmt == 0 || rows > 1) {
+    if (fmt == 0) {
         const int64_t n = outer * length * inner;
         uint32_t mb = 0;
         for (int64_t k = 0; k < n; k++) mb = mag_max(mb, x[k]);
