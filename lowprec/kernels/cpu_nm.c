@@ -340,7 +340,7 @@ __attribute__((always_inline)) static inline int nm_blocks_v(const float* x, flo
 }
 
 /* Blocks lo..hi-1 of the loop nest in iteration order (innermost fastest), VW at a time across row
- * ends (a convolution's H·VW/M blocks per row can be fewer than VW), the last < VW one by one.
+ * ends (a convolution's H·W/M blocks per row, W its width, can be fewer than VW), the last < VW one by one.
  * Returns 1 when a NaN/Inf was read; OMAX_: raises *omax to the outputs' max magnitude bits. */
 __attribute__((always_inline)) static inline int nm_span(const float* x, float* out, const float* u, uint64_t key,
                                                         const int64_t* size, const int64_t* xs, const int64_t* us,
