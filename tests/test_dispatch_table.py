@@ -47,35 +47,35 @@ def _uses_noise(name):
     return "noise" in inspect.signature(getattr(dispatch, name)).parameters
 
 
-# name: (call(backend, noise) through the dispatcher, its reference's result, CPU twins it runs (in order),
-#        its Triton kernel as (module in lowprec.kernels, function) or None)
+# name: (call(backend, noise) through the dispatcher, its reference's result, the CPU twin it runs (a function
+#        of lowprec.kernels.cpu) or None, its Triton kernel as (module in lowprec.kernels, function) or None)
 CASES = {
-    "luq": (lambda b, u: dispatch.luq(X, 3, noise=u, backend=b), lambda: luq_ref(X, 3, noise=U), ["luq"],
+    "luq": (lambda b, u: dispatch.luq(X, 3, noise=u, backend=b), lambda: luq_ref(X, 3, noise=U), "luq",
             ("luq", "luq")),
-    "luq_pack": (lambda b, u: dispatch.luq_pack(X, 3, noise=u, backend=b), _luq_pack_ref, [], ("luq", "luq_pack")),
+    "luq_pack": (lambda b, u: dispatch.luq_pack(X, 3, noise=u, backend=b), _luq_pack_ref, None, ("luq", "luq_pack")),
     "luq_unpack": (lambda b, u: dispatch.luq_unpack(CODES, ALPHA, X.shape, torch.bfloat16, backend=b),
-                   lambda: packing.luq_unpack_reference(CODES, ALPHA, X.shape, torch.bfloat16), [],
+                   lambda: packing.luq_unpack_reference(CODES, ALPHA, X.shape, torch.bfloat16), None,
                    ("luq", "luq_unpack")),
     "nm_prune": (lambda b, u: dispatch.nm_prune(X, 2, 4, noise=None if u is None else U_NM, backend=b),
-                 lambda: nm.nm_prune(X, 2, 4, noise=U_NM), ["nm_prune"], ("nm", "nm_prune")),
-    "int_quant": (lambda b, u: dispatch.int_quant(X, 4, backend=b), lambda: intq.int_quant(X, 4), [],
+                 lambda: nm.nm_prune(X, 2, 4, noise=U_NM), "nm_prune", ("nm", "nm_prune")),
+    "int_quant": (lambda b, u: dispatch.int_quant(X, 4, backend=b), lambda: intq.int_quant(X, 4), None,
                   ("intq", "int_quant")),
-    "nm_luq": (lambda b, u: dispatch.nm_luq(X, 2, 4, generator=g(), backend=b), _nm_luq_ref, ["nm_luq"],
+    "nm_luq": (lambda b, u: dispatch.nm_luq(X, 2, 4, generator=g(), backend=b), _nm_luq_ref, "nm_luq",
                ("fused", "nm_luq")),
     "nvfp4": (lambda b, u: dispatch.nvfp4(X, rounding="sr", noise=u, backend=b),
-              lambda: fp4.nvfp4(X, rounding="sr", noise=U), ["nvfp4"], ("fp4", "nvfp4")),
+              lambda: fp4.nvfp4(X, rounding="sr", noise=U), "nvfp4", ("fp4", "nvfp4")),
     "mxfp4": (lambda b, u: dispatch.mxfp4(X, rounding="sr", noise=u, backend=b),
-              lambda: fp4.mxfp4(X, rounding="sr", noise=U), ["mxfp4"], ("fp4", "mxfp4")),
+              lambda: fp4.mxfp4(X, rounding="sr", noise=U), "mxfp4", ("fp4", "mxfp4")),
     "block_luq": (lambda b, u: dispatch.block_luq(X, 3, noise=u, backend=b), lambda: fp4.block_luq(X, 3, noise=U),
-                  ["block_luq"], ("fp4", "block_luq")),
-    "radix4": (lambda b, u: dispatch.radix4(X, backend=b), lambda: baselines.radix4(X), ["radix4"], None),
-    "fp4_rdn": (lambda b, u: dispatch.fp4_rdn(X, 3, backend=b), lambda: baselines.fp4_rdn(X, 3), ["fp4_rdn"], None),
+                  "block_luq", ("fp4", "block_luq")),
+    "radix4": (lambda b, u: dispatch.radix4(X, backend=b), lambda: baselines.radix4(X), "radix4", None),
+    "fp4_rdn": (lambda b, u: dispatch.fp4_rdn(X, 3, backend=b), lambda: baselines.fp4_rdn(X, 3), "fp4_rdn", None),
     "int_sr": (lambda b, u: dispatch.int_sr(X, 4, noise=u, backend=b), lambda: baselines.int_sr(X, 4, noise=U),
-               ["int_sr"], None),
+               "int_sr", None),
     "block_rht": (lambda b, u: dispatch.block_rht(X, SIGNS, -1, backend=b),
-                  lambda: hadamard.block_rht(X, SIGNS, -1), ["block_rht"], None),
+                  lambda: hadamard.block_rht(X, SIGNS, -1), "block_rht", None),
 }
-TWINS = sorted({t for *_, twins, _ in CASES.values() for t in twins})
+TWINS = sorted(twin for *_, twin, _ in CASES.values() if twin is not None)
 
 
 def same(a, b):
@@ -111,28 +111,26 @@ def test_every_public_function_has_a_route():
     public = {n for n, f in vars(dispatch).items() if inspect.isfunction(f) and f.__module__ == dispatch.__name__
               and not n.startswith("_")} - {"resolve", "fuses_nm_luq"}
     assert public == set(dispatch.ROUTES) == set(CASES)
-    for name, (*_, twins, kernel) in CASES.items():
+    for name, (*_, twin, kernel) in CASES.items():
         r = dispatch.ROUTES[name]
-        assert (r.twin is None) == (not twins) and (r.kernel is None) == (kernel is None), name
+        assert (r.twin is None) == (twin is None) and (r.kernel is None) == (kernel is None), name
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_reference_backend_runs_its_reference(name, monkeypatch):
-    call, ref, twins, _ = CASES[name]
+    call, ref, twin, _ = CASES[name]
     no_twins(monkeypatch)
     same(call("reference", U), ref())
-    if not twins:  # no twin: "auto" on a CPU tensor runs the reference too
+    if twin is None:  # no twin: "auto" on a CPU tensor runs the reference too
         same(call("auto", U), ref())
 
 
-@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c[2]])
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c[2] is not None])
 def test_auto_on_cpu_runs_its_twin(name, monkeypatch):
-    call, _, twins, _ = CASES[name]
-    calls, outs = sentinels(monkeypatch, cpu, twins)
-    assert call("auto", U) is outs[twins[-1]]
-    # each twin once, in order, the first on x and each next one on the previous one's output
-    assert [n for n, _ in calls] == twins
-    assert calls[0][1] is X and all(calls[i][1] is outs[twins[i - 1]] for i in range(1, len(calls)))
+    call, _, twin, _ = CASES[name]
+    calls, outs = sentinels(monkeypatch, cpu, [twin])
+    assert call("auto", U) is outs[twin]
+    assert len(calls) == 1 and calls[0][0] == twin and calls[0][1] is X  # once, on x
 
 
 def test_luq_return_amax_on_the_eager_paths(monkeypatch):
@@ -183,7 +181,6 @@ def test_fused_nm_luq_chain_equals_its_two_steps(shape, nm, monkeypatch):
     layout and the generator's state after, also for a token view whose last dim splits blocks
     (NMPrune then runs its blocks along the flattened tokens, and so must the fused call)."""
     from lowprec.estimators import LUQ, Chain, NMPrune
-    from lowprec.kernels import cpu
 
     monkeypatch.delenv("LOWPREC_BACKEND", raising=False)
     calls = []
