@@ -159,7 +159,7 @@ def test_exact_mvue24_has_lower_variance_than_approx():
     assert me < ma
 
 
-def test_probabilities_capped_proportional(backend):
+def test_probabilities_capped_proportional():
     a = torch.tensor([[10.0, 1.0, 2.0, 3.0], [1.0, 1.0, 1.0, 1.0], [6.0, 6.0, 1.0, 1.0]])
     p = mvue_probs(a, 2)
     assert torch.allclose(p.sum(-1), torch.full((3,), 2.0))
