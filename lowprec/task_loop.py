@@ -2,10 +2,11 @@
 
 ``build_task_data(spec)`` (lowprec.data.build_datasets for a ``TaskDataSpec``) reads the local
 files, tokenizes them (lowprec.tasks) and returns a ``TaskData``: the train and validation sets as
-``(x, y)`` items (``x`` the input ids [L]; ``y`` a tuple of the other tensors) that the trainer's
-loop feeds to ``TaskData.loss(model, x, y, step, seed)``, and ``TaskData.evaluate`` for
-the validation set. Classification and the character LM keep lowprec.data.Datasets, whose
-``loss``/``evaluate`` are the plain cross-entropy and lowprec.evaluation.evaluate.
+``(x, y)`` items (``x`` the input ids [L]; ``y`` a tuple of the other tensors, empty for masked-LM
+training) that the trainer's loop feeds to ``TaskData.loss(model, x, y, step, seed)``, and
+``TaskData.evaluate`` for the validation set. Classification and the character LM keep
+lowprec.data.Datasets, whose ``loss``/``evaluate`` are the plain cross-entropy and
+lowprec.evaluation.evaluate.
 
 Per task (the data spec's ``task``; the model's ``arch`` must match, ``check_task``):
 
@@ -22,7 +23,8 @@ Per task (the data spec's ``task``; the model's ``arch`` must match, ``check_tas
 * mlm (``model.arch=masked-lm``): [CLS] ... [SEP] blocks of the text shards (lowprec.mlm); the
   training masks (15%, 80/10/10) are drawn at each step from a generator seeded by
   ``seed * 1_000_003 + step``, so a resumed run draws the same masks; the validation masks are
-  drawn once from ``data.seed`` (the same for every evaluation and every run). Metric ``val_loss``
+  drawn once from ``data.seed`` (the same for every evaluation and every run; validation items:
+  x the masked input, y = (labels,)). Metric ``val_loss``
   (mean cross-entropy over the masked tokens), lower is better; top-1 = masked-token accuracy.
 """
 
@@ -139,8 +141,8 @@ class TaskData:
                     s, e = model(x, attention_mask=y[0], token_type_ids=y[1])
                     outs += list(zip(s.float().cpu(), e.float().cpu()))
                     logits, tgt = torch.stack([s, e], 2), torch.stack([y[2], y[3]], 1)  # [B, L, 2], [B, 2]
-                else:
-                    logits, tgt = model(y[0]), y[1]
+                else:  # the fixed masked input and its labels
+                    logits, tgt = model(x), y[0]
             keep = tgt != (self.ids["pad"] if self.task == "translation" else -100)
             lp = logits.float()
             ce = F.cross_entropy(lp, tgt.masked_fill(~keep, 0), reduction="none")
@@ -309,7 +311,7 @@ def _mlm(spec, root: Path) -> TaskData:
             raise ValueError(f"data.root={spec.root}: one block of {spec.max_length} tokens; "
                              "need 2 (train, validation)")
         blocks, val = blocks[:-k], blocks[-k:]
-    td = TaskData(_Items(blocks, blocks), None, tok.get_vocab_size(), 1, spec.max_length, "mlm", spec, tok, ids)
-    vx, vy = td._mask(val, torch.Generator().manual_seed(spec.seed))  # fixed validation masks
-    td.test = _Items(vx, vx, vy)  # x unused in evaluation (y[0] the masked input, y[1] the labels)
+    # training items carry no y: the loss masks x at each step (moving a copy would be wasted)
+    td = TaskData(_Items(blocks), None, tok.get_vocab_size(), 1, spec.max_length, "mlm", spec, tok, ids)
+    td.test = _Items(*td._mask(val, torch.Generator().manual_seed(spec.seed)))  # fixed validation masks
     return td
