@@ -208,6 +208,15 @@ def _special(tok) -> dict[str, int]:
             "eos": tid("</s>", "[SEP]")}
 
 
+def _text_tokenizer(spec, text: str, root: Path):
+    """``_tokenizer`` on ``text`` (the cache key hashes the text, not the temporary file's name)."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        f = Path(tmp) / "text.txt"
+        f.write_text(text, encoding="utf-8")
+        return _tokenizer(spec, [f], root)
+
+
 def _tokenizer(spec, files, root: Path):
     """data.tokenizer, or one trained on ``files`` and kept in ``root`` as
     .tokenizer-<kind>-<vocab>-<hash of the files and options>.json: every later run on the same
@@ -252,15 +261,10 @@ def build_task_data(spec) -> TaskData:
 
 
 def _translation(spec, root: Path) -> TaskData:
-    import tempfile
-
     from .translation import load_pairs
     train = load_pairs(root, "train", spec.src_lang, spec.tgt_lang, spec.prepare)
     val = load_pairs(root, "validation", spec.src_lang, spec.tgt_lang, spec.prepare)
-    with tempfile.TemporaryDirectory() as tmp:  # the tokenizer trains on both sides (joined BPE)
-        f = Path(tmp) / "train.txt"
-        f.write_text("\n".join(s for p in train for s in p) + "\n", encoding="utf-8")
-        tok = _tokenizer(spec, [f], root)
+    tok = _text_tokenizer(spec, "\n".join(s for p in train for s in p) + "\n", root)  # both sides (joined BPE)
     ids = _special(tok)
 
     def tensors(pairs):
@@ -278,11 +282,7 @@ def _translation(spec, root: Path) -> TaskData:
 def _qa(spec, root: Path) -> TaskData:
     from .squad import load_squad, qa_features
     train, dev = load_squad(root / "train-v1.1.json"), load_squad(root / "dev-v1.1.json")
-    import tempfile
-    with tempfile.TemporaryDirectory() as tmp:  # the questions and contexts, for a tokenizer trained here
-        f = Path(tmp) / "text.txt"
-        f.write_text("\n".join(e["question"] + "\n" + e["context"] for e in train), encoding="utf-8")
-        tok = _tokenizer(spec, [f], root)
+    tok = _text_tokenizer(spec, "\n".join(e["question"] + "\n" + e["context"] for e in train), root)
     ids = _special(tok)
     kw = dict(max_length=spec.max_length, doc_stride=spec.doc_stride, cls_id=ids["cls"], sep_id=ids["sep"],
               pad_id=ids["pad"])
