@@ -33,8 +33,7 @@ PATH_KEYS = ("run_dir", "baseline_run")
 
 
 def _rel(p: str | None) -> str | None:
-    return p if p is None or not Path(p).is_absolute() or not Path(p).is_relative_to(ROOT) else str(
-        Path(p).relative_to(ROOT))
+    return p if p is None or not Path(p).is_relative_to(ROOT) else str(Path(p).relative_to(ROOT))
 
 
 def _abs(p: str | None) -> str | None:
