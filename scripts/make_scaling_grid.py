@@ -116,16 +116,15 @@ def main(argv=None) -> int:
         return 2
     want = {row_name(r, w, t) + ".yaml": row_yaml(r, w, t, a.lr0, a.lr_exp)
             for r in RECIPES for w in WIDTHS for t in TPP}
+    extra = [f.name for f in OUT.glob("*.yaml") if not f.name.startswith("_") and f.name not in want]
     if a.check:
         bad = [f for f, txt in want.items() if not (OUT / f).exists() or (OUT / f).read_text() != txt]
-        extra = [p.name for p in OUT.glob("*.yaml") if not p.name.startswith("_") and p.name not in want]
         for f in bad + extra:
             print(f"differs: {OUT / f}", file=sys.stderr)
         return 1 if bad or extra else 0
     OUT.mkdir(parents=True, exist_ok=True)
-    for p in OUT.glob("*.yaml"):  # rows the rules no longer make
-        if not p.name.startswith("_") and p.name not in want:
-            p.unlink()
+    for f in extra:  # rows the rules no longer make
+        (OUT / f).unlink()
     for f, txt in want.items():
         (OUT / f).write_text(txt)
     print(f"wrote {len(want)} rows to {OUT}")
