@@ -57,7 +57,7 @@ from .kernels.cpu import backend_info
 from .logging import JsonlLogger, Logger, MultiLogger, make_wandb
 from .budget import Budget
 from .optim import make_optimizer
-from .task_loop import check_task, move  # noqa: F401 (check_task: prepare imports it from here)
+from .task_loop import check_task, move
 from .summary import LN2, baseline_quality, describe, run_status, summarize, summary_lines  # noqa: F401
 
 FNT_GRAD = "fp32"  # FNT epochs: exact δ
