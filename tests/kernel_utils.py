@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lowprec.kernels import interpreter_enabled, native
+from stat_utils import heavy_tailed
 
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(not interpreter_enabled(), reason="needs TRITON_INTERPRET=1")),
@@ -28,12 +29,22 @@ def heavy(shape, seed=0, dtype=torch.float32):
     return x.to(dtype)
 
 
-def same(a, b):
-    """Kernel output ``a`` equals reference output ``b`` bit for bit (shape, dtype, every value)."""
-    assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, a.dtype, b.shape, b.dtype)
+def grad_like(shape, seed=0, dtype=torch.float32):
+    """Heavy-tailed values with exact zeros and blocks spanning many binades (capped entries, underflowing
+    shares and block scales), finite in ``dtype``: the C twins' test inputs."""
+    x = heavy_tailed(shape, sigma=3.0, seed=seed)
+    x.view(-1)[::5] = 0.0
+    x.view(-1)[3::11] *= 1e-30
+    return torch.where(torch.isfinite(x.to(dtype)), x, 0.0).to(dtype)
+
+
+def same(a, b, what=""):
+    """Output ``a`` (a kernel's, a twin's) equals ``b`` (the reference's) bit for bit (shape, dtype, every value)."""
+    assert a.shape == b.shape and a.dtype == b.dtype, (what, a.shape, a.dtype, b.shape, b.dtype)
     a, b = a.cpu(), b.cpu()
-    bad = (a != b) & ~(a.isnan() & b.isnan())
-    assert torch.equal(a, b), f"{int(bad.sum())} of {a.numel()} differ, e.g. kernel {a[bad][:4]} vs reference {b[bad][:4]}"
+    if not torch.equal(a, b):
+        bad = (a != b) & ~(a.isnan() & b.isnan())
+        raise AssertionError(f"{what}: {int(bad.sum())} of {a.numel()} differ, e.g. {a[bad][:4]} vs {b[bad][:4]}")
 
 
 def torch_core(fn):

@@ -16,24 +16,12 @@ from lowprec.kernels import cpu, native
 from lowprec.luq import luq as luq_ref
 from lowprec.nm import nm_noise_shape
 from lowprec.nm import nm_prune as nm_ref
-from kernel_utils import torch_core
+from kernel_utils import grad_like, same, torch_core
 from stat_utils import boundary_uniforms, heavy_tailed
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"C twins unavailable: {native.status()}")
 
 NM = [(1, 2, "mvue"), (2, 4, "mvue"), (2, 4, "mvue_approx"), (3, 8, "mvue"), (1, 4, "mvue_approx")]
-
-
-def same(a, b):
-    assert a.shape == b.shape and a.dtype == b.dtype
-    assert torch.equal(a, b), f"{int((a != b).sum())} of {a.numel()} differ"
-
-
-def grad_like(shape, seed=0, dtype=torch.float32):
-    x = heavy_tailed(shape, sigma=3.0, seed=seed)
-    x.view(-1)[::5] = 0.0
-    x.view(-1)[3::11] *= 1e-30  # blocks spanning many binades: capped entries, underflowing shares
-    return torch.where(torch.isfinite(x.to(dtype)), x, 0.0).to(dtype)
 
 
 def test_uniforms_equal_torch_rendering_and_grid():

@@ -14,23 +14,11 @@ import torch
 from lowprec import baselines, dispatch, hadamard
 from lowprec.estimators import FP4RDN, IntSR, Radix4
 from lowprec.kernels import cpu, native
-from kernel_utils import torch_core
-from stat_utils import boundary_uniforms, heavy_tailed
+from kernel_utils import grad_like, same, torch_core
+from stat_utils import boundary_uniforms
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"C twins unavailable: {native.status()}")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def same(a, b):
-    assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, a.dtype, b.shape, b.dtype)
-    assert torch.equal(a, b), f"{int((a != b).sum())} of {a.numel()} differ"
-
-
-def grad_like(shape, seed=0, dtype=torch.float32):
-    x = heavy_tailed(shape, sigma=3.0, seed=seed)
-    x.view(-1)[::5] = 0.0
-    x.view(-1)[3::11] *= 1e-30
-    return torch.where(torch.isfinite(x.to(dtype)), x, 0.0).to(dtype)
 
 
 def layouts(dtype=torch.float32):

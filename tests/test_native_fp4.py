@@ -12,8 +12,8 @@ import torch
 
 from lowprec import NonFiniteError, fp4
 from lowprec.kernels import cpu, native
-from kernel_utils import torch_core
-from stat_utils import boundary_uniforms, heavy_tailed
+from kernel_utils import grad_like, same, torch_core
+from stat_utils import boundary_uniforms
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"C twins unavailable: {native.status()}")
 
@@ -31,18 +31,6 @@ FP4 = {  # name: (twin(x, dim, **kw), reference(x, dim, uniforms), stochastic)
     "luq3_b32": (lambda x, d, **k: cpu.block_luq(x, 3, block=32, dim=d, **k),
                  lambda x, d, u: fp4.block_luq(x, 3, block=32, dim=d, noise=u), True),
 }
-
-
-def same(a, b, what=""):
-    assert a.shape == b.shape and a.dtype == b.dtype, what
-    assert torch.equal(a, b), f"{what}: {int((a != b).sum())} of {a.numel()} differ"
-
-
-def grad_like(shape, seed=0, dtype=torch.float32):
-    x = heavy_tailed(shape, sigma=3.0, seed=seed)
-    x.view(-1)[::5] = 0.0
-    x.view(-1)[3::11] *= 1e-30  # blocks spanning many binades
-    return torch.where(torch.isfinite(x.to(dtype)), x, 0.0).to(dtype)
 
 
 def extremes(dtype):

@@ -15,17 +15,13 @@ from lowprec.kernels import cpu, native
 from lowprec.luq import luq as luq_ref
 from lowprec.nm import nm_noise_shape
 from lowprec.nm import nm_prune as nm_ref
-from kernel_utils import torch_core
-from stat_utils import boundary_uniforms, heavy_tailed
+import kernel_utils
+from kernel_utils import same, torch_core
+from stat_utils import boundary_uniforms
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"C twins unavailable: {native.status()}")
 
 METHODS = [(1, 2, "mvue"), (2, 4, "mvue"), (2, 4, "mvue_approx"), (1, 2, "mse"), (2, 4, "mse"), (3, 8, "mse")]
-
-
-def same(a, b, what=""):
-    assert a.shape == b.shape and a.dtype == b.dtype, what
-    assert torch.equal(a, b), f"{what}: {int((a != b).sum())} of {a.numel()} differ"
 
 
 def poked(x, k, v):
@@ -36,9 +32,7 @@ def poked(x, k, v):
 
 
 def grad_like(shape, seed=0):
-    x = heavy_tailed(shape, sigma=3.0, seed=seed)
-    x.view(-1)[::5] = 0.0
-    x.view(-1)[3::11] *= 1e-30
+    x = kernel_utils.grad_like(shape, seed)
     x.view(-1)[7::13] = -x.view(-1)[6::13][: x.view(-1)[7::13].numel()]  # ties (MSE keeps the lower index)
     return x
 
