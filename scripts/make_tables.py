@@ -54,7 +54,7 @@ def main(argv=None) -> int:
                           notes=Path(a.notes))
         if not a.no_plot:
             table_md.plot(table, a.scale, trs, out / f"{name}.png")
-        if table == "adapt_table":  # lowp_fraction, decisions, and the r-vs-gap figure
+        if table.startswith("adapt"):  # adapt(2000)_table: lowp_fraction, decisions, r-vs-gap figure
             adapt_table.write(trs, out / f"{name}.md", None if a.no_plot else out / f"{name}_r_gap.png")
         print(f"wrote {out / name}.md ({sum(len(t['seeds']) for t in trs)} runs)")
     return 0
