@@ -93,6 +93,7 @@ SIGNATURES = {
     "lp_fwht_f32": (_INT, [_P, _P, _P, _I64, _I64, _I64, _INT, _INT, _INT]),
     "lp_im2col_f32": (_INT, [_P, _P, _I64P, _INT]),
     "lp_im2col_fwht_f32": (_INT, [_P, _P, _I64P, _P, _INT, _INT]),
+    "lp_transpose_f32": (_INT, [_P, _P, _I64, _I64, _INT]),
 }
 
 _state: dict = {"lib": None, "failed": None, "enabled": None, "rung": None, "path": None}
@@ -454,6 +455,13 @@ def run_im2col_fwht(lib, x: Tensor, kernel, stride, padding, dilation, signs: Te
     g = (ctypes.c_int64 * 14)(n, c, h, w, *kernel, *stride, *padding, *dilation, ho, wo)
     if lib.lp_im2col_fwht_f32(_ptr(x), _ptr(out), g, _ptr(signs), m, _threads()) < 0:
         raise ValueError(f"lp_im2col_fwht_f32: unsupported block size {m}")
+    return out
+
+
+def run_transpose(lib, x: Tensor) -> Tensor:
+    """``x.t().contiguous()`` of fp32 ``x`` (contiguous ``[R, C]``) in one pass."""
+    out = torch.empty((x.shape[1], x.shape[0]), dtype=torch.float32)
+    lib.lp_transpose_f32(_ptr(x), _ptr(out), x.shape[0], x.shape[1], _threads())
     return out
 
 
