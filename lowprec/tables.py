@@ -194,8 +194,9 @@ def diverged(r: dict) -> bool:
 def route_of(label: str) -> str:
     """The δ route a row's method uses: "update" / "backward" / "both" for the N:M recipes
     (and "update" for mvue24_luq4's N:M part), "quantizer" for a quantizer feeding both GEMMs,
-    "baseline" for fp32 (an FWD_PREFIXES prefix is ignored)."""
+    "baseline" for fp32 (an FWD_PREFIXES prefix and an ADAPT_SUFFIXES suffix are ignored)."""
     m = label[len(fwd_prefix(label)):]
+    m = next((m[: -len(s)] for s in ADAPT_SUFFIXES if m.endswith(s)), m)
     if m.endswith("fp32"):
         return "baseline"
     for suf in ("_bwd", "_both"):
@@ -422,6 +423,7 @@ def checks(trs, table: str = "this table") -> list[str]:
 # ----------------------------------------------------------------------------- LM claims
 
 ADAPT_RECIPES = ("luq4", "luq3", "nvfp4_sr", "mvue24")  # the adapt table's recipes
+ADAPT_SUFFIXES = ("_late_hp", "_smp", "_switch")  # its policy rows: <recipe><suffix>
 # (worse, better, claim) pairs: "A is worse (higher Δ val loss) than B", the papers' claims
 # carried over to the LM workload; rows with a FWD_PREFIXES prefix get the same pairs within it.
 LM_CLAIMS = (

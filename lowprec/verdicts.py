@@ -128,6 +128,9 @@ def line(t: Paired, p_adj: float | None, m: int, claim: str, decimals: int = 2,
         diff = "" if t.mean is None else f", difference {f.format(t.mean)}{unit}"
         return (f"{claim}: not shown ({t.n} common seed{'s' if t.n != 1 else ''}: no paired test"
                 f"{diff})")
+    if t.sd == 0 and t.mean == 0:  # e.g. a policy that never changed an update: no spread to test
+        return (f"{claim}: not shown (paired over {t.n} seeds: every difference exactly 0, the two "
+                f"rows made the same updates; p = 1, counted in the {m} tests)")
     mde = detectable(t.n, t.sd, m, alpha)
     return (f"{claim}: {word(t, p_adj, alpha)} (paired over {t.n} seeds: difference "
             f"{f.format(t.mean)}{unit}, 95% CI [{f.format(t.lo)}, {f.format(t.hi)}], "

@@ -126,6 +126,9 @@ def test_formats_table_shares_the_lm_setting_and_checks_its_claims():
     assert "RTN worse than SR (NVFP4) (fwd nvfp4): not shown" in out
     assert "per-tensor LUQ-4 worse than the hardware format NVFP4-SR: shown" in out
     assert X.route_of("fwdnv_fp32") == "baseline" and X.route_of("fwdnv_nvfp4_sr") == "quantizer"
+    # an adapt row is its recipe's route (mvue24_late_hp prunes the update GEMM's δ like mvue24)
+    assert [X.route_of(f"mvue24{s}") for s in X.ADAPT_SUFFIXES] == ["update"] * 3
+    assert X.route_of("luq4_switch") == "quantizer"
 
 
 def test_small_tables_share_the_fp32_row():

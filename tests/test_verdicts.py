@@ -88,6 +88,21 @@ def test_unequal_seed_counts_pair_only_common_seeds():
     assert one.startswith("C: not shown (1 common seed: no paired test")
 
 
+def test_identical_rows_say_so_instead_of_a_zero_detectable_effect():
+    """Two rows that made the same updates in every seed (an adaptive policy that never acted)
+    have no spread: the line says so (no '0.0000 detectable'), p = 1 counts in the family and
+    leaves the other claims' Holm adjustment as with any p = 1; a non-zero constant difference
+    is still a test (p = 0)."""
+    same = V.paired({0: 2.0, 1: 2.5, 2: 2.4}, {0: 2.0, 1: 2.5, 2: 2.4})
+    other = V.paired(_pairs(9.0, 3))
+    lines = V.family([(same, "A"), (other, "B")], 4, " nats")
+    assert lines[0] == ("A: not shown (paired over 3 seeds: every difference exactly 0, the two rows "
+                        "made the same updates; p = 1, counted in the 2 tests)")
+    assert "over 2 tests" in lines[1] and "detectable at 80% power" in lines[1]
+    shift = V.paired({0: 1.5, 1: 2.5}, {0: 1.0, 1: 2.0})
+    assert shift.p == 0.0 and "every difference exactly 0" not in V.family([(shift, "C")])[0]
+
+
 def test_detectable_effect_has_80_percent_power():
     """The defining property: at the returned δ the two-sided paired t-test at α/m rejects in
     80% of simulated experiments (n pairs, normal differences of sd s). And the large-n limit
