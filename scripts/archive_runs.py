@@ -33,7 +33,14 @@ PATH_KEYS = ("run_dir", "baseline_run")
 
 
 def _rel(p: str | None) -> str | None:
-    return p if p is None or not Path(p).is_relative_to(ROOT) else str(Path(p).relative_to(ROOT))
+    """`p` relative to ROOT, also when it runs through a link into ROOT (another worktree whose
+    outputs/ links to this one's); else as it is."""
+    if p is None:
+        return p
+    for q in (Path(p), *((Path(p).resolve(),) if Path(p).is_absolute() else ())):
+        if q.is_relative_to(ROOT):
+            return str(q.relative_to(ROOT))
+    return p
 
 
 def _abs(p: str | None) -> str | None:

@@ -82,3 +82,19 @@ def test_root_names_the_checkout_the_paths_are_relative_to(tmp_path):
     assert A.main(["load", str(other / "outputs" / "small_x"), "--archive", str(arch), "--root", str(other)]) == 0
     assert [r["run_dir"] for r in runs.rows(other / "outputs" / "small_x" / "runs.sqlite")] == [
         str(other / "outputs" / "small_x" / "run0")]
+
+
+def test_a_run_made_through_a_link_into_the_root_is_stored_relative(tmp_path):
+    """A second worktree whose outputs/ links to the first's writes run directories under its own
+    path: saved with --root of the first, they are stored relative to it like the others."""
+    wt, wt2 = tmp_path / "worktree", tmp_path / "worktree2"
+    (wt / "outputs" / "small_x" / "run1").mkdir(parents=True)
+    wt2.mkdir()
+    (wt2 / "outputs").symlink_to(wt / "outputs")
+    index = wt / "outputs" / "small_x" / "runs.sqlite"
+    runs.insert(index, _summary(str(wt / "outputs" / "small_x" / "run0"), 0, 1.5))
+    runs.insert(index, _summary(str(wt2 / "outputs" / "small_x" / "run1"), 1, 1.4))
+    arch = tmp_path / "small_x.jsonl"
+    assert A.main(["save", str(wt / "outputs" / "small_x"), "--archive", str(arch), "--root", str(wt)]) == 0
+    assert [json.loads(ln)["run_dir"] for ln in arch.read_text().splitlines()] == [
+        "outputs/small_x/run0", "outputs/small_x/run1"]
