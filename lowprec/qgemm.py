@@ -88,10 +88,6 @@ def recipe_name(recipe) -> str:
     return str(getattr(recipe, "name", type(recipe).__name__))
 
 
-def _cast(g, dtype):
-    return g if g is None or g.dtype == dtype else g.to(dtype)
-
-
 def _to_device(obj, dev):
     if isinstance(obj, torch.Tensor):
         return obj.to(dev)
@@ -448,9 +444,14 @@ class QGemmFn(torch.autograd.Function):
         return z
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():  # create_graph: once_differentiable refuses a double backward
+            return _backward_once(ctx, grad_out)
+        # grad mode is off already: once_differentiable's no_grad and checks would cost µs per layer
         return (*backward_gemms(ctx, grad_out), None, None, None)
+
+
+_backward_once = once_differentiable(lambda ctx, grad_out: (*backward_gemms(ctx, grad_out), None, None, None))
 
 
 def backward_gemms(ctx, grad_out):
@@ -485,8 +486,7 @@ def backward_gemms(ctx, grad_out):
             layer._record_noise(ctx, delta, gw, G.grad_weight, G.act2d, G.to2d, G.from2d)
     if layer.stats_every and layer._stats_due():
         layer._record_stats(delta, d_b, d_u, need_x, need_u, gw, lambda: G.grad_weight(delta))
-    xd, wd, bd = ctx.dtypes
-    return _cast(gx, xd), _cast(gw, wd), _cast(gb, bd)
+    return tuple(t if t is None or t.dtype == dt else t.to(dt) for t, dt in zip((gx, gw, gb), ctx.dtypes))
 
 
 def swap_class(mod: nn.Module, qcls: type, fwd, grad, weight_nm, weight_nm_every, stats_every) -> None:

@@ -153,6 +153,19 @@ def test_first_layer_input_without_grad():
     assert q.weight.grad is not None and q.bias.grad is not None
 
 
+def test_create_graph_backward_refuses_double_backward():
+    # QGemmFn.backward applies once_differentiable only when grad mode is on (create_graph): the
+    # first gradients are the plain backward's, a second backward through them raises
+    torch.manual_seed(0)
+    q = q_linear(nn.Linear(8, 6))
+    x = torch.randn(4, 8, requires_grad=True)
+    gw_plain = torch.autograd.grad(q(x).square().sum(), q.weight)[0]
+    gw = torch.autograd.grad(q(x).square().sum(), q.weight, create_graph=True)[0]
+    assert torch.equal(gw, gw_plain) and gw.requires_grad
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gw.sum().backward()
+
+
 # ----------------------------------------------------------------------------- routing vs hand-written backward
 
 
