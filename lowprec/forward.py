@@ -29,6 +29,10 @@ __all__ = ["autocast_dtype", "no_autocast", "quant_weight", "quant_act", "forwar
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The active autocast dtype of x's device, or None (also for non-float x)."""
+    if not torch._C._is_any_autocast_enabled():
+        # one global flag first: x.device makes a new torch.device on every call, ~8x the flag's
+        # cost, and this runs in every converted layer's forward
+        return None
     dev = x.device.type
     if x.is_floating_point() and torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
