@@ -481,7 +481,8 @@ def backward_gemms(ctx, grad_out):
     else:
         gx, gw, gb = G.grads(d_b, d_u, w_b, w, need_x, need_w, need_b)
     if need_w:
-        layer.update_macs += w.numel() * G.tokens
+        # a plain int attribute: nn.Module.__setattr__'s parameter/buffer checks cost more than the sum
+        object.__setattr__(layer, "update_macs", layer.update_macs + w.numel() * G.tokens)
         if layer.noise_armed:
             layer._record_noise(ctx, delta, gw, G.grad_weight, G.act2d, G.to2d, G.from2d)
     if layer.stats_every and layer._stats_due():
