@@ -127,6 +127,8 @@ def route(g, lp_state, delta, need_b: bool, need_u: bool, to2d, from2d):
     """(δ_b, δ_u) of recipe ``g`` with the layer's ``lp_state``; either may be ``delta`` itself
     (exact), both may be the same object."""
     d_b = d_u = delta
+    if g.backward is None and g.update is None:
+        return d_b, d_u
     to2d = _once(to2d, delta)
     s = int(g.samples)
     if g.shared and g.update is not None:
