@@ -220,8 +220,10 @@ def _build(cc: str) -> tuple[Path, tuple[str, list[str]]]:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
         try:
+            # generous: a quiet build takes well under a minute, but on a loaded machine one took
+            # over 300 s, and a timeout here means the slow torch cores for the whole process
             r = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True,
-                               text=True, timeout=300)
+                               text=True, timeout=1200)
             if r.returncode == 0:
                 os.chmod(tmp, 0o700)
                 os.replace(tmp, path)
