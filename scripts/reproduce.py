@@ -15,8 +15,9 @@ shared bases). The command is
 
 (seed is the outer loop: all rows of seed 0 finish before seed 1 starts). Every job finds or trains
 its fp32 baseline (trainer.baseline=auto). --rows a,b runs only those rows of the table (e.g. rows that another table's launch is still
-running). --skip-done drops rows whose runs for every requested
-seed are already in the index (e.g. the fp32 row shared by two tables). Each launch is appended to
+running). --skip-done runs only the (row, seed) pairs not yet in the index (e.g. the fp32 row
+shared by two tables, or a table stopped part-way): rows missing the same seeds share one
+multirun, and the groups that hold an fp32 row run first. Each launch is appended to
 <out_root>/commands.jsonl (command, git commit, time) for make_tables.py.
 
 --jobs N (N > 1) runs N multirun processes side by side, in two phases: first the fp32/fp32
@@ -121,6 +122,29 @@ def one_point(extra: list[str]) -> list[str]:
     return out
 
 
+def missing(rows: list[str], seeds: list[int], extra: list[str]) -> list[tuple[list[int], list[str]]]:
+    """The (row, seed) pairs not yet in each row's index, as (seeds, rows) groups of rows that
+    miss the same seeds (one multirun each); groups holding an fp32/fp32 row first, so a later
+    group finds its baselines instead of training them. Rows with nothing missing are dropped."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    base: set[tuple[int, ...]] = set()
+    for r in rows:
+        spec = tables.compose_row(r, one_point(extra))
+        done = {x["seed"] for x in tables.matching_runs(
+            spec, tables.index_rows(tables.REPO / spec.index))}
+        todo = tuple(s for s in seeds if s not in done)
+        if not todo:
+            print(f"skip {r}: seeds {seeds} already in {spec.index}", file=sys.stderr)
+            continue
+        if len(todo) < len(seeds):
+            print(f"{r}: seeds {sorted(done & set(seeds))} already in {spec.index}, "
+                  f"running {list(todo)}", file=sys.stderr)
+        groups.setdefault(todo, []).append(r)
+        if (spec.grad, spec.fwd) == ("fp32", "fp32") and not spec.fnt_epochs:
+            base.add(todo)
+    return [(list(s), rs) for s, rs in sorted(groups.items(), key=lambda g: g[0] not in base)]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -129,7 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default=None, help="comma list (default: small 0,1; full 0,1,2)")
     p.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
     p.add_argument("--skip-done", action="store_true",
-                   help="leave out rows already in the index for every requested seed")
+                   help="run only the (row, seed) pairs not yet in the index")
     p.add_argument("--rows", default=None,
                    help="comma list of row names (file stems) to run, a subset of the table's")
     p.add_argument("--jobs", type=int, default=1,
@@ -154,24 +178,16 @@ def main(argv=None) -> int:
                   f"{','.join(names)})", file=sys.stderr)
             return 2
         rows = [names[w] for w in want]
-    if a.skip_done:
-        keep = []
-        for r in rows:
-            spec = tables.compose_row(r, one_point(a.extra))
-            done = {x["seed"] for x in tables.matching_runs(
-                spec, tables.index_rows(tables.REPO / spec.index))}
-            if set(seeds) <= done:
-                print(f"skip {r}: seeds {seeds} already in {spec.index}", file=sys.stderr)
-            else:
-                keep.append(r)
-        rows = keep
-        if not rows:
-            print("nothing to run", file=sys.stderr)
-            return 0
-    phases = plan(a.table, a.scale, seeds, a.extra, rows, a.jobs)
-    cmd = phases[0][0]
+    groups = missing(rows, seeds, a.extra) if a.skip_done else [(seeds, rows)]
+    if not groups:
+        print("nothing to run", file=sys.stderr)
+        return 0
+    rows = [r for _, rs in groups for r in rs]
+    phases = [ph for s, rs in groups for ph in plan(a.table, a.scale, s, a.extra, rs, a.jobs)]
+    cmds = [c for ph in phases for c in ph]
     if a.jobs <= 1:
-        print(shlex.join(cmd), flush=True)
+        for c in cmds:
+            print(shlex.join(c), flush=True)
     else:
         for k, cmds in enumerate(phases):
             for c in cmds:
@@ -185,17 +201,20 @@ def main(argv=None) -> int:
     spec = tables.compose_row(rows[0], one_point(a.extra))
     me = ["python", "scripts/reproduce.py", *argv]
     rec = {"table": a.table, "scale": a.scale, "seeds": seeds,
-           "command": shlex.join(cmd if a.jobs <= 1 else me),
+           "command": shlex.join(cmds[0] if len(cmds) == 1 else me),
            "commit": git_commit(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "env": {k: env[k] for k in ("OMP_NUM_THREADS", "WANDB_MODE") if k in env}}
     if a.jobs > 1:
-        rec["jobs"], rec["commands"] = a.jobs, [shlex.join(c) for ph in phases for c in ph]
+        rec["jobs"] = a.jobs
+    if len(cmds) > 1:
+        rec["commands"] = [shlex.join(c) for c in cmds]
     out_root = tables.REPO / spec.out_root
     log_launch(out_root, rec)
     t0 = time.time()
     if a.jobs <= 1:
-        cmd[0] = sys.executable
-        rc = subprocess.call(cmd, cwd=tables.REPO, env=env)
+        rc = 0
+        for c in cmds:  # one multirun per group of missing seeds, in turn
+            rc = subprocess.call([sys.executable, *c[1:]], cwd=tables.REPO, env=env) or rc
     else:
         rc = _run_parallel(phases, env, out_root, a.table)
     log_launch(out_root, {**rec, "wall_s": time.time() - t0, "rc": rc,

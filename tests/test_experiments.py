@@ -160,6 +160,24 @@ def test_reproduce_rows_runs_a_subset_and_refuses_unknown_rows(capsys):
     assert "nope" in capsys.readouterr().err
 
 
+def test_reproduce_skip_done_runs_only_the_missing_row_seed_pairs(tmp_path, monkeypatch, capsys):
+    reproduce = _script("reproduce")
+    done = {"fp32": (0,), "mvue24": (0,), "mse24": (0, 1)}
+    index = [_fake_run(tmp_path, X.compose_row(f"small/mvue_table/{r}"), s, 80.0, 80.0)
+             for r, seeds in done.items() for s in seeds]
+    monkeypatch.setattr(X, "index_rows", lambda path: index)
+    args = ["mvue_table", "--seeds", "0,1", "--skip-done", "--dry-run", "--rows"]
+    assert reproduce.main(args + ["mse12,fp32,mvue24,mse24"]) == 0
+    out, err = capsys.readouterr()
+    # the group holding the fp32 row runs first; a row with seed 0 done reruns only seed 1
+    assert out.splitlines() == [
+        "python run.py -m trainer.seed=1 experiment=small/mvue_table/fp32,small/mvue_table/mvue24",
+        "python run.py -m trainer.seed=0,1 experiment=small/mvue_table/mse12"]
+    assert "skip small/mvue_table/mse24" in err
+    assert reproduce.main(args + ["mse24"]) == 0
+    assert capsys.readouterr().out == ""
+
+
 def _fake_run(tmp_path, spec, seed, top1, base_top1):
     d = tmp_path / "runs" / f"{spec.label}_s{seed}"
     d.mkdir(parents=True)
