@@ -12,7 +12,8 @@ wall time down.
   written;
 - corrupt / hostile checkpoints and a corrupt index: one error line naming the file, exit 2,
   nothing trained, nothing executed;
-- every bad override of the issue: one `error:` line naming key and value, exit 2, no run dir;
+- every bad override of the issue: one `error:` line naming key and value, exit 2, no run dir
+  (forked from one warm interpreter by tests/forkrun.py; two also as real processes);
   an internal error during training: its traceback, exit 1, an index row with status failed;
 - a diverged baseline trained first: exit 3 naming the baseline, a `diverged` row never used as a
   baseline, strict-JSON metrics; a non-finite failure without skip_nonfinite: a `failed` row.
@@ -33,6 +34,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from forkrun import run_many
 from lowprec import runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -285,17 +287,34 @@ BAD_BARE = [  # (environment, overrides without TINY, what the line must name)
 ]
 
 
+def forked(cases: list[tuple[Path, list[str], dict]]) -> list[tuple[int, str, str]]:
+    """(rc, stdout, stderr) of `python run.py out_root=<root> <args>` run in <root> with `env`
+    added, for every case, through tests/forkrun.py: one interpreter imports run.py once and
+    forks a child per command line (each subprocess would spend ~4 CPU-s on imports alone)."""
+    payload = []
+    for root, args, env in cases:
+        root.mkdir(parents=True, exist_ok=True)
+        payload.append({"argv": [f"out_root={root}", *args], "env": _env(**env), "cwd": str(root)})
+    return run_many(payload)
+
+
 def test_bad_overrides_are_one_line_exit_2_nothing_written(tmp_path):
-    procs = [start(tmp_path / str(i), *[a for a in TINY if not a.startswith("model.kwargs")],
-                   *args) for i, (args, _) in enumerate(BAD)]
-    procs += [start(tmp_path / f"bare{i}", *(args or TINY), **env)
-              for i, (env, args, _) in enumerate(BAD_BARE)]
-    cases = BAD + [(args, names) for _, args, names in BAD_BARE]
-    dirs = [str(i) for i in range(len(BAD))] + [f"bare{i}" for i in range(len(BAD_BARE))]
-    for i, ((args, names), (rc, out, err)) in enumerate(zip(cases, finish(procs))):
+    small = [a for a in TINY if not a.startswith("model.kwargs")]
+    cases = [(tmp_path / str(i), [*small, *args], {}) for i, (args, _) in enumerate(BAD)]
+    cases += [(tmp_path / f"bare{i}", args or TINY, env) for i, (env, args, _) in enumerate(BAD_BARE)]
+    names = [n for _, n in BAD] + [n for _, _, n in BAD_BARE]
+    # one override error and one environment error also as real processes: they must give the
+    # same exit status and line as through the forking driver (a check of the driver itself)
+    real = [0, len(BAD)]
+    procs = [start(tmp_path / f"proc{k}", *cases[k][1], **cases[k][2]) for k in real]
+    got = forked(cases)
+    for (root, args, _), want, (rc, out, err) in zip(cases, names, got):
         line = one_error_line(rc, err)
-        assert all(n in line for n in names), (args, line)
-        assert not list((tmp_path / dirs[i]).rglob("*")), (args, list((tmp_path / dirs[i]).rglob("*")))
+        assert all(n in line for n in want), (args, line)
+        assert not list(root.rglob("*")), (args, list(root.rglob("*")))
+    for k, (rc, _, err) in zip(real, finish(procs)):
+        assert (rc, err.replace(str(tmp_path / f"proc{k}"), str(cases[k][0]))) == (got[k][0], got[k][2])
+        assert not list((tmp_path / f"proc{k}").rglob("*"))
 
 
 def test_internal_error_during_training_keeps_its_traceback(tmp_path):

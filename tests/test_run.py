@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from forkrun import run_many
 
 ROOT = Path(__file__).resolve().parents[1]
 # 4-channel resnet20 on 64 16x16 digits, batch 32: 2 steps per epoch, well under a second each.
@@ -158,7 +159,7 @@ def test_skip_nonfinite_skips_diverged_steps(tmp_path):
     assert index_rows(tmp_path)[0]["status"] == "diverged"
 
 
-@pytest.mark.parametrize("args, needle", [
+BAD_INPUT = [  # (overrides, what the one line must say); {tmp}: the case's out_root
     (["grad=luq5"], "did you mean 'luq4'"),                          # unknown group option
     (["-m", "grad=fp32,mvue42"], "unknown grad option 'mvue42'"),     # ... in a sweep
     (["experiment=small/luq_table/luq9"], "small/luq_table/luq4"),   # ... nested experiment names
@@ -166,18 +167,31 @@ def test_skip_nonfinite_skips_diverged_steps(tmp_path):
     (["grad=mvue24", "grad.update.n=5"], "N must not exceed M"),     # impossible N:M
     (["trainer.baseline=sometimes"], "sometimes"),                   # impossible trainer option
     (["trainer.baseline=require"], "no fp32/fp32 baseline"),         # empty index
-])
-def test_bad_input_fails_fast_with_one_line(tmp_path, args, needle):
-    t0 = time.time()
-    p = run_py(tmp_path, *[a.format(tmp=tmp_path) for a in args], "hydra.run.dir=" + str(tmp_path / "r"))
-    elapsed = time.time() - t0
-    assert p.returncode != 0
-    err = [line for line in p.stderr.splitlines() if line.strip()]
-    assert any(needle in line for line in err), p.stderr
-    assert p.returncode == 2 and len(err) == 1 and err[0].startswith("error: "), p.stderr
-    assert "Traceback" not in p.stderr
-    assert not list(tmp_path.rglob("metrics.jsonl")) and not list(tmp_path.rglob("last.pt"))
-    assert elapsed < 60, elapsed  # imports only; generous for a loaded 2-core machine
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_results(tmp_path_factory):
+    """Every BAD_INPUT command line as `python run.py ...`, forked from one warm interpreter
+    (tests/forkrun.py): [(out_root, (rc, stdout, stderr))]."""
+    roots = [tmp_path_factory.mktemp(f"bad{i}") for i in range(len(BAD_INPUT))]
+    cases = []
+    for root, (args, _) in zip(roots, BAD_INPUT):
+        args = [a.format(tmp=root) for a in args]
+        argv = [a for a in args if a.startswith("-")] + [f"out_root={root}", f"hydra.run.dir={root / 'r'}",
+                                                          *[a for a in args if not a.startswith("-")]]
+        cases.append({"argv": argv, "env": _env(), "cwd": str(root)})
+    return list(zip(roots, run_many(cases)))
+
+
+@pytest.mark.parametrize("i", range(len(BAD_INPUT)), ids=[" ".join(a) for a, _ in BAD_INPUT])
+def test_bad_input_fails_fast_with_one_line(bad_input_results, i):
+    root, (rc, _, stderr) = bad_input_results[i]
+    err = [line for line in stderr.splitlines() if line.strip()]
+    assert any(BAD_INPUT[i][1] in line for line in err), stderr
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), (rc, stderr)
+    assert "Traceback" not in stderr
+    assert not list(root.rglob("metrics.jsonl")) and not list(root.rglob("last.pt"))  # nothing trained
 
 
 def test_torchrun_two_ranks_cpu(tmp_path):
