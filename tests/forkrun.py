@@ -11,7 +11,8 @@ same Hydra job, the same exit status), then exits without returning to the drive
     cases:   [{"argv": [...], "env": {...}, "cwd": "..."}, ...]
     results: [{"rc": int, "out": str, "err": str}, ...]   (rc < 0: killed by that signal)
 
-From a test: `run_many(cases)` -> [(rc, stdout, stderr)]. POSIX only (os.fork).
+From a test: `run_many(cases)` -> [(rc, stdout, stderr)]; or `Case`s (a command line not yet
+run) and `finish`, which runs them together beside real processes. POSIX only (os.fork).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import subprocess
 import sys
 import tempfile
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +70,31 @@ def run_many(cases: list[dict], timeout: float = 600) -> list[tuple[int, str, st
     if p.returncode:
         raise RuntimeError(f"tests/forkrun.py failed:\n{p.stderr[-3000:]}")
     return [(r["rc"], r["out"], r["err"]) for r in json.loads(p.stdout)]
+
+
+@dataclass(frozen=True)
+class Case:
+    """`python run.py out_root=<out_root> <args>` in <out_root>, with `env` added to the test's
+    environment; run (with every other Case of the same `finish`) when `finish` is called."""
+    out_root: Path
+    args: tuple[str, ...]
+    env: dict = field(default_factory=dict)
+
+
+def finish(items: list, env_of: Callable[..., dict], timeout: float = 300) -> list[tuple[int, str, str]]:
+    """(rc, stdout, stderr) per item: the Cases forked together from one warm interpreter (their
+    environment `env_of(**case.env)`), then each subprocess.Popen (already running) waited for."""
+    cases = [c for c in items if isinstance(c, Case)]
+    for c in cases:
+        c.out_root.mkdir(parents=True, exist_ok=True)
+    got = iter(run_many([{"argv": [f"out_root={c.out_root}", *c.args], "env": env_of(**c.env),
+                          "cwd": str(c.out_root)} for c in cases], timeout) if cases else [])
+    return [next(got) if isinstance(p, Case) else _wait(p, timeout) for p in items]
+
+
+def _wait(p: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
+    out, err = p.communicate(timeout=timeout)  # before returncode: it is set by the wait
+    return p.returncode, out, err
 
 
 def main() -> int:

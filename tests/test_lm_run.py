@@ -16,6 +16,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+import forkrun
 from lowprec import config, runs
 from lowprec import tables as X
 from lowprec import train as T
@@ -228,24 +229,25 @@ def test_lm_run_killed_mid_epoch_resumes_exactly(tmp_path):
     args = [*LM, "grad=luq4", "trainer.max_steps=20", "trainer.fnt_steps=10", "trainer.eval_every=5",
             "trainer.checkpoint_steps=5", "trainer.baseline=skip"]
     points = ["step12", "step28", "ckpt_write"]
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "run.py"), f"out_root={tmp_path / p}", *args],
-                              cwd=tmp_path, env={**_env(), **({"LOWPREC_TEST_KILL_AT": p} if p else {})},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for p in ["", *points]]
-    outs = [(p.communicate(timeout=900), p.returncode) for p in procs]  # 4 runs at once: slow when loaded
-    assert outs[0][1] == 0, outs[0][0][1][-2000:]
-    (straight,) = [Path(r["run_dir"]) for r in runs.rows(tmp_path / "runs.sqlite")]
+    env_of = lambda **extra: {**_env(), **extra}  # noqa: E731
+    # 4 runs at once, forked from one warm interpreter (tests/forkrun.py); slow when loaded
+    outs = forkrun.finish([forkrun.Case(tmp_path / "straight", tuple(args))] +
+                          [forkrun.Case(tmp_path / p, tuple(args), {"LOWPREC_TEST_KILL_AT": p}) for p in points],
+                          env_of, timeout=900)
+    assert outs[0][0] == 0, outs[0][2][-2000:]
+    (straight,) = [Path(r["run_dir"]) for r in runs.rows(tmp_path / "straight" / "runs.sqlite")]
     want = json.loads((straight / "summary.json").read_text())
     assert want["steps"] == 30 and want["status"] == "ok"
-    for point, ((_, err), rc) in zip(points, outs[1:]):
+    killed = {}
+    for point, (rc, _, err) in zip(points, outs[1:]):
         assert rc == -9, (point, rc, err[-2000:])
-        (d,) = [p for p in (tmp_path / point).glob("20*/*") if p.is_dir()]
-        r = subprocess.run([sys.executable, str(ROOT / "run.py"), f"out_root={tmp_path / point}", *args,
-                            f"trainer.resume={d}"], cwd=tmp_path, env=_env(), capture_output=True,
-                           text=True, timeout=900)
-        assert r.returncode == 0, (point, r.stdout[-2000:], r.stderr[-2000:])
+        (killed[point],) = [p for p in (tmp_path / point).glob("20*/*") if p.is_dir()]
+    resumed = forkrun.finish([forkrun.Case(tmp_path / p, (*args, f"trainer.resume={d}"))
+                              for p, d in killed.items()], env_of, timeout=900)
+    for (point, d), (rc, out, err) in zip(killed.items(), resumed):
+        assert rc == 0, (point, out[-2000:], err[-2000:])
         if point != "ckpt_write":
-            assert "resume: from epoch 0 (step" in r.stdout, (point, r.stdout[-500:])
+            assert "resume: from epoch 0 (step" in out, (point, out[-500:])
         got = json.loads((d / "summary.json").read_text())
         assert got["weights_sha256"] == want["weights_sha256"], point
         assert (got["val_loss"], got["steps"]) == (want["val_loss"], 30), point

@@ -1,6 +1,7 @@
-"""End-to-end reliability of run.py (issue 14), with the users' commands as subprocesses on tiny
-digits runs (2 steps per epoch). Independent processes of one test run in parallel to keep the
-wall time down.
+"""End-to-end reliability of run.py (issue 14), with the users' commands on tiny digits runs (2
+steps per epoch) as separate processes: forked together from one warm interpreter by
+tests/forkrun.py (run.py's own cli, exit status and signals; no ~4 CPU-s of imports each), the
+README's resume command and two input errors as real processes.
 
 - kill -9 at 6 named points (LOWPREC_TEST_KILL_AT: mid-epoch before and after a checkpoint,
   after an epoch's metrics, during the checkpoint write, between summary.json and the index row,
@@ -13,7 +14,7 @@ wall time down.
 - corrupt / hostile checkpoints and a corrupt index: one error line naming the file, exit 2,
   nothing trained, nothing executed;
 - every bad override of the issue: one `error:` line naming key and value, exit 2, no run dir
-  (forked from one warm interpreter by tests/forkrun.py; two also as real processes);
+  (two also as real processes: the same status and line);
   an internal error during training: its traceback, exit 1, an index row with status failed;
 - a diverged baseline trained first: exit 3 naming the baseline, a `diverged` row never used as a
   baseline, strict-JSON metrics; a non-finite failure without skip_nonfinite: a `failed` row.
@@ -28,13 +29,12 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from forkrun import run_many
+import forkrun
 from lowprec import runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,16 +55,23 @@ def _env(**extra):
     return env
 
 
-def start(out_root: Path, *args: str, **env) -> subprocess.Popen:
+def start(out_root: Path, *args: str, **env) -> forkrun.Case:
+    """`python run.py out_root=<out_root> <args>` in <out_root>, run at `finish`: forked from one warm
+    interpreter with the others of that call (tests/forkrun.py: the same cli and exit status,
+    without ~4 CPU-s of imports per command line)."""
+    return forkrun.Case(out_root, args, env)
+
+
+def spawn(out_root: Path, *args: str, **env) -> subprocess.Popen:
+    """The same command line as a real process, started now."""
     cmd = [sys.executable, str(ROOT / "run.py"), f"out_root={out_root}", *args]
     out_root.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(cmd, cwd=out_root, env=_env(**env), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
-def finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str, str]]:
-    outs = [p.communicate(timeout=timeout) for p in procs]
-    return [(p.returncode, *o) for p, o in zip(procs, outs)]
+def finish(procs: list, timeout: float = 300) -> list[tuple[int, str, str]]:
+    return forkrun.finish(procs, _env, timeout)
 
 
 def one_error_line(rc: int, err: str, status: int = 2) -> str:
@@ -159,10 +166,9 @@ def test_kill9_at_every_point_then_readme_resume_is_exact(tmp_path):
 
 
 def test_three_runs_in_the_same_second_get_three_dirs_and_rows(tmp_path):
-    t0 = time.time()
+    # forked together from one interpreter: they reach the run-dir naming within milliseconds
     procs = [start(tmp_path, *TINY, "grad=luq4", f"trainer.seed={s}", "trainer.epochs=1",
                    "trainer.baseline=skip") for s in (1, 2, 3)]
-    assert time.time() - t0 < 1.0
     for rc, out, err in finish(procs):
         assert rc == 0, err[-2000:]
     dirs = run_dirs(tmp_path)
@@ -226,9 +232,8 @@ def test_corrupt_checkpoints_and_index_are_one_line_naming_the_file(tmp_path):
     bad_index.parent.mkdir()
     bad_index.write_bytes(b"garbage, not SQLite " * 50)
     cases["index"] = (bad_index, start(tmp_path / "idx", *TINY, "trainer.baseline=skip"))
-    for kind, (path, proc) in cases.items():
-        out, err = proc.communicate(timeout=300)
-        line = one_error_line(proc.returncode, err)
+    for (kind, (path, _)), (rc, out, err) in zip(cases.items(), finish([c for _, c in cases.values()])):
+        line = one_error_line(rc, err)
         assert str(path) in line, (kind, line)
         assert not list((tmp_path / kind).rglob("metrics.jsonl")), kind
     assert not marker.exists()
@@ -287,17 +292,6 @@ BAD_BARE = [  # (environment, overrides without TINY, what the line must name)
 ]
 
 
-def forked(cases: list[tuple[Path, list[str], dict]]) -> list[tuple[int, str, str]]:
-    """(rc, stdout, stderr) of `python run.py out_root=<root> <args>` run in <root> with `env`
-    added, for every case, through tests/forkrun.py: one interpreter imports run.py once and
-    forks a child per command line (each subprocess would spend ~4 CPU-s on imports alone)."""
-    payload = []
-    for root, args, env in cases:
-        root.mkdir(parents=True, exist_ok=True)
-        payload.append({"argv": [f"out_root={root}", *args], "env": _env(**env), "cwd": str(root)})
-    return run_many(payload)
-
-
 def test_bad_overrides_are_one_line_exit_2_nothing_written(tmp_path):
     small = [a for a in TINY if not a.startswith("model.kwargs")]
     cases = [(tmp_path / str(i), [*small, *args], {}) for i, (args, _) in enumerate(BAD)]
@@ -306,8 +300,8 @@ def test_bad_overrides_are_one_line_exit_2_nothing_written(tmp_path):
     # one override error and one environment error also as real processes: they must give the
     # same exit status and line as through the forking driver (a check of the driver itself)
     real = [0, len(BAD)]
-    procs = [start(tmp_path / f"proc{k}", *cases[k][1], **cases[k][2]) for k in real]
-    got = forked(cases)
+    procs = [spawn(tmp_path / f"proc{k}", *cases[k][1], **cases[k][2]) for k in real]
+    got = finish([start(root, *args, **env) for root, args, env in cases])
     for (root, args, _), want, (rc, out, err) in zip(cases, names, got):
         line = one_error_line(rc, err)
         assert all(n in line for n in want), (args, line)

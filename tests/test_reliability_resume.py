@@ -4,7 +4,8 @@ rows validated when read, every checkpoint counter and clock round-tripped (issu
 user-facing record (headline numbers first, one final line, run.log, best vs final).
 
 Most run in process (lowprec.prepare.Session) on a 2-steps-per-epoch digits run; the kill tests
-are subprocesses (LOWPREC_TEST_KILL_AT)."""
+run run.py as separate processes (LOWPREC_TEST_KILL_AT), forked from one warm interpreter by
+tests/forkrun.py."""
 
 from __future__ import annotations
 
@@ -12,8 +13,6 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 import torch
 from hydra import compose
 
+import forkrun
 from lowprec import config, prepare, runs
 from lowprec import summary as S
 
@@ -42,15 +42,13 @@ def _env(**extra):
     return env
 
 
-def start(out: Path, *args, **env):
-    out.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([sys.executable, str(ROOT / "run.py"), f"out_root={out}", *args],
-                            cwd=out, env=_env(**env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def start(out: Path, *args, **env) -> forkrun.Case:
+    """`python run.py out_root=<out> <args>` in <out>, run at `finish` (tests/forkrun.py)."""
+    return forkrun.Case(out, args, env)
 
 
 def finish(procs, timeout=300):
-    return [(p.returncode, *o) for p in procs for o in [p.communicate(timeout=timeout)]]
+    return forkrun.finish(procs, _env, timeout)
 
 
 def metrics(d: Path) -> list[dict]:
