@@ -189,8 +189,8 @@ def main(argv=None) -> int:
         for c in cmds:
             print(shlex.join(c), flush=True)
     else:
-        for k, cmds in enumerate(phases):
-            for c in cmds:
+        for k, ph in enumerate(phases):
+            for c in ph:
                 print(f"phase {k}: {shlex.join(c)}", flush=True)
     if a.dry_run:
         return 0

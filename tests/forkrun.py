@@ -43,13 +43,13 @@ def _exit_code(e: SystemExit) -> int:
 def _child(cli, case: dict, out: Path, err: Path) -> None:
     code = 1
     try:
-        os.environ.clear()
-        os.environ.update(case["env"])
-        os.chdir(case["cwd"])
-        for fd, path in ((1, out), (2, err)):
-            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
-        sys.argv = [str(ROOT / "run.py"), *case["argv"]]
         try:
+            for fd, path in ((1, out), (2, err)):
+                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+            os.environ.clear()
+            os.environ.update(case["env"])
+            os.chdir(case["cwd"])
+            sys.argv = [str(ROOT / "run.py"), *case["argv"]]
             cli(case["argv"])
             code = 0
         except SystemExit as e:
@@ -57,7 +57,7 @@ def _child(cli, case: dict, out: Path, err: Path) -> None:
         except BaseException:  # noqa: BLE001 - an uncaught exception: traceback, exit 1
             traceback.print_exc()
         atexit._run_exitfuncs()
-    finally:
+    finally:  # never back into the driver's loop
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

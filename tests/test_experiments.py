@@ -178,6 +178,28 @@ def test_reproduce_skip_done_runs_only_the_missing_row_seed_pairs(tmp_path, monk
     assert capsys.readouterr().out == ""
 
 
+def test_reproduce_records_every_command_it_launches(tmp_path, monkeypatch, capsys):
+    """The launch record (make_tables' provenance) names the one multirun it ran, or, with several
+    commands (--jobs, or --skip-done groups), the reproduce.py call and every command."""
+    reproduce = _script("reproduce")
+    recs = []
+    monkeypatch.setattr(reproduce, "log_launch", lambda root, rec: recs.append(rec))
+    monkeypatch.setattr(reproduce, "_run_parallel", lambda phases, env, root, table: 0)
+    monkeypatch.setattr(reproduce.subprocess, "call", lambda cmd, **kw: 0)
+    assert reproduce.main(["mvue_table", "--seeds", "0", "--rows", "mvue24"]) == 0
+    assert recs[0]["command"] == "python run.py -m trainer.seed=0 experiment=small/mvue_table/mvue24"
+    assert "commands" not in recs[0] and recs[1]["rc"] == 0
+    recs.clear()
+    assert reproduce.main(["mvue_table", "--seeds", "0,1", "--rows", "fp32,mvue24,mse24", "--jobs", "2"]) == 0
+    assert recs[0]["command"].startswith("python scripts/reproduce.py mvue_table") and recs[0]["jobs"] == 2
+    assert recs[0]["commands"] == [  # phase 0: the fp32 row's seeds split; phase 1: the rest dealt
+        "python run.py -m trainer.seed=0 experiment=small/mvue_table/fp32",
+        "python run.py -m trainer.seed=1 experiment=small/mvue_table/fp32",
+        "python run.py -m trainer.seed=0,1 experiment=small/mvue_table/mvue24",
+        "python run.py -m trainer.seed=0,1 experiment=small/mvue_table/mse24"]
+    capsys.readouterr()
+
+
 def _fake_run(tmp_path, spec, seed, top1, base_top1):
     d = tmp_path / "runs" / f"{spec.label}_s{seed}"
     d.mkdir(parents=True)
