@@ -5,7 +5,12 @@ Step ratios: for each workload (ResNet-20 on digits 16x16, batch 128; the char-l
 shakespeare_char, batch 16 x 64 tokens) a plain, unconverted fp32 model and the same model converted
 to the recipe (same initial weights, same fixed batch) take forward + backward + optimizer steps in
 one process, one thread, alternating (ABBA order, so drift hits both alike); the ratio is the median
-recipe step over the median fp32 step. The estimators' CPU path is the automatic one (the CPU twins,
+over step pairs of recipe step / fp32 step (the two steps of a pair are adjacent in time, so the
+machine's slow drift cancels), with a distribution-free 95% interval for that median (order
+statistics of the pair ratios: [r_(k), r_(n+1-k)] with k the largest for which
+P(Binomial(n, 1/2) < k) <= 2.5%; n = 20 pairs: [r_(6), r_(15)], 95.9% coverage). A recipe meets
+its target when the interval's upper end is within it, misses it when the lower end is above it, and
+is undecided when the interval holds the target. The estimators' CPU path is the automatic one (the CPU twins,
 :mod:`lowprec.kernels.cpu`, as C: :mod:`lowprec.kernels.native`); ``--modes`` adds the twins' torch
 cores (``LOWPREC_CPU_NATIVE=0``: what runs without a C compiler) and the readable references
 (``LOWPREC_BACKEND=reference``, what issue 9 measured) for the main recipes. The first native step's
@@ -153,6 +158,28 @@ def machine() -> list[str]:
             f"- busiest processes when started: {busy}"]
 
 
+def ratio_ci(tb: list[float], tr: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(median, lower, upper) of the pair ratios tr[i] / tb[i]: the distribution-free interval for
+    the median (module docstring); lower = upper = nan when n is too small for `level`."""
+    from scipy.stats import binom
+
+    r = sorted(b / a for a, b in zip(tb, tr))
+    n, k = len(r), 0
+    while k + 1 <= n // 2 and binom.cdf(k, n, 0.5) <= (1 - level) / 2:
+        k += 1  # P(Binomial(n, 1/2) <= k - 1) <= alpha/2: r_(k) is a lower limit (1-indexed)
+    if k == 0:
+        return statistics.median(r), float("nan"), float("nan")
+    return statistics.median(r), r[k - 1], r[n - k]
+
+
+def verdict(lo: float, ratio: float, hi: float, target: float) -> str:
+    """'met' (the interval's upper end within the target), 'MISSED' (its lower end above), else
+    'undecided'; by the point estimate alone when there is no interval (--quick)."""
+    if hi != hi:  # nan: too few pairs
+        return "met" if ratio <= target else "MISSED"
+    return "met" if hi <= target else "MISSED" if lo > target else "undecided"
+
+
 def median_time(fn, calls: int) -> float:
     fn()  # warm-up: first-call costs (allocator, lazy imports) are not what is measured
     ts = []
@@ -291,8 +318,9 @@ def ratio_rows(wl: str, recipes, modes, steps: int, warmup: int, quick: bool, de
     base = step_fn(make("plain"), batch, opt)
     for _ in range(max(warmup, 1)):
         base()
-    rows = [f"### {desc}", "", "| recipe | CPU path | fp32 step | recipe step | ratio | target | warm-up |",
-            "|---|---|---:|---:|---:|---:|---:|"]
+    rows = [f"### {desc}", "",
+            "| recipe | CPU path | fp32 step | recipe step | ratio | 95% CI | target | warm-up |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
     verdicts: list[str] = []
     for mode in modes if device == "cpu" else ["auto"]:
         for r in recipes if mode in ("native", "auto") else [r for r in recipes if r in MAIN_RECIPES]:
@@ -312,21 +340,27 @@ def ratio_rows(wl: str, recipes, modes, steps: int, warmup: int, quick: bool, de
                             fn()
                             acc.append(time.perf_counter() - t)
                     mb, mr = statistics.median(tb), statistics.median(tr)
+                    ratio, lo, hi = ratio_ci(tb, tr)
+                    ci = f"[{lo:.2f}, {hi:.2f}]" if hi == hi else "—"
                     warm = f"{first - mr:.2f} s" if mode == "native" else ""
-                    rows.append(f"| {r} | {mode} | {mb * 1e3:.1f} ms | {mr * 1e3:.1f} ms | {mr / mb:.2f}x | "
+                    rows.append(f"| {r} | {mode} | {mb * 1e3:.1f} ms | {mr * 1e3:.1f} ms | {ratio:.2f}x | {ci} | "
                                 f"{TARGETS.get(r, '')}{'x' if r in TARGETS else ''} | {warm} |")
                     if r in TARGETS and mode in ("native", "auto"):
-                        verdicts.append(f"{r} {mr / mb:.3f}x {'met' if mr / mb <= TARGETS[r] else 'MISSED'}")
+                        v = verdict(lo, ratio, hi, TARGETS[r])
+                        verdicts.append(f"{r} {ratio:.3f}x {ci} {v}")
                 except Exception as e:  # noqa: BLE001 - one failing recipe must not hide the others
-                    rows.append(f"| {r} | {mode} | | | error: {type(e).__name__}: {str(e).splitlines()[0][:120]} | | |")
+                    rows.append(f"| {r} | {mode} | | | error: {type(e).__name__}: {str(e).splitlines()[0][:120]} | | | |")
             print(rows[-1], flush=True)
     if verdicts:
         missed = [v.split()[0] for v in verdicts if v.endswith("MISSED")]
+        open_ = [v.split()[0] for v in verdicts if v.endswith("undecided")]
         checked = {v.split()[0] for v in verdicts}
         unmeasured = [r for r in recipes if r in TARGETS and r not in checked]
-        rows += ["", "Targets on the automatic CPU path: " + "; ".join(verdicts) + ".",
-                 f"Verdict: {len(checked) - len(missed)} of {len(checked)} recipes within {TARGET}x"
+        met = len(checked) - len(missed) - len(open_)
+        rows += ["", "Targets on the automatic CPU path (ratio, 95% CI, verdict): " + "; ".join(verdicts) + ".",
+                 f"Verdict: {met} of {len(checked)} recipes within {TARGET}x"
                  + (f"; MISSED: {', '.join(missed)}" if missed else "")
+                 + (f"; undecided (the interval holds {TARGET}x): {', '.join(open_)}" if open_ else "")
                  + (f"; not measured (error): {', '.join(unmeasured)}" if unmeasured else "") + "."]
     return rows + [""]
 
@@ -422,7 +456,7 @@ def main(argv=None) -> int:
             f"Command: `{cmd.strip()}`", "", *machine(), *gpu, ""]
     print("\n".join(head), flush=True)
     t0 = time.time()
-    body = ["## Step time, recipe over plain fp32 (median of alternating steps)", ""]
+    body = ["## Step time, recipe over plain fp32 (median ratio of alternating step pairs, 95% CI)", ""]
     for wl in args.workloads.split(","):
         body += ratio_rows(wl, args.recipes.split(","), modes, steps, warmup=0 if args.quick else 3,
                            quick=args.quick, device=args.device)
