@@ -4,16 +4,17 @@
 static inline float e2m1(float y, float u, int sr) { /* fp4.e2m1_round */
     y = y > 6.0f ? 6.0f : y;
     const float step = y < 2.0f ? 0.5f : (y < 4.0f ? 1.0f : 2.0f);
+    if (!sr) {
+        /* rhe(y / step) * step in two additions: y + step·2^23 lies in [2^23·step, 2^24·step), whose
+         * spacing is step, so the sum rounds y half-to-even onto the step grid (y < 4·step here) and
+         * subtracting step·2^23 back is exact. */
+        const float big = step * 8388608.0f;
+        return (y + big) - big;
+    }
     const float inv = y < 2.0f ? 2.0f : (y < 4.0f ? 1.0f : 0.5f);
     const float r = y * inv;
-    float q;
-    if (sr) {
-        const float f = floorf(r);
-        q = f + (float)(u < r - f);
-    } else {
-        q = rhe(r);
-    }
-    return q * step;
+    const float f = floorf(r);
+    return (f + (float)(u < r - f)) * step;
 }
 
 /* The block formats of lowprec.fp4, vectorized along the tensor's contiguous axis. Blocks along the
