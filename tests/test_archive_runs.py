@@ -1,15 +1,13 @@
 """scripts/archive_runs.py: a table's run index saved as text and loaded back, nothing lost."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 from lowprec import runs
+from script_utils import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("archive_runs", ROOT / "scripts" / "archive_runs.py")
-A = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(A)
+A = load_script("archive_runs")
 
 
 def _summary(run_dir: str, seed: int, loss: float) -> dict:

@@ -1,7 +1,6 @@
 """scripts/bench_step.py --quick: every path (each grad recipe on both workloads, each estimator, our
 implementations and the public algorithms' renditions) runs; nothing is asserted about times."""
 
-import importlib.util
 import math
 import random
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from lowprec.recipes import GRAD_NAMES
+from script_utils import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,15 +60,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error:")
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_step", ROOT / "scripts" / "bench_step.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_ratio_interval_is_the_order_statistics_of_the_pair_ratios():
-    b = _bench()
+    b = load_script("bench_step")
     tb = [1.0] * 20
     ratio, lo, hi = b.ratio_ci(tb, [1 + i / 100 for i in range(20)][::-1])  # pair order is irrelevant
     assert (ratio, lo, hi) == pytest.approx((1.095, 1.05, 1.14))  # r_(6), r_(15) of 20
@@ -81,7 +74,7 @@ def test_ratio_interval_is_the_order_statistics_of_the_pair_ratios():
 def test_ratio_interval_covers_the_true_median_at_its_level():
     """Pair ratios from a skewed distribution with a known median (log-normal around 1.25): over 2000
     benches of 20 pairs the interval holds 1.25 about 95.9% of the time (±1.3% at 3 s.e.)."""
-    b = _bench()
+    b = load_script("bench_step")
     rng = random.Random(0)
     hits = 0
     for _ in range(2000):

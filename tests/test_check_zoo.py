@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from lowprec.zoo import check_model, weight_gemm_flops
+from script_utils import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class Net(nn.Module):
@@ -91,9 +89,7 @@ def test_nothing_convertible_is_a_zero_row():
 
 @pytest.mark.slow
 def test_quick_cli(tmp_path):
-    spec = importlib.util.spec_from_file_location("check_zoo", ROOT / "scripts" / "check_zoo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("check_zoo")
     out = tmp_path / "z.md"
     assert mod.main(["--quick", "--out", str(out)]) == 0
     text = out.read_text()

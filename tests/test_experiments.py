@@ -7,7 +7,6 @@ model specs, trainer/optim/sched configs) through lowprec.train.experiment_from_
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 
 from lowprec import tables as X
 from lowprec.config import register_resolvers
+from script_utils import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,14 +31,6 @@ def _compose(name):
     with initialize_config_dir(config_dir=str(X.CONF), version_base="1.3"):
         return compose(config_name="config", overrides=[f"experiment={name}"],
                        return_hydra_config=True)
-
-
-def _script(name):
-    """scripts/<name>.py as a module (scripts are CLIs, not a package)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_there_are_experiments():
@@ -138,7 +130,7 @@ def test_small_tables_share_the_fp32_row():
 
 
 def test_reproduce_dry_run_prints_the_multirun_command(capsys):
-    reproduce = _script("reproduce")
+    reproduce = load_script("reproduce")
 
     assert reproduce.main(["mvue_table", "--scale", "small", "--seeds", "0,1", "--dry-run"]) == 0
     out = capsys.readouterr().out.strip()
@@ -152,7 +144,7 @@ def test_reproduce_dry_run_prints_the_multirun_command(capsys):
 
 
 def test_reproduce_rows_runs_a_subset_and_refuses_unknown_rows(capsys):
-    reproduce = _script("reproduce")
+    reproduce = load_script("reproduce")
     assert reproduce.main(["mvue_table", "--seeds", "0", "--rows", "mvue24,fp32", "--dry-run"]) == 0
     out = capsys.readouterr().out.strip()
     assert out == "python run.py -m trainer.seed=0 experiment=small/mvue_table/mvue24,small/mvue_table/fp32"
@@ -161,7 +153,7 @@ def test_reproduce_rows_runs_a_subset_and_refuses_unknown_rows(capsys):
 
 
 def test_reproduce_skip_done_runs_only_the_missing_row_seed_pairs(tmp_path, monkeypatch, capsys):
-    reproduce = _script("reproduce")
+    reproduce = load_script("reproduce")
     done = {"fp32": (0,), "mvue24": (0,), "mse24": (0, 1)}
     index = [_fake_run(tmp_path, X.compose_row(f"small/mvue_table/{r}"), s, 80.0, 80.0)
              for r, seeds in done.items() for s in seeds]
@@ -181,7 +173,7 @@ def test_reproduce_skip_done_runs_only_the_missing_row_seed_pairs(tmp_path, monk
 def test_reproduce_records_every_command_it_launches(tmp_path, monkeypatch, capsys):
     """The launch record (make_tables' provenance) names the one multirun it ran, or, with several
     commands (--jobs, or --skip-done groups), the reproduce.py call and every command."""
-    reproduce = _script("reproduce")
+    reproduce = load_script("reproduce")
     recs = []
     monkeypatch.setattr(reproduce, "log_launch", lambda root, rec: recs.append(rec))
     monkeypatch.setattr(reproduce, "_run_parallel", lambda phases, env, root, table: 0)
@@ -217,7 +209,7 @@ def _fake_run(tmp_path, spec, seed, top1, base_top1):
 
 
 def test_make_tables_on_a_synthetic_index(tmp_path):
-    make_tables = _script("make_tables")
+    make_tables = load_script("make_tables")
     from lowprec import runs
 
     idx = tmp_path / "runs.sqlite"

@@ -20,6 +20,7 @@ import forkrun
 from lowprec import config, runs
 from lowprec import tables as X
 from lowprec import train as T
+from script_utils import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "tests" / "data" / "sample.txt"
@@ -178,11 +179,7 @@ def _fake_lm_run(tmp_path, spec, seed, val_loss, base):
 
 
 def test_make_tables_on_lm_summaries(tmp_path):
-    import importlib.util
-
-    spec_ = importlib.util.spec_from_file_location("make_tables", ROOT / "scripts" / "make_tables.py")
-    make_tables = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(make_tables)
+    make_tables = load_script("make_tables")
     idx = tmp_path / "runs.sqlite"
     # per-seed val loss: fp32 1.50/1.52/1.54; fp4_rdn clearly worse; luq4 worse by 0.01 exactly
     loss = {"fp32": 0.0, "luq4": 0.01, "fp4_rdn": 0.5, "mvue24": 0.0, "mse24": 0.2,

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from lowprec import scaling as S
+from script_utils import load_script
 
 LAW = S.Law(A=40.0, alpha=0.45, B=60.0, beta=0.35, E=1.3)
 SIZES = (14.5e3, 25.5e3, 56.6e3, 100e3)
@@ -71,16 +72,10 @@ def test_grid_files_follow_the_rules_and_compose_to_their_n_and_d():
     """The committed conf/experiment/small/scaling/ rows are what scripts/make_scaling_grid.py
     writes (no hand edits), and a composed row's identity gives back its N and D (the table reads
     N and D from the composed row, not from the name)."""
-    import importlib.util
-    from pathlib import Path
-
     from lowprec import scaling_table as ST
     from lowprec import tables as X
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("grid", root / "scripts" / "make_scaling_grid.py")
-    grid = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(grid)
+    grid = load_script("make_scaling_grid")
     assert grid.main(["--check"]) == 0
     assert len(X.rows("small", "scaling")) == len(grid.RECIPES) * len(grid.WIDTHS) * len(grid.TPP)
     for name, width, tpp in (("fwdnv_nvfp4_sr_c48_t200", 48, 200), ("fp32_c16_t25", 16, 25)):
@@ -136,13 +131,7 @@ def test_reproduce_deals_rows_by_cost_and_keeps_round_robin_for_equal_rows():
     """--jobs: rows of unequal cost (the scaling grid) go longest first to the least-loaded
     process, so two processes end within one row's cost of each other; rows of equal cost are
     dealt round-robin in their order (the LM tables' launches unchanged)."""
-    import importlib.util
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("reproduce", root / "scripts" / "reproduce.py")
-    rp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rp)
+    rp = load_script("reproduce")
     rows = [f"r{i}" for i in range(7)]
     assert rp.deal(rows, dict.fromkeys(rows, 1.0), 2) == [rows[0::2], rows[1::2]]
     w = {"a": 8.0, "b": 4.0, "c": 2.0, "d": 1.0, "e": 1.0}

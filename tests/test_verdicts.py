@@ -14,6 +14,7 @@ from scipy import stats
 
 from lowprec import tables as X
 from lowprec import verdicts as V
+from script_utils import load_script
 
 
 def test_paired_matches_scipy_ttest_rel():
@@ -174,15 +175,9 @@ def test_make_tables_renders_an_lm_table_with_paired_verdicts(tmp_path):
     """make_tables on a synthetic LM index (lm_fwd4_table, 5 seeds, one row with 3): the Δ column
     has a 95% CI, the FNT row is measured against its matched-length fp32 run, and every claim
     line carries the pairs, p, the Holm-adjusted p and the family size."""
-    import importlib.util
-    from pathlib import Path
-
     from lowprec import runs
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("mt", root / "scripts" / "make_tables.py")
-    mt = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mt)
+    mt = load_script("make_tables")
     idx = tmp_path / "runs.sqlite"
     vals = {"fp32": 2.44, "fwd4_fp32": 2.46, "fwd4_luq4": 2.48, "fwd4_luq4_smp2": 2.475,
             "fwd4_fp4_rdn": 2.52, "fwd4_luq4_fnt100": 2.42}
