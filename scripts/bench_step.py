@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import statistics
 import subprocess
@@ -175,7 +176,7 @@ def ratio_ci(tb: list[float], tr: list[float], level: float = 0.95) -> tuple[flo
 def verdict(lo: float, ratio: float, hi: float, target: float) -> str:
     """'met' (the interval's upper end within the target), 'MISSED' (its lower end above), else
     'undecided'; by the point estimate alone when there is no interval (--quick)."""
-    if hi != hi:  # nan: too few pairs
+    if math.isnan(hi):  # too few pairs
         return "met" if ratio <= target else "MISSED"
     return "met" if hi <= target else "MISSED" if lo > target else "undecided"
 
@@ -341,7 +342,7 @@ def ratio_rows(wl: str, recipes, modes, steps: int, warmup: int, quick: bool, de
                             acc.append(time.perf_counter() - t)
                     mb, mr = statistics.median(tb), statistics.median(tr)
                     ratio, lo, hi = ratio_ci(tb, tr)
-                    ci = f"[{lo:.2f}, {hi:.2f}]" if hi == hi else "—"
+                    ci = "—" if math.isnan(hi) else f"[{lo:.2f}, {hi:.2f}]"
                     warm = f"{first - mr:.2f} s" if mode == "native" else ""
                     rows.append(f"| {r} | {mode} | {mb * 1e3:.1f} ms | {mr * 1e3:.1f} ms | {ratio:.2f}x | {ci} | "
                                 f"{TARGETS.get(r, '')}{'x' if r in TARGETS else ''} | {warm} |")

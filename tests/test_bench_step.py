@@ -72,14 +72,19 @@ def test_ratio_interval_is_the_order_statistics_of_the_pair_ratios():
 
 
 def test_ratio_interval_covers_the_true_median_at_its_level():
-    """Pair ratios from a skewed distribution with a known median (log-normal around 1.25): over 2000
-    benches of 20 pairs the interval holds 1.25 about 95.9% of the time (±1.3% at 3 s.e.)."""
+    """Pair ratios from a skewed distribution with a known median (log-normal around 1.25): over R
+    benches of 20 pairs the interval holds 1.25 with the exact coverage of [r_(6), r_(15)],
+    1 − 2·P(Binomial(20, 1/2) ≤ 5) = 95.9%, within 4 standard errors of a binomial proportion
+    (r_(5)..r_(16) would cover 98.8%, r_(7)..r_(14) 88.5%: both far outside)."""
+    from scipy.stats import binom
+
     b = load_script("bench_step")
     rng = random.Random(0)
-    hits = 0
-    for _ in range(2000):
+    reps, hits = 2000, 0
+    for _ in range(reps):
         tb = [rng.uniform(0.1, 0.2) for _ in range(20)]
         tr = [a * 1.25 * math.exp(rng.gauss(0, 0.1)) for a in tb]
         _, lo, hi = b.ratio_ci(tb, tr)
         hits += lo <= 1.25 <= hi
-    assert abs(hits / 2000 - 0.9586) < 0.013, hits
+    cover = 1 - 2 * binom.cdf(5, 20, 0.5)
+    assert abs(hits / reps - cover) < 4 * math.sqrt(cover * (1 - cover) / reps), (hits, cover)
