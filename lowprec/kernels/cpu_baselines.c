@@ -54,8 +54,9 @@ static inline float intsr_elem(float x, float u, float s, float qmax) {
                     op[i] = EXPR;                                                                           \
                 }                                                                                           \
             } else if (s2 == 1 && STOCH && !u) { /* uniform index affine in i: the hash vectorizes */     \
+                const uint64_t z0 = hash_z0(key, ub), zs = hash_zs((uint64_t)t2);                           \
                 for (int64_t i = 0; i < n2; i++) {                                                          \
-                    const float xv = xp[i], uv = hash_u(key, ub + (uint64_t)(i * t2));                     \
+                    const float xv = xp[i], uv = hash_mix(z0 + (uint64_t)i * zs);                           \
                     op[i] = EXPR;                                                                           \
                 }                                                                                           \
             } else {                                                                                        \

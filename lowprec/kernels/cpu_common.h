@@ -24,15 +24,20 @@
 
 #define GOLDEN 0x9E3779B97F4A7C15ULL
 
-static inline uint64_t mix64(uint64_t z) {
+/* U from the hash's input z = key + (i + 1)·GOLDEN: the top 24 bits of splitmix64's finalizer without
+ * its last xor-shift
+ * ((z ^ z >> 31) >> 40 = z >> 40: z >> 71 is 0), converted as a signed 32-bit integer (cheaper than
+ * from 64 bits; the value < 2^24 is the same). A loop over an affine index k0 + i·ks passes
+ * z = Z0 + i·ZS (`hash_z0`, `hash_zs`: the same sum mod 2^64), which the compiler strength-reduces
+ * to one vector addition per step instead of a 64-bit multiply. */
+static inline float hash_mix(uint64_t z) {
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    return z ^ (z >> 31);
+    return (float)(int32_t)(uint32_t)(z >> 40) * 0x1p-24f;
 }
-
-static inline float hash_u(uint64_t key, uint64_t i) {
-    return (float)(mix64(key + (i + 1) * GOLDEN) >> 40) * 0x1p-24f;
-}
+static inline uint64_t hash_z0(uint64_t key, uint64_t k0) { return key + (k0 + 1) * GOLDEN; }
+static inline uint64_t hash_zs(uint64_t ks) { return ks * GOLDEN; }
+static inline float hash_u(uint64_t key, uint64_t i) { return hash_mix(hash_z0(key, i)); }
 
 static inline float bits_f(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
 static inline uint32_t f_bits(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }

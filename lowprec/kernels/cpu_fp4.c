@@ -102,8 +102,10 @@ __attribute__((always_inline)) static inline int fp4_group(const float* restrict
     for (int g = 0; g < G; g++) fp4_params(mb[g], s_enc, s_dec, c2, &p0[g], &p1[g], &p2[g], FMT, SR);
     if (SR && u)
         for (int i = 0; i < G * SIZE; i++) ub[i] = u[k0 + i * ks];
-    else if (SR)
-        for (int i = 0; i < G * SIZE; i++) ub[i] = hash_u(key, (uint64_t)(k0 + i * ks));
+    else if (SR) {
+        const uint64_t z0 = hash_z0(key, (uint64_t)k0), zs = hash_zs((uint64_t)ks);
+        for (int i = 0; i < G * SIZE; i++) ub[i] = hash_mix(z0 + (uint64_t)i * zs);
+    }
     for (int g = 0; g < G; g++)
         for (int j = 0; j < SIZE; j++)
             out[g * SIZE + j] = fp4_elem(x[g * SIZE + j], SR ? ub[g * SIZE + j] : 0.0f, p0[g], p1[g], p2[g], s_dec,
@@ -126,9 +128,14 @@ __attribute__((always_inline)) static inline int fp4_block_row(const float* x, f
     for (int64_t o = o0; o < o0 + no; o++) {
         const int64_t base = o * length + l0;
         float ub[32];
-        for (int64_t l = 0; l < nl; l++) {
-            const int64_t k = o * us[0] + (l0 + l) * us[1];
-            ub[l] = !SR ? 0.0f : u ? u[k] : hash_u(key, (uint64_t)k);
+        const int64_t k0 = o * us[0] + l0 * us[1];
+        if (SR && u) {
+            for (int64_t l = 0; l < nl; l++) ub[l] = u[k0 + l * us[1]];
+        } else if (SR) {
+            const uint64_t z0 = hash_z0(key, (uint64_t)k0), zs = hash_zs((uint64_t)us[1]);
+            for (int64_t l = 0; l < nl; l++) ub[l] = hash_mix(z0 + (uint64_t)l * zs);
+        } else {
+            for (int64_t l = 0; l < nl; l++) ub[l] = 0.0f;
         }
         for (int64_t l = 0; l < nl; l++) out[base + l] = fp4_elem(x[base + l], ub[l], p0, p1, p2, s_dec, FMT, SR);
     }
@@ -154,9 +161,14 @@ __attribute__((always_inline)) static inline int fp4_block_cols(const float* x, 
     for (int64_t i = 0; i < ni; i++) fp4_params(mb[i], s_enc, s_dec, c2, &p0[i], &p1[i], &p2[i], FMT, SR);
     for (int64_t l = l0; l < l0 + nl; l++) {
         const int64_t base = (o * length + l) * inner + i0;
-        for (int64_t i = 0; i < ni; i++) {
-            const int64_t k = o * us[0] + l * us[1] + (i0 + i) * us[2];
-            ub[i] = !SR ? 0.0f : u ? u[k] : hash_u(key, (uint64_t)k);
+        const int64_t k0 = o * us[0] + l * us[1] + i0 * us[2];
+        if (SR && u) {
+            for (int64_t i = 0; i < ni; i++) ub[i] = u[k0 + i * us[2]];
+        } else if (SR) {
+            const uint64_t z0 = hash_z0(key, (uint64_t)k0), zs = hash_zs((uint64_t)us[2]);
+            for (int64_t i = 0; i < ni; i++) ub[i] = hash_mix(z0 + (uint64_t)i * zs);
+        } else {
+            for (int64_t i = 0; i < ni; i++) ub[i] = 0.0f;
         }
         for (int64_t i = 0; i < ni; i++)
             out[base + i] = fp4_elem(x[base + i], ub[i], p0[i], p1[i], p2[i], s_dec, FMT, SR);

@@ -28,8 +28,8 @@ void lp_luq_f32(const float* x, float* out, const float* u, uint64_t key, const 
                 for (int64_t i = 0; i < n2; i++) op[i] = luq_elem(xp[i], up[i], m, alpha);
             } else if (s2 == 1 && !u) { /* contiguous in memory, uniform index affine in i (a transposed
                                            Linear δ: t2 = tokens): the hash vectorizes too */
-                for (int64_t i = 0; i < n2; i++)
-                    op[i] = luq_elem(xp[i], hash_u(key, ub + (uint64_t)(i * t2)), m, alpha);
+                const uint64_t z0 = hash_z0(key, ub), zs = hash_zs((uint64_t)t2);
+                for (int64_t i = 0; i < n2; i++) op[i] = luq_elem(xp[i], hash_mix(z0 + (uint64_t)i * zs), m, alpha);
             } else {
                 for (int64_t i = 0; i < n2; i++) {
                     const uint64_t k = ub + (uint64_t)(i * t2);
