@@ -1,6 +1,7 @@
 """The block FP4 C twins' fast paths (lowprec/kernels/cpu_fp4.c): blocks along a row G at a time
-(their maxima and scales with the blocks in the vector lanes), short rows folded into one long row
-when the uniform index runs on, and each block's own NaN/Inf test (MXFP4 and block LUQ read x once).
+(their maxima and scales with the blocks in the vector lanes), rows of whole blocks read back to back
+across row ends (each block's uniform index from its row and column: a Linear δ's token view, blocks
+along C_out), and each block's own NaN/Inf test (MXFP4 and block LUQ read x once).
 Bit for bit equal to lowprec.fp4 given the twins' uniforms and to the torch cores, with partial groups
 and tail blocks, in transposed layouts, at extreme scales, for fp32/bf16/fp16; a NaN/Inf anywhere
 raises or gives zeros as the reference does; the thread count changes nothing."""
@@ -85,9 +86,10 @@ def test_fp4_nonfinite_anywhere_raises_or_zeros(case):
     block that reads it reports it (MXFP4 and block LUQ have no separate max pass)."""
     twin, ref, _ = FP4[case]
     for shape, d, where in [((3, 700), -1, (1, 300)), ((3, 700), -1, (2, 699)), ((40, 96), -1, (39, 95)),
-                            ((64, 48), 0, (40, 7)), ((4, 600, 3), 1, (3, 599, 2)), ((16, 512), -1, (0, 0))]:
+                            ((64, 48), 0, (40, 7)), ((4, 600, 3), 1, (3, 599, 2)), ((16, 512), -1, (0, 0)),
+                            ("t", 0, (70, 33)), ("t", 0, (95, 39))]:  # transposed: groups across row ends
         for bad in (float("nan"), float("inf"), -float("inf")):
-            x = grad_like(shape, 8)
+            x = grad_like((40, 96), 8).t() if shape == "t" else grad_like(shape, 8)
             x[where] = bad
             with pytest.raises(NonFiniteError):
                 ref(x, d, boundary_uniforms(x.shape))
@@ -102,7 +104,8 @@ def test_fp4_thread_count_does_not_change_results(case):
     twin, _, _ = FP4[case]
     before = torch.get_num_threads()
     try:
-        for x, d in ((grad_like((64, 2048), 10), -1), (grad_like((64, 2048), 11), 0), (grad_like((8, 16384), 12), -1)):
+        for x, d in ((grad_like((64, 2048), 10), -1), (grad_like((64, 2048), 11), 0), (grad_like((8, 16384), 12), -1),
+                     (grad_like((2048, 96), 13).t(), 0)):
             outs = []
             for t in (1, 3):
                 torch.set_num_threads(t)

@@ -18,9 +18,9 @@ static inline float e2m1(float y, float u, int sr) { /* fp4.e2m1_round */
 }
 
 /* The block formats of lowprec.fp4, vectorized along the tensor's contiguous axis. Blocks along the
- * last dim (inner = 1): G blocks of one row at a time, their maxima and scales with the blocks in the
- * lanes, then their elements with a block's elements in the lanes (a short row's blocks, and the
- * tail, one by one). Blocks along an outer dim (inner > 1): the lanes are IC consecutive inner
+ * last dim (inner = 1): G blocks at a time (across row ends when whole blocks fill every row), their
+ * maxima and scales with the blocks in the lanes, then their elements with a block's elements in the
+ * lanes (a row's partial last block, and the tail, one by one). Blocks along an outer dim (inner > 1): the lanes are IC consecutive inner
  * positions, i.e. IC blocks side by side, each with its own scale. Per block: P0, P1, P2 as the
  * format needs them (nvfp4: s_b, d_b = s_b·s_dec; mxfp4: m, 2^-e, 2^e; block LUQ: m, α); then every
  * element is the branch-free `fp4_elem`, the reference's operations in the same order.
@@ -83,12 +83,14 @@ __attribute__((always_inline)) static inline float fp4_elem(float xv, float uv, 
     return copysignf(mag, xv);
 }
 
-/* G full blocks of SIZE at x[0, G·SIZE) of one row (inner = 1); k0, ks: the uniform index of x[0] and
- * its step along the row. Returns 1, writing nothing, when one holds a NaN/Inf. */
+/* G full blocks of SIZE back to back at x[0, G·SIZE) (inner = 1; they may span row ends); kb[g]: the
+ * uniform index of block g's first element, ks: its step along the block (kb NULL: the index runs on
+ * from k0 in steps of ks through all G blocks, one loop). Returns 1, writing nothing, when one holds a
+ * NaN/Inf. */
 __attribute__((always_inline)) static inline int fp4_group(const float* restrict x, float* restrict out,
                                                           const float* restrict u, uint64_t key, int64_t k0,
-                                                          int64_t ks, float s_enc, float s_dec, float c2,
-                                                          const int FMT, const int SR, const int SIZE) {
+                                                          const int64_t* kb, int64_t ks, float s_enc, float s_dec,
+                                                          float c2, const int FMT, const int SR, const int SIZE) {
     uint32_t mb[G], top = 0;
     float p0[G], p1[G], p2[G];
     float ub[G * 32] __attribute__((aligned(64)));
@@ -100,11 +102,20 @@ __attribute__((always_inline)) static inline int fp4_group(const float* restrict
     for (int g = 0; g < G; g++) top = mb[g] > top ? mb[g] : top;
     if (top >= NONFINITE) return 1;
     for (int g = 0; g < G; g++) fp4_params(mb[g], s_enc, s_dec, c2, &p0[g], &p1[g], &p2[g], FMT, SR);
-    if (SR && u)
+    if (SR && u && !kb) {
         for (int i = 0; i < G * SIZE; i++) ub[i] = u[k0 + i * ks];
-    else if (SR) {
+    } else if (SR && u) {
+        for (int g = 0; g < G; g++)
+            for (int j = 0; j < SIZE; j++) ub[g * SIZE + j] = u[kb[g] + j * ks];
+    } else if (SR && !kb) {
         const uint64_t z0 = hash_z0(key, (uint64_t)k0), zs = hash_zs((uint64_t)ks);
         for (int i = 0; i < G * SIZE; i++) ub[i] = hash_mix(z0 + (uint64_t)i * zs);
+    } else if (SR) {
+        const uint64_t zs = hash_zs((uint64_t)ks);
+        for (int g = 0; g < G; g++) {
+            const uint64_t z0 = hash_z0(key, (uint64_t)kb[g]);
+            for (int j = 0; j < SIZE; j++) ub[g * SIZE + j] = hash_mix(z0 + (uint64_t)j * zs);
+        }
     }
     for (int g = 0; g < G; g++)
         for (int j = 0; j < SIZE; j++)
@@ -176,16 +187,51 @@ __attribute__((always_inline)) static inline int fp4_block_cols(const float* x, 
     return 0;
 }
 
-/* One row's work item `gi` (inner = 1, rows = 1): group gi < ng, else the blocks after the groups. */
+/* Work item `gi` of the whole blocks of a [outer, length] matrix (inner = 1, rows = 1, length % size == 0:
+ * no block crosses a row end) read back to back in memory: group gi < ng = its G blocks, else the
+ * blocks after the last group one by one. Block b sits in row o = b / (length/size) at l = (b mod
+ * length/size)·size, its first element's uniform index o·us[0] + l·us[1], so a row short of G blocks
+ * (a Linear's C_out read in δ's own layout) still fills the lanes. */
+__attribute__((always_inline)) static inline int fp4_flat_item(const float* x, float* out, const float* u,
+                                                              uint64_t key, const int64_t* us, int64_t length,
+                                                              int64_t nblocks, int64_t gi, int64_t ng, int size,
+                                                              float s_enc, float s_dec, float c2, const int FMT,
+                                                              const int SR) {
+    const int64_t bpr = length / size;
+    if (gi < ng) {
+        int64_t kb[G], o = gi * G / bpr, r = gi * G - o * bpr; /* block gi·G: row o, r-th block of it */
+        /* one affine run: the G blocks inside one row, or rows back to back in the uniform index too */
+        const int run = r + G <= bpr || us[0] == length * us[1];
+        for (int g = 0; g < G; g++) {
+            kb[g] = o * us[0] + r * size * us[1];
+            if (++r == bpr) r = 0, o++;
+        }
+        const int64_t off = gi * G * size;
+        const int64_t* k = run ? 0 : kb;
+        if (size == 16) return fp4_group(x + off, out + off, u, key, kb[0], k, us[1], s_enc, s_dec, c2, FMT, SR, 16);
+        return fp4_group(x + off, out + off, u, key, kb[0], k, us[1], s_enc, s_dec, c2, FMT, SR, 32);
+    }
+    int bad = 0;
+    for (int64_t b = ng * G; b < nblocks; b++) {
+        const int64_t o = b / bpr;
+        bad |= fp4_block_row(x, out, u, key, us, length, o, 1, (b - o * bpr) * size, size, s_enc, s_dec, c2, FMT,
+                             SR);
+    }
+    return bad;
+}
+
+/* One row's work item `gi` (inner = 1, rows = 1, length % size != 0): group gi < ng, else the blocks
+ * after the groups (the last one partial). */
 __attribute__((always_inline)) static inline int fp4_row_item(const float* x, float* out, const float* u,
                                                              uint64_t key, const int64_t* us, int64_t length,
                                                              int64_t o, int64_t gi, int64_t ng, int size,
                                                              float s_enc, float s_dec, float c2, const int FMT,
                                                              const int SR) {
     if (gi < ng) {
-        const int64_t l0 = gi * G * size, off = o * length + l0, k0 = o * us[0] + l0 * us[1];
-        if (size == 16) return fp4_group(x + off, out + off, u, key, k0, us[1], s_enc, s_dec, c2, FMT, SR, 16);
-        return fp4_group(x + off, out + off, u, key, k0, us[1], s_enc, s_dec, c2, FMT, SR, 32);
+        const int64_t l0 = gi * G * size, off = o * length + l0;
+        const int64_t k0 = o * us[0] + l0 * us[1];
+        if (size == 16) return fp4_group(x + off, out + off, u, key, k0, 0, us[1], s_enc, s_dec, c2, FMT, SR, 16);
+        return fp4_group(x + off, out + off, u, key, k0, 0, us[1], s_enc, s_dec, c2, FMT, SR, 32);
     }
     int bad = 0;
     for (int64_t l0 = ng * G * size; l0 < length; l0 += size)
@@ -200,6 +246,14 @@ __attribute__((always_inline)) static inline int fp4_row_item(const float* x, fl
                     int nthreads) {                                                                          \
         const int par = nthreads > 1 && outer * length * inner >= 65536;                                     \
         int bad = 0;                                                                                         \
+        if (inner == 1 && rows == 1 && length % size == 0) {                                                 \
+            const int64_t nblocks = outer * (length / size);                                                 \
+            const int64_t ng = size == 16 || size == 32 ? nblocks / G : 0;                                   \
+            _Pragma("omp parallel for num_threads(nthreads) if (par) reduction(|:bad)")                      \
+            for (int64_t gi = 0; gi <= ng; gi++)                                                             \
+                bad |= fp4_flat_item(x, out, u, key, us, length, nblocks, gi, ng, size, s_enc, s_dec, c2, FMT, SR); \
+            return bad;                                                                                      \
+        }                                                                                                    \
         if (inner == 1 && rows == 1) {                                                                       \
             const int64_t ng = size == 16 || size == 32 ? length / (G * size) : 0;                           \
             _Pragma("omp parallel for collapse(2) num_threads(nthreads) if (par) reduction(|:bad)")           \
@@ -251,10 +305,6 @@ int lp_fp4_f32(const float* x, float* out, const float* u, uint64_t key, const i
         s_enc = 2688.0f / bits_f(mb); /* 6 * 448 over the tensor max (nvfp4) */
         s_enc = s_enc > 0x1.fffffep127f ? 0x1.fffffep127f : s_enc;
         s_dec = 1.0f / s_enc;
-    }
-    if (inner == 1 && rows == 1 && length % size == 0 && us[0] == length * us[1]) {
-        length *= outer; /* rows back to back, the uniform index running on: one long row (short rows fill groups) */
-        outer = 1;
     }
     const float c2 = pow2f(-lm1);
 #define FP4_ARGS x, out, u, key, us, outer, length, inner, size, rows, c2, s_enc, s_dec, nthreads
