@@ -1,8 +1,9 @@
 """The backward's copy-saving layout path (lowprec.backward._reads_view): a convolution's δ̂_b with blocks
 along C_out is estimated on δ's [C_out, N, H·W] token view and comes back in δ's NCHW order (so
 convolution_backward does not copy it); the numbers, the generator's state and δ̂_u's layout (the bias
-gradient's summation order) are those of the [C_out, tokens] copy. A Linear (C_out innermost in its
-view) and a channels-last map keep the copy."""
+gradient's summation order) are those of the [C_out, tokens] copy. A Linear's block estimates read
+its transposed view in both slots: the same numbers, δ̂ in δ's own [tokens, C_out] order. A
+channels-last map keeps the copy."""
 
 import copy
 
@@ -58,15 +59,29 @@ def test_conv_backward_estimate_reads_the_view(name, hw):
 
 
 @pytest.mark.parametrize("name", BLOCK)
-def test_linear_and_channels_last_keep_the_copy(name):
-    for G, delta in (_linear_gemms(), _conv_gemms(channels_last=True)):
-        d_b, d_u, _ = _route(name, G, delta)
-        torch.manual_seed(0)
-        g = grad_recipe(name)
-        ref_b = G.from2d(g.backward(G.to2d(delta), state={}))
-        ref_u = G.from2d(g.update(G.to2d(delta), state={}))
-        assert torch.equal(d_b, ref_b) and d_b.stride() == ref_b.stride()
-        assert torch.equal(d_u, ref_u) and d_u.stride() == ref_u.stride()
+@pytest.mark.parametrize("tokens", [(4, 16), (3, 7)])  # 64 tokens; 21: partial blocks along tokens
+def test_linear_reads_its_view_in_both_slots(name, tokens):
+    G, delta = _linear_gemms(tokens)
+    d_b, d_u, after = _route(name, G, delta)
+    torch.manual_seed(0)
+    g = grad_recipe(name)
+    ref_b = G.from2d(g.backward(G.to2d(delta), state={}))
+    ref_u = G.from2d(g.update(G.to2d(delta), state={}))
+    assert torch.equal(d_b, ref_b) and torch.equal(d_u, ref_u) and torch.equal(after, torch.rand(4))
+    assert d_b.is_contiguous() and d_u.is_contiguous()  # δ's [..., C_out] order, not the copy's transpose
+    assert not ref_b.is_contiguous()
+
+
+@pytest.mark.parametrize("name", BLOCK)
+def test_channels_last_keeps_the_copy(name):
+    G, delta = _conv_gemms(channels_last=True)
+    d_b, d_u, _ = _route(name, G, delta)
+    torch.manual_seed(0)
+    g = grad_recipe(name)
+    ref_b = G.from2d(g.backward(G.to2d(delta), state={}))
+    ref_u = G.from2d(g.update(G.to2d(delta), state={}))
+    assert torch.equal(d_b, ref_b) and d_b.stride() == ref_b.stride()
+    assert torch.equal(d_u, ref_u) and d_u.stride() == ref_u.stride()
 
 
 def test_conv_without_update_gemm_makes_no_copy():
