@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from .adapt import Controller
+from .allocator import info as allocator_info, keep_freed_memory
 from ._common import NonFiniteError
 from .checkpoint import (Progress, kill_point, load_checkpoint, rng_state,
                          save_checkpoint, seed_everything, set_rng_state, weights_hash)
@@ -153,6 +154,7 @@ def _results(exp: Experiment, r: "_Run", prog: Progress, d: Dist, ran: float) ->
               "world_size": d.world, "device": str(d.device),
               "converted_layers": r.report.num_converted,
               "estimator_backend": backend_info(d.device),  # C twins, torch cores, Triton, reference
+              "allocator": allocator_info(),  # glibc keeping freed memory (lowprec.allocator) or not
               **r.adapt.summary()}
     result["status"], result["status_reason"] = run_status(
         prog.skipped, prog.step, t.max_skip_frac, prog.last.get("val_loss"),
@@ -210,6 +212,7 @@ def _set_up(exp: Experiment, datasets, d: Dist, built: Built | None = None) -> _
     t, dev = exp.trainer, d.device
     if t.threads:
         torch.set_num_threads(t.threads)
+    keep_freed_memory()  # steps reuse freed memory instead of faulting it in again (lowprec.allocator)
     if dev.type == "cuda":
         torch.backends.cudnn.deterministic = t.deterministic
         torch.backends.cudnn.benchmark = not t.deterministic

@@ -10,7 +10,9 @@ machine's slow drift cancels), with a distribution-free 95% interval for that me
 statistics of the pair ratios: [r_(k), r_(n+1-k)] with k the largest for which
 P(Binomial(n, 1/2) < k) <= 2.5%; n = 20 pairs: [r_(6), r_(15)], 95.9% coverage). A recipe meets
 its target when the interval's upper end is within it, misses it when the lower end is above it, and
-is undecided when the interval holds the target. The estimators' CPU path is the automatic one (the CPU twins,
+is undecided when the interval holds the target. Both models step under the allocator setting the trainer
+uses (:mod:`lowprec.allocator`: glibc keeps freed memory instead of faulting it in again every step;
+``LOWPREC_MALLOC=default`` measures under glibc's defaults). The estimators' CPU path is the automatic one (the CPU twins,
 :mod:`lowprec.kernels.cpu`, as C: :mod:`lowprec.kernels.native`); ``--modes`` adds the twins' torch
 cores (``LOWPREC_CPU_NATIVE=0``: what runs without a C compiler) and the readable references
 (``LOWPREC_BACKEND=reference``, what issue 9 measured) for the main recipes. The first native step's
@@ -48,6 +50,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lowprec import allocator
 from lowprec.convert import convert
 from lowprec.data import DataSpec, build_datasets
 from lowprec.kernels import cpu as cpu_twins
@@ -442,6 +445,7 @@ def main(argv=None) -> int:
         print("error: --device cuda: no CUDA device visible", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
+    alloc = allocator.keep_freed_memory()  # as the trainer does; LOWPREC_MALLOC=default: glibc's own
     modes = args.modes.split(",")
     if set(modes) - {"native", "torch", "reference"}:
         p.error(f"--modes: unknown {sorted(set(modes) - {'native', 'torch', 'reference'})}")
@@ -453,8 +457,11 @@ def main(argv=None) -> int:
     cmd = "python scripts/bench_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
     gpu = [f"- device: {torch.cuda.get_device_name()} (bf16 autocast; estimators on the Triton kernels)"] \
         if args.device == "cuda" else [f"- CPU path: {native.status()} unless the row says otherwise"]
+    how = ("glibc keeping freed memory (lowprec.allocator, as the trainer sets it)" if alloc["malloc"] == "keep"
+           else f"the default ({alloc['why']})")
+    mem = [f"- allocator: {how}; fp32 and recipe steps alike"]
     head = [f"# {'GPU' if args.device == 'cuda' else 'CPU'} estimator overhead (issue 9)", "",
-            f"Command: `{cmd.strip()}`", "", *machine(), *gpu, ""]
+            f"Command: `{cmd.strip()}`", "", *machine(), *gpu, *mem, ""]
     print("\n".join(head), flush=True)
     t0 = time.time()
     body = ["## Step time, recipe over plain fp32 (median ratio of alternating step pairs, 95% CI)", ""]

@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("convert",),
     ("data", "models", "chargpt", "hf_models", "model_defaults", "zoo", "tasks", "squad", "translation", "mlm", "task_loop", "text_data", "runs", "logging", "config", "distributed", "checkpoint", "provenance",
      "summary", "adapt", "noise_full", "optim", "evaluation", "budget",
-     "preflight"),
+     "preflight", "allocator"),
     ("tables", "train", "table_md", "adapt_table", "scaling_table", "dry_run"),
     ("prepare",),  # run preparation: config -> baseline -> train -> record (run.py's body)
 ]

@@ -21,7 +21,7 @@ import torch
 from hydra import compose
 
 import forkrun
-from lowprec import config, prepare, runs
+from lowprec import allocator, config, prepare, runs
 from lowprec import summary as S
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,6 +283,7 @@ def test_summary_opens_with_headline_run_log_holds_the_log_and_one_final_line(co
     s = json.loads((d / "summary.json").read_text())
     assert s["length"] == "1 epochs" and s["estimator_backend"]["estimators"] in (
         "c", "torch", "reference", "triton")
+    assert s["allocator"] == allocator.info() and s["allocator"]["malloc"] in ("keep", "default")
 
 
 def test_step_budget_is_labelled_in_steps_and_best_vs_final_reported():
