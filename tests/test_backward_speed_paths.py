@@ -44,15 +44,19 @@ def _route(name, G, delta, need_u=True, seed=0):
     return d_b, d_u, torch.rand(4)  # the global generator's state after the draws
 
 
+def _copy_path(name, G, delta):
+    """(δ̂_b, δ̂_u) estimated on fresh [C_out, tokens] copies, seeded as `_route`."""
+    torch.manual_seed(0)
+    g = grad_recipe(name)
+    return G.from2d(g.backward(G.to2d(delta), state={})), G.from2d(g.update(G.to2d(delta), state={}))
+
+
 @pytest.mark.parametrize("name", BLOCK)
 @pytest.mark.parametrize("hw", [(4, 8), (3, 6)])  # H·W = 32: blocks along tokens inside one map; 18: across maps
 def test_conv_backward_estimate_reads_the_view(name, hw):
     G, delta = _conv_gemms(hw=hw)
     d_b, d_u, after = _route(name, G, delta)
-    torch.manual_seed(0)
-    g = grad_recipe(name)
-    ref_b = G.from2d(g.backward(G.to2d(delta), state={}))
-    ref_u = G.from2d(g.update(G.to2d(delta), state={}))
+    ref_b, ref_u = _copy_path(name, G, delta)
     assert torch.equal(d_b, ref_b) and torch.equal(d_u, ref_u) and torch.equal(after, torch.rand(4))
     assert d_b.is_contiguous()  # δ's NCHW order: convolution_backward takes it as it is
     assert d_u.stride() == ref_u.stride()  # the update side keeps the copy's layout
@@ -63,10 +67,7 @@ def test_conv_backward_estimate_reads_the_view(name, hw):
 def test_linear_reads_its_view_in_both_slots(name, tokens):
     G, delta = _linear_gemms(tokens)
     d_b, d_u, after = _route(name, G, delta)
-    torch.manual_seed(0)
-    g = grad_recipe(name)
-    ref_b = G.from2d(g.backward(G.to2d(delta), state={}))
-    ref_u = G.from2d(g.update(G.to2d(delta), state={}))
+    ref_b, ref_u = _copy_path(name, G, delta)
     assert torch.equal(d_b, ref_b) and torch.equal(d_u, ref_u) and torch.equal(after, torch.rand(4))
     assert d_b.is_contiguous() and d_u.is_contiguous()  # δ's [..., C_out] order, not the copy's transpose
     assert not ref_b.is_contiguous()
@@ -76,10 +77,7 @@ def test_linear_reads_its_view_in_both_slots(name, tokens):
 def test_channels_last_keeps_the_copy(name):
     G, delta = _conv_gemms(channels_last=True)
     d_b, d_u, _ = _route(name, G, delta)
-    torch.manual_seed(0)
-    g = grad_recipe(name)
-    ref_b = G.from2d(g.backward(G.to2d(delta), state={}))
-    ref_u = G.from2d(g.update(G.to2d(delta), state={}))
+    ref_b, ref_u = _copy_path(name, G, delta)
     assert torch.equal(d_b, ref_b) and d_b.stride() == ref_b.stride()
     assert torch.equal(d_u, ref_u) and d_u.stride() == ref_u.stride()
 

@@ -83,6 +83,19 @@ __attribute__((always_inline)) static inline float fp4_elem(float xv, float uv, 
     return copysignf(mag, xv);
 }
 
+/* ub[0, n) = the uniforms of indices k0 + i·ks: the given ones (u), or hashed from key (zeros without SR). */
+__attribute__((always_inline)) static inline void fp4_uniforms(float* restrict ub, int64_t n, const float* restrict u,
+                                                              uint64_t key, int64_t k0, int64_t ks, const int SR) {
+    if (SR && u) {
+        for (int64_t i = 0; i < n; i++) ub[i] = u[k0 + i * ks];
+    } else if (SR) {
+        const uint64_t z0 = hash_z0(key, (uint64_t)k0), zs = hash_zs((uint64_t)ks);
+        for (int64_t i = 0; i < n; i++) ub[i] = hash_mix(z0 + (uint64_t)i * zs);
+    } else {
+        for (int64_t i = 0; i < n; i++) ub[i] = 0.0f;
+    }
+}
+
 /* G full blocks of SIZE back to back at x[0, G·SIZE) (inner = 1; they may span row ends); kb[g]: the
  * uniform index of block g's first element, ks: its step along the block (kb NULL: the index runs on
  * from k0 in steps of ks through all G blocks, one loop). Returns 1, writing nothing, when one holds a
@@ -102,15 +115,12 @@ __attribute__((always_inline)) static inline int fp4_group(const float* restrict
     for (int g = 0; g < G; g++) top = mb[g] > top ? mb[g] : top;
     if (top >= NONFINITE) return 1;
     for (int g = 0; g < G; g++) fp4_params(mb[g], s_enc, s_dec, c2, &p0[g], &p1[g], &p2[g], FMT, SR);
-    if (SR && u && !kb) {
-        for (int i = 0; i < G * SIZE; i++) ub[i] = u[k0 + i * ks];
+    if (SR && !kb) {
+        fp4_uniforms(ub, G * SIZE, u, key, k0, ks, SR);
     } else if (SR && u) {
         for (int g = 0; g < G; g++)
             for (int j = 0; j < SIZE; j++) ub[g * SIZE + j] = u[kb[g] + j * ks];
-    } else if (SR && !kb) {
-        const uint64_t z0 = hash_z0(key, (uint64_t)k0), zs = hash_zs((uint64_t)ks);
-        for (int i = 0; i < G * SIZE; i++) ub[i] = hash_mix(z0 + (uint64_t)i * zs);
-    } else if (SR) {
+    } else if (SR) { /* one hash step for all blocks, each block's own start */
         const uint64_t zs = hash_zs((uint64_t)ks);
         for (int g = 0; g < G; g++) {
             const uint64_t z0 = hash_z0(key, (uint64_t)kb[g]);
@@ -139,15 +149,7 @@ __attribute__((always_inline)) static inline int fp4_block_row(const float* x, f
     for (int64_t o = o0; o < o0 + no; o++) {
         const int64_t base = o * length + l0;
         float ub[32];
-        const int64_t k0 = o * us[0] + l0 * us[1];
-        if (SR && u) {
-            for (int64_t l = 0; l < nl; l++) ub[l] = u[k0 + l * us[1]];
-        } else if (SR) {
-            const uint64_t z0 = hash_z0(key, (uint64_t)k0), zs = hash_zs((uint64_t)us[1]);
-            for (int64_t l = 0; l < nl; l++) ub[l] = hash_mix(z0 + (uint64_t)l * zs);
-        } else {
-            for (int64_t l = 0; l < nl; l++) ub[l] = 0.0f;
-        }
+        fp4_uniforms(ub, nl, u, key, o * us[0] + l0 * us[1], us[1], SR);
         for (int64_t l = 0; l < nl; l++) out[base + l] = fp4_elem(x[base + l], ub[l], p0, p1, p2, s_dec, FMT, SR);
     }
     return 0;
@@ -172,15 +174,7 @@ __attribute__((always_inline)) static inline int fp4_block_cols(const float* x, 
     for (int64_t i = 0; i < ni; i++) fp4_params(mb[i], s_enc, s_dec, c2, &p0[i], &p1[i], &p2[i], FMT, SR);
     for (int64_t l = l0; l < l0 + nl; l++) {
         const int64_t base = (o * length + l) * inner + i0;
-        const int64_t k0 = o * us[0] + l * us[1] + i0 * us[2];
-        if (SR && u) {
-            for (int64_t i = 0; i < ni; i++) ub[i] = u[k0 + i * us[2]];
-        } else if (SR) {
-            const uint64_t z0 = hash_z0(key, (uint64_t)k0), zs = hash_zs((uint64_t)us[2]);
-            for (int64_t i = 0; i < ni; i++) ub[i] = hash_mix(z0 + (uint64_t)i * zs);
-        } else {
-            for (int64_t i = 0; i < ni; i++) ub[i] = 0.0f;
-        }
+        fp4_uniforms(ub, ni, u, key, o * us[0] + l * us[1] + i0 * us[2], us[2], SR);
         for (int64_t i = 0; i < ni; i++)
             out[base + i] = fp4_elem(x[base + i], ub[i], p0[i], p1[i], p2[i], s_dec, FMT, SR);
     }
