@@ -328,6 +328,7 @@ def ratio_rows(wl: str, recipes, modes, steps: int, warmup: int, quick: bool, de
             "| recipe | CPU path | fp32 step | recipe step | ratio | 95% CI | target | warm-up |",
             "|---|---|---:|---:|---:|---:|---:|---:|"]
     verdicts: list[str] = []
+    base_medians: list[float] = []  # the fp32 step's median per row: how steady the machine was
     for mode in modes if device == "cpu" else ["auto"]:
         for r in recipes if mode in ("native", "auto") else [r for r in recipes if r in MAIN_RECIPES]:
             with Mode(mode):
@@ -346,6 +347,7 @@ def ratio_rows(wl: str, recipes, modes, steps: int, warmup: int, quick: bool, de
                             fn()
                             acc.append(time.perf_counter() - t)
                     mb, mr = statistics.median(tb), statistics.median(tr)
+                    base_medians.append(mb)
                     ratio, lo, hi = ratio_ci(tb, tr)
                     ci = "—" if math.isnan(hi) else f"[{lo:.2f}, {hi:.2f}]"
                     warm = f"{first - mr:.2f} s" if mode == "native" else ""
@@ -368,6 +370,10 @@ def ratio_rows(wl: str, recipes, modes, steps: int, warmup: int, quick: bool, de
                  + (f"; MISSED: {', '.join(missed)}" if missed else "")
                  + (f"; undecided (the interval holds {TARGET}x): {', '.join(open_)}" if open_ else "")
                  + (f"; not measured (error): {', '.join(unmeasured)}" if unmeasured else "") + "."]
+    if len(base_medians) > 1:  # the same fp32 step every row: its spread is the machine's, not the code's
+        rows += ["", f"The fp32 step's median across the {len(base_medians)} rows: {min(base_medians) * 1e3:.1f}-"
+                     f"{max(base_medians) * 1e3:.1f} ms (the same step each time: a steady machine keeps these "
+                     "within a few per cent)."]
     return rows + [""]
 
 
