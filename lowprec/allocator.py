@@ -25,9 +25,10 @@ import ctypes.util
 import os
 import platform
 
-__all__ = ["ENV", "MMAP_THRESHOLD", "TRIM_THRESHOLD", "keep_freed_memory", "info"]
+__all__ = ["ENV", "MODES", "MMAP_THRESHOLD", "TRIM_THRESHOLD", "mode", "keep_freed_memory", "info"]
 
 ENV = "LOWPREC_MALLOC"
+MODES = ("keep", "default")
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 1 << 30
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
@@ -44,17 +45,23 @@ def _glibc():
         return None
 
 
+def mode() -> str:
+    """``$LOWPREC_MALLOC`` (unset: "keep"); a ValueError naming it otherwise (lowprec.preflight checks
+    it before a run writes anything)."""
+    m = os.environ.get(ENV, "keep").strip() or "keep"
+    if m not in MODES:
+        raise ValueError(f"{ENV}={m!r}: expected one of {', '.join(MODES)}")
+    return m
+
+
 def keep_freed_memory() -> dict:
     """Set glibc's thresholds (module docstring) once per process unless ``LOWPREC_MALLOC=default``;
     returns `info()`."""
     if _state["set"]:
         return info()
-    mode = os.environ.get(ENV, "keep").strip() or "keep"
-    if mode == "default":
+    if mode() == "default":
         _state["why"] = f"{ENV}=default"
         return info()
-    if mode != "keep":
-        raise ValueError(f"{ENV}={mode!r}: expected 'keep' or 'default'")
     libc = _glibc()
     if libc is None:
         _state["why"] = "not glibc"

@@ -115,15 +115,21 @@ def _once(to2d, delta):
     """``to2d`` with its copy of ``delta`` made once: the backward and update estimates (and SMP draws)
     share it, as estimators do not write their input (a Linear's copy is a transposing one, ~5x a
     plain copy; on the char GPT with nvfp4_rtn the two copies per layer took ~0.8x the C format's time),
-    a matrix view copied by the C transposition (`cpu_twins.contiguous`: the same tensor, ~3x faster)."""
+    a matrix view copied by the C transposition (`cpu_twins.contiguous`: the same tensor, ~3x faster);
+    the token view of ``delta`` is made once too."""
     memo = []
 
+    views = []
+
     def f(t, view=False):
-        if view or t is not delta:
+        if t is not delta:
             return to2d(t, view=view)
-        if not memo:
-            v = to2d(t, view=True)  # to2d(t) is this view made contiguous when it is a matrix
-            memo.append(cpu_twins.contiguous(v) if v.dim() == 2 else to2d(t))
+        if not views:  # the token view, asked for by each slot's `_reads_view` and estimate
+            views.append(to2d(t, view=True))
+        if view:
+            return views[0]
+        if not memo:  # to2d(t) is the view made contiguous when it is a matrix
+            memo.append(cpu_twins.contiguous(views[0]) if views[0].dim() == 2 else to2d(t))
         return memo[0]
     return f
 

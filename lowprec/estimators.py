@@ -475,9 +475,9 @@ class SMP:
         if self.samples == 1:
             return first, first
         acc = first.float() if first.dtype in _LOW_PRECISION else first
-        for i in range(self.samples - 1):
+        for _ in range(self.samples - 1):
             d = self.est(x, generator=generator, state=None if snap is None else copy.deepcopy(snap))
-            acc = acc + d if i == 0 and acc is first else acc.add_(d)  # the first sum allocates: no clone pass
+            acc = acc + d if acc is first else acc.add_(d)  # the first sum allocates: no clone pass
         return first, acc.div_(self.samples).to(first.dtype)
 
     def __call__(self, x: Tensor, *, generator=None, state: dict | None = None) -> Tensor:

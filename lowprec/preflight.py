@@ -59,13 +59,14 @@ def check_group_options(argv: list[str], conf: Path = CONF) -> str | None:
 
 def check_env() -> None:
     """The LOWPREC_* settings a run reads later, checked before anything is written."""
-    from . import dispatch
+    from . import allocator, dispatch
     from .kernels import native
 
     b = os.environ.get(dispatch.ENV_VAR)
     if b is not None and b not in dispatch.BACKENDS:
         raise ValueError(f"{dispatch.ENV_VAR}={b!r}: expected one of {', '.join(dispatch.BACKENDS)}")
     native.enabled()  # LOWPREC_CPU_NATIVE: a ValueError naming it when it is not 0 or 1
+    allocator.mode()  # LOWPREC_MALLOC: keep or default
 
 
 def value_of(argv: list[str], key: str) -> str | None:

@@ -52,4 +52,4 @@ def test_kept_memory_is_not_faulted_in_again():
 
 def test_bad_mode_is_an_error_naming_it():
     r = _probe("sometimes")
-    assert r.returncode != 0 and "LOWPREC_MALLOC='sometimes'" in r.stderr
+    assert r.returncode != 0 and "LOWPREC_MALLOC='sometimes': expected one of keep, default" in r.stderr

@@ -287,6 +287,7 @@ BAD = [  # (overrides, what the one line must name)
 BAD_BARE = [  # (environment, overrides without TINY, what the line must name)
     ({"LOWPREC_BACKEND": "bogus"}, [], ["LOWPREC_BACKEND", "bogus"]),
     ({"LOWPREC_CPU_NATIVE": "maybe"}, [], ["LOWPREC_CPU_NATIVE", "maybe"]),
+    ({"LOWPREC_MALLOC": "sometimes"}, [], ["LOWPREC_MALLOC", "sometimes"]),
     ({}, ["model=chargpt", "model.kwargs.block_size=100000", "logger=none"],  # hung
      ["model.kwargs.block_size", "100000"]),
 ]

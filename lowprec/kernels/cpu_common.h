@@ -25,11 +25,10 @@
 #define GOLDEN 0x9E3779B97F4A7C15ULL
 
 /* U from the hash's input z = key + (i + 1)·GOLDEN: the top 24 bits of splitmix64's finalizer without
- * its last xor-shift
- * ((z ^ z >> 31) >> 40 = z >> 40: z >> 71 is 0), converted as a signed 32-bit integer (cheaper than
- * from 64 bits; the value < 2^24 is the same). A loop over an affine index k0 + i·ks passes
- * z = Z0 + i·ZS (`hash_z0`, `hash_zs`: the same sum mod 2^64), which the compiler strength-reduces
- * to one vector addition per step instead of a 64-bit multiply. */
+ * its last xor-shift ((z ^ z >> 31) >> 40 = z >> 40, as z >> 71 is 0), converted from a signed 32-bit
+ * integer (cheaper than from 64 bits; the value < 2^24 is the same). A loop over an affine index
+ * k0 + i·ks passes z = Z0 + i·ZS (`hash_z0`, `hash_zs`: the same sum mod 2^64), which the compiler
+ * strength-reduces to one vector addition per step instead of a 64-bit multiply. */
 static inline float hash_mix(uint64_t z) {
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;

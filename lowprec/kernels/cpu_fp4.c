@@ -20,10 +20,11 @@ static inline float e2m1(float y, float u, int sr) { /* fp4.e2m1_round */
 /* The block formats of lowprec.fp4, vectorized along the tensor's contiguous axis. Blocks along the
  * last dim (inner = 1): G blocks at a time (across row ends when whole blocks fill every row), their
  * maxima and scales with the blocks in the lanes, then their elements with a block's elements in the
- * lanes (a row's partial last block, and the tail, one by one). Blocks along an outer dim (inner > 1): the lanes are IC consecutive inner
- * positions, i.e. IC blocks side by side, each with its own scale. Per block: P0, P1, P2 as the
- * format needs them (nvfp4: s_b, d_b = s_b·s_dec; mxfp4: m, 2^-e, 2^e; block LUQ: m, α); then every
- * element is the branch-free `fp4_elem`, the reference's operations in the same order.
+ * lanes (a row's partial last block, and the tail, one by one). Blocks along an outer dim (inner > 1):
+ * the lanes are IC consecutive inner positions, i.e. IC blocks side by side, each with its own scale.
+ * Per block: P0, P1, P2 as the format needs them (nvfp4: s_b, d_b = s_b·s_dec; mxfp4: m, 2^-e, 2^e;
+ * block LUQ: m, α); then every element is the branch-free `fp4_elem`, the reference's operations in
+ * the same order.
  *
  * A block's max|x| is the max of its magnitude bits (the same number for finite values; a NaN/Inf
  * reads >= 0x7F800000): the NaN/Inf test is that max, so MXFP4 and block LUQ read x in one pass (a

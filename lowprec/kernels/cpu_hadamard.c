@@ -47,8 +47,9 @@ __attribute__((always_inline)) static inline void fwht_cols(const float* x, floa
 
 /* inner = 1 (blocks along the last dim): blocks b0..b0+nk-1 of row o, block k in lane k (a transpose
  * through the buffer), so the butterflies still run across FC lanes; the same operations per element. */
-__attribute__((always_inline)) static inline void fwht_rows(const float* x, float* out, const float* sg, int64_t o, int64_t b0, int64_t nk,
-                             int64_t n_in, int64_t n_out, int n, int inverse, float c) {
+__attribute__((always_inline)) static inline void fwht_rows(const float* x, float* out, const float* sg, int64_t o,
+                                                          int64_t b0, int64_t nk, int64_t n_in, int64_t n_out, int n,
+                                                          int inverse, float c) {
     float v[MAXN][FC];
     for (int64_t k = 0; k < nk; k++) {
         const int64_t base = (b0 + k) * n;
@@ -95,15 +96,11 @@ int lp_fwht_f32(const float* x, float* out, const float* signs, int64_t outer, i
         for (int64_t b = 0; b < nb; b++)
             for (int64_t ic = 0; ic < nic; ic++) {
                 const int64_t i0 = ic * FC, ni = i0 + FC <= inner ? FC : inner - i0;
-                /* the common cases with constant sizes: the butterflies unroll, the lanes fill whole vectors */
-                if (ni == FC && n == 16 && !inverse)
-                    fwht_cols(x, out, signs, o, b, n_in, n_out, inner, i0, FC, 16, 0, c);
-                else if (ni == FC && n == 16)
-                    fwht_cols(x, out, signs, o, b, n_in, n_out, inner, i0, FC, 16, 1, c);
-                else if (ni == FC && n == 32 && !inverse)
-                    fwht_cols(x, out, signs, o, b, n_in, n_out, inner, i0, FC, 32, 0, c);
+                /* the common block sizes over full chunks as constants: the butterflies unroll into whole vectors */
+                if (ni == FC && n == 16)
+                    fwht_cols(x, out, signs, o, b, n_in, n_out, inner, i0, FC, 16, inverse, c);
                 else if (ni == FC && n == 32)
-                    fwht_cols(x, out, signs, o, b, n_in, n_out, inner, i0, FC, 32, 1, c);
+                    fwht_cols(x, out, signs, o, b, n_in, n_out, inner, i0, FC, 32, inverse, c);
                 else
                     fwht_cols(x, out, signs, o, b, n_in, n_out, inner, i0, ni, n, inverse, c);
             }
