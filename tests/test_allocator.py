@@ -1,5 +1,6 @@
 """lowprec.allocator: with freed memory kept, a step that frees and reallocates its tensors faults no
-pages in again (under glibc's defaults the same cycle faults ~4,000 pages each time); LOWPREC_MALLOC
+pages in again (under glibc's defaults a step's large blocks start on fresh mmap'd pages and, as the
+heap's layout allows, go back to the OS at the end of the step, to be faulted in again); LOWPREC_MALLOC
 chooses, a bad value is an error naming it (the summary's record of the setting: test_reliability_resume).
 Each case runs in a fresh interpreter: the setting is process-wide and cannot be undone."""
 
@@ -18,18 +19,28 @@ ROOT = Path(__file__).resolve().parents[1]
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 PROBE = """
-import json, resource, torch
+import ctypes, json, mmap, resource, torch
 from lowprec import allocator
 info = allocator.keep_freed_memory()
-def cycle():  # what a training step does to its activations: 8 x 2 MiB allocated, touched, freed
-    ts = [torch.empty(512 * 1024).fill_(1.0) for _ in range(8)]
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                               "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Mallinfo2
+def minflt():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+cycles = []
+for c in range(13):  # what a training step does to its activations: 8 x 8 MiB allocated, touched, freed
+    mapped, f0 = libc.mallinfo2().hblkhd, minflt()
+    ts = [torch.empty(2 << 20).fill_(1.0) for _ in range(8)]
+    mapped = libc.mallinfo2().hblkhd - mapped
     del ts
-for _ in range(3):
-    cycle()
-f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
-    cycle()
-print(json.dumps({"info": info, "faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 10}))
+    cycles.append({"mapped": mapped, "free_in_heap": libc.mallinfo2().fordblks, "faults": minflt() - f0})
+control = mmap.mmap(-1, 4 << 20)  # 1,024 fresh pages: does this kernel count minor faults at all?
+f0 = minflt()
+for i in range(0, 4 << 20, 4096):
+    control[i] = 1
+print(json.dumps({"info": info, "cycles": cycles, "counted": minflt() - f0}))
 """
 
 
@@ -46,8 +57,15 @@ def test_kept_memory_is_not_faulted_in_again():
     kept, default = (json.loads(_probe(m).stdout) for m in (None, "default"))
     assert kept["info"] == {"malloc": "keep", "mmap_threshold": 32 << 20, "trim_threshold": 1 << 30}
     assert default["info"] == {"malloc": "default", "why": "LOWPREC_MALLOC=default"}
-    assert default["faults"] > 1000  # glibc gave the 16 MiB back and faults it in again, page by page
-    assert kept["faults"] < 50
+    # glibc's defaults serve the first step's 8 MiB blocks from fresh mmap'd pages (its threshold starts at
+    # 128 KiB); where it goes from there depends on the heap's layout. Kept: every block comes from the heap
+    # and its 64 MiB stays there, free, for the next step.
+    assert default["cycles"][0]["mapped"] >= 64 << 20
+    assert all(c["mapped"] == 0 and c["free_in_heap"] >= 64 << 20 for c in kept["cycles"])
+    if kept["counted"] < 1000:
+        pytest.skip("this kernel does not count minor page faults (the heap's record above held)")
+    assert default["cycles"][0]["faults"] > 10_000  # fresh pages, each faulted in on first touch
+    assert max(c["faults"] for c in kept["cycles"][3:]) < 50
 
 
 def test_bad_mode_is_an_error_naming_it():
