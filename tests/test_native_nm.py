@@ -1,5 +1,5 @@
 """The N:M C twins' batch paths (lowprec/kernels/cpu_nm.c): VW blocks per batch read as one vector
-load per block element (blocks side by side), deinterleaved by shuffles (blocks back to back), or
+load per block element (blocks side by side: a row's run of batches in one loop), deinterleaved by shuffles (blocks back to back), or
 gathered; a batch across row ends takes the first two when memory runs on there although the
 uniform index jumps; MSE 2:4 in the same lanes, MSE 1:2 as a row loop when blocks sit side by side.
 Bit for bit equal to lowprec.nm given the twins' uniforms and to the torch cores; a NaN/Inf in any
@@ -17,7 +17,7 @@ from lowprec.nm import nm_noise_shape
 from lowprec.nm import nm_prune as nm_ref
 import kernel_utils
 from kernel_utils import same, torch_core
-from stat_utils import boundary_uniforms
+from stat_utils import U_LAST, boundary_uniforms
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"C twins unavailable: {native.status()}")
 
@@ -86,6 +86,27 @@ def test_nm_nonfinite_in_every_path_raises_or_zeros(n, m, method):
                 z = cpu.nm_prune(y, n, m, method=method, dim=d, generator=torch.Generator().manual_seed(0),
                                  nonfinite="skip")
                 assert torch.equal(z, torch.zeros_like(y)), (name, k, bad)
+
+
+def mvue12_edge_blocks():
+    """MVUE 1:2 blocks at each branch of its closed form (cpu_nm_block.h, mvue12_keep_v): a share rounded to 1
+    (capped), the small entry underflowing to s = 0 while the large one's share rounds to 1 - 2^-24 (kept
+    outright, whatever the uniform), equal entries, subnormals, a zero (passed through), signs mixed."""
+    big = 1.0096 * 2.0 ** 20  # s = 1.0096: s·(1/s) rounds to 1 - 2^-24
+    pairs = [(1.0, 2.0 ** -25), (2.0 ** -25, -1.0), (big, 2.0 ** -131), (-(2.0 ** -131), big), (big, -big),
+             (3.0, 3.0), (1e-40, 3e-41), (0.0, 5.0), (1.0096, 0.3), (1.0, 1e-7)]
+    return torch.tensor(pairs * 4, dtype=torch.float32)  # 40 blocks: two VW-lane batches and a tail
+
+
+def test_mvue12_closed_form_at_its_edges():
+    x = mvue12_edge_blocks()
+    for name, y, d in [("back to back", x.reshape(-1), -1), ("rows of 10 blocks", x.reshape(4, 10, 2), -1),
+                       ("side by side", x.t().contiguous().t(), -1), ("along dim 0", x.t().contiguous(), 0)]:
+        shape = nm_noise_shape(y.shape, 1, 2, "mvue", d)
+        for u in (torch.full(shape, U_LAST), torch.zeros(shape), torch.full(shape, 0.5), boundary_uniforms(shape, 3)):
+            want = nm_ref(y, 1, 2, dim=d, noise=u)
+            assert torch.isfinite(want).all(), name
+            same(cpu.nm_prune(y, 1, 2, dim=d, noise=u), want, name)
 
 
 # ----------------------------------------------------------------------------- N:M then LUQ, fused

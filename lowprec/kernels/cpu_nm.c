@@ -1,340 +1,109 @@
-/* N:M MVUE, approximate MVUE and MSE (lowprec.nm). Conventions: cpu_common.h. */
-#include "cpu_common.h"
+/* N:M MVUE, approximate MVUE and MSE (lowprec.nm): the loops over a tensor's blocks (the math of one block:
+ * cpu_nm_block.h). Conventions: cpu_common.h. */
+#include "cpu_nm_block.h"
 
-#define MAXM 8
-
-/* lowprec.nm._normalize_cols: |x|·2^-E, E = floor(log2 max(max|x|, tiny)) clamped to [-126, 126]. */
-static inline void normalize(const float* a, float* s, int M) {
-    float bmax = a[0];
-    for (int j = 1; j < M; j++) bmax = bmax < a[j] ? a[j] : bmax;
-    if (bmax < 0x1p-126f) bmax = 0x1p-126f;
-    int e = (int)((f_bits(bmax) >> 23) & 0xFF) - 127;
-    e = e < -126 ? -126 : (e > 126 ? 126 : e);
-    const float scale = bits_f((uint32_t)(127 - e) << 23);
-    for (int j = 0; j < M; j++) s[j] = a[j] * scale;
-}
-
-/* lowprec.nm._probs_cols then _systematic: capped-proportional probabilities p (water-filling,
- * at most n+1 rounds; a round that caps nothing new would repeat itself exactly, so it ends the
- * loop) and the keep mask of systematic sampling with one uniform. */
-static inline void mvue_keep(const float* s, float u, int n, int M, float* p, int* keep) {
-    int capped[MAXM];
-    float share[MAXM];
-    const float floor_ = (float)n * 0x1p-126f;
-    int ncap = 0;
-    for (int j = 0; j < M; j++) capped[j] = 0;
-    for (int round = 0; round <= n; round++) {
-        float free_ = 0.0f;
-        for (int j = 0; j < M; j++)
-            if (!capped[j]) free_ += s[j];
-        const float budget = (float)n - (float)ncap;
-        const float cs = budget / (free_ < floor_ ? floor_ : free_);
-        int changed = 0;
-        for (int j = 0; j < M; j++) {
-            share[j] = s[j] * cs;
-            if (!capped[j] && share[j] >= 1.0f) {
-                capped[j] = 1;
-                changed = 1;
-                ncap++;
-            }
-        }
-        if (!changed) break;
-    }
-    int last_open = -1, ncap2 = 0;
-    for (int j = 0; j < M; j++) {
-        p[j] = capped[j] ? 1.0f : (share[j] > 1.0f ? 1.0f : share[j]);
-        capped[j] = p[j] >= 1.0f;
-        ncap2 += capped[j];
-        if (p[j] > 0.0f && !capped[j]) last_open = j;
-    }
-    const float n_open = (float)n - (float)ncap2;
-    float whole = 0.0f, frac = 0.0f, below_lo = 0.0f;
-    for (int j = 0; j < M; j++) {
-        const float t = frac + (capped[j] ? 0.0f : p[j]);
-        const float carry = floorf(t);
-        whole = whole + carry;
-        frac = t - carry;
-        float hi;
-        if (last_open >= 0 && j >= last_open) {
-            hi = n_open;
-        } else {
-            const float w = whole + (u < frac ? 1.0f : 0.0f);
-            hi = w < n_open ? w : n_open;
-        }
-        keep[j] = capped[j] || hi > below_lo;
-        below_lo = hi;
+/* The uniforms of VW blocks, the r-th of k per block at index ui[l]·k + r, read from u or hashed; ui NULL:
+ * the blocks' indices run u0 + l·ustep (a batch inside one row), so each r's hash inputs are one affine run. */
+__attribute__((always_inline)) static inline void nm_uniforms(const float* u, uint64_t key, const uint64_t* ui,
+                                                             uint64_t u0, uint64_t ustep, const int k, vf* uv) {
+    for (int r = 0; r < k; r++) {
+        float ub[VW] __attribute__((aligned(64)));
+        const uint64_t z0 = hash_z0(key, u0 * (uint64_t)k + (uint64_t)r), zs = hash_zs(ustep * (uint64_t)k);
+        if (ui && u)
+            for (int l = 0; l < VW; l++) ub[l] = u[ui[l] * (uint64_t)k + (uint64_t)r];
+        else if (ui)
+            for (int l = 0; l < VW; l++) ub[l] = hash_u(key, ui[l] * (uint64_t)k + (uint64_t)r);
+        else if (u)
+            for (int l = 0; l < VW; l++) ub[l] = u[(u0 + (uint64_t)l * ustep) * (uint64_t)k + (uint64_t)r];
+        else
+            for (int l = 0; l < VW; l++) ub[l] = hash_mix(z0 + (uint64_t)l * zs);
+        memcpy(&uv[r], ub, sizeof(vf));
     }
 }
 
-/* The approximate MVUE's exact inclusion probabilities (the end of lowprec.nm._approx_draw), for
- * one block (T = float) or VW blocks in vector lanes (T = vf): t_i = s_i/S and, for n = 2,
- * p_i = t_i + s_i·Σ_{j≠i} t_j/Σ_{k≠j} s_k, every sum left to right from its first term. */
-#define DEFINE_APPROX_PROBS(NAME, T)                                                                       \
-    __attribute__((always_inline)) static inline T NAME##_sum_except(const T* v, const int M, const int i) { \
-        T o = v[i == 0 ? 1 : 0];                                                                             \
-        for (int j = i == 0 ? 2 : 1; j < M; j++)                                                             \
-            if (j != i) o = o + v[j];                                                                        \
-        return o;                                                                                            \
-    }                                                                                                        \
-    __attribute__((always_inline)) static inline void NAME(const T* s, T S, const int n, const int M, T* p) { \
-        T t[MAXM], rest[MAXM];                                                                               \
-        for (int j = 0; j < M; j++) t[j] = s[j] / S;                                                         \
-        if (n == 1) {                                                                                        \
-            for (int j = 0; j < M; j++) p[j] = t[j];                                                         \
-            return;                                                                                          \
-        }                                                                                                    \
-        for (int j = 0; j < M; j++) rest[j] = t[j] / NAME##_sum_except(s, M, j);                             \
-        for (int i = 0; i < M; i++) p[i] = t[i] + s[i] * NAME##_sum_except(rest, M, i);                     \
-    }
-DEFINE_APPROX_PROBS(approx_probs, float)
-
-/* lowprec.nm._approx_draw: n draws without replacement ∝ |x| (uniforms u[0..n-1]) and the exact
- * inclusion probabilities; an entry whose probability is not > 0 is not kept. */
-static inline void approx_keep(const float* s, const float* u, int n, int M, float* p, int* keep) {
-    float S = s[0];
-    for (int j = 1; j < M; j++) S = S + s[j];
-    for (int j = 0; j < M; j++) keep[j] = 0;
-    for (int r = 0; r < n; r++) {
-        float tot = 0.0f;
-        for (int j = 0; j < M; j++) tot += keep[j] ? 0.0f : s[j];
-        const float target = u[r] * tot;
-        float run = 0.0f;
-        int chosen = 0;
-        for (int j = 0; j < M; j++) {
-            const float w = keep[j] ? 0.0f : s[j];
-            run = run + w;
-            if (!chosen && target < run && w > 0.0f) {
-                keep[j] = 1;
-                chosen = 1;
-            }
-        }
-    }
-    approx_probs(s, S, n, M, p);
-    for (int j = 0; j < M; j++) keep[j] = keep[j] && p[j] > 0.0f;
-}
-
-/* lowprec.nm.nm_core for one block: kept entries x/p clamped to ±big, a block with at most n
- * non-zeros unchanged. Returns 1 when the block holds a NaN/Inf (the caller discards the output). */
-static inline int nm_block(const float* xp, float* op, int64_t es, const float* u, int n, int M, int approx,
-                           float big) {
-    float xv[MAXM], a[MAXM], s[MAXM], p[MAXM];
-    int keep[MAXM], nz = 0, bad = 0;
-    for (int j = 0; j < M; j++) {
-        xv[j] = xp[j * es];
-        a[j] = fabsf(xv[j]);
-        nz += a[j] > 0.0f;
-        bad |= !(a[j] <= 0x1.fffffep127f);
-    }
-    if (bad) return 1;
-    if (nz <= n) {
-        for (int j = 0; j < M; j++) op[j * es] = xv[j];
-        return 0;
-    }
-    normalize(a, s, M);
-    if (approx)
-        approx_keep(s, u, n, M, p, keep);
-    else
-        mvue_keep(s, u[0], n, M, p, keep);
-    for (int j = 0; j < M; j++) {
-        float q = keep[j] ? xv[j] / p[j] : 0.0f;
-        op[j * es] = q < -big ? -big : (q > big ? big : q);
-    }
-    return 0;
-}
-
-/* ------------------------------------------------------------------ N:M, VW blocks at once (SIMD) */
-
-/* The same block functions over VW blocks in the lanes of GCC/Clang vector types, branch-free: the
- * water-filling always runs its n+1 rounds (as the reference does), selects replace the branches,
- * floor(t) for 0 <= t < 2^31 is the truncating conversion. Lane for lane the same operations as the
- * scalar code above, so the same floats (the scalar code serves the tails of the block rows). */
-__attribute__((always_inline)) static inline void normalize_v(const vf* a, vf* s, const int M) {
-    vf bmax = a[0];
-    for (int j = 1; j < M; j++) bmax = vmax(bmax, a[j]);
-    bmax = vmax(bmax, vsplat(0x1p-126f));
-    vi e = (((vi)bmax >> 23) & 0xFF) - 127;
-    e = (e & ~(e < -126)) | (((vi){0} - 126) & (e < -126));
-    e = (e & ~(e > 126)) | (((vi){0} + 126) & (e > 126));
-    const vf scale = (vf)((127 - e) << 23);
-    for (int j = 0; j < M; j++) s[j] = a[j] * scale;
-}
-
-__attribute__((always_inline)) static inline void mvue_keep_v(const vf* s, vf u, const int n, const int M, vf* p,
-                                                             vi* keep) {
-    vi capped[MAXM];
-    vf share[MAXM];
-    const vf floor_ = vsplat((float)n * 0x1p-126f), one = vsplat(1.0f), zero = vsplat(0.0f);
-    for (int j = 0; j < M; j++) capped[j] = (vi){0};
-    for (int round = 0; round <= n; round++) {
-        vf free_ = zero, ncap = zero;
-        for (int j = 0; j < M; j++) {
-            free_ = free_ + sel(capped[j], zero, s[j]);
-            ncap = ncap + vcount(capped[j]);
-        }
-        const vf cs = (vsplat((float)n) - ncap) / vmax(free_, floor_);
-        vi fresh = (vi){0};
-        for (int j = 0; j < M; j++) {
-            share[j] = s[j] * cs;
-            fresh |= (share[j] >= one) & ~capped[j];
-            capped[j] |= share[j] >= one;
-        }
-        if (!vany(fresh)) break; /* no lane capped a new entry: further rounds would repeat this one bit for bit */
-    }
-    vi open[MAXM], closes[MAXM], after = (vi){0}, opened = (vi){0};
-    vf ncap2 = zero;
-    for (int j = 0; j < M; j++) {
-        p[j] = sel(capped[j], one, vmin(share[j], one));
-        capped[j] = p[j] >= one;
-        open[j] = (p[j] > zero) & ~capped[j];
-        ncap2 = ncap2 + vcount(capped[j]);
-    }
-    for (int j = M - 1; j >= 0; j--) {
-        closes[j] = ~after;
-        after |= open[j];
-    }
-    for (int j = 0; j < M; j++) {
-        opened |= open[j];
-        closes[j] &= opened;
-    }
-    const vf n_open = vsplat((float)n) - ncap2;
-    vf whole = zero, frac = zero, below_lo = zero;
-    for (int j = 0; j < M; j++) {
-        const vf t = frac + sel(capped[j], zero, p[j]);
-        const vf carry = __builtin_convertvector(__builtin_convertvector(t, vi), vf);
-        whole = whole + carry;
-        frac = t - carry;
-        const vf hi = sel(closes[j], n_open, vmin(whole + vcount(u < frac), n_open));
-        keep[j] = capped[j] | (hi > below_lo);
-        below_lo = hi;
+/* Raise the lane-wise running max *om to the outputs' magnitude bits. */
+static inline void nm_omax(const vf* o, const int M_, vi* om) {
+    for (int j = 0; j < M_; j++) {
+        const vi mag = (vi)o[j] & 0x7FFFFFFF;
+        *om = (*om & ~(*om < mag)) | (mag & (*om < mag));
     }
 }
 
-DEFINE_APPROX_PROBS(approx_probs_v, vf)
-
-__attribute__((always_inline)) static inline void approx_keep_v(const vf* s, const vf* u, const int n, const int M,
-                                                               vf* p, vi* keep) {
-    const vf zero = vsplat(0.0f);
-    vf S = s[0];
-    for (int j = 1; j < M; j++) S = S + s[j];
-    for (int j = 0; j < M; j++) keep[j] = (vi){0};
-    for (int r = 0; r < n; r++) {
-        vf tot = zero;
-        for (int j = 0; j < M; j++) tot = tot + sel(keep[j], zero, s[j]);
-        const vf target = u[r] * tot;
-        vf run = zero;
-        vi chosen = (vi){0};
-        for (int j = 0; j < M; j++) {
-            const vf w = sel(keep[j], zero, s[j]);
-            run = run + w;
-            const vi hit = ~chosen & (target < run) & (w > zero);
-            keep[j] |= hit;
-            chosen |= hit;
-        }
+/* VW blocks from x0 whose offsets run on in memory (nm_blocks_v's LANES = 1 or M) <-> M vectors. */
+__attribute__((always_inline)) static inline void nm_load(const float* x0, int64_t es, const int M_, const int LANES,
+                                                         vf* xv) {
+    float buf[MAXM][VW] __attribute__((aligned(64)));
+    if (LANES == 1) {
+        for (int j = 0; j < M_; j++) memcpy(&xv[j], x0 + j * es, sizeof(vf));
+    } else if (!vdeinterleave(x0, xv, M_)) {
+        for (int l = 0; l < VW; l++)
+            for (int j = 0; j < M_; j++) buf[j][l] = x0[l * M_ + j];
+        for (int j = 0; j < M_; j++) memcpy(&xv[j], buf[j], sizeof(vf));
     }
-    approx_probs_v(s, S, n, M, p);
-    for (int j = 0; j < M; j++) keep[j] &= p[j] > zero;
 }
-
-/* lowprec.nm._mse_mask for one block, branch-free (the comparisons are data: branches on them
- * mispredict): keep the n largest |x| (ties: the lower index), the rest +0. Returns 1 on a NaN/Inf. */
-static inline int mse_block(const float* xp, float* op, int64_t es, const int n, const int M) {
-    float xv[MAXM], a[MAXM];
-    int bad = 0;
-    for (int j = 0; j < M; j++) {
-        xv[j] = xp[j * es];
-        a[j] = fabsf(xv[j]);
-        bad |= !(a[j] <= 0x1.fffffep127f);
+__attribute__((always_inline)) static inline void nm_store(float* o0, int64_t es, const int M_, const int LANES,
+                                                          const vf* o) {
+    float buf[MAXM][VW] __attribute__((aligned(64)));
+    if (LANES == 1) {
+        for (int j = 0; j < M_; j++) memcpy(o0 + j * es, &o[j], sizeof(vf));
+    } else if (!vinterleave(o0, o, M_)) {
+        for (int j = 0; j < M_; j++) memcpy(buf[j], &o[j], sizeof(vf));
+        for (int l = 0; l < VW; l++)
+            for (int j = 0; j < M_; j++) o0[l * M_ + j] = buf[j][l];
     }
-    for (int i = 0; i < M; i++) {
-        int rank = 0;
-        for (int j = 0; j < M; j++)
-            if (j != i) rank += (a[j] > a[i]) | ((a[j] == a[i]) & (j < i));
-        op[i * es] = bits_f(f_bits(xv[i]) & (uint32_t)-(rank < n));
-    }
-    return bad;
 }
 
 /* VW blocks: lane l's block at element offset off[l] (elements es apart), its uniforms at indices
  * ui[l]·k + r. LANES says how the offsets run, so that the loads and stores vectorize: 1 when
  * off[l] = off[0] + l (a transposed linear δ: each block element is one vector load), M when
  * off[l] = off[0] + l·M with es = 1 (blocks back to back: a deinterleave with constant strides),
- * 0 for anything else (a batch across a row end: a gather). MODE: 0 MVUE, 1 approximate MVUE,
- * 2 MSE (mse_block lane for lane). Returns 1 when a NaN/Inf was read; *om: the running lane-wise
- * max of the outputs' magnitude bits (what LUQ after the prune needs, lowprec.kernels.cpu.nm_luq). */
+ * 0 for anything else (a batch across a row end: a gather). MODE: nm_core_v's; AFFINE: ui[l] = ui[0] +
+ * l·(ui[1] - ui[0]) (a batch inside one row).
+ * Returns 1 when a NaN/Inf was read; OMAX_: *om as nm_omax (what LUQ after the prune needs,
+ * lowprec.kernels.cpu.nm_luq). */
 __attribute__((always_inline)) static inline int nm_blocks_v(const float* x, float* out, const float* u,
                                                             uint64_t key, const int64_t* off, const uint64_t* ui,
                                                             int64_t es, float big, const int N_, const int M_,
                                                             const int MODE, const int OMAX_, const int LANES,
-                                                            vi* om) {
-    const int k = MODE == 1 ? N_ : MODE == 0;
+                                                            const int AFFINE, vi* om) {
     float buf[MAXM][VW] __attribute__((aligned(64)));
-    float ubuf[MAXM][VW] __attribute__((aligned(64)));
-    vf xv[MAXM], a[MAXM], s[MAXM], p[MAXM], uv[MAXM];
-    vi keep[MAXM];
-    const float* x0 = x + off[0];
-    if (LANES == 1) {
-        for (int j = 0; j < M_; j++) memcpy(&xv[j], x0 + j * es, sizeof(vf));
-    } else if (LANES != M_ || !vdeinterleave(x0, xv, M_)) {
-        if (LANES == M_)
-            for (int l = 0; l < VW; l++)
-                for (int j = 0; j < M_; j++) buf[j][l] = x0[l * M_ + j];
-        else
-            for (int l = 0; l < VW; l++)
-                for (int j = 0; j < M_; j++) buf[j][l] = x[off[l] + j * es];
+    vf xv[MAXM], uv[MAXM], o[MAXM];
+    if (LANES) {
+        nm_load(x + off[0], es, M_, LANES, xv);
+    } else {
+        for (int l = 0; l < VW; l++)
+            for (int j = 0; j < M_; j++) buf[j][l] = x[off[l] + j * es];
         for (int j = 0; j < M_; j++) memcpy(&xv[j], buf[j], sizeof(vf));
     }
-    if (u) {
-        for (int r = 0; r < k; r++)
-            for (int l = 0; l < VW; l++) ubuf[r][l] = u[ui[l] * (uint64_t)k + (uint64_t)r];
+    nm_uniforms(u, key, AFFINE ? NULL : ui, ui[0], ui[1] - ui[0], MODE == 1 ? N_ : MODE == 0, uv);
+    const vi bad = nm_core_v(xv, uv, big, N_, M_, MODE, o);
+    if (OMAX_) nm_omax(o, M_, om);
+    if (LANES) {
+        nm_store(out + off[0], es, M_, LANES, o);
     } else {
-        for (int r = 0; r < k; r++)
-            for (int l = 0; l < VW; l++) ubuf[r][l] = hash_u(key, ui[l] * (uint64_t)k + (uint64_t)r);
-    }
-    const vf zero = vsplat(0.0f), vbig = vsplat(big);
-    vf nz = zero;
-    vi bad = (vi){0};
-    for (int j = 0; j < M_; j++) {
-        a[j] = (vf)((vi)xv[j] & 0x7FFFFFFF);
-        nz = nz + vcount(a[j] > zero);
-        bad |= ~(a[j] <= vsplat(0x1.fffffep127f));
-    }
-    vf o[MAXM];
-    if (MODE == 2) {
-        for (int i = 0; i < M_; i++) {
-            vi rank = (vi){0};
-            for (int j = 0; j < M_; j++) /* a_j > a_i, or a tie with j < i (no NaN gets through: bad) */
-                if (j != i) rank -= j < i ? a[j] >= a[i] : a[j] > a[i];
-            o[i] = (vf)((vi)xv[i] & (rank < N_));
-        }
-    } else {
-        for (int r = 0; r < k; r++) memcpy(&uv[r], ubuf[r], sizeof(vf));
-        normalize_v(a, s, M_);
-        if (MODE == 1)
-            approx_keep_v(s, uv, N_, M_, p, keep);
-        else
-            mvue_keep_v(s, uv[0], N_, M_, p, keep);
-        const vi sparse = nz <= vsplat((float)N_);
-        for (int j = 0; j < M_; j++) {
-            vf q = sel(keep[j], xv[j] / sel(keep[j], p[j], vsplat(1.0f)), zero);
-            q = sel(q < -vbig, -vbig, sel(q > vbig, vbig, q));
-            o[j] = sel(sparse, xv[j], q);
-        }
-    }
-    for (int j = 0; OMAX_ && j < M_; j++) {
-        const vi mag = (vi)o[j] & 0x7FFFFFFF;
-        *om = (*om & ~(*om < mag)) | (mag & (*om < mag));
-    }
-    float* o0 = out + off[0];
-    if (LANES == 1) {
-        for (int j = 0; j < M_; j++) memcpy(o0 + j * es, &o[j], sizeof(vf));
-    } else if (LANES != M_ || !vinterleave(o0, o, M_)) {
         for (int j = 0; j < M_; j++) memcpy(buf[j], &o[j], sizeof(vf));
-        if (LANES == M_)
-            for (int l = 0; l < VW; l++)
-                for (int j = 0; j < M_; j++) o0[l * M_ + j] = buf[j][l];
-        else
-            for (int l = 0; l < VW; l++)
-                for (int j = 0; j < M_; j++) out[off[l] + j * es] = buf[j][l];
+        for (int l = 0; l < VW; l++)
+            for (int j = 0; j < M_; j++) out[off[l] + j * es] = buf[j][l];
+    }
+    return vany(bad);
+}
+
+/* nb blocks from offset o0 whose memory runs on (LANES = 1: side by side, block b's element j at
+ * o0 + b + j·es; LANES = M: back to back, at o0 + b·M + j), uniform index u0 + b·ustep, nb a multiple
+ * of VW: nm_blocks_v's batches in one loop, without per-lane offsets or a test of each batch (the
+ * in-row case of the nest below: a transposed Linear δ's rows of C_out blocks, a conv δ's H·W/M). */
+__attribute__((always_inline)) static inline int nm_run_v(const float* x, float* out, const float* u, uint64_t key,
+                                                         int64_t o0, uint64_t u0, int64_t nb, uint64_t ustep,
+                                                         int64_t es, float big, const int N_, const int M_,
+                                                         const int MODE, const int OMAX_, const int LANES, vi* om) {
+    vi bad = (vi){0};
+    for (int64_t b = 0; b < nb; b += VW) {
+        vf xv[MAXM], uv[MAXM], o[MAXM];
+        nm_load(x + o0 + b * LANES, es, M_, LANES, xv);
+        nm_uniforms(u, key, NULL, u0 + (uint64_t)b * ustep, ustep, MODE == 1 ? N_ : MODE == 0, uv);
+        bad |= nm_core_v(xv, uv, big, N_, M_, MODE, o);
+        if (OMAX_) nm_omax(o, M_, om);
+        nm_store(out + o0 + b * LANES, es, M_, LANES, o);
     }
     return vany(bad);
 }
@@ -355,6 +124,18 @@ __attribute__((always_inline)) static inline int nm_span(const float* x, float* 
     uint32_t oms = 0, lanes[VW];
     for (int64_t b = lo; b < hi;) {
         const int nl = hi - b >= VW && N_ < M_ ? VW : 1;
+        const int64_t run = (size[2] - i2 < hi - b ? size[2] - i2 : hi - b) / VW * VW;
+        if (nl == VW && (xs[2] == 1 || (xs[2] == M_ && es == 1)) && run > 0) { /* batches inside one row */
+            const int64_t o0 = i0 * xs[0] + i1 * xs[1] + i2 * xs[2];
+            const uint64_t u0 = (uint64_t)(i0 * us[0] + i1 * us[1] + i2 * us[2]);
+            const uint64_t ust = (uint64_t)us[2];
+            bad |= xs[2] == 1 ? nm_run_v(x, out, u, key, o0, u0, run, ust, es, big, N_, M_, MODE, OMAX_, 1, &om)
+                              : nm_run_v(x, out, u, key, o0, u0, run, ust, es, big, N_, M_, MODE, OMAX_, M_, &om);
+            i2 += run - 1;
+            nest_next(&i0, &i1, &i2, size);
+            b += run;
+            continue;
+        }
         if (nl == VW && i2 + VW <= size[2]) { /* a batch inside one row: offsets in arithmetic progression */
             const int64_t o0 = i0 * xs[0] + i1 * xs[1] + i2 * xs[2];
             const uint64_t u0 = (uint64_t)(i0 * us[0] + i1 * us[1] + i2 * us[2]);
@@ -362,12 +143,7 @@ __attribute__((always_inline)) static inline int nm_span(const float* x, float* 
                 off[l] = o0 + l * xs[2];
                 ui[l] = u0 + (uint64_t)(l * us[2]);
             }
-            if (xs[2] == 1)
-                bad |= nm_blocks_v(x, out, u, key, off, ui, es, big, N_, M_, MODE, OMAX_, 1, &om);
-            else if (xs[2] == M_ && es == 1)
-                bad |= nm_blocks_v(x, out, u, key, off, ui, es, big, N_, M_, MODE, OMAX_, M_, &om);
-            else
-                bad |= nm_blocks_v(x, out, u, key, off, ui, es, big, N_, M_, MODE, OMAX_, 0, &om);
+            bad |= nm_blocks_v(x, out, u, key, off, ui, es, big, N_, M_, MODE, OMAX_, 0, 1, &om);
             i2 += VW - 1;
             nest_next(&i0, &i1, &i2, size);
         } else {
@@ -382,11 +158,11 @@ __attribute__((always_inline)) static inline int nm_span(const float* x, float* 
                 packed &= off[l] == off[0] + l * M_;
             }
             if (nl == VW && unit) {
-                bad |= nm_blocks_v(x, out, u, key, off, ui, es, big, N_, M_, MODE, OMAX_, 1, &om);
+                bad |= nm_blocks_v(x, out, u, key, off, ui, es, big, N_, M_, MODE, OMAX_, 1, 0, &om);
             } else if (nl == VW && packed) {
-                bad |= nm_blocks_v(x, out, u, key, off, ui, es, big, N_, M_, MODE, OMAX_, M_, &om);
+                bad |= nm_blocks_v(x, out, u, key, off, ui, es, big, N_, M_, MODE, OMAX_, M_, 0, &om);
             } else if (nl == VW) {
-                bad |= nm_blocks_v(x, out, u, key, off, ui, es, big, N_, M_, MODE, OMAX_, 0, &om);
+                bad |= nm_blocks_v(x, out, u, key, off, ui, es, big, N_, M_, MODE, OMAX_, 0, 0, &om);
             } else {
                 const int k = MODE == 1 ? N_ : MODE == 0;
                 float ubl[MAXM];

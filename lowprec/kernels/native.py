@@ -27,7 +27,7 @@ twin draws and a run's numbers do not depend on whether a compiler was found.
 
 Build: every ``cpu_*.c`` of this folder (one file per family: ``cpu_common`` the uniforms,
 ``cpu_luq``, ``cpu_nm``, ``cpu_fp4``, ``cpu_baselines``, ``cpu_hadamard``; shared inline helpers in
-``cpu_common.h``) into one library with ``$CC`` (else ``cc``/``gcc``/``clang``), ``-O3
+``cpu_common.h``, the N:M per-block math in ``cpu_nm_block.h``) into one library with ``$CC`` (else ``cc``/``gcc``/``clang``), ``-O3
 -ffp-contract=off`` and, down a ladder of rungs until one compiles, ``-march=native``,
 ``-mcpu=native`` (Apple clang and other compilers that reject ``-march=native``), ``-mtune=native``,
 then nothing (portable code; the N:M twins' GCC/Clang vector types still compile, to whatever vector
