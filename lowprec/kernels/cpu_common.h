@@ -80,7 +80,7 @@ static inline vf sel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m))
 static inline vf vsplat(float v) { return (vf){0} + v; }
 static inline vf vmin(vf a, vf b) { return sel(a < b, a, b); }
 static inline vf vmax(vf a, vf b) { return sel(a < b, b, a); }
-static inline vf vcount(vi m) { return __builtin_convertvector(-m, vf); } /* mask (-1/0) -> 1.0f/0.0f */
+static inline vf vcount(vi m) { return (vf)(m & (vi)vsplat(1.0f)); } /* mask (-1/0) -> 1.0f/0.0f: one AND */
 static inline int vany(vi m) { /* any lane set: eight 64-bit ORs, not sixteen lane extractions */
     uint64_t w[VW / 2], o = 0;
     memcpy(w, &m, sizeof(vi));

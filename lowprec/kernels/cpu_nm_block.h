@@ -149,8 +149,9 @@ static inline int nm_block(const float* xp, float* op, int64_t es, const float* 
 /* ------------------------------------------------------------------ N:M, VW blocks at once (SIMD) */
 
 /* The same block functions over VW blocks in the lanes of GCC/Clang vector types, branch-free: the
- * water-filling always runs its n+1 rounds (as the reference does), selects replace the branches,
- * floor(t) for 0 <= t < 2^31 is the truncating conversion. Lane for lane the same operations as the
+ * water-filling runs until no lane caps a new entry, selects replace the branches, and floor(t) of
+ * systematic sampling's running sum t = frac + p (frac < 1, an open entry's p < 1: 0 <= t < 2) is
+ * t >= 1. Lane for lane the same operations as the
  * scalar code above, so the same floats (the scalar code serves the tails of the block rows). */
 __attribute__((always_inline)) static inline void normalize_v(const vf* a, vf* s, const int M) {
     vf bmax = a[0];
@@ -204,7 +205,7 @@ __attribute__((always_inline)) static inline void mvue_keep_v(const vf* s, vf u,
     vf whole = zero, frac = zero, below_lo = zero;
     for (int j = 0; j < M; j++) {
         const vf t = frac + sel(capped[j], zero, p[j]);
-        const vf carry = __builtin_convertvector(__builtin_convertvector(t, vi), vf);
+        const vf carry = vcount(t >= one); /* floor(t): 0 <= t < 2, a sum of frac < 1 and p < 1 */
         whole = whole + carry;
         frac = t - carry;
         const vf hi = sel(closes[j], n_open, vmin(whole + vcount(u < frac), n_open));
