@@ -1,6 +1,7 @@
 """The C im2col (lowprec.kernels.cpu.im2col, used by backward.im2col_of for the update GEMM's
 activation operand under act_upd/update_rht) is the same matrix, bit for bit, as F.unfold followed by
-the transposing reshape it replaces: guards the update GEMM's numbers (nvfp4_sr_rht on convolutions)
+the transposing reshape it replaces, and so is the rotated one (each of its gather paths: a plane
+shifted, short rows through a table, rows one by one): guards the update GEMM's numbers (nvfp4_sr_rht on convolutions)
 against an off-by-one in the padding, stride or dilation arithmetic."""
 
 import pytest
@@ -14,7 +15,10 @@ CASES = [((2, 3, 7, 9), (3, 3), (1, 1), (1, 1), (1, 1)),
          ((3, 4, 10, 11), (3, 2), (2, 3), (0, 2), (2, 1)),
          ((2, 5, 1, 13), (1, 3), (1, 2), (0, 1), (1, 2)),
          ((1, 2, 5, 5), (5, 5), (1, 1), (2, 2), (1, 1)),
-         ((2, 3, 6, 6), (1, 1), (2, 2), (0, 0), (1, 1))]
+         ((2, 3, 6, 6), (1, 1), (2, 2), (0, 0), (1, 1)),
+         ((2, 3, 9, 40), (3, 3), (1, 2), (1, 1), (1, 1)),  # rows of >= 16 tokens, strided
+         ((2, 2, 6, 20), (3, 3), (1, 1), (0, 0), (1, 1)),  # rows of >= 16 tokens, shorter than the image's
+         ((3, 2, 16, 16), (3, 3), (1, 1), (1, 1), (1, 1))]  # a 'same' convolution: each image's plane shifted
 
 
 def _unfold(x, k, s, p, d):
@@ -52,7 +56,8 @@ def test_im2col_of_conv1d_and_strided_input():
 @pytest.mark.parametrize("case", CASES)
 def test_im2col_rht_is_the_rotation_of_the_matrix(case, n):
     """The fused im2col + FWHT (Im2col.rotated, one C pass) equals block_rht of the im2col matrix bit
-    for bit, the zero-padded tail block (tokens not a multiple of n) included."""
+    for bit, the zero-padded tail block (tokens not a multiple of n) included; the C pass writes it
+    transposed (each block of tokens contiguous), as a [tokens, K] view."""
     from lowprec.dispatch import block_rht
     from lowprec.hadamard import random_signs
     shape, k, s, p, d = case
@@ -61,3 +66,5 @@ def test_im2col_rht_is_the_rotation_of_the_matrix(case, n):
     got = cpu.im2col_rht(x, k, s, p, d, signs)
     want = block_rht(_unfold(x, k, s, p, d), signs, 0)
     assert got.shape == want.shape and torch.equal(got, want)
+    if native.library() is not None:
+        assert got.stride() == (1, got.shape[0])

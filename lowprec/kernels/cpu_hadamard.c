@@ -108,62 +108,138 @@ int lp_fwht_f32(const float* x, float* out, const float* signs, int64_t outer, i
 }
 
 /* The block RHT along tokens (dim 0) of the im2col matrix [T = N·Ho·Wo, K = C·kh·kw] of x (contiguous
- * [N, C, H, W]; g as lp_im2col_f32's), gathered straight into the butterfly buffer: the same numbers as
- * lp_fwht_f32 on lp_im2col_f32's matrix (forward: the same loads, butterflies, scaling and signs per
- * element; padding rows are zeros), without writing and re-reading the im2col matrix. */
-static inline void fwht_im2col_cols(const float* x, float* out, const float* sg, const int64_t* g, int64_t b,
-                                    int64_t T, int64_t K, int64_t i0, int64_t ni, int n, float c) {
-    const int64_t C = g[1], H = g[2], W = g[3], kh = g[4], kw = g[5], sh = g[6], sw = g[7];
+ * [N, C, H, W]; g as lp_im2col_f32's), written transposed: out contiguous [K, T'] (T' = ceil(T/n)·n), so
+ * that column k = (c, i, j) of the matrix is one contiguous row, gathered as shifted copies of x's rows
+ * (zeros outside the image and in the tail block), and each block of n tokens is n contiguous floats.
+ * The same numbers as lp_fwht_f32 on lp_im2col_f32's matrix: per block the same butterflies (rows r,
+ * r + h -> a + b, a - b), times c, times the signs. n = 16 or 32: one or two vectors per block, the
+ * butterflies of h < 16 between lanes (lane l and l ^ h: a + b in the lower, a - b in the upper). */
+static void im2col_column(const float* x, float* row, const int64_t* g, int64_t k) {
+    const int64_t N = g[0], C = g[1], H = g[2], W = g[3], kh = g[4], kw = g[5], sh = g[6], sw = g[7];
     const int64_t ph = g[8], pw = g[9], dh = g[10], dw = g[11], Ho = g[12], Wo = g[13];
-    float v[MAXN][FC];
-    int64_t coff[FC], di[FC], dj[FC];
-    for (int64_t i = 0; i < ni; i++) {
-        const int64_t k = i0 + i, ij = k % (kh * kw);
-        coff[i] = (k / (kh * kw)) * H * W;
-        di[i] = (ij / kw) * dh;
-        dj[i] = (ij % kw) * dw;
-    }
-    (void)C;
-    for (int r = 0; r < n; r++) {
-        const int64_t t = b * n + r;
-        if (t >= T) {
-            for (int64_t i = 0; i < ni; i++) v[r][i] = 0.0f;
-            continue;
+    const int64_t c = k / (kh * kw), di = (k % (kh * kw)) / kw * dh, dj = k % kw * dw;
+    int64_t lo = 0, hi = Wo, hlo = 0, hhi = Ho; /* the wo (ho) whose wi = wo·sw - pw + dj (hi) is in the image */
+    while (lo < Wo && lo * sw - pw + dj < 0) lo++;
+    while (hi > lo && (hi - 1) * sw - pw + dj >= W) hi--;
+    while (hlo < Ho && hlo * sh - ph + di < 0) hlo++;
+    while (hhi > hlo && (hhi - 1) * sh - ph + di >= H) hhi--;
+    if (sh == 1 && sw == 1 && Wo == W && hlo < hhi && lo < hi) { /* each image's tokens: x's plane shifted */
+        const int64_t a = hlo * W + lo, e = (hhi - 1) * W + hi, shift = (di - ph) * W + dj - pw;
+        for (int64_t nn = 0; nn < N; nn++) {
+            float* dst = row + nn * Ho * Wo;
+            memset(dst, 0, (size_t)a * sizeof(float));
+            memcpy(dst + a, x + (nn * C + c) * H * W + a + shift, (size_t)(e - a) * sizeof(float));
+            memset(dst + e, 0, (size_t)(Ho * Wo - e) * sizeof(float));
+            for (int64_t ho = hlo; ho < hhi; ho++) { /* the columns that wrapped from the next or last row */
+                for (int64_t wo = 0; wo < lo; wo++) dst[ho * W + wo] = 0.0f;
+                for (int64_t wo = hi; wo < Wo; wo++) dst[ho * W + wo] = 0.0f;
+            }
         }
-        const int64_t wo = t % Wo, ho = (t / Wo) % Ho, nn = t / (Wo * Ho);
-        const float* xn = x + nn * C * H * W;
-        const int64_t h0 = ho * sh - ph, w0 = wo * sw - pw;
-        for (int64_t i = 0; i < ni; i++) {
-            const int64_t hi = h0 + di[i], wi = w0 + dj[i];
-            v[r][i] = (hi >= 0 && hi < H && wi >= 0 && wi < W) ? xn[coff[i] + hi * W + wi] : 0.0f;
-        }
+        return;
     }
-    for (int h = 1; h < n; h *= 2)
-        for (int gg = 0; gg < n; gg += 2 * h)
-            for (int r = gg; r < gg + h; r++)
-                for (int64_t i = 0; i < ni; i++) {
-                    const float a = v[r][i], bb = v[r + h][i];
-                    v[r][i] = a + bb;
-                    v[r + h][i] = a - bb;
-                }
-    for (int r = 0; r < n; r++) {
-        float* op = out + (b * n + r) * K + i0;
-        const float s = sg[r];
-        for (int64_t i = 0; i < ni; i++) op[i] = (v[r][i] * c) * s;
+    if (Wo < 16 && Ho * Wo <= 1024) { /* short rows: gather each image through one table of offsets */
+        int32_t idx[1024];
+        for (int64_t t = 0; t < Ho * Wo; t++) {
+            const int64_t ho = t / Wo, wo = t % Wo;
+            const int in = ho >= hlo && ho < hhi && wo >= lo && wo < hi;
+            idx[t] = in ? (int32_t)((ho * sh - ph + di) * W + wo * sw - pw + dj) : -1;
+        }
+        for (int64_t nn = 0; nn < N; nn++) {
+            float* dst = row + nn * Ho * Wo;
+            const float* plane = x + (nn * C + c) * H * W;
+            for (int64_t t = 0; t < Ho * Wo; t++) dst[t] = idx[t] >= 0 ? plane[idx[t]] : 0.0f;
+        }
+        return;
+    }
+    for (int64_t nn = 0; nn < N; nn++) {
+        float* dst = row + nn * Ho * Wo;
+        const float* plane = x + (nn * C + c) * H * W - pw + dj;
+        memset(dst, 0, (size_t)(hlo * Wo) * sizeof(float));
+        for (int64_t ho = hlo; ho < hhi; ho++) {
+            float* d = dst + ho * Wo;
+            const float* xr = plane + (ho * sh - ph + di) * W;
+            for (int64_t wo = 0; wo < lo; wo++) d[wo] = 0.0f;
+            if (sw == 1)
+                memcpy(d + lo, xr + lo, (size_t)(hi - lo) * sizeof(float));
+            else
+                for (int64_t wo = lo; wo < hi; wo++) d[wo] = xr[wo * sw];
+            for (int64_t wo = hi; wo < Wo; wo++) d[wo] = 0.0f;
+        }
+        memset(dst + hhi * Wo, 0, (size_t)((Ho - hhi) * Wo) * sizeof(float));
     }
 }
 
-/* out: contiguous [ceil(T/n)·n, K]. Returns 0, or -1 for n not a power of two in [2, 32]. */
+static void fwht_block_scalar(float* v, const float* sg, int n, float c) {
+    for (int h = 1; h < n; h *= 2)
+        for (int gg = 0; gg < n; gg += 2 * h)
+            for (int r = gg; r < gg + h; r++) {
+                const float a = v[r], bb = v[r + h];
+                v[r] = a + bb;
+                v[r + h] = a - bb;
+            }
+    for (int r = 0; r < n; r++) v[r] = (v[r] * c) * sg[r];
+}
+
+#if VW == 16 && defined(SHUF)
+#define XOR1 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14
+#define XOR2 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13
+#define XOR4 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11
+#define XOR8 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7
+static inline vf fwht16_v(vf v) { /* stages h = 1, 2, 4, 8 within the 16 lanes */
+    const vi l = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    vf p = SHUF(v, v, XOR1);
+    v = sel((l & 1) != 0, p - v, v + p);
+    p = SHUF(v, v, XOR2);
+    v = sel((l & 2) != 0, p - v, v + p);
+    p = SHUF(v, v, XOR4);
+    v = sel((l & 4) != 0, p - v, v + p);
+    p = SHUF(v, v, XOR8);
+    return sel((l & 8) != 0, p - v, v + p);
+}
+#endif
+
+/* Blocks of n = 16 or 32 along a row of nb·n floats, in place. */
+static void fwht_row(float* row, int64_t nb, const float* sg, int n, float c) {
+#if VW == 16 && defined(SHUF)
+    if (n == 16 || n == 32) {
+        vf s0, s1, cv = vsplat(c);
+        memcpy(&s0, sg, sizeof(vf));
+        memcpy(&s1, sg + (n == 32 ? 16 : 0), sizeof(vf));
+        for (int64_t b = 0; b < nb; b++) {
+            float* p = row + b * n;
+            vf v0, v1;
+            memcpy(&v0, p, sizeof(vf));
+            v0 = fwht16_v(v0);
+            if (n == 32) {
+                memcpy(&v1, p + 16, sizeof(vf));
+                v1 = fwht16_v(v1);
+                const vf a = v0;
+                v0 = a + v1;
+                v1 = a - v1;
+                v1 = (v1 * cv) * s1;
+                memcpy(p + 16, &v1, sizeof(vf));
+            }
+            v0 = (v0 * cv) * s0;
+            memcpy(p, &v0, sizeof(vf));
+        }
+        return;
+    }
+#endif
+    for (int64_t b = 0; b < nb; b++) fwht_block_scalar(row + b * n, sg, n, c);
+}
+
+/* Returns 0, or -1 for n not a power of two in [2, 32]. */
 int lp_im2col_fwht_f32(const float* x, float* out, const int64_t* g, const float* signs, int n, int nthreads) {
     if (n < 2 || n > MAXN || (n & (n - 1))) return -1;
     const float c = (float)(1.0 / sqrt((double)n));
     const int64_t T = g[0] * g[12] * g[13], K = g[1] * g[4] * g[5];
-    const int64_t nb = (T + n - 1) / n, nic = (K + FC - 1) / FC;
-#pragma omp parallel for collapse(2) num_threads(nthreads) if (nthreads > 1 && nb * n * K >= 65536)
-    for (int64_t b = 0; b < nb; b++)
-        for (int64_t ic = 0; ic < nic; ic++) {
-            const int64_t i0 = ic * FC, ni = i0 + FC <= K ? FC : K - i0;
-            fwht_im2col_cols(x, out, signs, g, b, T, K, i0, ni, n, c);
-        }
+    const int64_t nb = (T + n - 1) / n, Tp = nb * n;
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && Tp * K >= 65536)
+    for (int64_t k = 0; k < K; k++) {
+        float* row = out + k * Tp;
+        im2col_column(x, row, g, k);
+        for (int64_t t = T; t < Tp; t++) row[t] = 0.0f;
+        fwht_row(row, nb, signs, n, c);
+    }
     return 0;
 }

@@ -447,17 +447,18 @@ def run_im2col(lib, x: Tensor, kernel, stride, padding, dilation) -> Tensor:
 
 
 def run_im2col_fwht(lib, x: Tensor, kernel, stride, padding, dilation, signs: Tensor) -> Tensor:
-    """``run_fwht`` along dim 0 of ``run_im2col``'s matrix (the same numbers) in one pass: a new
-    contiguous ``[ceil(T/n)·n, C·kh·kw]`` tensor, n = ``signs.numel()``."""
+    """``run_fwht`` along dim 0 of ``run_im2col``'s matrix (the same numbers) in one pass: a
+    ``[ceil(T/n)·n, C·kh·kw]`` view of a new contiguous ``[C·kh·kw, ceil(T/n)·n]`` tensor (each block of
+    tokens contiguous, as the block formats along tokens read it), n = ``signs.numel()``."""
     n, c, h, w = x.shape
     ho = (h + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
     wo = (w + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
     t, m = n * ho * wo, signs.numel()
-    out = torch.empty((-(-t // m) * m, c * kernel[0] * kernel[1]), dtype=torch.float32)
+    out = torch.empty((c * kernel[0] * kernel[1], -(-t // m) * m), dtype=torch.float32)
     g = (ctypes.c_int64 * 14)(n, c, h, w, *kernel, *stride, *padding, *dilation, ho, wo)
     if lib.lp_im2col_fwht_f32(_ptr(x), _ptr(out), g, _ptr(signs), m, _threads()) < 0:
         raise ValueError(f"lp_im2col_fwht_f32: unsupported block size {m}")
-    return out
+    return out.t()
 
 
 def run_transpose(lib, x: Tensor) -> Tensor:
