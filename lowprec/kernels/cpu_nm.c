@@ -96,15 +96,16 @@ __attribute__((always_inline)) static inline int nm_run_v(const float* x, float*
                                                          int64_t o0, uint64_t u0, int64_t nb, uint64_t ustep,
                                                          int64_t es, float big, const int N_, const int M_,
                                                          const int MODE, const int OMAX_, const int LANES, vi* om) {
-    vi bad = (vi){0};
+    vi bad = (vi){0}, m = *om; /* the running max in a register, not through the pointer each batch */
     for (int64_t b = 0; b < nb; b += VW) {
         vf xv[MAXM], uv[MAXM], o[MAXM];
         nm_load(x + o0 + b * LANES, es, M_, LANES, xv);
         nm_uniforms(u, key, NULL, u0 + (uint64_t)b * ustep, ustep, MODE == 1 ? N_ : MODE == 0, uv);
         bad |= nm_core_v(xv, uv, big, N_, M_, MODE, o);
-        if (OMAX_) nm_omax(o, M_, om);
+        if (OMAX_) nm_omax(o, M_, &m);
         nm_store(out + o0 + b * LANES, es, M_, LANES, o);
     }
+    *om = m;
     return vany(bad);
 }
 
