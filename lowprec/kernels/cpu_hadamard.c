@@ -75,12 +75,90 @@ __attribute__((always_inline)) static inline void fwht_rows(const float* x, floa
         for (int r = 0; r < n; r++) out[o * n_out + (b0 + k) * n + r] = v[r][k];
 }
 
+static void fwht_block_scalar(const float* src, float* v, const float* sg, int n, float c, int inverse) {
+    for (int r = 0; r < n; r++) v[r] = inverse ? src[r] * sg[r] : src[r];
+    for (int h = 1; h < n; h *= 2)
+        for (int gg = 0; gg < n; gg += 2 * h)
+            for (int r = gg; r < gg + h; r++) {
+                const float a = v[r], bb = v[r + h];
+                v[r] = a + bb;
+                v[r + h] = a - bb;
+            }
+    for (int r = 0; r < n; r++) v[r] = inverse ? v[r] * c : (v[r] * c) * sg[r];
+}
+
+#if VW == 16 && defined(SHUF)
+#define FWHT_ROW_VECTORS 1
+#define XOR1 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14
+#define XOR2 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13
+#define XOR4 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11
+#define XOR8 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7
+static inline vf fwht16_v(vf v) { /* stages h = 1, 2, 4, 8 within the 16 lanes */
+    const vi l = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    vf p = SHUF(v, v, XOR1);
+    v = sel((l & 1) != 0, p - v, v + p);
+    p = SHUF(v, v, XOR2);
+    v = sel((l & 2) != 0, p - v, v + p);
+    p = SHUF(v, v, XOR4);
+    v = sel((l & 4) != 0, p - v, v + p);
+    p = SHUF(v, v, XOR8);
+    return sel((l & 8) != 0, p - v, v + p);
+}
+#else
+#define FWHT_ROW_VECTORS 0
+#endif
+
+/* Blocks of n along a row: dst[b·n + r] from src[b·n + r] (in place allowed), nb blocks; forward:
+ * butterflies, times c, times the signs; inverse: times the signs, butterflies, times c. n = 16 or 32
+ * as one or two vectors per block, else one by one. */
+static void fwht_row(const float* src, float* dst, int64_t nb, const float* sg, int n, float c, int inverse) {
+#if VW == 16 && defined(SHUF)
+    if (n == 16 || n == 32) {
+        vf s0, s1, cv = vsplat(c);
+        memcpy(&s0, sg, sizeof(vf));
+        memcpy(&s1, sg + (n == 32 ? 16 : 0), sizeof(vf));
+        for (int64_t b = 0; b < nb; b++) {
+            vf v0, v1;
+            memcpy(&v0, src + b * n, sizeof(vf));
+            if (inverse) v0 = v0 * s0;
+            v0 = fwht16_v(v0);
+            if (n == 32) {
+                memcpy(&v1, src + b * n + 16, sizeof(vf));
+                if (inverse) v1 = v1 * s1;
+                v1 = fwht16_v(v1);
+                const vf a = v0;
+                v0 = a + v1;
+                v1 = inverse ? (a - v1) * cv : ((a - v1) * cv) * s1;
+                memcpy(dst + b * n + 16, &v1, sizeof(vf));
+            }
+            v0 = inverse ? v0 * cv : (v0 * cv) * s0;
+            memcpy(dst + b * n, &v0, sizeof(vf));
+        }
+        return;
+    }
+#endif
+    for (int64_t b = 0; b < nb; b++) fwht_block_scalar(src + b * n, dst + b * n, sg, n, c, inverse);
+}
+
 /* out: contiguous [outer, ceil(n_in/n)·n, inner]. Returns 0, or -1 for n not a power of two in [2, 32]. */
 int lp_fwht_f32(const float* x, float* out, const float* signs, int64_t outer, int64_t n_in, int64_t inner, int n,
                 int inverse, int nthreads) {
     if (n < 2 || n > MAXN || (n & (n - 1))) return -1;
     const float c = (float)(1.0 / sqrt((double)n));
     const int64_t nb = (n_in + n - 1) / n, n_out = nb * n, nic = (inner + FC - 1) / FC;
+    if (inner == 1 && FWHT_ROW_VECTORS && (n == 16 || n == 32)) { /* each block one or two vectors */
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && outer * n_out >= 65536)
+        for (int64_t o = 0; o < outer; o++) {
+            const int64_t full = n_in / n;
+            fwht_row(x + o * n_in, out + o * n_out, full, signs, n, c, inverse);
+            if (full < nb) { /* the tail block, zero-padded */
+                float t[MAXN];
+                for (int r = 0; r < n; r++) t[r] = full * n + r < n_in ? x[o * n_in + full * n + r] : 0.0f;
+                fwht_row(t, out + o * n_out + full * n, 1, signs, n, c, inverse);
+            }
+        }
+        return 0;
+    }
     if (inner == 1) {
         const int64_t nbc = (nb + FC - 1) / FC;
 #pragma omp parallel for collapse(2) num_threads(nthreads) if (nthreads > 1 && outer * n_out >= 65536)
@@ -169,65 +247,6 @@ static void im2col_column(const float* x, float* row, const int64_t* g, int64_t 
     }
 }
 
-static void fwht_block_scalar(float* v, const float* sg, int n, float c) {
-    for (int h = 1; h < n; h *= 2)
-        for (int gg = 0; gg < n; gg += 2 * h)
-            for (int r = gg; r < gg + h; r++) {
-                const float a = v[r], bb = v[r + h];
-                v[r] = a + bb;
-                v[r + h] = a - bb;
-            }
-    for (int r = 0; r < n; r++) v[r] = (v[r] * c) * sg[r];
-}
-
-#if VW == 16 && defined(SHUF)
-#define XOR1 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14
-#define XOR2 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13
-#define XOR4 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11
-#define XOR8 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7
-static inline vf fwht16_v(vf v) { /* stages h = 1, 2, 4, 8 within the 16 lanes */
-    const vi l = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    vf p = SHUF(v, v, XOR1);
-    v = sel((l & 1) != 0, p - v, v + p);
-    p = SHUF(v, v, XOR2);
-    v = sel((l & 2) != 0, p - v, v + p);
-    p = SHUF(v, v, XOR4);
-    v = sel((l & 4) != 0, p - v, v + p);
-    p = SHUF(v, v, XOR8);
-    return sel((l & 8) != 0, p - v, v + p);
-}
-#endif
-
-/* Blocks of n = 16 or 32 along a row of nb·n floats, in place. */
-static void fwht_row(float* row, int64_t nb, const float* sg, int n, float c) {
-#if VW == 16 && defined(SHUF)
-    if (n == 16 || n == 32) {
-        vf s0, s1, cv = vsplat(c);
-        memcpy(&s0, sg, sizeof(vf));
-        memcpy(&s1, sg + (n == 32 ? 16 : 0), sizeof(vf));
-        for (int64_t b = 0; b < nb; b++) {
-            float* p = row + b * n;
-            vf v0, v1;
-            memcpy(&v0, p, sizeof(vf));
-            v0 = fwht16_v(v0);
-            if (n == 32) {
-                memcpy(&v1, p + 16, sizeof(vf));
-                v1 = fwht16_v(v1);
-                const vf a = v0;
-                v0 = a + v1;
-                v1 = a - v1;
-                v1 = (v1 * cv) * s1;
-                memcpy(p + 16, &v1, sizeof(vf));
-            }
-            v0 = (v0 * cv) * s0;
-            memcpy(p, &v0, sizeof(vf));
-        }
-        return;
-    }
-#endif
-    for (int64_t b = 0; b < nb; b++) fwht_block_scalar(row + b * n, sg, n, c);
-}
-
 /* Returns 0, or -1 for n not a power of two in [2, 32]. */
 int lp_im2col_fwht_f32(const float* x, float* out, const int64_t* g, const float* signs, int n, int nthreads) {
     if (n < 2 || n > MAXN || (n & (n - 1))) return -1;
@@ -239,7 +258,7 @@ int lp_im2col_fwht_f32(const float* x, float* out, const int64_t* g, const float
         float* row = out + k * Tp;
         im2col_column(x, row, g, k);
         for (int64_t t = T; t < Tp; t++) row[t] = 0.0f;
-        fwht_row(row, nb, signs, n, c);
+        fwht_row(row, row, nb, signs, n, c, 0);
     }
     return 0;
 }
