@@ -117,9 +117,7 @@ def _once(to2d, delta):
     plain copy; on the char GPT with nvfp4_rtn the two copies per layer took ~0.8x the C format's time),
     a matrix view copied by the C transposition (`cpu_twins.contiguous`: the same tensor, ~3x faster);
     the token view of ``delta`` is made once too."""
-    memo = []
-
-    views = []
+    memo, views = [], []
 
     def f(t, view=False):
         if t is not delta:

@@ -1,7 +1,7 @@
 """The C im2col (lowprec.kernels.cpu.im2col, used by backward.im2col_of for the update GEMM's
 activation operand under act_upd/update_rht) is the same matrix, bit for bit, as F.unfold followed by
 the transposing reshape it replaces, and so is the rotated one (each of its gather paths: a plane
-shifted, short rows through a table, rows one by one): guards the update GEMM's numbers (nvfp4_sr_rht on convolutions)
+shifted, rows one by one): guards the update GEMM's numbers (nvfp4_sr_rht on convolutions)
 against an off-by-one in the padding, stride or dilation arithmetic."""
 
 import pytest

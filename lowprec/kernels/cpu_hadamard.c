@@ -215,20 +215,6 @@ static void im2col_column(const float* x, float* row, const int64_t* g, int64_t 
         }
         return;
     }
-    if (Wo < 16 && Ho * Wo <= 1024) { /* short rows: gather each image through one table of offsets */
-        int32_t idx[1024];
-        for (int64_t t = 0; t < Ho * Wo; t++) {
-            const int64_t ho = t / Wo, wo = t % Wo;
-            const int in = ho >= hlo && ho < hhi && wo >= lo && wo < hi;
-            idx[t] = in ? (int32_t)((ho * sh - ph + di) * W + wo * sw - pw + dj) : -1;
-        }
-        for (int64_t nn = 0; nn < N; nn++) {
-            float* dst = row + nn * Ho * Wo;
-            const float* plane = x + (nn * C + c) * H * W;
-            for (int64_t t = 0; t < Ho * Wo; t++) dst[t] = idx[t] >= 0 ? plane[idx[t]] : 0.0f;
-        }
-        return;
-    }
     for (int64_t nn = 0; nn < N; nn++) {
         float* dst = row + nn * Ho * Wo;
         const float* plane = x + (nn * C + c) * H * W - pw + dj;

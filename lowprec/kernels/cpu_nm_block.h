@@ -214,14 +214,15 @@ __attribute__((always_inline)) static inline void mvue_keep_v(const vf* s, vf u,
     }
 }
 
+static inline vf clamp_v(vf q, vf big) { return sel(q < -big, -big, sel(q > big, big, q)); }
+
 /* mvue_keep_v for n = 1, M = 2 (both entries non-zero: a sparser block passes through) in closed form:
  * round 0 of the water-filling gives share_j = s_j·(1/max(s_0 + s_1, 2^-126)). If an entry's share
  * is >= 1 it is capped and round 1 (budget 0) leaves the other at p = 0: keep = capped. Else
  * p_j = share_j < 1 and systematic sampling keeps entry 0 when u < p_0 and entry 1 otherwise, except
  * when p_1 = 0 (s_1 underflowed): entry 0 is then the last open one and is kept outright. The same
- * float operations as the general rounds, so the same p and keep bit for bit. */
-static inline vf clamp_v(vf q, vf big) { return sel(q < -big, -big, sel(q > big, big, q)); }
-
+ * float operations as the general rounds, so the same keep, and the same p of each kept entry, bit for
+ * bit (an entry not kept keeps its round-0 share: its p is never read). */
 __attribute__((always_inline)) static inline void mvue12_keep_v(const vf* s, vf u, vf* p, vi* keep) {
     const vf one = vsplat(1.0f), zero = vsplat(0.0f);
     const vf cs = one / vmax(s[0] + s[1], vsplat(0x1p-126f));
@@ -313,10 +314,11 @@ __attribute__((always_inline)) static inline vi nm_core_v(const vf* xv, const vf
             const vf q = clamp_v(sel(keep[0], xv[0], xv[1]) / sel(keep[0], p[0], p[1]), vbig);
             o[0] = sel(sparse, xv[0], sel(keep[0], q, zero));
             o[1] = sel(sparse, xv[1], sel(keep[1], sel(keep[0], clamp_v(xv[1], vbig), q), zero));
-        }
-        for (int j = 0; !(MODE == 0 && N_ == 1 && M_ == 2) && j < M_; j++) {
-            const vf q = clamp_v(sel(keep[j], xv[j] / sel(keep[j], p[j], vsplat(1.0f)), zero), vbig);
-            o[j] = sel(sparse, xv[j], q);
+        } else {
+            for (int j = 0; j < M_; j++) {
+                const vf q = clamp_v(sel(keep[j], xv[j] / sel(keep[j], p[j], vsplat(1.0f)), zero), vbig);
+                o[j] = sel(sparse, xv[j], q);
+            }
         }
     }
     return bad;
