@@ -194,6 +194,16 @@ def im2col_of(w, conv):
     return im2col
 
 
+def _rotated(est, x, signs, dim: int, samples: int, generator, state):
+    """The SMP mean of ``samples`` draws of ``est(block_rht(x, signs, dim))`` (est None: the rotation);
+    one pass over x where the estimator rotates its input itself (``after_rht``, blocks along ``dim``)."""
+    if est is None:
+        return block_rht(x, signs, dim)
+    if samples == 1 and hasattr(est, "after_rht") and est.dim % x.dim() == dim % x.dim():
+        return est.after_rht(x, signs, generator=generator)
+    return SMP(est, samples).draws(block_rht(x, signs, dim), generator=generator, state=state)[1]
+
+
 def update_operands(g, delta, d_u, a2, signs, to2d, from2d, *, state, generator=None):
     """(δ_u [C_out, T'], a_u [T', K], ones [T', 1] or None, δ_u in δ's layout for statistics) of the
     update GEMM of recipe ``g`` (module docstring). ``a2``: the activation as the [T, K] operand
@@ -204,18 +214,19 @@ def update_operands(g, delta, d_u, a2, signs, to2d, from2d, *, state, generator=
         a2 = _matrix(a2)
         d_u2 = to2d(d_u)
         unrotated = d_u
-    else:
-        d2 = block_rht(token_matrix(to2d, delta), signs, -1)
-        if g.update is not None:  # d2 is already the [C_out, tokens] view the estimator expects
-            d2 = SMP(g.update, int(g.samples)).draws(d2, generator=generator, state=state)[1]
-        d_u2 = d2
-        a2 = a2.rotated(signs) if isinstance(a2, Im2col) else block_rht(a2, signs, 0)
-        tokens = delta.numel() // d2.shape[0]
-        ones = block_rht(torch.ones(tokens, 1, dtype=a2.dtype, device=a2.device), signs, 0)
+        a_u = a2 if g.act_upd is None else g.act_upd(a2, generator=generator)
+    else:  # δ as the [C_out, tokens] view the update estimator expects, a as [T, K]: rotated, then quantized
+        d_u2 = _rotated(g.update, token_matrix(to2d, delta), signs, -1, int(g.samples), generator, state)
+        if isinstance(a2, Im2col):
+            a2 = a2.rotated(signs)
+            a_u = a2 if g.act_upd is None else g.act_upd(a2, generator=generator)
+        else:
+            a_u = _rotated(g.act_upd, a2, signs, 0, 1, generator, None)
+        tokens = delta.numel() // d_u2.shape[0]
+        ones = block_rht(torch.ones(tokens, 1, dtype=a_u.dtype, device=a_u.device), signs, 0)
 
         def unrotated():
             return from2d(block_rht(d_u2, signs, -1, inverse=True)[:, :tokens])
-    a_u = a2 if g.act_upd is None else g.act_upd(a2, generator=generator)
     return d_u2, a_u, ones, unrotated
 
 

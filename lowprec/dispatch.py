@@ -21,7 +21,9 @@ the eager paths reduce once more), ``luq_pack`` (reference LUQ then packing; no 
 ``luq_unpack`` (resolved on an empty probe of the output dtype: its input is uint8 codes),
 ``nm_luq`` (eagerly N:M then LUQ, both references or both twins). ``radix4``, ``fp4_rdn``,
 ``int_sr`` and ``block_rht`` have no kernel: CUDA tensors and every backend but ``"auto"``
-(``"triton"`` too) run the reference.
+(``"triton"`` too) run the reference. ``rht_nvfp4`` (NVFP4 of the block RHT, blocks along the rotated
+dim) is the rotation's reference then nvfp4's, or its kernel after the torch rotation; its CPU twin does
+both in one C call.
 
 Kernel randomness: one seed per call from ``generator`` (None: torch's global RNG), so
 ``torch.manual_seed`` reproduces a run; the kernel's draws differ from the reference's
@@ -139,6 +141,10 @@ def _nm_then_luq(nm: Callable, lq: Callable) -> Callable:  # nm_luq's eager path
     return eager
 
 
+def _rht_then(f: Callable) -> Callable:  # a block format's reference after the rotation's
+    return lambda x, signs, dim, **kw: f(block_rht_reference(x, signs, dim), dim=dim, **kw)
+
+
 def _luq_pack_eager(x, bits, *, levels, max_abs, generator, noise, nonfinite):
     # quantized in x's dtype (its levels are exact there, so the fp32 copy is too), as the kernel does
     q = luq_reference(x, bits, levels=levels, max_abs=max_abs, generator=generator, noise=noise,
@@ -202,6 +208,8 @@ ROUTES: dict[str, Route] = {
     "fp4_rdn": Route(fp4_rdn_reference, _twin("fp4_rdn")),
     "int_sr": Route(int_sr_reference, _twin("int_sr")),
     "block_rht": Route(block_rht_reference, _twin("block_rht")),
+    # NVFP4 after the rotation: the two references one after the other; the kernel module's nvfp4 after it
+    "rht_nvfp4": Route(_rht_then(nvfp4_reference), _twin("rht_nvfp4"), "fp4.rht_nvfp4", _why_noise),
 }
 
 
@@ -332,3 +340,11 @@ def block_rht(x: Tensor, signs: Tensor, dim: int, *, inverse: bool = False, back
     """:func:`lowprec.hadamard.block_rht` (the FWHT); one C pass on CPU tensors, bit-identical."""
     _requested(backend)  # a bad backend= raises for CUDA tensors too (the twin-only routes check it on CPU only)
     return _route("block_rht", backend, x, signs, dim, inverse=inverse)
+
+
+def rht_nvfp4(x: Tensor, signs: Tensor, dim: int, *, rounding: str = "rtn", generator: torch.Generator | None = None,
+              noise: Tensor | None = None, nonfinite: str = "raise", backend: str | None = "auto") -> Tensor:
+    """``nvfp4(block_rht(x, signs, dim), dim=dim)``; on CPU tensors both in one C call where it can (the
+    rotated tensor never written), the same numbers."""
+    return _route("rht_nvfp4", backend, x, signs, dim, rounding=rounding, generator=generator, noise=noise,
+                  nonfinite=nonfinite)

@@ -303,6 +303,13 @@ class NVFP4:
         return dispatch.nvfp4(x, dim=self.dim, rounding=self.rounding, block_2d=self.block_2d, generator=generator,
                               noise=noise, nonfinite=self.nonfinite, backend=None)
 
+    def after_rht(self, x: Tensor, signs: Tensor, *, generator=None) -> Tensor:
+        """``self(block_rht(x, signs, self.dim))``: on CPU tensors one pass over x where it can."""
+        if self.block_2d:
+            return self(dispatch.block_rht(x, signs, self.dim, backend=None), generator=generator)
+        return dispatch.rht_nvfp4(x, signs, self.dim, rounding=self.rounding, generator=generator,
+                                  nonfinite=self.nonfinite, backend=None)
+
     def expected_variance(self, x: Tensor) -> Tensor | None:
         if self.rounding == "rtn":
             return _zero_variance(x)

@@ -74,6 +74,9 @@ CASES = {
                "int_sr", None),
     "block_rht": (lambda b, u: dispatch.block_rht(X, SIGNS, -1, backend=b),
                   lambda: hadamard.block_rht(X, SIGNS, -1), "block_rht", None),
+    "rht_nvfp4": (lambda b, u: dispatch.rht_nvfp4(X, SIGNS, -1, rounding="sr", noise=u, backend=b),
+                  lambda: fp4.nvfp4(hadamard.block_rht(X, SIGNS, -1), rounding="sr", noise=U), "rht_nvfp4",
+                  ("fp4", "rht_nvfp4")),
 }
 TWINS = sorted(twin for *_, twin, _ in CASES.values() if twin is not None)
 

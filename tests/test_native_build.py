@@ -57,7 +57,7 @@ def test_ctypes_signatures_match_the_c_prototypes():
 def test_sources_split_by_family_and_installed():
     names = {p.name for p in native.SOURCES}
     assert {"cpu_common.c", "cpu_luq.c", "cpu_nm.c", "cpu_fp4.c", "cpu_baselines.c", "cpu_hadamard.c"} <= names
-    assert [p.name for p in native.HEADERS] == ["cpu_common.h", "cpu_nm_block.h"]
+    assert [p.name for p in native.HEADERS] == ["cpu_common.h", "cpu_fwht.h", "cpu_nm_block.h"]
     text = (native.HERE.parents[1] / "pyproject.toml").read_text()
     assert '"*.c"' in text and '"*.h"' in text  # package data: the sources install with the package
 

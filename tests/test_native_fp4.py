@@ -4,14 +4,15 @@ across row ends (each block's uniform index from its row and column: a Linear δ
 along C_out), and each block's own NaN/Inf test (MXFP4 and block LUQ read x once).
 Bit for bit equal to lowprec.fp4 given the twins' uniforms and to the torch cores, with partial groups
 and tail blocks, in transposed layouts, at extreme scales, for fp32/bf16/fp16; a NaN/Inf anywhere
-raises or gives zeros as the reference does; the thread count changes nothing."""
+raises or gives zeros as the reference does; the thread count changes nothing. NVFP4 after the block
+RHT (lp_rht_nvfp4_f32: the rotation into a buffer, never written) equals the two twins and the references."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lowprec import NonFiniteError, fp4
+from lowprec import NonFiniteError, dispatch, fp4, hadamard
 from lowprec.kernels import cpu, native
 from kernel_utils import grad_like, same, torch_core
 from stat_utils import boundary_uniforms
@@ -114,5 +115,61 @@ def test_fp4_thread_count_does_not_change_results(case):
             x[-1, -1] = float("nan")
             with pytest.raises(NonFiniteError):
                 twin(x, d, generator=torch.Generator().manual_seed(2))
+    finally:
+        torch.set_num_threads(before)
+
+
+def rht_layouts(dtype=torch.float32):
+    """(name, x, dim, fused): the RHT's rotated dim not innermost in memory (one C call: fused) or innermost
+    (the two twins), with tail blocks (zero-padded rows) and partial column chunks."""
+    x = extremes(dtype).t().contiguous()  # [512, 16]: the special rows as columns, rotated along dim 0
+    x[:, 7] /= 30  # 1e37, not 3e38: a block's sum of 16 stays finite
+    return [("[T, C] along tokens, T % 32 != 0, C % 64 != 0", grad_like((1000, 70), 1, dtype), 0, True),
+            ("transposed [C, T] view along tokens (a Linear δ)", grad_like((130, 300), 2, dtype).t(), -1, True),
+            ("3-D, rotated along the middle dim", grad_like((3, 37, 200), 3, dtype), 1, True),
+            ("extremes as columns", x, 0, True),
+            ("rotated along the innermost dim", grad_like((40, 100), 4, dtype), -1, False)]
+
+
+@pytest.mark.parametrize("n", [16, 32])
+@pytest.mark.parametrize("rounding", ["rtn", "sr"])
+def test_rht_nvfp4_equals_the_rotation_then_nvfp4(n, rounding, monkeypatch):
+    calls = []
+    run = native.run_rht_nvfp4
+    monkeypatch.setattr(native, "run_rht_nvfp4", lambda *a, **k: calls.append(1) or run(*a, **k))
+    s = hadamard.random_signs(n, generator=torch.Generator().manual_seed(n))
+    for dtype in (torch.float32, torch.float16):
+        for name, x, d, fused in rht_layouts(dtype):
+            g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+            del calls[:]
+            y = cpu.rht_nvfp4(x, s, d, rounding=rounding, generator=g())
+            assert len(calls) == (fused and dtype == torch.float32), (name, dtype)  # fp16: block_rht rounds to fp16
+            r = hadamard.block_rht(x, s, d)
+            same(y, cpu.nvfp4(cpu.block_rht(x, s, d), dim=d, rounding=rounding, generator=g()), f"two twins, {name}")
+            assert y.stride() == cpu.block_rht(x, s, d).stride(), name  # the layout the update GEMM gets
+            same(y, fp4.nvfp4(r, dim=d, rounding=rounding, noise=cpu.uniforms(cpu.draw_seed(g()), r.shape)),
+                 f"reference, {name}")
+            same(y, torch_core(lambda: cpu.rht_nvfp4(x, s, d, rounding=rounding, generator=g())), f"torch, {name}")
+            same(y, dispatch.rht_nvfp4(x, s, d, rounding=rounding, generator=g()), f"dispatch, {name}")
+            if rounding == "sr":
+                u = boundary_uniforms(r.shape, seed=1)
+                same(cpu.rht_nvfp4(x, s, d, rounding="sr", noise=u), fp4.nvfp4(r, dim=d, rounding="sr", noise=u),
+                     f"given uniforms, {name}")
+
+
+def test_rht_nvfp4_nonfinite_and_threads():
+    s = hadamard.random_signs(16, generator=torch.Generator().manual_seed(0))
+    before = torch.get_num_threads()
+    try:
+        for x, d in ((grad_like((2000, 300), 1), 0), (grad_like((2000, 300), 2).t(), -1)):
+            outs = []
+            for t in (1, 3):
+                torch.set_num_threads(t)
+                outs.append(cpu.rht_nvfp4(x, s, d, rounding="sr", generator=torch.Generator().manual_seed(2)))
+            same(*outs, f"threads, {tuple(x.shape)} dim {d}")
+            x[1999 if d == 0 else 7, 7 if d == 0 else 1999] = float("nan")  # in the last (tail-less) block
+            with pytest.raises(NonFiniteError):
+                cpu.rht_nvfp4(x, s, d, generator=torch.Generator().manual_seed(2))
+            same(cpu.rht_nvfp4(x, s, d, nonfinite="skip"), torch.zeros_like(outs[0]), f"skip, dim {d}")
     finally:
         torch.set_num_threads(before)

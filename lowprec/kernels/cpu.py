@@ -429,6 +429,34 @@ def block_rht(x: Tensor, signs: Tensor, dim: int, *, inverse: bool = False) -> T
     return out.view(*x.shape[:d], out.shape[1], *x.shape[d + 1:]).to(x.dtype)
 
 
+def rht_nvfp4(x: Tensor, signs: Tensor, dim: int, *, rounding: str = "rtn", generator: torch.Generator | None = None,
+              noise: Tensor | None = None, nonfinite: str = "raise") -> Tensor:
+    """``nvfp4(block_rht(x, signs, dim), dim=dim)`` with the same numbers and draws: one C call when the
+    rotated dim of fp32 ``x`` is not innermost in memory (a Linear's [tokens, C] operands along tokens,
+    or their transposed views), the rotated tensor never written; else the two twins one after the other."""
+    check_rounding(rounding)
+    check_nonfinite_mode(nonfinite)
+    t = x.dim() == 2 and x.shape[0] > 1 and x.shape[1] > 1 and x.stride() == (1, x.shape[0])
+    m, dm = (x.t(), 1 - dim % 2) if t else (x, dim % max(x.dim(), 1))  # x in memory order
+    lib = _c_lib(x) if x.dtype == torch.float32 and m.is_contiguous() and x.numel() else None
+    outer, n_in, inner = hadamard.rht_dims(m, dm) if lib is not None else (0, 0, 0)
+    n = signs.numel()
+    if inner < 2 or x.requires_grad and torch.is_grad_enabled():
+        return nvfp4(block_rht(x, signs, dim), dim=dim, rounding=rounding, generator=generator, noise=noise,
+                     nonfinite=nonfinite)
+    hadamard.check_rht_size(n)
+    shape = list(m.shape)
+    shape[dm] = -(-n_in // n) * n
+    stride = torch.empty(shape, device="meta").stride()
+    lshape, lstride = (shape[::-1], stride[::-1]) if t else (shape, stride)  # block_rht's result, as nvfp4 sees it
+    u, seed = _draw(generator, noise, lshape, "nvfp4") if rounding == "sr" else (None, 0)
+    us = _blocked_view_of(tuple(lshape), tuple(lstride), dim)[1]
+    s = signs.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    rc, out = native.run_rht_nvfp4(lib, m.detach(), s, u, key_of(seed), outer, n_in, inner, n, rounding == "sr", us)
+    out = out.view(shape).t() if t else out.view(shape)
+    return torch.zeros_like(out) if _zeros_for_nonfinite(rc, x, nonfinite, "nvfp4") else out
+
+
 def im2col(x: Tensor, kernel, stride, padding, dilation) -> Tensor:
     """The im2col matrix ``[N·Ho·Wo, C·kh·kw]`` of ``x`` ``[N, C, H, W]`` (pairs of ints): one C pass
     on fp32 CPU tensors (no ``[N, K, L]`` intermediate, no transposing copy; data movement only, so

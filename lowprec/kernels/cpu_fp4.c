@@ -1,5 +1,5 @@
 /* Block FP4 formats: NVFP4, MXFP4, block LUQ (lowprec.fp4). Conventions: cpu_common.h. */
-#include "cpu_common.h"
+#include "cpu_fwht.h"
 
 static inline float e2m1(float y, float u, int sr) { /* fp4.e2m1_round */
     y = y > 6.0f ? 6.0f : y;
@@ -156,17 +156,18 @@ __attribute__((always_inline)) static inline int fp4_block_row(const float* x, f
     return 0;
 }
 
-/* Blocks of `size` along l at inner positions i0..i0+ni-1 (inner > 1), IC of them side by side. */
-__attribute__((always_inline)) static inline int fp4_block_cols(const float* x, float* out, const float* u,
-                                                               uint64_t key, const int64_t* us, int64_t length,
-                                                               int64_t inner, int64_t o, int64_t l0, int64_t nl,
-                                                               int64_t i0, int64_t ni, float s_enc, float s_dec,
-                                                               float c2, const int FMT, const int SR) {
+/* Blocks of `size` along l at inner positions i0..i0+ni-1 (inner > 1), IC of them side by side; their
+ * element (l, i) read at xb[(l - l0)·xr + i] (x itself, or a buffer of rotated rows: lp_rht_fp4_f32). */
+__attribute__((always_inline)) static inline int fp4_block_cols(const float* xb, int64_t xr, float* out,
+                                                               const float* u, uint64_t key, const int64_t* us,
+                                                               int64_t length, int64_t inner, int64_t o, int64_t l0,
+                                                               int64_t nl, int64_t i0, int64_t ni, float s_enc,
+                                                               float s_dec, float c2, const int FMT, const int SR) {
     uint32_t mb[IC], top = 0;
     float p0[IC], p1[IC], p2[IC], ub[IC];
     for (int64_t i = 0; i < ni; i++) mb[i] = 0;
-    for (int64_t l = l0; l < l0 + nl; l++) {
-        const float* xp = x + (o * length + l) * inner + i0;
+    for (int64_t l = 0; l < nl; l++) {
+        const float* xp = xb + l * xr;
         for (int64_t i = 0; i < ni; i++) /* not mag_max: GCC 12 then spills in the strided-gather variant */
             mb[i] = mag_bits(xp[i]) > mb[i] ? mag_bits(xp[i]) : mb[i];
     }
@@ -175,9 +176,10 @@ __attribute__((always_inline)) static inline int fp4_block_cols(const float* x, 
     for (int64_t i = 0; i < ni; i++) fp4_params(mb[i], s_enc, s_dec, c2, &p0[i], &p1[i], &p2[i], FMT, SR);
     for (int64_t l = l0; l < l0 + nl; l++) {
         const int64_t base = (o * length + l) * inner + i0;
+        const float* xp = xb + (l - l0) * xr;
         fp4_uniforms(ub, ni, u, key, o * us[0] + l * us[1] + i0 * us[2], us[2], SR);
         for (int64_t i = 0; i < ni; i++)
-            out[base + i] = fp4_elem(x[base + i], ub[i], p0[i], p1[i], p2[i], s_dec, FMT, SR);
+            out[base + i] = fp4_elem(xp[i], ub[i], p0[i], p1[i], p2[i], s_dec, FMT, SR);
     }
     return 0;
 }
@@ -270,8 +272,8 @@ __attribute__((always_inline)) static inline int fp4_row_item(const float* x, fl
                 } else {                                                                                     \
                     for (int64_t c = 0; c < nic; c++) {                                                      \
                         const int64_t i0 = c * IC, ni = i0 + IC <= inner ? IC : inner - i0;                  \
-                        bad |= fp4_block_cols(x, out, u, key, us, length, inner, o0, l0, nl, i0, ni, s_enc, s_dec, \
-                                              c2, FMT, SR);                                                  \
+                        bad |= fp4_block_cols(x + (o0 * length + l0) * inner + i0, inner, out, u, key, us, length, \
+                                              inner, o0, l0, nl, i0, ni, s_enc, s_dec, c2, FMT, SR);         \
                     }                                                                                        \
                 }                                                                                            \
             }                                                                                                \
@@ -282,6 +284,14 @@ FP4_SPECIAL(fp4_nv_sr, 0, 1)
 FP4_SPECIAL(fp4_mx_rtn, 1, 0)
 FP4_SPECIAL(fp4_mx_sr, 1, 1)
 FP4_SPECIAL(fp4_bluq, 2, 1)
+
+/* NVFP4's tensor scale from mb = max|x| as bits (finite). */
+static void nvfp4_tensor_scale(uint32_t mb, float* s_enc, float* s_dec) {
+    float e = 2688.0f / bits_f(mb); /* 6 * 448 over the tensor max */
+    e = e > 0x1.fffffep127f ? 0x1.fffffep127f : e;
+    *s_enc = e;
+    *s_dec = 1.0f / e;
+}
 
 /* x contiguous [outer, length, inner], blocks of `size` along length (`rows` > 1: size x size tiles of
  * [outer, length], inner = 1). us: the uniform index of element (o, l, i) is o·us[0] + l·us[1] + i·us[2]
@@ -297,9 +307,7 @@ int lp_fp4_f32(const float* x, float* out, const float* u, uint64_t key, const i
         uint32_t mb = 0;
         for (int64_t k = 0; k < n; k++) mb = mag_max(mb, x[k]);
         if (mb >= NONFINITE) return 1;
-        s_enc = 2688.0f / bits_f(mb); /* 6 * 448 over the tensor max (nvfp4) */
-        s_enc = s_enc > 0x1.fffffep127f ? 0x1.fffffep127f : s_enc;
-        s_dec = 1.0f / s_enc;
+        nvfp4_tensor_scale(mb, &s_enc, &s_dec);
     }
     const float c2 = pow2f(-lm1);
 #define FP4_ARGS x, out, u, key, us, outer, length, inner, size, rows, c2, s_enc, s_dec, nthreads
@@ -308,3 +316,73 @@ int lp_fp4_f32(const float* x, float* out, const float* u, uint64_t key, const i
     return fp4_bluq(FP4_ARGS);
 #undef FP4_ARGS
 }
+
+/* Block (o, b) of n rows at columns i0..i0+ni-1 of x rotated (cpu_fwht.h), then NVFP4 over it (SR as
+ * given: IS_SR), or (MAX_ONLY) only the max of its magnitude bits folded into *mb. */
+__attribute__((always_inline)) static inline int rht_nv_item(const float* x, float* out, const float* sg,
+                                                            const float* u, uint64_t key, const int64_t* us,
+                                                            int64_t o, int64_t b, int64_t n_in, int64_t n_out,
+                                                            int64_t inner, int64_t i0, const int64_t ni, const int n,
+                                                            float c, float s_enc, float s_dec, uint32_t* mb,
+                                                            const int MAX_ONLY, const int IS_SR) {
+    float v[MAXN][FC];
+    fwht_cols_v(x, v, sg, o, b, n_in, inner, i0, ni, n, 0, c);
+    if (MAX_ONLY) {
+        uint32_t m = *mb;
+        for (int r = 0; r < n; r++)
+            for (int64_t i = 0; i < ni; i++) m = mag_max(m, v[r][i]);
+        *mb = m;
+        return 0;
+    }
+    int bad = 0;
+    for (int h = 0; h < n; h += 16) /* NVFP4's blocks of 16 */
+        bad |= fp4_block_cols(&v[h][0], FC, out, u, key, us, n_out, inner, o, b * n + h, 16, i0, ni, s_enc, s_dec,
+                              1.0f, 0, IS_SR);
+    return bad;
+}
+
+#define RHT_NV_ITEM(MAX_ONLY, IS_SR)                                                                           \
+    (ni == FC && n == 16                                                                                        \
+         ? rht_nv_item(x, out, signs, u, key, us, o, b, n_in, n_out, inner, i0, FC, 16, c, s_enc, s_dec, &mb,   \
+                       MAX_ONLY, IS_SR)                                                                        \
+         : rht_nv_item(x, out, signs, u, key, us, o, b, n_in, n_out, inner, i0, ni, n, c, s_enc, s_dec, &mb,    \
+                       MAX_ONLY, IS_SR))
+
+/* NVFP4 of lowprec.hadamard.block_rht(x, signs) along its blocks (lowprec.kernels.cpu.rht_nvfp4): x
+ * contiguous [outer, n_in, inner] (inner > 1), rotated along the middle dim in blocks of n (16 or 32;
+ * the tail zero-padded), then NVFP4 (blocks of 16 along the same dim; n = 32 holds two) into out
+ * contiguous [outer, n_out = ceil(n_in/n)·n, inner]; us: the uniform strides of out's elements (as
+ * lp_fp4_f32's). The numbers of lp_fwht_f32 then lp_fp4_f32, without the rotated tensor in memory: each
+ * block is rotated twice, as the tensor scale is the max over the whole rotated tensor (a first pass
+ * that writes nothing). Returns 1 when the rotation holds a NaN/Inf, -1 for an unsupported n. */
+int lp_rht_nvfp4_f32(const float* x, float* out, const float* signs, const float* u, uint64_t key,
+                     const int64_t* us, int64_t outer, int64_t n_in, int64_t inner, int n, int sr, int nthreads) {
+    if ((n != 16 && n != 32) || inner < 2) return -1;
+    const float c = (float)(1.0 / sqrt((double)n));
+    const int64_t nb = (n_in + n - 1) / n, n_out = nb * n, nic = (inner + IC - 1) / IC;
+    const int par = nthreads > 1 && outer * n_out * inner >= 65536;
+    float s_enc = 1.0f, s_dec = 1.0f;
+    uint32_t top = 0;
+#pragma omp parallel for collapse(3) num_threads(nthreads) if (par) reduction(max : top)
+    for (int64_t o = 0; o < outer; o++)
+        for (int64_t b = 0; b < nb; b++)
+            for (int64_t ic = 0; ic < nic; ic++) {
+                const int64_t i0 = ic * IC, ni = i0 + IC <= inner ? IC : inner - i0;
+                uint32_t mb = 0;
+                RHT_NV_ITEM(1, 0);
+                top = mb > top ? mb : top;
+            }
+    if (top >= NONFINITE) return 1;
+    nvfp4_tensor_scale(top, &s_enc, &s_dec);
+    int bad = 0;
+#pragma omp parallel for collapse(3) num_threads(nthreads) if (par) reduction(| : bad)
+    for (int64_t o = 0; o < outer; o++)
+        for (int64_t b = 0; b < nb; b++)
+            for (int64_t ic = 0; ic < nic; ic++) {
+                const int64_t i0 = ic * IC, ni = i0 + IC <= inner ? IC : inner - i0;
+                uint32_t mb = 0;
+                bad |= sr ? RHT_NV_ITEM(0, 1) : RHT_NV_ITEM(0, 0);
+            }
+    return bad;
+}
+#undef RHT_NV_ITEM

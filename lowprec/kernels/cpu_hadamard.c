@@ -4,44 +4,17 @@
  * log2(n) butterfly stages h = 1, 2, 4, ... (rows i, i + h of each 2h-group -> a + b, a - b), times
  * c = fp32(1/√n), (forward: times the signs). Vectorized across up to FC inner columns at a time.
  * Conventions: cpu_common.h. */
-#include "cpu_common.h"
-
-#define FC 64
-#define MAXN 32
+#include "cpu_fwht.h"
 
 __attribute__((always_inline)) static inline void fwht_cols(const float* x, float* out, const float* sg, int64_t o,
                                                           int64_t b, int64_t n_in, int64_t n_out, int64_t inner,
                                                           int64_t i0, const int64_t ni, const int n,
                                                           const int inverse, float c) {
     float v[MAXN][FC];
-    for (int r = 0; r < n; r++) {
-        const int64_t row = b * n + r;
-        const float* xp = x + (o * n_in + row) * inner + i0;
-        const float s = inverse ? sg[r] : 1.0f;
-        if (row < n_in) {
-            if (inverse)
-                for (int64_t i = 0; i < ni; i++) v[r][i] = xp[i] * s;
-            else
-                for (int64_t i = 0; i < ni; i++) v[r][i] = xp[i];
-        } else {
-            for (int64_t i = 0; i < ni; i++) v[r][i] = inverse ? 0.0f * s : 0.0f;
-        }
-    }
-    for (int h = 1; h < n; h *= 2)
-        for (int g = 0; g < n; g += 2 * h)
-            for (int r = g; r < g + h; r++)
-                for (int64_t i = 0; i < ni; i++) {
-                    const float a = v[r][i], bb = v[r + h][i];
-                    v[r][i] = a + bb;
-                    v[r + h][i] = a - bb;
-                }
+    fwht_cols_v(x, v, sg, o, b, n_in, inner, i0, ni, n, inverse, c);
     for (int r = 0; r < n; r++) {
         float* op = out + (o * n_out + b * n + r) * inner + i0;
-        const float s = inverse ? 1.0f : sg[r];
-        if (inverse)
-            for (int64_t i = 0; i < ni; i++) op[i] = v[r][i] * c;
-        else
-            for (int64_t i = 0; i < ni; i++) op[i] = (v[r][i] * c) * s;
+        for (int64_t i = 0; i < ni; i++) op[i] = v[r][i];
     }
 }
 

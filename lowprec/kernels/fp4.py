@@ -23,6 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._common import check_float, check_nonfinite_mode, nonfinite_guard
+from ..hadamard import block_rht
 from ..fp4 import E8M0_EMAX, E8M0_EMIN, FP32_MAX, MXFP4_BLOCK, NVFP4_BLOCK, block_dims, check_block, check_rounding
 from ..luq import luq_levels
 from . import draw_seed
@@ -159,6 +160,13 @@ def nvfp4(x: Tensor, *, dim: int = -1, rounding: str = "rtn", block_2d: bool = F
     check_rounding(rounding)
     return _run(x, "nvfp4", dim=dim, sr=rounding == "sr", size=NVFP4_BLOCK, rows=NVFP4_BLOCK if block_2d else 1,
                 seed=seed, generator=generator, nonfinite=nonfinite, who="nvfp4")
+
+
+def rht_nvfp4(x: Tensor, signs: Tensor, dim: int, *, rounding: str = "rtn", seed: int | None = None,
+              generator: torch.Generator | None = None, nonfinite: str = "raise") -> Tensor:
+    """:func:`nvfp4` after :func:`lowprec.hadamard.block_rht` (the rotation in torch: it has no kernel)."""
+    return nvfp4(block_rht(x, signs, dim), dim=dim, rounding=rounding, seed=seed, generator=generator,
+                 nonfinite=nonfinite)
 
 
 def mxfp4(x: Tensor, *, dim: int = -1, rounding: str = "rtn", seed: int | None = None,

@@ -27,7 +27,8 @@ twin draws and a run's numbers do not depend on whether a compiler was found.
 
 Build: every ``cpu_*.c`` of this folder (one file per family: ``cpu_common`` the uniforms,
 ``cpu_luq``, ``cpu_nm``, ``cpu_fp4``, ``cpu_baselines``, ``cpu_hadamard``; shared inline helpers in
-``cpu_common.h``, the N:M per-block math in ``cpu_nm_block.h``) into one library with ``$CC`` (else ``cc``/``gcc``/``clang``), ``-O3
+``cpu_common.h``, the N:M per-block math in ``cpu_nm_block.h``, a column block's FWHT in
+``cpu_fwht.h``) into one library with ``$CC`` (else ``cc``/``gcc``/``clang``), ``-O3
 -ffp-contract=off`` and, down a ladder of rungs until one compiles, ``-march=native``,
 ``-mcpu=native`` (Apple clang and other compilers that reject ``-march=native``), ``-mtune=native``,
 then nothing (portable code; the N:M twins' GCC/Clang vector types still compile, to whatever vector
@@ -89,6 +90,7 @@ SIGNATURES = {
     "lp_nm_f32": (_INT, [_P, _P, _P, _U64, _I64P, _I64P, _I64P, _I64, _INT, _INT, _INT, _F32, _INT, _P]),
     "lp_mse_f32": (_INT, [_P, _P, _I64P, _I64P, _I64, _INT, _INT, _INT]),
     "lp_fp4_f32": (_INT, [_P, _P, _P, _U64, _I64P, _I64, _I64, _I64, _INT, _INT, _INT, _INT, _INT, _INT]),
+    "lp_rht_nvfp4_f32": (_INT, [_P, _P, _P, _P, _U64, _I64P, _I64, _I64, _I64, _INT, _INT, _INT]),
     "lp_elem_f32": (_INT, [_P, _P, _P, _U64, _I64P, _I64P, _I64P, _INT, _INT, _F32, _INT, _INT]),
     "lp_fwht_f32": (_INT, [_P, _P, _P, _I64, _I64, _I64, _INT, _INT, _INT]),
     "lp_im2col_f32": (_INT, [_P, _P, _I64P, _INT]),
@@ -402,6 +404,20 @@ def run_fp4(lib, x: Tensor, u: Tensor | None, key: int, fmt: str, outer: int, le
     us = _I64x3(*(ustrides or (length * inner, inner, 1)))
     rc = lib.lp_fp4_f32(_ptr(x), _ptr(out), _ptr(u), key, us, outer, length, inner, size, rows, FP4_FORMATS[fmt],
                         int(sr), levels_minus_1, _threads())
+    return rc, out
+
+
+def run_rht_nvfp4(lib, x: Tensor, signs: Tensor, u: Tensor | None, key: int, outer: int, n_in: int, inner: int,
+                  n: int, sr: bool, ustrides: tuple[int, int, int]) -> tuple[int, Tensor]:
+    """``(status, out)``: NVFP4 (blocks along the middle dim) of :func:`run_fwht`'s rotation of fp32 ``x``
+    (contiguous ``[outer, n_in, inner]``, inner > 1) in one C call, the rotated tensor never written;
+    ``out`` contiguous ``[outer, ceil(n_in/n)·n, inner]``, ``ustrides`` its elements' uniform strides;
+    status 1 when the rotation holds a NaN/Inf."""
+    out = torch.empty((outer, -(-n_in // n) * n, inner), dtype=torch.float32)
+    rc = lib.lp_rht_nvfp4_f32(_ptr(x), _ptr(out), _ptr(signs), _ptr(u), key, _I64x3(*ustrides), outer, n_in, inner, n,
+                              int(sr), _threads())
+    if rc < 0:
+        raise ValueError(f"lp_rht_nvfp4_f32: unsupported block size {n} or inner {inner}")
     return rc, out
 
 
