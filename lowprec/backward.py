@@ -89,15 +89,22 @@ def _reads_view(est, delta, to2d, update=False) -> bool:
       bias gradient sums δ̂_u over tokens in that order, as autograd sums an nn.Linear's;
     - a convolution's [C_out, N, H·W] view, blocks along C_out (``dim == 0``) of the backward GEMM where
       C_out is not innermost (NCHW): δ̂_b in δ's NCHW order, which convolution_backward takes as it is.
-      Not a channels-last map (C_out innermost: short rows across a strided dim), not blocks along
-      tokens (a 3-D view is no [C_out, tokens] matrix).
+      Not a channels-last map (C_out innermost: short rows across a strided dim);
+    - that view in the update slot, a block format (``block``) along tokens whose blocks tile each
+      image's H·W: then they are the [C_out, tokens] copy's blocks, each element at the same logical
+      index (c·N·H·W + n·H·W + hw either way), so the same numbers without either copy (to2d's, and
+      convolution_backward's of the transposed result); not when a block would cross an image.
     Not off the CPU: the GPU kernels' layouts are not checked for this."""
     if getattr(est, "elementwise", True) or delta.device.type != "cpu":
         return False
     v = to2d(delta, view=True)
     if v.dim() == 2:
         return True
-    return not update and getattr(est, "dim", None) == 0 and v.shape[0] > 1 and v.stride(0) != 1
+    if update:  # blocks of b along tokens tiling each image's H·W: those of the copy, the same uniforms
+        b = getattr(est, "block", None)
+        return b is not None and getattr(est, "dim", None) == -1 and not getattr(est, "block_2d", False) \
+            and v.shape[-1] % b == 0
+    return getattr(est, "dim", None) == 0 and v.shape[0] > 1 and v.stride(0) != 1
 
 
 def update_draws(g, delta, samples: int, to2d, from2d, state, generator=None):

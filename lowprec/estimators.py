@@ -36,7 +36,7 @@ from torch import Tensor
 from . import dispatch
 from ._common import check_nonfinite_mode
 from .baselines import check_radix4_levels, int_sr_variance
-from .fp4 import block_luq_variance, check_block, check_rounding, fp4_sr_variance
+from .fp4 import MXFP4_BLOCK, NVFP4_BLOCK, block_luq_variance, check_block, check_rounding, fp4_sr_variance
 from .intq import CLIP_METHODS, check_bits
 from .luq import luq_levels, luq_variance
 from .nm import check_nm, nm_variance
@@ -289,7 +289,7 @@ class NVFP4:
         _check_dim(self.dim)
         check_nonfinite_mode(self.nonfinite)
 
-    elementwise = False
+    elementwise, block = False, NVFP4_BLOCK  # blocks of 16 along dim (block_2d: 16x16 tiles)
 
     @property
     def unbiased(self) -> bool:
@@ -331,7 +331,7 @@ class MXFP4:
         _check_dim(self.dim)
         check_nonfinite_mode(self.nonfinite)
 
-    elementwise = False
+    elementwise, block = False, MXFP4_BLOCK
 
     @property
     def unbiased(self) -> bool:

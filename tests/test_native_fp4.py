@@ -62,6 +62,10 @@ def layouts(dtype):
              grad_like((300, 512), 7, dtype).t(), 0),
             ("transposed, short rows of whole blocks", grad_like((40, 96), 8, dtype).t(), 0),
             ("3-D, blocks along an outer dim", grad_like((4, 600, 3), 5, dtype), 1),
+            ("a convolution's token view [C, N, H·W] in NCHW memory (rows in two levels)",
+             grad_like((6, 40, 64), 12, dtype).transpose(0, 1), -1),
+            ("the same with 3 blocks per row (groups span rows of both levels)",
+             grad_like((5, 7, 48), 13, dtype).transpose(0, 1), -1),
             ("3-D, blocks along the last dim", grad_like((2, 3, 1100), 6, dtype), -1),
             ("extremes", extremes(dtype), -1),
             ("extremes along dim 0", extremes(dtype), 0)]

@@ -299,7 +299,8 @@ def _fp4(fmt: str, reference, x: Tensor, *, dim: int, size: int, block_2d: bool,
 def _blocked_view(x: Tensor, dim: int):
     """``((outer, length, inner), uniform strides)`` when x's memory is one dense block whose dims, in
     memory order, read as ``[outer, length = x.shape[dim], inner]`` with the uniform index (x's logical C
-    order) affine in each of outer and inner; None otherwise (the caller copies to contiguous)."""
+    order) affine in inner and in outer, or in two levels of outer (cpu_fp4.c's row_u); None otherwise
+    (the caller copies to contiguous)."""
     return _blocked_view_of(tuple(x.shape), x.stride(), dim)
 
 
@@ -328,9 +329,15 @@ def _blocked_view_of(shape: tuple, stride: tuple, dim: int):
         return count, ustride
 
     o, i = fold(outer_dims), fold(inner_dims)
-    if o is None or i is None:
+    if i is None:
         return None
-    return (o[0], shape[d], i[0]), (o[1], logical[d], i[1])
+    if o is not None:  # rows one affine run: row_u(o) = o·us[0] (cpu_fp4.c)
+        return (o[0], shape[d], i[0]), (o[1], logical[d], i[1], max(o[0], 1), o[0] * o[1])
+    # rows in two affine levels (a convolution's [C_out, N, H·W] token view read in NCHW order)
+    hi, lo = fold(outer_dims[:1]), fold(outer_dims[1:])
+    if lo is None:
+        return None
+    return (hi[0] * lo[0], shape[d], i[0]), (lo[1], logical[d], i[1], lo[0], hi[1])
 
 
 def nvfp4(x: Tensor, *, dim: int = -1, rounding: str = "rtn", block_2d: bool = False,

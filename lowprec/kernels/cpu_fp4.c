@@ -84,6 +84,11 @@ __attribute__((always_inline)) static inline float fp4_elem(float xv, float uv, 
     return copysignf(mag, xv);
 }
 
+/* The uniform index of row o's first element: o = hi·R + lo with R = us[3] rows per group, hi·us[4] +
+ * lo·us[0] (a convolution's δ as [C_out, N, H·W] read in NCHW memory order: rows (n, c), R = C_out);
+ * one level, o·us[0], when us[4] = R·us[0]. */
+static inline int64_t row_u(int64_t o, const int64_t* us) { return (o / us[3]) * us[4] + (o % us[3]) * us[0]; }
+
 /* ub[0, n) = the uniforms of indices k0 + i·ks: the given ones (u), or hashed from key (zeros without SR). */
 __attribute__((always_inline)) static inline void fp4_uniforms(float* restrict ub, int64_t n, const float* restrict u,
                                                               uint64_t key, int64_t k0, int64_t ks, const int SR) {
@@ -150,7 +155,7 @@ __attribute__((always_inline)) static inline int fp4_block_row(const float* x, f
     for (int64_t o = o0; o < o0 + no; o++) {
         const int64_t base = o * length + l0;
         float ub[32];
-        fp4_uniforms(ub, nl, u, key, o * us[0] + l0 * us[1], us[1], SR);
+        fp4_uniforms(ub, nl, u, key, row_u(o, us) + l0 * us[1], us[1], SR);
         for (int64_t l = 0; l < nl; l++) out[base + l] = fp4_elem(x[base + l], ub[l], p0, p1, p2, s_dec, FMT, SR);
     }
     return 0;
@@ -177,7 +182,7 @@ __attribute__((always_inline)) static inline int fp4_block_cols(const float* xb,
     for (int64_t l = l0; l < l0 + nl; l++) {
         const int64_t base = (o * length + l) * inner + i0;
         const float* xp = xb + (l - l0) * xr;
-        fp4_uniforms(ub, ni, u, key, o * us[0] + l * us[1] + i0 * us[2], us[2], SR);
+        fp4_uniforms(ub, ni, u, key, row_u(o, us) + l * us[1] + i0 * us[2], us[2], SR);
         for (int64_t i = 0; i < ni; i++)
             out[base + i] = fp4_elem(xp[i], ub[i], p0[i], p1[i], p2[i], s_dec, FMT, SR);
     }
@@ -187,7 +192,7 @@ __attribute__((always_inline)) static inline int fp4_block_cols(const float* xb,
 /* Work item `gi` of the whole blocks of a [outer, length] matrix (inner = 1, rows = 1, length % size == 0:
  * no block crosses a row end) read back to back in memory: group gi < ng = its G blocks, else the
  * blocks after the last group one by one. Block b sits in row o = b / (length/size) at l = (b mod
- * length/size)·size, its first element's uniform index o·us[0] + l·us[1], so a row short of G blocks
+ * length/size)·size, its first element's uniform index row_u(o) + l·us[1], so a row short of G blocks
  * (a Linear's C_out read in δ's own layout) still fills the lanes. */
 __attribute__((always_inline)) static inline int fp4_flat_item(const float* x, float* out, const float* u,
                                                               uint64_t key, const int64_t* us, int64_t length,
@@ -198,9 +203,9 @@ __attribute__((always_inline)) static inline int fp4_flat_item(const float* x, f
     if (gi < ng) {
         int64_t kb[G], o = gi * G / bpr, r = gi * G - o * bpr; /* block gi·G: row o, r-th block of it */
         /* one affine run: the G blocks inside one row, or rows back to back in the uniform index too */
-        const int run = r + G <= bpr || us[0] == length * us[1];
+        const int run = r + G <= bpr || (us[0] == length * us[1] && us[4] == us[3] * us[0]);
         for (int g = 0; g < G; g++) {
-            kb[g] = o * us[0] + r * size * us[1];
+            kb[g] = row_u(o, us) + r * size * us[1];
             if (++r == bpr) r = 0, o++;
         }
         const int64_t off = gi * G * size;
@@ -226,7 +231,7 @@ __attribute__((always_inline)) static inline int fp4_row_item(const float* x, fl
                                                              const int SR) {
     if (gi < ng) {
         const int64_t l0 = gi * G * size, off = o * length + l0;
-        const int64_t k0 = o * us[0] + l0 * us[1];
+        const int64_t k0 = row_u(o, us) + l0 * us[1];
         if (size == 16) return fp4_group(x + off, out + off, u, key, k0, 0, us[1], s_enc, s_dec, c2, FMT, SR, 16);
         return fp4_group(x + off, out + off, u, key, k0, 0, us[1], s_enc, s_dec, c2, FMT, SR, 32);
     }
@@ -294,7 +299,7 @@ static void nvfp4_tensor_scale(uint32_t mb, float* s_enc, float* s_dec) {
 }
 
 /* x contiguous [outer, length, inner], blocks of `size` along length (`rows` > 1: size x size tiles of
- * [outer, length], inner = 1). us: the uniform index of element (o, l, i) is o·us[0] + l·us[1] + i·us[2]
+ * [outer, length], inner = 1). us: the uniform index of element (o, l, i) is row_u(o) + l·us[1] + i·us[2]
  * (its position in x's logical C order: a transposed view is read in memory order, no copy). Returns 1
  * when x holds a NaN/Inf (out is then garbage), -1 for an unknown format. Only NVFP4 reads x in a
  * first pass (max|x| for its tensor scale); the others test each block as they go. */

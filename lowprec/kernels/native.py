@@ -100,6 +100,7 @@ SIGNATURES = {
 
 _state: dict = {"lib": None, "failed": None, "enabled": None, "rung": None, "path": None}
 _I64x3 = ctypes.c_int64 * 3
+_I64x5 = ctypes.c_int64 * 5
 _FDS: list[int] = []
 _LOADED: dict[tuple, ctypes.CDLL] = {}
 
@@ -398,10 +399,10 @@ def run_fp4(lib, x: Tensor, u: Tensor | None, key: int, fmt: str, outer: int, le
     """``(status, out)``: a block FP4 format of :mod:`lowprec.fp4` on fp32 ``x`` (its memory one dense
     ``[outer, length, inner]`` block, blocks of ``size`` along length, ``rows`` > 1: 2-D tiles) into a
     tensor with x's strides; status 1 when x holds a NaN/Inf. ``ustrides``: the uniform index of element
-    (o, l, i) is o·us[0] + l·us[1] + i·us[2] (None: x contiguous, C order); ``u``: contiguous uniforms in
-    x's logical order, or None to draw them from ``key``."""
+    (o, l, i) is row_u(o) + l·us[1] + i·us[2], row_u(o) = (o // us[3])·us[4] + (o % us[3])·us[0] (None:
+    x contiguous, C order); ``u``: contiguous uniforms in x's logical order, or None to draw them from ``key``."""
     out = torch.empty_like(x)
-    us = _I64x3(*(ustrides or (length * inner, inner, 1)))
+    us = _I64x5(*(ustrides or (length * inner, inner, 1, max(outer, 1), outer * length * inner)))
     rc = lib.lp_fp4_f32(_ptr(x), _ptr(out), _ptr(u), key, us, outer, length, inner, size, rows, FP4_FORMATS[fmt],
                         int(sr), levels_minus_1, _threads())
     return rc, out
@@ -414,7 +415,7 @@ def run_rht_nvfp4(lib, x: Tensor, signs: Tensor, u: Tensor | None, key: int, out
     ``out`` contiguous ``[outer, ceil(n_in/n)·n, inner]``, ``ustrides`` its elements' uniform strides;
     status 1 when the rotation holds a NaN/Inf."""
     out = torch.empty((outer, -(-n_in // n) * n, inner), dtype=torch.float32)
-    rc = lib.lp_rht_nvfp4_f32(_ptr(x), _ptr(out), _ptr(signs), _ptr(u), key, _I64x3(*ustrides), outer, n_in, inner, n,
+    rc = lib.lp_rht_nvfp4_f32(_ptr(x), _ptr(out), _ptr(signs), _ptr(u), key, _I64x5(*ustrides), outer, n_in, inner, n,
                               int(sr), _threads())
     if rc < 0:
         raise ValueError(f"lp_rht_nvfp4_f32: unsupported block size {n} or inner {inner}")
