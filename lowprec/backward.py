@@ -51,9 +51,10 @@ from typing import Any, Callable
 
 import torch
 
-from .estimators import SMP
-from .dispatch import block_rht  # the FWHT: its C twin on CPU tensors
+from .estimators import NVFP4, SMP
+from .dispatch import block_rht, runs_twins  # the FWHT: its C twin on CPU tensors
 from .kernels import cpu as cpu_twins  # im2col, transposing copies: one C pass on CPU tensors
+from .kernels import cpu_rht  # NVFP4 after the rotation in one C call
 from .noise import noise_terms
 from .stats import compare
 
@@ -171,7 +172,8 @@ def custom_update(g) -> bool:
 class Im2col:
     """The im2col matrix [tokens, C_in·kh·kw] of ``t`` (a 2-d convolution's input), made when asked:
     `matrix()`, or `rotated(signs)` = ``block_rht(matrix(), signs, 0)`` in one C pass on the CPU (the
-    rows gathered straight into the FWHT: the matrix, 9x the input for a 3x3 kernel, is never written)."""
+    rows gathered straight into the FWHT: the matrix, 9x the input for a 3x3 kernel, is never written),
+    `rotated(signs, est)` = est of that (NVFP4 along tokens: lowprec.kernels.cpu_rht)."""
 
     def __init__(self, t, k, s, p, d):
         self.t, self.geom = t, (k, s, p, d)
@@ -179,10 +181,17 @@ class Im2col:
     def matrix(self):
         return cpu_twins.im2col(self.t, *self.geom)  # F.unfold and a transposing copy off the CPU
 
-    def rotated(self, signs):
+    def rotated(self, signs, est=None, generator=None):
+        """``est(rotation)`` (None: the rotation); NVFP4 along tokens on the CPU twins from one C call where
+        the geometry allows (the rotated matrix neither gathered nor read back), the same numbers."""
         if self.t.device.type != "cpu":
-            return block_rht(self.matrix(), signs, 0)
-        return cpu_twins.im2col_rht(self.t, *self.geom, signs)
+            r = block_rht(self.matrix(), signs, 0)
+        elif isinstance(est, NVFP4) and est.dim == 0 and not est.block_2d and runs_twins(self.t):
+            return cpu_rht.im2col_rht_nvfp4(self.t, *self.geom, signs, rounding=est.rounding, generator=generator,
+                                            nonfinite=est.nonfinite)
+        else:
+            r = cpu_twins.im2col_rht(self.t, *self.geom, signs)
+        return r if est is None else est(r, generator=generator)
 
 
 def _matrix(a2):
@@ -225,8 +234,7 @@ def update_operands(g, delta, d_u, a2, signs, to2d, from2d, *, state, generator=
     else:  # δ as the [C_out, tokens] view the update estimator expects, a as [T, K]: rotated, then quantized
         d_u2 = _rotated(g.update, token_matrix(to2d, delta), signs, -1, int(g.samples), generator, state)
         if isinstance(a2, Im2col):
-            a2 = a2.rotated(signs)
-            a_u = a2 if g.act_upd is None else g.act_upd(a2, generator=generator)
+            a_u = a2.rotated(signs, g.act_upd, generator)
         else:
             a_u = _rotated(g.act_upd, a2, signs, 0, 1, generator, None)
         tokens = delta.numel() // d_u2.shape[0]

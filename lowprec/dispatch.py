@@ -55,6 +55,7 @@ from .baselines import radix4 as radix4_reference
 from .hadamard import block_rht as block_rht_reference
 from .intq import int_quant as int_quant_reference
 from .kernels import cpu as cpu_twins
+from .kernels import cpu_rht
 from .kernels import interpreter_enabled, triton_available
 from .luq import luq as luq_reference
 from .luq import luq_levels, luq_scale
@@ -100,6 +101,12 @@ def resolve(x: Tensor, backend: str | None = "auto", *, who: str = "lowprec", un
     return "triton"
 
 
+def runs_twins(x: Tensor, backend: str | None = None) -> bool:
+    """Whether a call on ``x`` runs the CPU twins (a CPU tensor under ``"auto"``): callers that fuse twins
+    (lowprec.kernels.cpu_rht) ask before skipping the routes."""
+    return not x.is_cuda and _requested(backend) == "auto"
+
+
 def _eager(x: Tensor, backend: str | None, reference, twin):
     """The plain-PyTorch path for ``x``: the CPU twin (:mod:`lowprec.kernels.cpu`, bit-identical to the
     reference, fewer passes) for CPU tensors under ``"auto"``; the readable reference otherwise."""
@@ -118,9 +125,9 @@ class Route:
     why: Callable[..., str | None] | None = None  # (args after x) -> why the kernel can't, or None; may raise
 
 
-def _twin(name: str) -> Callable:
-    # looked up at each call, so a patched lowprec.kernels.cpu.<name> is the one that runs
-    return lambda *args, **kw: getattr(cpu_twins, name)(*args, **kw)
+def _twin(name: str, module=cpu_twins) -> Callable:
+    # looked up at each call, so a patched lowprec.kernels.cpu.<name> (or module.<name>) is the one that runs
+    return lambda *args, **kw: getattr(module, name)(*args, **kw)
 
 
 def _with_amax(f: Callable) -> Callable:  # luq's eager paths: max|x| is one more reduction
@@ -209,7 +216,7 @@ ROUTES: dict[str, Route] = {
     "int_sr": Route(int_sr_reference, _twin("int_sr")),
     "block_rht": Route(block_rht_reference, _twin("block_rht")),
     # NVFP4 after the rotation: the two references one after the other; the kernel module's nvfp4 after it
-    "rht_nvfp4": Route(_rht_then(nvfp4_reference), _twin("rht_nvfp4"), "fp4.rht_nvfp4", _why_noise),
+    "rht_nvfp4": Route(_rht_then(nvfp4_reference), _twin("rht_nvfp4", cpu_rht), "fp4.rht_nvfp4", _why_noise),
 }
 
 

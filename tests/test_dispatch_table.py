@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lowprec import baselines, dispatch, fp4, hadamard, intq, nm, packing
-from lowprec.kernels import cpu, interpreter_enabled, triton_available
+from lowprec.kernels import cpu, cpu_rht, interpreter_enabled, triton_available
 from lowprec.luq import luq as luq_ref
 from lowprec.luq import luq_scale
 from stat_utils import heavy_tailed
@@ -81,6 +81,11 @@ CASES = {
 TWINS = sorted(twin for *_, twin, _ in CASES.values() if twin is not None)
 
 
+def twin_module(name):
+    """The module of lowprec.kernels holding the CPU twin ``name``."""
+    return cpu_rht if name == "rht_nvfp4" else cpu
+
+
 def same(a, b):
     if isinstance(a, tuple):
         assert isinstance(b, tuple) and len(a) == len(b)
@@ -94,7 +99,7 @@ def no_twins(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a CPU twin ran")
     for t in TWINS:
-        monkeypatch.setattr(cpu, t, boom)
+        monkeypatch.setattr(twin_module(t), t, boom)
 
 
 def sentinels(monkeypatch, module, names):
@@ -112,7 +117,7 @@ def sentinels(monkeypatch, module, names):
 
 def test_every_public_function_has_a_route():
     public = {n for n, f in vars(dispatch).items() if inspect.isfunction(f) and f.__module__ == dispatch.__name__
-              and not n.startswith("_")} - {"resolve", "fuses_nm_luq"}
+              and not n.startswith("_")} - {"resolve", "fuses_nm_luq", "runs_twins"}
     assert public == set(dispatch.ROUTES) == set(CASES)
     for name, (*_, twin, kernel) in CASES.items():
         r = dispatch.ROUTES[name]
@@ -131,7 +136,7 @@ def test_reference_backend_runs_its_reference(name, monkeypatch):
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if c[2] is not None])
 def test_auto_on_cpu_runs_its_twin(name, monkeypatch):
     call, _, twin, _ = CASES[name]
-    calls, outs = sentinels(monkeypatch, cpu, [twin])
+    calls, outs = sentinels(monkeypatch, twin_module(twin), [twin])
     assert call("auto", U) is outs[twin]
     assert len(calls) == 1 and calls[0][0] == twin and calls[0][1] is X  # once, on x
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lowprec import fp4
-from lowprec.kernels import cpu, native
+from lowprec.kernels import cpu, native, native_calls
 from lowprec.luq import luq as luq_ref
 from lowprec.nm import nm_noise_shape
 from lowprec.nm import nm_prune as nm_ref
@@ -27,7 +27,7 @@ NM = [(1, 2, "mvue"), (2, 4, "mvue"), (2, 4, "mvue_approx"), (3, 8, "mvue"), (1,
 def test_uniforms_equal_torch_rendering_and_grid():
     lib = native.library()
     for seed in (0, 1, 2 ** 31 - 2):
-        c = native.fill_uniforms(lib, cpu.key_of(seed), (333, 7))
+        c = native_calls.fill_uniforms(lib, cpu.key_of(seed), (333, 7))
         same(c, cpu.uniforms(seed, (333, 7)))
         assert c.min() >= 0 and c.max() <= 1 - 2 ** -24
         assert torch.equal(c * 2 ** 24, (c * 2 ** 24).round())  # torch.rand's fp32 grid
@@ -133,11 +133,11 @@ def test_thread_count_does_not_change_results():
 
 def test_nest_folds_loops_and_gives_up_past_three():
     x = torch.zeros(4, 6, 8, 12)
-    (size, xs, us), es = native.nest(x, 4)
+    (size, xs, us), es = native_calls.nest(x, 4)
     assert size == (1, 1, 4 * 6 * 8 * 3) and xs[-1] == 4 and es == 1  # contiguous: one loop
-    (size, xs, us), es = native.nest(x.permute(1, 0, 2, 3).reshape(6, 4, 96), 4)
+    (size, xs, us), es = native_calls.nest(x.permute(1, 0, 2, 3).reshape(6, 4, 96), 4)
     assert size == (4, 6, 24) and us == (24, 96, 1)  # memory order outside, reference order in us
-    assert native.nest(x.permute(3, 1, 0, 2)[:, :, :, :4], 1) is None
+    assert native_calls.nest(x.permute(3, 1, 0, 2)[:, :, :, :4], 1) is None
 
 
 def test_build_is_cached_and_a_failed_build_falls_back(monkeypatch, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lowprec import NonFiniteError, dispatch, fp4, hadamard
-from lowprec.kernels import cpu, native
+from lowprec.kernels import cpu, cpu_rht, native, native_calls
 from kernel_utils import grad_like, same, torch_core
 from stat_utils import boundary_uniforms
 
@@ -139,25 +139,25 @@ def rht_layouts(dtype=torch.float32):
 @pytest.mark.parametrize("rounding", ["rtn", "sr"])
 def test_rht_nvfp4_equals_the_rotation_then_nvfp4(n, rounding, monkeypatch):
     calls = []
-    run = native.run_rht_nvfp4
-    monkeypatch.setattr(native, "run_rht_nvfp4", lambda *a, **k: calls.append(1) or run(*a, **k))
+    run = native_calls.run_rht_nvfp4
+    monkeypatch.setattr(native_calls, "run_rht_nvfp4", lambda *a, **k: calls.append(1) or run(*a, **k))
     s = hadamard.random_signs(n, generator=torch.Generator().manual_seed(n))
     for dtype in (torch.float32, torch.float16):
         for name, x, d, fused in rht_layouts(dtype):
             g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
             del calls[:]
-            y = cpu.rht_nvfp4(x, s, d, rounding=rounding, generator=g())
+            y = cpu_rht.rht_nvfp4(x, s, d, rounding=rounding, generator=g())
             assert len(calls) == (fused and dtype == torch.float32), (name, dtype)  # fp16: block_rht rounds to fp16
             r = hadamard.block_rht(x, s, d)
             same(y, cpu.nvfp4(cpu.block_rht(x, s, d), dim=d, rounding=rounding, generator=g()), f"two twins, {name}")
             assert y.stride() == cpu.block_rht(x, s, d).stride(), name  # the layout the update GEMM gets
             same(y, fp4.nvfp4(r, dim=d, rounding=rounding, noise=cpu.uniforms(cpu.draw_seed(g()), r.shape)),
                  f"reference, {name}")
-            same(y, torch_core(lambda: cpu.rht_nvfp4(x, s, d, rounding=rounding, generator=g())), f"torch, {name}")
+            same(y, torch_core(lambda: cpu_rht.rht_nvfp4(x, s, d, rounding=rounding, generator=g())), f"torch, {name}")
             same(y, dispatch.rht_nvfp4(x, s, d, rounding=rounding, generator=g()), f"dispatch, {name}")
             if rounding == "sr":
                 u = boundary_uniforms(r.shape, seed=1)
-                same(cpu.rht_nvfp4(x, s, d, rounding="sr", noise=u), fp4.nvfp4(r, dim=d, rounding="sr", noise=u),
+                same(cpu_rht.rht_nvfp4(x, s, d, rounding="sr", noise=u), fp4.nvfp4(r, dim=d, rounding="sr", noise=u),
                      f"given uniforms, {name}")
 
 
@@ -169,11 +169,11 @@ def test_rht_nvfp4_nonfinite_and_threads():
             outs = []
             for t in (1, 3):
                 torch.set_num_threads(t)
-                outs.append(cpu.rht_nvfp4(x, s, d, rounding="sr", generator=torch.Generator().manual_seed(2)))
+                outs.append(cpu_rht.rht_nvfp4(x, s, d, rounding="sr", generator=torch.Generator().manual_seed(2)))
             same(*outs, f"threads, {tuple(x.shape)} dim {d}")
             x[1999 if d == 0 else 7, 7 if d == 0 else 1999] = float("nan")  # in the last (tail-less) block
             with pytest.raises(NonFiniteError):
-                cpu.rht_nvfp4(x, s, d, generator=torch.Generator().manual_seed(2))
-            same(cpu.rht_nvfp4(x, s, d, nonfinite="skip"), torch.zeros_like(outs[0]), f"skip, dim {d}")
+                cpu_rht.rht_nvfp4(x, s, d, generator=torch.Generator().manual_seed(2))
+            same(cpu_rht.rht_nvfp4(x, s, d, nonfinite="skip"), torch.zeros_like(outs[0]), f"skip, dim {d}")
     finally:
         torch.set_num_threads(before)

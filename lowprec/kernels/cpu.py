@@ -44,7 +44,7 @@ from ..intq import check_bits
 from ..luq import check_luq_args, luq_alpha, luq_levels
 from ..nm import check_nm, from_blocks, nm_core, nm_noise_shape, to_blocks
 from ..nm import nm_prune as nm_reference
-from . import native
+from . import native, native_calls
 
 _EXP_MASK = {torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000)}
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -155,19 +155,19 @@ def luq_core(x: Tensor, u: Tensor, m: Tensor, alpha: Tensor) -> Tensor:
     return torch.copysign(lo * count, x)
 
 
-def _c_lib(x: Tensor, length: int = 0, m: int = 1):
+def c_lib(x: Tensor, length: int = 0, m: int = 1):
     """The C library when it takes ``x`` (fp32 work on the CPU; blocks of ``m`` dividing ``length``), else None."""
     if work_dtype(x.dtype) != torch.float32 or x.device.type != "cpu" or m > native.MAX_M or length % m:
         return None
     return native.library()
 
 
-def _zeros_for_nonfinite(rc: int, x: Tensor, nonfinite: str, who: str) -> bool:
+def zeros_for_nonfinite(rc: int, x: Tensor, nonfinite: str, who: str) -> bool:
     """After a C twin: True when it read a NaN/Inf (rc 1) and ``nonfinite='skip'`` (zeros); raises for 'raise'."""
     return rc == 1 and nonfinite_guard(x, torch.tensor(float("nan")), nonfinite, who)
 
 
-def _draw(generator, noise: Tensor | None, shape, who: str) -> tuple[Tensor | None, int]:
+def draw(generator, noise: Tensor | None, shape, who: str) -> tuple[Tensor | None, int]:
     """(the given uniforms, contiguous, or None; the per-call seed, drawn only when none were given)."""
     if noise is not None:
         return given_uniforms(shape, "cpu", None, noise, who).contiguous(), 0
@@ -182,12 +182,12 @@ def luq(x: Tensor, bits: int = 4, *, levels: int | None = None, max_abs=None, ge
         return x.clone()
     wt = work_dtype(x.dtype)
     xw = _dense(x.detach().to(wt))
-    u, seed = _draw(generator, noise, x.shape, "luq")
-    lib = _c_lib(x)
+    u, seed = draw(generator, noise, x.shape, "luq")
+    lib = c_lib(x)
     if lib is not None:  # max, checks, α and the quantization in C
         top = None if max_abs is None else float(torch.as_tensor(max_abs).to(wt))
-        rc, out = native.run_luq(lib, xw, u, key_of(seed), top, torch.finfo(x.dtype).max, L, tiny_exponent(x.dtype))
-        return torch.zeros_like(x) if rc == 2 or _zeros_for_nonfinite(rc, x, nonfinite, "luq") else out.to(x.dtype)
+        rc, out = native_calls.run_luq(lib, xw, u, key_of(seed), top, torch.finfo(x.dtype).max, L, tiny_exponent(x.dtype))
+        return torch.zeros_like(x) if rc == 2 or zeros_for_nonfinite(rc, x, nonfinite, "luq") else out.to(x.dtype)
     amax = _absmax(xw)
     if nonfinite_guard(x, amax, nonfinite, "luq"):
         return torch.zeros_like(x)
@@ -208,17 +208,17 @@ def nm_prune(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -1,
     if x.dim() == 0 or not -x.dim() <= dim < x.dim() or x.numel() == 0 or n == m:
         return nm_reference(x, n, m, method=method, dim=dim, generator=generator, noise=noise, nonfinite=nonfinite)
     xt = x.detach().movedim(dim, -1)
-    lib = _c_lib(x, xt.shape[-1], m)
+    lib = c_lib(x, xt.shape[-1], m)
     ushape = nm_noise_shape(x.shape, n, m, method, dim)
     big = torch.finfo(x.dtype).max
-    u, seed = _draw(generator, noise, ushape, "nm_prune") if method != "mse" else (None, 0)
+    u, seed = draw(generator, noise, ushape, "nm_prune") if method != "mse" else (None, 0)
     if lib is not None:  # blocks read and written in place, in any layout; the finite check in the pass
         xw = _dense(xt.to(torch.float32))
         if method == "mse":  # biased, deterministic: keep the n largest |x|
-            rc, out = native.run_mse(lib, xw, n, m)
+            rc, out = native_calls.run_mse(lib, xw, n, m)
         else:
-            rc, out = native.run_nm(lib, xw, u, key_of(seed), n, m, method == "mvue_approx", big)
-        if _zeros_for_nonfinite(rc, x, nonfinite, "nm_prune"):
+            rc, out = native_calls.run_nm(lib, xw, u, key_of(seed), n, m, method == "mvue_approx", big)
+        if zeros_for_nonfinite(rc, x, nonfinite, "nm_prune"):
             return torch.zeros_like(x)
         return out.movedim(-1, dim).to(x.dtype)
     if method == "mse":
@@ -243,20 +243,20 @@ def nm_luq(x: Tensor, n: int, m: int, *, method: str = "mvue", dim: int = -1, bi
     fused = (method != "mse" and x.dtype == torch.float32 and x.dim() > 0 and -x.dim() <= dim < x.dim()
              and x.numel() > 0 and n != m)
     xt = x.detach().movedim(dim, -1) if fused else None
-    lib = _c_lib(x, xt.shape[-1], m) if fused else None
+    lib = c_lib(x, xt.shape[-1], m) if fused else None
     if lib is None:
         y = nm_prune(x, n, m, method=method, dim=dim, generator=generator, nonfinite=nonfinite)
         return luq(y, bits, levels=levels, generator=generator, nonfinite=nonfinite)
     seed = draw_seed(generator)
     big = torch.finfo(torch.float32).max
-    rc, out, top = native.run_nm(lib, _dense(xt), None, key_of(seed), n, m, method == "mvue_approx", big, True)
-    skip = _zeros_for_nonfinite(rc, x, nonfinite, "nm_prune")  # raises before LUQ's draw, as nm_prune does
+    rc, out, top = native_calls.run_nm(lib, _dense(xt), None, key_of(seed), n, m, method == "mvue_approx", big, True)
+    skip = zeros_for_nonfinite(rc, x, nonfinite, "nm_prune")  # raises before LUQ's draw, as nm_prune does
     y = torch.zeros_like(x) if skip else out.movedim(-1, dim)
     L = check_luq_args(y, bits, levels, None, nonfinite)
     seed = draw_seed(generator)
     if skip or not top > 0:
         return torch.zeros_like(y)
-    _, q = native.run_luq(lib, y, None, key_of(seed), None, big, L, tiny_exponent(x.dtype), top=top, inplace=True)
+    _, q = native_calls.run_luq(lib, y, None, key_of(seed), None, big, L, tiny_exponent(x.dtype), top=top, inplace=True)
     return q
 
 
@@ -274,8 +274,8 @@ def _fp4(fmt: str, reference, x: Tensor, *, dim: int, size: int, block_2d: bool,
         outer, length, inner = x.shape[0], x.numel() // x.shape[0], 1
     else:
         outer, length, inner = block_dims(x, dim)
-    u, seed = _draw(generator, noise, x.shape, fmt) if sr else (None, 0)
-    lib = _c_lib(x)
+    u, seed = draw(generator, noise, x.shape, fmt) if sr else (None, 0)
+    lib = c_lib(x)
     view = None if block_2d else _blocked_view(x, dim)
     if lib is None:
         if sr and u is None:
@@ -286,14 +286,14 @@ def _fp4(fmt: str, reference, x: Tensor, *, dim: int, size: int, block_2d: bool,
             return out.contiguous()
         return out if out.stride() == x.stride() else torch.empty_like(x).copy_(out)
     if view is None:
-        rc, out = native.run_fp4(lib, x.detach().float().contiguous(), u, key_of(seed), fmt, outer, length, inner,
+        rc, out = native_calls.run_fp4(lib, x.detach().float().contiguous(), u, key_of(seed), fmt, outer, length, inner,
                                  size, 16 if block_2d else 1, sr, levels_minus_1)
         out = out.view(x.shape)
     else:  # x read and written in its own memory order (a transposed Linear δ: no transposing copy)
         (outer, length, inner), us = view
-        rc, out = native.run_fp4(lib, x.detach().float(), u, key_of(seed), fmt, outer, length, inner, size, 1, sr,
+        rc, out = native_calls.run_fp4(lib, x.detach().float(), u, key_of(seed), fmt, outer, length, inner, size, 1, sr,
                                  levels_minus_1, us)
-    return torch.zeros_like(x) if _zeros_for_nonfinite(rc, x, nonfinite, fmt) else out.to(x.dtype)
+    return torch.zeros_like(x) if zeros_for_nonfinite(rc, x, nonfinite, fmt) else out.to(x.dtype)
 
 
 def _blocked_view(x: Tensor, dim: int):
@@ -301,11 +301,11 @@ def _blocked_view(x: Tensor, dim: int):
     memory order, read as ``[outer, length = x.shape[dim], inner]`` with the uniform index (x's logical C
     order) affine in inner and in outer, or in two levels of outer (cpu_fp4.c's row_u); None otherwise
     (the caller copies to contiguous)."""
-    return _blocked_view_of(tuple(x.shape), x.stride(), dim)
+    return blocked_view_of(tuple(x.shape), x.stride(), dim)
 
 
 @functools.lru_cache(maxsize=1024)  # a model has a few dozen (shape, layout, dim); this ran ~10 us every call
-def _blocked_view_of(shape: tuple, stride: tuple, dim: int):
+def blocked_view_of(shape: tuple, stride: tuple, dim: int):
     if not _is_dense_of(shape, stride) or len(shape) == 0:
         return None
     n = len(shape)
@@ -378,15 +378,15 @@ def _elem(kind: str, reference, x: Tensor, param: int, *, stochastic: bool, gene
     check_nonfinite_mode(nonfinite)
     if x.numel() == 0:
         return x.clone()
-    u, seed = _draw(generator, noise, x.shape, kind) if stochastic else (None, 0)
-    lib = _c_lib(x)
+    u, seed = draw(generator, noise, x.shape, kind) if stochastic else (None, 0)
+    lib = c_lib(x)
     if lib is None:
         if stochastic:
             ref_kwargs = dict(ref_kwargs, noise=uniforms(seed, x.shape) if u is None else u)
         return reference(x, **ref_kwargs, nonfinite=nonfinite)
     xw = _dense(x.detach().to(torch.float32))
-    rc, out = native.run_elem(lib, kind, xw, u, key_of(seed), param, torch.finfo(x.dtype).max, tiny_exponent(x.dtype))
-    return torch.zeros_like(x) if rc == 2 or _zeros_for_nonfinite(rc, x, nonfinite, kind) else out.to(x.dtype)
+    rc, out = native_calls.run_elem(lib, kind, xw, u, key_of(seed), param, torch.finfo(x.dtype).max, tiny_exponent(x.dtype))
+    return torch.zeros_like(x) if rc == 2 or zeros_for_nonfinite(rc, x, nonfinite, kind) else out.to(x.dtype)
 
 
 def radix4(x: Tensor, *, levels: int = 7, nonfinite: str = "raise") -> Tensor:
@@ -425,43 +425,15 @@ def block_rht(x: Tensor, signs: Tensor, dim: int, *, inverse: bool = False) -> T
         # dim (the same numbers: each block's values and operations do not depend on the layout), no
         # transposing copy; the result keeps the transposed layout, with or without the C twin
         return block_rht(x.t(), signs, 1 - dim % 2, inverse=inverse).t()
-    lib = _c_lib(x)
+    lib = c_lib(x)
     if lib is None or x.requires_grad and torch.is_grad_enabled():
         return hadamard.block_rht(x, signs, dim, inverse=inverse)
     outer, length, inner = hadamard.rht_dims(x, dim)
     xc = x.detach().to(torch.float32).contiguous()
     s = signs.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    out = native.run_fwht(lib, xc, s, outer, length, inner, n, inverse)
+    out = native_calls.run_fwht(lib, xc, s, outer, length, inner, n, inverse)
     d = dim % x.dim()
     return out.view(*x.shape[:d], out.shape[1], *x.shape[d + 1:]).to(x.dtype)
-
-
-def rht_nvfp4(x: Tensor, signs: Tensor, dim: int, *, rounding: str = "rtn", generator: torch.Generator | None = None,
-              noise: Tensor | None = None, nonfinite: str = "raise") -> Tensor:
-    """``nvfp4(block_rht(x, signs, dim), dim=dim)`` with the same numbers and draws: one C call when the
-    rotated dim of fp32 ``x`` is not innermost in memory (a Linear's [tokens, C] operands along tokens,
-    or their transposed views), the rotated tensor never written; else the two twins one after the other."""
-    check_rounding(rounding)
-    check_nonfinite_mode(nonfinite)
-    t = x.dim() == 2 and x.shape[0] > 1 and x.shape[1] > 1 and x.stride() == (1, x.shape[0])
-    m, dm = (x.t(), 1 - dim % 2) if t else (x, dim % max(x.dim(), 1))  # x in memory order
-    lib = _c_lib(x) if x.dtype == torch.float32 and m.is_contiguous() and x.numel() else None
-    outer, n_in, inner = hadamard.rht_dims(m, dm) if lib is not None else (0, 0, 0)
-    n = signs.numel()
-    if inner < 2 or x.requires_grad and torch.is_grad_enabled():
-        return nvfp4(block_rht(x, signs, dim), dim=dim, rounding=rounding, generator=generator, noise=noise,
-                     nonfinite=nonfinite)
-    hadamard.check_rht_size(n)
-    shape = list(m.shape)
-    shape[dm] = -(-n_in // n) * n
-    stride = torch.empty(shape, device="meta").stride()
-    lshape, lstride = (shape[::-1], stride[::-1]) if t else (shape, stride)  # block_rht's result, as nvfp4 sees it
-    u, seed = _draw(generator, noise, lshape, "nvfp4") if rounding == "sr" else (None, 0)
-    us = _blocked_view_of(tuple(lshape), tuple(lstride), dim)[1]
-    s = signs.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    rc, out = native.run_rht_nvfp4(lib, m.detach(), s, u, key_of(seed), outer, n_in, inner, n, rounding == "sr", us)
-    out = out.view(shape).t() if t else out.view(shape)
-    return torch.zeros_like(out) if _zeros_for_nonfinite(rc, x, nonfinite, "nvfp4") else out
 
 
 def im2col(x: Tensor, kernel, stride, padding, dilation) -> Tensor:
@@ -470,7 +442,7 @@ def im2col(x: Tensor, kernel, stride, padding, dilation) -> Tensor:
     the same numbers), else ``F.unfold`` and the transposing copy."""
     lib = native.library() if x.dtype == torch.float32 and x.device.type == "cpu" else None
     if lib is not None and not (x.requires_grad and torch.is_grad_enabled()):
-        return native.run_im2col(lib, x.detach().contiguous(), kernel, stride, padding, dilation)
+        return native_calls.run_im2col(lib, x.detach().contiguous(), kernel, stride, padding, dilation)
     cols = torch.nn.functional.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
@@ -482,7 +454,7 @@ def contiguous(x: Tensor) -> Tensor:
             and x.dtype == torch.float32 and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())):
         lib = native.library()
         if lib is not None:
-            return native.run_transpose(lib, x.t())
+            return native_calls.run_transpose(lib, x.t())
     return x.contiguous()
 
 
@@ -493,4 +465,5 @@ def im2col_rht(x: Tensor, kernel, stride, padding, dilation, signs: Tensor) -> T
     if lib is None or x.requires_grad and torch.is_grad_enabled():
         return block_rht(im2col(x, kernel, stride, padding, dilation), signs, 0)
     s = signs.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    return native.run_im2col_fwht(lib, x.detach().contiguous(), kernel, stride, padding, dilation, s)
+    return native_calls.run_im2col_fwht(lib, x.detach().contiguous(), kernel, stride, padding, dilation, s)
+

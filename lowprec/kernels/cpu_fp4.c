@@ -1,4 +1,6 @@
 /* Block FP4 formats: NVFP4, MXFP4, block LUQ (lowprec.fp4). Conventions: cpu_common.h. */
+#include <stdlib.h>
+
 #include "cpu_fwht.h"
 
 static inline float e2m1(float y, float u, int sr) { /* fp4.e2m1_round */
@@ -391,3 +393,143 @@ int lp_rht_nvfp4_f32(const float* x, float* out, const float* signs, const float
     return bad;
 }
 #undef RHT_NV_ITEM
+
+/* One block of 16 (NVFP4), x -> out, its uniforms at k0 + j·ks; 1 (nothing written) for a NaN/Inf. */
+__attribute__((always_inline)) static inline int nv_block(const float* x, float* out, const float* u, uint64_t key,
+                                                         int64_t k0, int64_t ks, float s_enc, float s_dec,
+                                                         const int SR) {
+    uint32_t mb = 0;
+    float p0, p1, p2, ub[16];
+    for (int j = 0; j < 16; j++) mb = mag_max(mb, x[j]);
+    if (mb >= NONFINITE) return 1;
+    fp4_params(mb, s_enc, s_dec, 1.0f, &p0, &p1, &p2, 0, SR);
+    fp4_uniforms(ub, 16, u, key, k0, ks, SR);
+    for (int j = 0; j < 16; j++) out[j] = fp4_elem(x[j], ub[j], p0, p1, p2, s_dec, 0, SR);
+    return 0;
+}
+
+#if FWHT_ROW_VECTORS
+/* Block t_in (a multiple of 16) of image token range of column k's row of lp_im2col_fwht_f32's matrix in the
+ * geometry lp_im2col_rht_nvfp4_f32 takes (n = 16, stride 1, Wo = W, each image's Ho·Wo tokens whole
+ * blocks): 16 consecutive floats of x from offset base + t_in (base: the image's plane of channel c
+ * shifted by (i·dh - ph)·W + j·dw - pw, may be < 0), the lanes outside the image zeroed (tk: -1 where
+ * inside), rotated in registers: the values im2col_rht_row computes, by the same operations. A block that
+ * would reach outside x (size floats) is read lane by lane. */
+__attribute__((always_inline)) static inline vf im2col_rht_block(const float* x, const int32_t* tk, int64_t base,
+                                                                int64_t t_in, int64_t size, vf cv, vf s0) {
+    vi m;
+    memcpy(&m, tk + t_in, sizeof(vi));
+    const int64_t o = base + t_in;
+    vf v;
+    if (o >= 0 && o + 16 <= size) {
+        memcpy(&v, x + o, sizeof(vf));
+        v = (vf)((vi)v & m);
+    } else { /* only the lanes inside the image are read (they are inside x) */
+        for (int l = 0; l < 16; l++) v[l] = m[l] ? x[o + l] : 0.0f;
+    }
+    return (fwht16_v(v) * cv) * s0;
+}
+
+/* Column k's (c, i, j) geometry: its mask row in tab and the shift of x's planes. */
+#define IM2COL_COLUMN(k)                                                                                       \
+    const int64_t N = g[0], C = g[1], H = g[2], W = g[3], kh = g[4], kw = g[5], HW = g[12] * g[13];           \
+    const int64_t ch = (k) / (kh * kw), i = (k) % (kh * kw) / kw, j = (k) % kw, size = N * C * H * W;         \
+    const int64_t shift = (i * g[10] - g[8]) * W + j * g[11] - g[9];                                           \
+    const int32_t* tk = tab + (i * kw + j) * HW;                                                              \
+    vf s0, cv = vsplat(c);                                                                                    \
+    memcpy(&s0, sg, sizeof(vf))
+
+/* max|.| (as bits) of column k's rotated row, nothing written. */
+static uint32_t im2col_rht_row_max(const float* x, const int64_t* g, const int32_t* tab, const float* sg, float c,
+                                   int64_t k) {
+    IM2COL_COLUMN(k);
+    vi top = (vi){0};
+    for (int64_t nn = 0; nn < N; nn++)
+        for (int64_t t = 0; t < HW; t += 16) {
+            const vi mag = (vi)im2col_rht_block(x, tk, (nn * C + ch) * H * W + shift, t, size, cv, s0) & 0x7FFFFFFF;
+            const vi gt = mag > top;
+            top = (mag & gt) | (top & ~gt);
+        }
+    uint32_t r = 0;
+    for (int l = 0; l < 16; l++) r = (uint32_t)top[l] > r ? (uint32_t)top[l] : r;
+    return r;
+}
+
+/* Column k's rotated row quantized into out (its row of [K, T]): G blocks at a time rotated into an L1
+ * buffer and quantized from it (fp4_group), the last < G one by one (nv_block); element t's uniform at
+ * k0 + t·ks. */
+__attribute__((always_inline)) static inline int im2col_rht_nv_row(const float* x, float* out, const int64_t* g,
+                                                                  const int32_t* tab, const float* sg, float c,
+                                                                  int64_t k, const float* u, uint64_t key, int64_t k0,
+                                                                  int64_t ks, float s_enc, float s_dec, const int SR) {
+    IM2COL_COLUMN(k);
+    float buf[G * 16] __attribute__((aligned(64)));
+    const int64_t T = N * HW;
+    int bad = 0;
+    for (int64_t t0 = 0; t0 < T; t0 += G * 16) {
+        const int64_t nb = T - t0 < G * 16 ? (T - t0) / 16 : G;
+        for (int64_t b = 0; b < nb; b++) {
+            const int64_t t = t0 + 16 * b, nn = t / HW;
+            const vf v = im2col_rht_block(x, tk, (nn * C + ch) * H * W + shift, t - nn * HW, size, cv, s0);
+            memcpy(buf + 16 * b, &v, sizeof(vf));
+        }
+        if (nb == G) {
+            bad |= fp4_group(buf, out + t0, u, key, k0 + t0 * ks, 0, ks, s_enc, s_dec, 1.0f, 0, SR, 16);
+        } else {
+            for (int64_t b = 0; b < nb; b++)
+                bad |= nv_block(buf + 16 * b, out + t0 + 16 * b, u, key, k0 + (t0 + 16 * b) * ks, ks, s_enc, s_dec,
+                                SR);
+        }
+    }
+    return bad;
+}
+#undef IM2COL_COLUMN
+#endif
+
+/* NVFP4 (blocks of 16 along tokens) of lp_im2col_fwht_f32's rotated im2col matrix, written as it writes
+ * it ([K, T] rows, the [T, K] view's tokens contiguous; us: the uniform strides of those rows, as
+ * lp_fp4_f32's), with the same numbers, where n = 16, the stride is 1, Wo = W and each image's Ho·Wo
+ * tokens are whole blocks (so T' = T): every block of a row is 16 consecutive floats of a shifted plane of
+ * x, masked, rotated in registers (im2col_rht_block), so the matrix is neither gathered nor read back:
+ * a first pass finds NVFP4's tensor max (nothing written), the second rotates again and quantizes from an
+ * L1 buffer. Returns 1 for a NaN/Inf, -1 for another geometry (the caller makes the rotated matrix, then
+ * NVFP4 of it), -2 when the mask table cannot be allocated. */
+int lp_im2col_rht_nvfp4_f32(const float* x, float* out, const int64_t* g, const float* signs, const float* u,
+                            uint64_t key, const int64_t* us, int n, int sr, int nthreads) {
+#if FWHT_ROW_VECTORS
+    const int64_t Ho = g[12], Wo = g[13], kh = g[4], kw = g[5], T = g[0] * Ho * Wo, K = g[1] * kh * kw;
+    if (n != 16 || g[6] != 1 || g[7] != 1 || Wo != g[3] || (Ho * Wo) % 16) return -1;
+    const float c = (float)(1.0 / sqrt((double)n));
+    const int par = nthreads > 1 && T * K >= 65536;
+    int32_t* tab = malloc((size_t)(kh * kw * Ho * Wo) * sizeof(int32_t));
+    if (!tab) return -2;
+    for (int64_t i = 0; i < kh; i++) /* -1 where token t of kernel offset (i, j) reads inside the image */
+        for (int64_t j = 0; j < kw; j++)
+            for (int64_t t = 0; t < Ho * Wo; t++) {
+                const int64_t hin = t / Wo - g[8] + i * g[10], win = t % Wo - g[9] + j * g[11];
+                tab[(i * kw + j) * Ho * Wo + t] = -(int32_t)(hin >= 0 && hin < g[2] && win >= 0 && win < g[3]);
+            }
+    uint32_t top = 0;
+#pragma omp parallel for num_threads(nthreads) if (par) reduction(max : top)
+    for (int64_t k = 0; k < K; k++) {
+        const uint32_t m = im2col_rht_row_max(x, g, tab, signs, c, k);
+        top = m > top ? m : top;
+    }
+    int bad = top >= NONFINITE;
+    if (!bad) {
+        float s_enc, s_dec;
+        nvfp4_tensor_scale(top, &s_enc, &s_dec);
+#pragma omp parallel for num_threads(nthreads) if (par) reduction(| : bad)
+        for (int64_t k = 0; k < K; k++)
+            bad |= sr ? im2col_rht_nv_row(x, out + k * T, g, tab, signs, c, k, u, key, row_u(k, us), us[1], s_enc,
+                                          s_dec, 1)
+                      : im2col_rht_nv_row(x, out + k * T, g, tab, signs, c, k, u, key, row_u(k, us), us[1], s_enc,
+                                          s_dec, 0);
+    }
+    free(tab);
+    return bad;
+#else
+    (void)x, (void)out, (void)g, (void)signs, (void)u, (void)key, (void)us, (void)n, (void)sr, (void)nthreads;
+    return -1;
+#endif
+}
