@@ -102,8 +102,8 @@ def resolve(x: Tensor, backend: str | None = "auto", *, who: str = "lowprec", un
 
 
 def runs_twins(x: Tensor, backend: str | None = None) -> bool:
-    """Whether a call on ``x`` runs the CPU twins (a CPU tensor under ``"auto"``): callers that fuse twins
-    (lowprec.kernels.cpu_rht) ask before skipping the routes."""
+    """Whether a call on ``x`` runs the CPU twins (a CPU tensor under ``"auto"``): a caller that calls a
+    fused twin directly (backward's Im2col: lowprec.kernels.cpu_rht) asks first, as the routes would."""
     return not x.is_cuda and _requested(backend) == "auto"
 
 

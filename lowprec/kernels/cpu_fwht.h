@@ -9,6 +9,23 @@
 #define FC 64
 #define MAXN 32
 
+/* The butterflies of n rows of v (lanes 0..ni-1), times c, (forward: times the signs) in place. */
+__attribute__((always_inline)) static inline void fwht_buf(float v[][FC], const int n, const int64_t ni,
+                                                         const float* sg, float c, const int inverse) {
+    for (int h = 1; h < n; h *= 2)
+        for (int g = 0; g < n; g += 2 * h)
+            for (int r = g; r < g + h; r++)
+                for (int64_t i = 0; i < ni; i++) {
+                    const float a = v[r][i], bb = v[r + h][i];
+                    v[r][i] = a + bb;
+                    v[r + h][i] = a - bb;
+                }
+    for (int r = 0; r < n; r++) {
+        const float s = inverse ? 1.0f : sg[r];
+        for (int64_t i = 0; i < ni; i++) v[r][i] = inverse ? v[r][i] * c : (v[r][i] * c) * s;
+    }
+}
+
 /* v[r][i] = row r of block b (rows b·n + r of x's slab o, zero past n_in) at columns i0 + i (i < ni)
  * of x contiguous [outer, n_in, inner], rotated: (inverse: rows times their signs,) log2(n) butterfly
  * stages h = 1, 2, 4, ... (rows r, r + h of each 2h-group -> a + b, a - b), times c = fp32(1/√n),
@@ -30,21 +47,7 @@ __attribute__((always_inline)) static inline void fwht_cols_v(const float* x, fl
             for (int64_t i = 0; i < ni; i++) v[r][i] = inverse ? 0.0f * s : 0.0f;
         }
     }
-    for (int h = 1; h < n; h *= 2)
-        for (int g = 0; g < n; g += 2 * h)
-            for (int r = g; r < g + h; r++)
-                for (int64_t i = 0; i < ni; i++) {
-                    const float a = v[r][i], bb = v[r + h][i];
-                    v[r][i] = a + bb;
-                    v[r + h][i] = a - bb;
-                }
-    for (int r = 0; r < n; r++) {
-        const float s = inverse ? 1.0f : sg[r];
-        if (inverse)
-            for (int64_t i = 0; i < ni; i++) v[r][i] = v[r][i] * c;
-        else
-            for (int64_t i = 0; i < ni; i++) v[r][i] = (v[r][i] * c) * s;
-    }
+    fwht_buf(v, n, ni, sg, c, inverse);
 }
 
 static inline void fwht_block_scalar(const float* src, float* v, const float* sg, int n, float c, int inverse) {

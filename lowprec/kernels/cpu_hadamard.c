@@ -32,18 +32,7 @@ __attribute__((always_inline)) static inline void fwht_rows(const float* x, floa
             v[r][k] = inverse ? xv * s : xv;
         }
     }
-    for (int h = 1; h < n; h *= 2)
-        for (int g = 0; g < n; g += 2 * h)
-            for (int r = g; r < g + h; r++)
-                for (int64_t k = 0; k < nk; k++) {
-                    const float a = v[r][k], bb = v[r + h][k];
-                    v[r][k] = a + bb;
-                    v[r + h][k] = a - bb;
-                }
-    for (int r = 0; r < n; r++) {
-        const float s = inverse ? 1.0f : sg[r];
-        for (int64_t k = 0; k < nk; k++) v[r][k] = inverse ? v[r][k] * c : (v[r][k] * c) * s;
-    }
+    fwht_buf(v, n, nk, sg, c, inverse);
     for (int64_t k = 0; k < nk; k++)
         for (int r = 0; r < n; r++) out[o * n_out + (b0 + k) * n + r] = v[r][k];
 }
