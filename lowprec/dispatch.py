@@ -110,7 +110,7 @@ def runs_twins(x: Tensor, backend: str | None = None) -> bool:
 def _eager(x: Tensor, backend: str | None, reference, twin):
     """The plain-PyTorch path for ``x``: the CPU twin (:mod:`lowprec.kernels.cpu`, bit-identical to the
     reference, fewer passes) for CPU tensors under ``"auto"``; the readable reference otherwise."""
-    return twin if (twin is not None and not x.is_cuda and _requested(backend) == "auto") else reference
+    return twin if (twin is not None and runs_twins(x, backend)) else reference
 
 
 # ----------------------------------------------------------------------------- the table

@@ -304,15 +304,21 @@ def _blocked_view(x: Tensor, dim: int):
     return blocked_view_of(tuple(x.shape), x.stride(), dim)
 
 
+def contiguous_strides(shape) -> list[int]:
+    """The strides of a contiguous tensor of ``shape`` (C order), i.e. each element's logical index steps."""
+    stride = [1] * len(shape)
+    for k in range(len(shape) - 2, -1, -1):
+        stride[k] = stride[k + 1] * shape[k + 1]
+    return stride
+
+
 @functools.lru_cache(maxsize=1024)  # a model has a few dozen (shape, layout, dim); this ran ~10 us every call
 def blocked_view_of(shape: tuple, stride: tuple, dim: int):
     if not _is_dense_of(shape, stride) or len(shape) == 0:
         return None
     n = len(shape)
     d = dim % n
-    logical = [1] * n
-    for k in range(n - 2, -1, -1):
-        logical[k] = logical[k + 1] * shape[k + 1]
+    logical = contiguous_strides(shape)
     order = sorted((k for k in range(n) if shape[k] != 1 and k != d), key=lambda k: -stride[k])
     outer_dims = [k for k in order if shape[d] == 1 or stride[k] > stride[d]]
     inner_dims = [k for k in order if k not in outer_dims]
@@ -414,13 +420,18 @@ def int_sr(x: Tensor, bits: int = 4, *, generator: torch.Generator | None = None
 # ----------------------------------------------------------------------------- block RHT (lowprec.hadamard)
 
 
+def is_transposed_matrix(x: Tensor) -> bool:
+    """Whether ``x`` is the transpose of a contiguous matrix (a Linear's δ as its [C_out, tokens] view)."""
+    return x.dim() == 2 and x.shape[0] > 1 and x.shape[1] > 1 and x.stride() == (1, x.shape[0])
+
+
 def block_rht(x: Tensor, signs: Tensor, dim: int, *, inverse: bool = False) -> Tensor:
     """CPU twin of :func:`lowprec.hadamard.block_rht`: the same FWHT in one C pass (bit-identical),
     else the torch version itself."""
     check_float(x, "block_rht")
     n = signs.numel()
     hadamard.check_rht_size(n)
-    if x.dim() == 2 and x.shape[0] > 1 and x.shape[1] > 1 and x.stride() == (1, x.shape[0]):
+    if is_transposed_matrix(x):
         # a transposed matrix (a Linear δ as [out, T]): rotate its contiguous transpose along the other
         # dim (the same numbers: each block's values and operations do not depend on the layout), no
         # transposing copy; the result keeps the transposed layout, with or without the C twin
@@ -450,8 +461,8 @@ def im2col(x: Tensor, kernel, stride, padding, dilation) -> Tensor:
 def contiguous(x: Tensor) -> Tensor:
     """``x.contiguous()``; a transposed fp32 CPU matrix (a Linear's δ as ``[C_out, tokens]``) copied
     in one C pass (data movement only, so the same tensor; torch's transposing copy was ~3x slower)."""
-    if (x.dim() == 2 and x.shape[0] > 1 and x.shape[1] > 1 and x.stride() == (1, x.shape[0])
-            and x.dtype == torch.float32 and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())):
+    if (is_transposed_matrix(x) and x.dtype == torch.float32 and x.device.type == "cpu"
+            and not (x.requires_grad and torch.is_grad_enabled())):
         lib = native.library()
         if lib is not None:
             return native_calls.run_transpose(lib, x.t())

@@ -142,6 +142,15 @@ __attribute__((always_inline)) static inline int fp4_group(const float* restrict
     return 0;
 }
 
+/* out[0, nl) from x[0, nl) with one block's parameters, element l's uniform at k0 + l·ks (nl <= 32). */
+__attribute__((always_inline)) static inline void fp4_run(const float* x, float* out, int64_t nl, const float* u,
+                                                         uint64_t key, int64_t k0, int64_t ks, float p0, float p1,
+                                                         float p2, float s_dec, const int FMT, const int SR) {
+    float ub[32];
+    fp4_uniforms(ub, nl, u, key, k0, ks, SR);
+    for (int64_t l = 0; l < nl; l++) out[l] = fp4_elem(x[l], ub[l], p0, p1, p2, s_dec, FMT, SR);
+}
+
 /* Rows o0..o0+no-1 and columns l0..l0+nl-1 of one block (inner = 1): a tile, or one block of a row. */
 __attribute__((always_inline)) static inline int fp4_block_row(const float* x, float* out, const float* u,
                                                               uint64_t key, const int64_t* us, int64_t length,
@@ -154,17 +163,14 @@ __attribute__((always_inline)) static inline int fp4_block_row(const float* x, f
         for (int64_t l = l0; l < l0 + nl; l++) mb = mag_max(mb, x[o * length + l]);
     if (mb >= NONFINITE) return 1;
     fp4_params(mb, s_enc, s_dec, c2, &p0, &p1, &p2, FMT, SR);
-    for (int64_t o = o0; o < o0 + no; o++) {
-        const int64_t base = o * length + l0;
-        float ub[32];
-        fp4_uniforms(ub, nl, u, key, row_u(o, us) + l0 * us[1], us[1], SR);
-        for (int64_t l = 0; l < nl; l++) out[base + l] = fp4_elem(x[base + l], ub[l], p0, p1, p2, s_dec, FMT, SR);
-    }
+    for (int64_t o = o0; o < o0 + no; o++)
+        fp4_run(x + o * length + l0, out + o * length + l0, nl, u, key, row_u(o, us) + l0 * us[1], us[1], p0, p1, p2,
+                s_dec, FMT, SR);
     return 0;
 }
 
 /* Blocks of `size` along l at inner positions i0..i0+ni-1 (inner > 1), IC of them side by side; their
- * element (l, i) read at xb[(l - l0)·xr + i] (x itself, or a buffer of rotated rows: lp_rht_fp4_f32). */
+ * element (l, i) read at xb[(l - l0)·xr + i] (x itself, or a buffer of rotated rows: lp_rht_nvfp4_f32). */
 __attribute__((always_inline)) static inline int fp4_block_cols(const float* xb, int64_t xr, float* out,
                                                                const float* u, uint64_t key, const int64_t* us,
                                                                int64_t length, int64_t inner, int64_t o, int64_t l0,
@@ -399,12 +405,11 @@ __attribute__((always_inline)) static inline int nv_block(const float* x, float*
                                                          int64_t k0, int64_t ks, float s_enc, float s_dec,
                                                          const int SR) {
     uint32_t mb = 0;
-    float p0, p1, p2, ub[16];
+    float p0, p1, p2;
     for (int j = 0; j < 16; j++) mb = mag_max(mb, x[j]);
     if (mb >= NONFINITE) return 1;
     fp4_params(mb, s_enc, s_dec, 1.0f, &p0, &p1, &p2, 0, SR);
-    fp4_uniforms(ub, 16, u, key, k0, ks, SR);
-    for (int j = 0; j < 16; j++) out[j] = fp4_elem(x[j], ub[j], p0, p1, p2, s_dec, 0, SR);
+    fp4_run(x, out, 16, u, key, k0, ks, p0, p1, p2, s_dec, 0, SR);
     return 0;
 }
 

@@ -15,7 +15,8 @@ from .. import hadamard
 from .._common import check_nonfinite_mode
 from ..fp4 import check_rounding
 from . import native, native_calls
-from .cpu import blocked_view_of, block_rht, c_lib, draw, im2col_rht, key_of, nvfp4, zeros_for_nonfinite
+from .cpu import (blocked_view_of, block_rht, c_lib, contiguous_strides, draw, im2col_rht, is_transposed_matrix,
+                  key_of, nvfp4, zeros_for_nonfinite)
 
 
 def rht_nvfp4(x: Tensor, signs: Tensor, dim: int, *, rounding: str = "rtn", generator: torch.Generator | None = None,
@@ -25,7 +26,7 @@ def rht_nvfp4(x: Tensor, signs: Tensor, dim: int, *, rounding: str = "rtn", gene
     or their transposed views), the rotated tensor never written; else the two twins one after the other."""
     check_rounding(rounding)
     check_nonfinite_mode(nonfinite)
-    t = x.dim() == 2 and x.shape[0] > 1 and x.shape[1] > 1 and x.stride() == (1, x.shape[0])
+    t = is_transposed_matrix(x)
     m, dm = (x.t(), 1 - dim % 2) if t else (x, dim % max(x.dim(), 1))  # x in memory order
     lib = c_lib(x) if x.dtype == torch.float32 and m.is_contiguous() and x.numel() else None
     outer, n_in, inner = hadamard.rht_dims(m, dm) if lib is not None else (0, 0, 0)
@@ -36,7 +37,7 @@ def rht_nvfp4(x: Tensor, signs: Tensor, dim: int, *, rounding: str = "rtn", gene
     hadamard.check_rht_size(n)
     shape = list(m.shape)
     shape[dm] = -(-n_in // n) * n
-    stride = torch.empty(shape, device="meta").stride()
+    stride = contiguous_strides(shape)
     lshape, lstride = (shape[::-1], stride[::-1]) if t else (shape, stride)  # block_rht's result, as nvfp4 sees it
     u, seed = draw(generator, noise, lshape, "nvfp4") if rounding == "sr" else (None, 0)
     us = blocked_view_of(tuple(lshape), tuple(lstride), dim)[1]
